@@ -1,0 +1,197 @@
+//! The batcher loop: cut, encode, upload, forget; in that order, one batch at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::buffer::{Buffer, BufferError, PendingBatch};
+use crate::config::BatchConfig;
+use crate::contract::BatchKey;
+use crate::sinks::BatchSink;
+
+/// Problems the batcher cannot retry its way out of.
+#[derive(Debug, thiserror::Error)]
+pub enum BatcherError {
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("batch {first_seq}..={last_seq} could not be encoded as Parquet: {message}")]
+    Encode {
+        first_seq: i64,
+        last_seq: i64,
+        message: String,
+    },
+    #[error("buffer task failed: {0}")]
+    Join(String),
+}
+
+/// Cuts batches from the buffer and uploads them.
+pub struct Batcher {
+    buffer: Arc<Buffer>,
+    sink: Arc<BatchSink>,
+    config: BatchConfig,
+    site: String,
+    /// When the buffer was first seen non-empty since the last cut.
+    waiting_since: Option<Instant>,
+}
+
+const TICK: Duration = Duration::from_millis(250);
+const RETRY_START: Duration = Duration::from_millis(500);
+const RETRY_CAP: Duration = Duration::from_secs(60);
+
+impl Batcher {
+    pub fn new(buffer: Arc<Buffer>, sink: Arc<BatchSink>, config: BatchConfig, site: String) -> Self {
+        Self {
+            buffer,
+            sink,
+            config,
+            site,
+            waiting_since: None,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled. Upload failures are retried with capped exponential
+    /// backoff; the batch stays pending (and its rows in the buffer) until a put succeeds.
+    pub async fn run(&mut self, shutdown: CancellationToken) -> Result<(), BatcherError> {
+        let mut backoff = RETRY_START;
+        loop {
+            let wait = match self.step(false).await {
+                Ok(true) => {
+                    backoff = RETRY_START;
+                    Duration::ZERO
+                }
+                Ok(false) => {
+                    backoff = RETRY_START;
+                    TICK
+                }
+                Err(StepError::Upload(message)) => {
+                    warn!(component = "batcher", retry_in_ms = backoff.as_millis() as u64, "{message}");
+                    let wait = jittered(backoff);
+                    backoff = (backoff * 2).min(RETRY_CAP);
+                    wait
+                }
+                Err(StepError::Fatal(e)) => return Err(e),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Uploads everything the buffer holds, for a clean shutdown. Gives up at `deadline`,
+    /// leaving the rest in the buffer for the next start.
+    pub async fn flush(&mut self, deadline: Duration) -> Result<(), BatcherError> {
+        let until = Instant::now() + deadline;
+        loop {
+            match tokio::time::timeout_at(until, self.step(true)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Ok(()),
+                Ok(Err(StepError::Upload(message))) => {
+                    warn!(component = "batcher", "{message}; the rest stays buffered for the next start");
+                    return Ok(());
+                }
+                Ok(Err(StepError::Fatal(e))) => return Err(e),
+                Err(_) => {
+                    warn!(component = "batcher", "shutdown flush ran out of time; the rest stays buffered for the next start");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One round: uploads the pending batch, or cuts one when it is due. Returns whether a batch
+    /// was uploaded (so the caller can go on at once while a backlog drains).
+    async fn step(&mut self, force: bool) -> Result<bool, StepError> {
+        let pending = self.blocking(Buffer::pending_batch).await?;
+        let batch = match pending {
+            Some(batch) => batch,
+            None => {
+                let stats = self.blocking(Buffer::stats).await?;
+                if stats.rows == 0 {
+                    self.waiting_since = None;
+                    return Ok(false);
+                }
+                let since = *self.waiting_since.get_or_insert_with(Instant::now);
+                let full = stats.rows >= self.config.max_rows as u64;
+                let old = since.elapsed() >= self.config.max_age.0;
+                if !(force || full || old) {
+                    return Ok(false);
+                }
+                let max_rows = self.config.max_rows;
+                let site = self.site.clone();
+                let Some(batch) = self
+                    .blocking(move |b| b.cut_batch(max_rows, &site))
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                batch
+            }
+        };
+        self.upload(&batch).await?;
+        // Rows cut later than this batch have waited at most as long; keep the clock running
+        // for them only if some remain.
+        if self.blocking(Buffer::stats).await?.rows == 0 {
+            self.waiting_since = None;
+        }
+        Ok(true)
+    }
+
+    async fn upload(&self, batch: &PendingBatch) -> Result<(), StepError> {
+        let for_rows = batch.clone();
+        let rows = self.blocking(move |b| b.batch_rows(&for_rows)).await?;
+        let body = super::encode(&rows).map_err(|e| {
+            StepError::Fatal(BatcherError::Encode {
+                first_seq: batch.first_seq,
+                last_seq: batch.last_seq,
+                message: e.to_string(),
+            })
+        })?;
+        let key = BatchKey::new(self.buffer.gateway(), batch.first_seq).to_key(self.sink.prefix());
+        let started = Instant::now();
+        self.sink
+            .put(&key, body.clone())
+            .await
+            .map_err(|e| StepError::Upload(e.to_string()))?;
+        let done = batch.clone();
+        self.blocking(move |b| b.complete_batch(&done)).await?;
+        info!(
+            component = "batcher",
+            key,
+            rows = rows.len(),
+            bytes = body.len(),
+            first_seq = batch.first_seq,
+            last_seq = batch.last_seq,
+            upload_ms = started.elapsed().as_millis() as u64,
+            "batch uploaded"
+        );
+        Ok(())
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StepError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Buffer) -> Result<T, BufferError> + Send + 'static,
+    {
+        let buffer = Arc::clone(&self.buffer);
+        tokio::task::spawn_blocking(move || f(&buffer))
+            .await
+            .map_err(|e| StepError::Fatal(BatcherError::Join(e.to_string())))?
+            .map_err(|e| StepError::Fatal(e.into()))
+    }
+}
+
+enum StepError {
+    /// The target refused or could not be reached: retry later.
+    Upload(String),
+    Fatal(BatcherError),
+}
+
+/// Spreads retries of many gateways over time: a random wait between half and all of `d`.
+fn jittered(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}

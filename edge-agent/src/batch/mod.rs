@@ -1,0 +1,8 @@
+//! Batches: cutting contiguous `seq` ranges from the buffer, encoding them as Parquet and
+//! uploading them.
+
+mod batcher;
+mod parquet_file;
+
+pub use batcher::{Batcher, BatcherError};
+pub use parquet_file::{encode, read_rows};

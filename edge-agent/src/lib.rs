@@ -1,0 +1,23 @@
+//! The edge agent: reads PLCs and sensors, buffers every reading durably in SQLite, cuts batches
+//! into Parquet and uploads them to S3 (or a local folder).
+//!
+//! With the default `runtime` feature off, only [`contract`] is compiled: that is what the
+//! collector imports.
+
+pub mod contract;
+
+#[cfg(feature = "runtime")]
+pub mod batch;
+#[cfg(feature = "runtime")]
+pub mod buffer;
+#[cfg(feature = "runtime")]
+pub mod config;
+#[cfg(feature = "runtime")]
+mod reading;
+#[cfg(feature = "runtime")]
+pub mod sinks;
+#[cfg(feature = "runtime")]
+pub mod sources;
+
+#[cfg(feature = "runtime")]
+pub use reading::Reading;
