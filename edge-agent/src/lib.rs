@@ -7,6 +7,9 @@
 pub mod contract;
 
 #[cfg(feature = "runtime")]
+mod agent;
+
+#[cfg(feature = "runtime")]
 pub mod batch;
 #[cfg(feature = "runtime")]
 pub mod buffer;
@@ -14,10 +17,15 @@ pub mod buffer;
 pub mod config;
 #[cfg(feature = "runtime")]
 mod reading;
+// Unit tests use it too: the dev-dependency on tokio-modbus turns on its server there.
+#[cfg(any(feature = "simulator", all(test, feature = "runtime")))]
+pub mod simulator;
 #[cfg(feature = "runtime")]
 pub mod sinks;
 #[cfg(feature = "runtime")]
 pub mod sources;
 
+#[cfg(feature = "runtime")]
+pub use agent::{AgentError, run};
 #[cfg(feature = "runtime")]
 pub use reading::Reading;

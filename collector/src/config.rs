@@ -1,0 +1,628 @@
+//! The collector's configuration file (TOML): where the raw zone is, where the Delta table is, how
+//! to reach S3, and how often to run. Every field has a doc comment and a named default; unknown
+//! keys are errors. [`CollectorConfig::load`] reports *all* problems at once, each naming the
+//! file, the key and the fix.
+//!
+//! ```toml
+//! [raw]
+//! url = "s3://plant-landing"      # or a local folder that plays the bucket
+//! prefix = "raw/"
+//! archive_prefix = "archive/"
+//!
+//! [delta]
+//! url = "s3://plant-lake/readings" # or a local folder
+//!
+//! [s3]
+//! endpoint = "http://127.0.0.1:9000"
+//! allow_http = true
+//!
+//! [run]
+//! interval = "30s"
+//! max_files_per_commit = 100
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, de};
+use url::Url;
+
+/// The whole collector configuration, one TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// The raw zone the gateways upload their batches to.
+    pub raw: RawConfig,
+    /// The Delta table the readings are applied to.
+    pub delta: DeltaConfig,
+    /// How to reach S3 (or an S3-compatible store) for `s3://` URLs.
+    #[serde(default)]
+    pub s3: S3Config,
+    /// How often and how much the collector works.
+    #[serde(default)]
+    pub run: RunConfig,
+    /// Loading Snowflake from the Delta table; leave the section out to skip Snowflake.
+    pub snowflake: Option<crate::snowflake::SnowflakeConfig>,
+}
+
+/// The raw zone: the bucket (or local folder) the agents write batches into.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `s3://bucket` (optionally `s3://bucket/root/`, under which `prefix` and `archive_prefix`
+    /// live), or a local folder that plays the bucket, as the agent's `[upload.dir]` does. A
+    /// relative path is resolved against the config file's folder.
+    pub url: String,
+    /// Key prefix of the batches, the same as the agents' `prefix`; usually ending in `/`.
+    #[serde(default = "RawConfig::default_prefix")]
+    pub prefix: String,
+    /// Key prefix the applied originals are moved to, keeping their `gateway=<id>/<seq>.parquet`
+    /// name. Must not overlap `prefix`.
+    #[serde(default = "RawConfig::default_archive_prefix")]
+    pub archive_prefix: String,
+}
+
+impl RawConfig {
+    fn default_prefix() -> String {
+        "raw/".to_owned()
+    }
+    fn default_archive_prefix() -> String {
+        "archive/".to_owned()
+    }
+}
+
+/// The Delta table of readings (the processed zone).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaConfig {
+    /// `s3://bucket/path/to/table` or a local folder. A relative path is resolved against the
+    /// config file's folder. The table is created with the batch contract's schema if missing.
+    pub url: String,
+}
+
+/// S3 connection settings, shared by the raw zone and the Delta table. Credentials come from the
+/// AWS default environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL for S3-compatible stores (`MinIO`, a test server). Leave out for AWS.
+    pub endpoint: Option<String>,
+    /// AWS region.
+    #[serde(default = "S3Config::default_region")]
+    pub region: String,
+    /// Use path-style URLs (`endpoint/bucket/key`); needed by most S3-compatible stores.
+    /// Defaults to true when `endpoint` is set, false otherwise.
+    pub force_path_style: Option<bool>,
+    /// Allow plain `http://` endpoints. Off by default so credentials never travel unencrypted
+    /// by accident.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Fixed credentials set by code (tests, the in-process demo); never read from the file,
+    /// because credentials belong in the environment, not in a config that gets copied around.
+    #[serde(skip)]
+    pub static_credentials: Option<S3Credentials>,
+}
+
+/// An access key pair for S3.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl S3Config {
+    fn default_region() -> String {
+        "us-east-1".to_owned()
+    }
+
+    /// Whether requests use path-style URLs.
+    pub fn path_style(&self) -> bool {
+        self.force_path_style.unwrap_or(self.endpoint.is_some())
+    }
+
+    /// The storage options delta-rs (and `object_store`) understand for this S3 setup.
+    ///
+    /// Concurrent writers are made safe by conditional PUT (`If-None-Match: *` on the commit
+    /// file), not by a locking provider.
+    pub fn storage_options(&self) -> HashMap<String, String> {
+        let mut options = HashMap::from([
+            ("aws_region".to_owned(), self.region.clone()),
+            (
+                "aws_virtual_hosted_style_request".to_owned(),
+                (!self.path_style()).to_string(),
+            ),
+            ("aws_allow_http".to_owned(), self.allow_http.to_string()),
+            ("aws_conditional_put".to_owned(), "etag".to_owned()),
+        ]);
+        if let Some(endpoint) = &self.endpoint {
+            options.insert("aws_endpoint".to_owned(), endpoint.clone());
+        }
+        if let Some(c) = &self.static_credentials {
+            options.insert("aws_access_key_id".to_owned(), c.access_key_id.clone());
+            options.insert(
+                "aws_secret_access_key".to_owned(),
+                c.secret_access_key.clone(),
+            );
+        }
+        options
+    }
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: Self::default_region(),
+            force_path_style: None,
+            allow_http: false,
+            static_credentials: None,
+        }
+    }
+}
+
+/// Scheduling and batching of the collector's work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Pause between two passes over the raw zone when running as a service.
+    #[serde(default = "RunConfig::default_interval")]
+    pub interval: ConfigDuration,
+    /// At most this many batch files of one gateway go into one Delta commit.
+    #[serde(default = "RunConfig::default_max_files_per_commit")]
+    pub max_files_per_commit: usize,
+    /// How many times a commit that lost a race with another collector is re-filtered and
+    /// retried before the gateway is left for the next pass.
+    #[serde(default = "RunConfig::default_commit_attempts")]
+    pub commit_attempts: u32,
+}
+
+impl RunConfig {
+    fn default_interval() -> ConfigDuration {
+        ConfigDuration::from_secs(30)
+    }
+    fn default_max_files_per_commit() -> usize {
+        100
+    }
+    fn default_commit_attempts() -> u32 {
+        5
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            interval: Self::default_interval(),
+            max_files_per_commit: Self::default_max_files_per_commit(),
+            commit_attempts: Self::default_commit_attempts(),
+        }
+    }
+}
+
+/// A duration written as a whole number followed by `ms`, `s`, `m` or `h` (`"30s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConfigDuration(pub Duration);
+
+impl ConfigDuration {
+    pub const fn from_secs(s: u64) -> Self {
+        Self(Duration::from_secs(s))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            format!("`{s}` has no unit; write it like \"500ms\", \"5s\", \"2m\" or \"1h\"")
+        })?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{s}` does not start with a whole number; write it like \"500ms\" or \"5s\"")
+        })?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => {
+                return Err(format!(
+                    "`{s}` has an unknown unit `{unit}`; use ms, s, m or h"
+                ));
+            }
+        };
+        Ok(Self(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// Where a store lives, resolved from a config URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A local folder (absolute after [`CollectorConfig::load`]).
+    Local(PathBuf),
+    /// An S3 bucket and a root inside it (empty, or ending in `/`).
+    S3 { bucket: String, root: String },
+}
+
+impl StoreLocation {
+    /// Parses `s3://bucket[/root]`, `file:///path` or a plain path (resolved against `base`).
+    pub fn parse(url: &str, base: &Path) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, root) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!(
+                    "`{url}` names no bucket; write it like \"s3://my-bucket\""
+                ));
+            }
+            let root = root.trim_matches('/');
+            let root = if root.is_empty() {
+                String::new()
+            } else {
+                format!("{root}/")
+            };
+            return Ok(Self::S3 {
+                bucket: bucket.to_owned(),
+                root,
+            });
+        }
+        if url.starts_with("file://") {
+            let parsed = Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+            return parsed.to_file_path().map(Self::Local).map_err(|()| {
+                format!("`{url}` is not a local file URL; write it like \"file:///var/lib/plantline/raw\"")
+            });
+        }
+        if let Some((scheme, _)) = url.split_once("://") {
+            return Err(format!(
+                "`{url}` uses the unsupported scheme `{scheme}`; use \"s3://bucket/...\" or a local folder path"
+            ));
+        }
+        if url.trim().is_empty() {
+            return Err("the URL is empty; use \"s3://bucket/...\" or a local folder path".into());
+        }
+        Ok(Self::Local(base.join(url)))
+    }
+
+    /// The URL delta-rs opens for this location.
+    pub fn to_url(&self) -> Result<Url, String> {
+        match self {
+            Self::Local(path) => Url::from_directory_path(path)
+                .map_err(|()| format!("`{}` is not an absolute path", path.display())),
+            Self::S3 { bucket, root } => Url::parse(&format!("s3://{bucket}/{root}"))
+                .map_err(|e| format!("`s3://{bucket}/{root}` is not a valid URL: {e}")),
+        }
+    }
+}
+
+impl fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local(path) => write!(f, "{}", path.display()),
+            Self::S3 { bucket, root } => write!(f, "s3://{bucket}/{root}"),
+        }
+    }
+}
+
+/// One thing wrong in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, like `raw.prefix`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.key, self.message)
+    }
+}
+
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a missing key or a wrong type; `message` holds toml's
+    /// line, column and explanation.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl CollectorConfig {
+    /// Reads, parses and validates a config file. Relative local paths are resolved against the
+    /// file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            std::path::absolute(&base).unwrap_or(base)
+        };
+        Self::from_toml(&text, &base).map_err(|e| match e {
+            ParseOrInvalid::Parse(message) => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ParseOrInvalid::Invalid(problems) => ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            },
+        })
+    }
+
+    fn from_toml(text: &str, base: &Path) -> Result<Self, ParseOrInvalid> {
+        let mut config: Self =
+            toml::from_str(text).map_err(|e| ParseOrInvalid::Parse(e.to_string()))?;
+        let problems = config.validate(base);
+        if problems.is_empty() {
+            // Store absolute local paths so later stages never depend on the working directory.
+            for url in [&mut config.raw.url, &mut config.delta.url] {
+                if let Ok(StoreLocation::Local(p)) = StoreLocation::parse(url, base) {
+                    *url = p.display().to_string();
+                }
+            }
+            Ok(config)
+        } else {
+            Err(ParseOrInvalid::Invalid(problems))
+        }
+    }
+
+    /// Every semantic problem, in file order.
+    fn validate(&self, base: &Path) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_owned(),
+                message,
+            });
+        };
+        let raw = StoreLocation::parse(&self.raw.url, base);
+        if let Err(e) = &raw {
+            problem("raw.url", e.clone());
+        }
+        for (key, prefix) in [
+            ("raw.prefix", &self.raw.prefix),
+            ("raw.archive_prefix", &self.raw.archive_prefix),
+        ] {
+            if prefix.starts_with('/') {
+                problem(
+                    key,
+                    format!(
+                        "`{prefix}` starts with `/`; object keys are relative, write it like \"raw/\""
+                    ),
+                );
+            } else if !prefix.is_empty() && !prefix.ends_with('/') {
+                problem(
+                    key,
+                    format!("`{prefix}` does not end with `/`; write it like \"{prefix}/\""),
+                );
+            }
+        }
+        let (p, a) = (&self.raw.prefix, &self.raw.archive_prefix);
+        if a.starts_with(p.as_str()) || p.starts_with(a.as_str()) {
+            problem(
+                "raw.archive_prefix",
+                format!(
+                    "`{a}` overlaps `raw.prefix` `{p}`, so archived batches would be read again; use separate folders like \"raw/\" and \"archive/\""
+                ),
+            );
+        }
+        let delta = StoreLocation::parse(&self.delta.url, base);
+        if let Err(e) = &delta {
+            problem("delta.url", e.clone());
+        }
+        if let (Ok(raw), Ok(delta)) = (&raw, &delta)
+            && raw == delta
+        {
+            problem(
+                "delta.url",
+                "is the same location as `raw.url`; give the Delta table its own folder or bucket path, like \"s3://lake/readings\"".to_owned(),
+            );
+        }
+        if let Some(endpoint) = &self.s3.endpoint {
+            match Url::parse(endpoint) {
+                Ok(u) if u.scheme() == "http" && !self.s3.allow_http => problem(
+                    "s3.endpoint",
+                    format!(
+                        "`{endpoint}` is plain http but `s3.allow_http` is false; use https or set `allow_http = true`"
+                    ),
+                ),
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(u) => problem(
+                    "s3.endpoint",
+                    format!(
+                        "`{endpoint}` uses the scheme `{}`; use an http(s) URL like \"https://s3.example.com\"",
+                        u.scheme()
+                    ),
+                ),
+                Err(e) => problem(
+                    "s3.endpoint",
+                    format!(
+                        "`{endpoint}` is not a valid URL ({e}); write it like \"https://s3.example.com\""
+                    ),
+                ),
+            }
+        }
+        if self.s3.region.trim().is_empty() {
+            problem(
+                "s3.region",
+                "is empty; write the bucket's region, like \"eu-central-1\"".to_owned(),
+            );
+        }
+        if self.run.interval.0.is_zero() {
+            problem(
+                "run.interval",
+                "is zero, which would spin; use at least \"1s\"".to_owned(),
+            );
+        }
+        if self.run.max_files_per_commit == 0 {
+            problem(
+                "run.max_files_per_commit",
+                "is 0, so nothing would ever be applied; use at least 1 (default 100)".to_owned(),
+            );
+        }
+        if let Some(snowflake) = &self.snowflake {
+            for p in snowflake.problems() {
+                let (key, message) = p.split_once(": ").unwrap_or(("snowflake", p.as_str()));
+                problem(key, message.to_owned());
+            }
+        }
+        if self.run.commit_attempts == 0 {
+            problem(
+                "run.commit_attempts",
+                "is 0, so no commit would ever be tried; use at least 1 (default 5)".to_owned(),
+            );
+        }
+        problems
+    }
+
+    /// Where the raw zone lives. Valid after [`CollectorConfig::load`].
+    pub fn raw_location(&self) -> Result<StoreLocation, String> {
+        StoreLocation::parse(&self.raw.url, Path::new(""))
+    }
+
+    /// Where the Delta table lives. Valid after [`CollectorConfig::load`].
+    pub fn delta_location(&self) -> Result<StoreLocation, String> {
+        StoreLocation::parse(&self.delta.url, Path::new(""))
+    }
+}
+
+enum ParseOrInvalid {
+    Parse(String),
+    Invalid(Vec<Problem>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("collector.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_minimal_file_gets_the_documented_defaults() {
+        let (dir, path) =
+            write("[raw]\nurl = \"landing\"\n[delta]\nurl = \"s3://lake/readings\"\n");
+        let c = CollectorConfig::load(&path).unwrap();
+        assert_eq!(
+            c.raw_location().unwrap(),
+            StoreLocation::Local(dir.path().join("landing"))
+        );
+        assert_eq!(c.raw.prefix, "raw/");
+        assert_eq!(c.raw.archive_prefix, "archive/");
+        assert_eq!(
+            c.delta_location().unwrap(),
+            StoreLocation::S3 {
+                bucket: "lake".into(),
+                root: "readings/".into()
+            }
+        );
+        assert_eq!(c.run.interval, ConfigDuration::from_secs(30));
+        assert_eq!(c.run.max_files_per_commit, 100);
+        assert_eq!(c.run.commit_attempts, 5);
+        assert_eq!(c.s3.region, "us-east-1");
+        assert!(!c.s3.path_style());
+    }
+
+    #[test]
+    fn storage_options_ask_for_conditional_put_and_path_style_with_an_endpoint() {
+        let (_dir, path) = write(
+            "[raw]\nurl = \"s3://landing\"\n[delta]\nurl = \"s3://lake/t\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\nregion = \"eu-central-1\"\n",
+        );
+        let c = CollectorConfig::load(&path).unwrap();
+        let o = c.s3.storage_options();
+        assert_eq!(o["aws_endpoint"], "http://127.0.0.1:9000");
+        assert_eq!(o["aws_region"], "eu-central-1");
+        assert_eq!(o["aws_virtual_hosted_style_request"], "false");
+        assert_eq!(o["aws_allow_http"], "true");
+        assert_eq!(o["aws_conditional_put"], "etag");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_and_fix() {
+        let (_dir, path) = write(
+            "[raw]\nurl = \"gs://x\"\nprefix = \"raw\"\narchive_prefix = \"raw/archive/\"\n[delta]\nurl = \"s3:///t\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\n[run]\ninterval = \"0s\"\nmax_files_per_commit = 0\n",
+        );
+        let err = CollectorConfig::load(&path).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "`raw.url`: `gs://x` uses the unsupported scheme `gs`; use \"s3://bucket/...\" or a local folder path",
+                "`raw.prefix`: `raw` does not end with `/`; write it like \"raw/\"",
+                "`raw.archive_prefix`: `raw/archive/` overlaps `raw.prefix` `raw`, so archived batches would be read again; use separate folders like \"raw/\" and \"archive/\"",
+                "`delta.url`: `s3:///t` names no bucket; write it like \"s3://my-bucket\"",
+                "`s3.endpoint`: `http://127.0.0.1:9000` is plain http but `s3.allow_http` is false; use https or set `allow_http = true`",
+                "`run.interval`: is zero, which would spin; use at least \"1s\"",
+                "`run.max_files_per_commit`: is 0, so nothing would ever be applied; use at least 1 (default 100)",
+            ]
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: 7 problem(s):\n  - `raw.url`", path.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_name_the_line() {
+        let (_dir, path) = write("[raw]\nurl = \"x\"\nprefixx = \"raw/\"\n[delta]\nurl = \"y\"\n");
+        let err = CollectorConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("unknown field `prefixx`"), "{err}");
+
+        let (_dir, path) =
+            write("[raw]\nurl = \"x\"\n[delta]\nurl = \"y\"\n[run]\ninterval = \"5d\"\n");
+        let err = CollectorConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 6"), "{err}");
+        assert!(
+            err.contains("`5d` has an unknown unit `d`; use ms, s, m or h"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_names_the_path() {
+        let err = CollectorConfig::load(Path::new("/nonexistent/collector.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read config file /nonexistent/collector.toml: "),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! `collector`: the command line. Everything it does lives in the library; this file parses
+//! arguments, sets up logging and signals, and maps outcomes to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use collector::config::CollectorConfig;
+
+/// Exit code for an invalid configuration (EX_CONFIG from sysexits.h).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "collector",
+    version,
+    about = "Applies gateway batches to a Delta Lake table exactly once and loads Snowflake"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One pass over the raw zone, then exit: 0 when every gateway was applied (and Snowflake
+    /// loaded, when configured), 1 when anything failed, 78 when the config is invalid.
+    RunOnce {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Repeat passes every `run.interval` until SIGINT or SIGTERM.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Check a config file and report every problem with its key and the fix.
+    Validate { config: PathBuf },
+    /// Run the whole pipeline locally: a simulated PLC, the edge agent, a local raw zone and a
+    /// local Delta table; print what arrived.
+    #[cfg(feature = "demo")]
+    Demo(collector::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Our own components log at info; the libraries below (Delta kernel, HTTP, AWS) only when
+    // something is wrong. The demo prints its own summary, so it logs warnings only.
+    #[cfg(feature = "demo")]
+    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "warn,collector=info,edge_agent=info"
+    };
+    #[cfg(not(feature = "demo"))]
+    let default_filter = "warn,collector=info,edge_agent=info";
+    init_logging(default_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("collector: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Validate { config } => match CollectorConfig::load(&config) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            },
+            Command::RunOnce { config } => {
+                let Some(config) = load(&config) else {
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                match collector::run_once(&config).await {
+                    Ok(report) => {
+                        println!("{}", collector::summary::pass_summary(&report));
+                        if report.is_clean() {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(component = "collector", "{e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Run { config } => {
+                let Some(config) = load(&config) else {
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                match collector::run(config, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(component = "collector", "{e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            #[cfg(feature = "demo")]
+            Command::Demo(args) => match collector::demo::run(args).await {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+fn load(path: &std::path::Path) -> Option<CollectorConfig> {
+    CollectorConfig::load(path)
+        .map_err(|e| eprintln!("{e}"))
+        .ok()
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides `default_filter`.
+fn init_logging(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!(component = "collector", "shutdown requested; finishing the current pass");
+    token.cancel();
+}

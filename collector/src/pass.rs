@@ -1,0 +1,121 @@
+//! One collector pass: raw zone → Delta table → Snowflake.
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::CollectorConfig;
+use crate::delta::{DeltaError, ReadingsTable};
+use crate::ingest::{IngestError, IngestReport, ingest_all};
+use crate::raw_zone::{RawZone, RawZoneError};
+use crate::snowflake::{LoadError, LoadReport, SnowflakeClient, SnowflakeError, load};
+
+/// Why a pass could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("config: {0}")]
+    Location(String),
+    #[error(transparent)]
+    RawZone(#[from] RawZoneError),
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("snowflake: {0}")]
+    SnowflakeLogin(#[from] SnowflakeError),
+    #[error("snowflake: {0}")]
+    SnowflakeLoad(#[from] LoadError),
+}
+
+/// What one pass did.
+#[derive(Debug)]
+pub struct PassReport {
+    pub ingest: IngestReport,
+    /// `None` when no Snowflake is configured.
+    pub snowflake: Option<LoadReport>,
+}
+
+impl PassReport {
+    /// True when every gateway was applied completely: no rejected batch and no error.
+    pub fn is_clean(&self) -> bool {
+        self.ingest
+            .gateways
+            .iter()
+            .all(|g| g.error.is_none() && g.rejected.is_none())
+    }
+}
+
+/// Opens the raw zone and the Delta table named by the config.
+pub async fn open_stores(config: &CollectorConfig) -> Result<(RawZone, ReadingsTable), CollectorError> {
+    let raw_location = config.raw_location().map_err(CollectorError::Location)?;
+    let raw = RawZone::open(
+        &raw_location,
+        &config.s3,
+        &config.raw.prefix,
+        &config.raw.archive_prefix,
+    )?;
+    let url = config
+        .delta_location()
+        .and_then(|l| l.to_url())
+        .map_err(CollectorError::Location)?;
+    let table = ReadingsTable::open_or_create(&url, config.s3.storage_options())
+        .await?
+        .with_commit_attempts(config.run.commit_attempts);
+    Ok((raw, table))
+}
+
+/// One pass: applies every gateway's pending batches to the Delta table, then loads Snowflake
+/// (when configured) up to the table's latest version.
+///
+/// A gateway that fails (a rejected batch, a store error) is reported in the result and does not
+/// stop the others; Snowflake is loaded with whatever the table holds.
+pub async fn run_once(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
+    let (raw, mut table) = open_stores(config).await?;
+    let ingest = ingest_all(&raw, &mut table, config.run.max_files_per_commit).await?;
+    for gw in &ingest.gateways {
+        if let Some(rejected) = &gw.rejected {
+            error!(component = "ingest", gateway = gw.gateway, key = rejected.key, reason = rejected.reason, "batch rejected; the gateway waits until it is fixed or removed");
+        }
+        info!(
+            component = "ingest",
+            gateway = gw.gateway,
+            files = gw.files_applied,
+            rows = gw.rows_applied,
+            duplicates_skipped = gw.rows_skipped,
+            watermark = gw.watermark,
+            "gateway applied"
+        );
+    }
+    let snowflake = match &config.snowflake {
+        None => None,
+        Some(sf) => {
+            let mut client = SnowflakeClient::login(sf).await?;
+            let report = load(&mut client, table.delta_table(), sf).await?;
+            info!(
+                component = "snowflake",
+                versions = report.versions_loaded,
+                rows = report.rows_inserted,
+                loaded_version = report.loaded_version,
+                "snowflake loaded"
+            );
+            Some(report)
+        }
+    };
+    Ok(PassReport { ingest, snowflake })
+}
+
+/// Repeats passes every `run.interval` until `shutdown` is cancelled. A failed pass is logged
+/// and retried at the next interval; a pass in progress finishes before the loop stops.
+pub async fn run(config: CollectorConfig, shutdown: CancellationToken) -> Result<(), CollectorError> {
+    let interval = config.run.interval.0;
+    loop {
+        match run_once(&config).await {
+            Ok(report) if report.is_clean() => {}
+            Ok(_) => warn!(component = "collector", "pass finished with rejected batches or failed gateways"),
+            Err(e) => error!(component = "collector", "pass failed: {e}"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}

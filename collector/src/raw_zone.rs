@@ -1,0 +1,441 @@
+//! The raw zone: the bucket (or local folder) the gateways upload their Parquet batches to.
+//!
+//! One `object_store` serves both S3 and local folders, so the demo runs without S3. Keys follow
+//! the batch contract: `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`. Applied batches
+//! move to `<archive_prefix>gateway=<id>/<same file>`.
+//!
+//! # Invariants
+//! - A key that does not parse as a batch key is reported, never read or applied.
+//! - A batch is handed out only after its bytes passed the contract: Parquet, the contract
+//!   schema, sorted unique `seq`, known quality names, the gateway of its folder, and a first
+//!   `seq` equal to the one in its key.
+//! - Archiving copies before it deletes, so a crash in between leaves the batch in the raw zone,
+//!   where the next pass filters it by the watermark and archives it again.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use edge_agent::contract::{self, BatchKey, ContractError};
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tracing::warn;
+
+use crate::config::{S3Config, StoreLocation};
+
+/// Why a batch file is not accepted. The file stays where it is.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BatchProblem {
+    #[error("not a readable Parquet file: {0}")]
+    NotParquet(String),
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    #[error("holds rows of gateway `{found}` but lies in the folder of gateway `{folder}`")]
+    ForeignGateway { folder: String, found: String },
+    #[error(
+        "its first seq is {file_seq} but its key says {key_seq}; keys must be derived from the first seq"
+    )]
+    FirstSeqMismatch { key_seq: i64, file_seq: i64 },
+    #[error("holds no rows; a batch always holds at least one reading")]
+    Empty,
+    #[error(
+        "was written against batch contract v{found}, this collector reads v{}; upgrade the collector",
+        contract::CONTRACT_VERSION
+    )]
+    NewerContract { found: String },
+}
+
+/// Errors of the raw zone; each names the object key or prefix involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RawZoneError {
+    #[error("cannot open the raw zone at {location}: {source}")]
+    Open {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot create the raw zone folder {path}: {source}")]
+    CreateFolder {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot list `{prefix}` in the raw zone: {source}")]
+    List {
+        prefix: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot read batch `{key}`: {source}")]
+    Read {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("batch `{key}` is rejected: {problem}")]
+    Invalid { key: String, problem: BatchProblem },
+    #[error("cannot archive batch `{key}` to `{archive_key}`: {source}")]
+    Archive {
+        key: String,
+        archive_key: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// A batch file found in the raw zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFile {
+    /// The parsed key.
+    pub key: BatchKey,
+    /// The full object key.
+    pub object_key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// One gateway's folder, listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchListing {
+    /// Batch files in `seq` order.
+    pub batches: Vec<BatchFile>,
+    /// Object keys in the folder that are not batch keys; left alone.
+    pub foreign: Vec<String>,
+}
+
+/// The gateways that have a folder in the raw zone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayListing {
+    /// Gateway ids, sorted.
+    pub gateways: Vec<String>,
+    /// Folders under the prefix that are not `gateway=<valid id>`; left alone.
+    pub foreign: Vec<String>,
+}
+
+/// A batch that passed the contract.
+#[derive(Debug, Clone)]
+pub struct ValidBatch {
+    /// Where it came from.
+    pub file: BatchFile,
+    /// Its rows, with exactly the contract schema, sorted by `seq`.
+    pub data: Vec<RecordBatch>,
+    /// First and last `seq`.
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// Number of rows.
+    pub rows: usize,
+}
+
+/// The raw zone, opened.
+#[derive(Debug, Clone)]
+pub struct RawZone {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    archive_prefix: String,
+}
+
+impl RawZone {
+    /// Opens the raw zone at `location` (a local folder is created if missing). S3 credentials
+    /// come from the AWS environment variables; commits never happen here, but conditional PUT
+    /// is configured anyway so every store in the process behaves the same.
+    pub fn open(
+        location: &StoreLocation,
+        s3: &S3Config,
+        prefix: &str,
+        archive_prefix: &str,
+    ) -> Result<Self, RawZoneError> {
+        let store: Arc<dyn ObjectStore> = match location {
+            StoreLocation::Local(path) => {
+                std::fs::create_dir_all(path).map_err(|source| RawZoneError::CreateFolder {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Arc::new(LocalFileSystem::new_with_prefix(path).map_err(|source| {
+                    RawZoneError::Open {
+                        location: location.to_string(),
+                        source,
+                    }
+                })?)
+            }
+            StoreLocation::S3 { bucket, root } => {
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(&s3.region)
+                    .with_virtual_hosted_style_request(!s3.path_style())
+                    .with_allow_http(s3.allow_http)
+                    .with_conditional_put(S3ConditionalPut::ETagMatch);
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(c) = &s3.static_credentials {
+                    builder = builder
+                        .with_access_key_id(&c.access_key_id)
+                        .with_secret_access_key(&c.secret_access_key);
+                }
+                let s3_store = builder.build().map_err(|source| RawZoneError::Open {
+                    location: location.to_string(),
+                    source,
+                })?;
+                if root.is_empty() {
+                    Arc::new(s3_store)
+                } else {
+                    Arc::new(PrefixStore::new(s3_store, root.as_str()))
+                }
+            }
+        };
+        Ok(Self::from_store(store, prefix, archive_prefix))
+    }
+
+    /// Uses an already built store (tests, the in-process demo).
+    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str, archive_prefix: &str) -> Self {
+        Self {
+            store,
+            prefix: prefix.to_owned(),
+            archive_prefix: archive_prefix.to_owned(),
+        }
+    }
+
+    /// Opens a local folder that plays the bucket.
+    pub fn local(
+        folder: &FsPath,
+        prefix: &str,
+        archive_prefix: &str,
+    ) -> Result<Self, RawZoneError> {
+        Self::open(
+            &StoreLocation::Local(folder.to_owned()),
+            &S3Config::default(),
+            prefix,
+            archive_prefix,
+        )
+    }
+
+    /// The key prefix batches are read from.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The key prefix applied batches are moved to.
+    pub fn archive_prefix(&self) -> &str {
+        &self.archive_prefix
+    }
+
+    /// The gateways with a `gateway=<id>/` folder under the prefix.
+    pub async fn list_gateways(&self) -> Result<GatewayListing, RawZoneError> {
+        let list_err = |source| RawZoneError::List {
+            prefix: self.prefix.clone(),
+            source,
+        };
+        let prefix = Path::parse(&self.prefix).map_err(|e| list_err(e.into()))?;
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(list_err)?;
+        let mut out = GatewayListing::default();
+        for folder in listed.common_prefixes {
+            let name = folder.filename().unwrap_or_default();
+            match name.strip_prefix("gateway=") {
+                Some(id) if contract::check_gateway_id(id).is_ok() => {
+                    out.gateways.push(id.to_owned());
+                }
+                _ => out.foreign.push(format!("{}/", folder.as_ref())),
+            }
+        }
+        out.gateways.sort();
+        out.foreign.sort();
+        Ok(out)
+    }
+
+    /// The batch files of `gateway` whose first `seq` is above `after` (all of them for
+    /// `None`), in `seq` order. Keys that are not batch keys are returned apart.
+    pub async fn list_batches(
+        &self,
+        gateway: &str,
+        after: Option<i64>,
+    ) -> Result<BatchListing, RawZoneError> {
+        let folder = BatchKey::gateway_prefix(&self.prefix, gateway);
+        let list_err = |source| RawZoneError::List {
+            prefix: folder.clone(),
+            source,
+        };
+        let folder_path = Path::parse(&folder).map_err(|e| list_err(e.into()))?;
+        let objects: Vec<_> = match after {
+            // Keys sort in seq order, so the store can skip everything up to `after`.
+            Some(seq) => {
+                let offset = Path::parse(BatchKey::new(gateway, seq).to_key(&self.prefix))
+                    .map_err(|e| list_err(e.into()))?;
+                self.store
+                    .list_with_offset(Some(&folder_path), &offset)
+                    .try_collect()
+                    .await
+            }
+            None => self.store.list(Some(&folder_path)).try_collect().await,
+        }
+        .map_err(list_err)?;
+        let mut out = BatchListing::default();
+        for meta in objects {
+            let object_key = meta.location.as_ref().to_owned();
+            match BatchKey::parse(&self.prefix, &object_key) {
+                Ok(key) if key.gateway == gateway && after.is_none_or(|a| key.first_seq > a) => {
+                    out.batches.push(BatchFile {
+                        key,
+                        object_key,
+                        size: meta.size,
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => out.foreign.push(object_key),
+            }
+        }
+        out.batches.sort_by(|a, b| a.key.cmp(&b.key));
+        out.foreign.sort();
+        Ok(out)
+    }
+
+    /// Reads a batch and checks it against the contract.
+    pub async fn read_batch(&self, file: &BatchFile) -> Result<ValidBatch, RawZoneError> {
+        let read_err = |source| RawZoneError::Read {
+            key: file.object_key.clone(),
+            source,
+        };
+        let path = Path::parse(&file.object_key).map_err(|e| read_err(e.into()))?;
+        let bytes = self
+            .store
+            .get(&path)
+            .await
+            .map_err(read_err)?
+            .bytes()
+            .await
+            .map_err(read_err)?;
+        let key = file.key.clone();
+        // Parquet decoding is CPU work; keep it off the async workers.
+        let decoded = tokio::task::spawn_blocking(move || decode(&key, bytes))
+            .await
+            .unwrap_or_else(|join| Err(BatchProblem::NotParquet(join.to_string())));
+        match decoded {
+            Ok((data, first_seq, last_seq, rows)) => Ok(ValidBatch {
+                file: file.clone(),
+                data,
+                first_seq,
+                last_seq,
+                rows,
+            }),
+            Err(problem) => Err(RawZoneError::Invalid {
+                key: file.object_key.clone(),
+                problem,
+            }),
+        }
+    }
+
+    /// The key a batch is archived under.
+    pub fn archive_key(&self, key: &BatchKey) -> String {
+        key.to_key(&self.archive_prefix)
+    }
+
+    /// Moves a batch to the archive prefix: copy, then delete. A batch already gone (archived
+    /// by another collector) counts as archived.
+    pub async fn archive(&self, file: &BatchFile) -> Result<(), RawZoneError> {
+        let archive_key = self.archive_key(&file.key);
+        let archive_err = |source| RawZoneError::Archive {
+            key: file.object_key.clone(),
+            archive_key: archive_key.clone(),
+            source,
+        };
+        let from = Path::parse(&file.object_key).map_err(|e| archive_err(e.into()))?;
+        let to = Path::parse(&archive_key).map_err(|e| archive_err(e.into()))?;
+        match self.store.copy(&from, &to).await {
+            Ok(()) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                warn!(component = "raw_zone", key = %file.object_key, "batch vanished before archiving; another collector archived it");
+                return Ok(());
+            }
+            Err(e) => return Err(archive_err(e)),
+        }
+        match self.store.delete(&from).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(archive_err(e)),
+        }
+    }
+}
+
+/// Parquet bytes to contract-checked record batches, with first/last seq and row count.
+fn decode(
+    key: &BatchKey,
+    bytes: Bytes,
+) -> Result<(Vec<RecordBatch>, i64, i64, usize), BatchProblem> {
+    let not_parquet = |e: &dyn std::fmt::Display| BatchProblem::NotParquet(e.to_string());
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(&e))?;
+    if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
+        for entry in kv {
+            let Some(value) = entry.value.as_deref() else {
+                continue;
+            };
+            if entry.key == contract::metadata::CONTRACT_VERSION
+                && value
+                    .parse::<u32>()
+                    .is_ok_and(|v| v > contract::CONTRACT_VERSION)
+            {
+                return Err(BatchProblem::NewerContract {
+                    found: value.to_owned(),
+                });
+            }
+            if entry.key == contract::metadata::GATEWAY && value != key.gateway {
+                return Err(BatchProblem::ForeignGateway {
+                    folder: key.gateway.clone(),
+                    found: value.to_owned(),
+                });
+            }
+        }
+    }
+    contract::check_schema(builder.schema())?;
+    let reader = builder.build().map_err(|e| not_parquet(&e))?;
+    let mut data = Vec::new();
+    let mut bounds: Option<(i64, i64)> = None;
+    let mut rows = 0;
+    for batch in reader {
+        let batch = batch.map_err(|e| not_parquet(&e))?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        // The file may carry extra schema metadata; the Delta writer wants the contract schema.
+        let batch = RecordBatch::try_new(contract::schema(), batch.columns().to_vec())
+            .map_err(|e| not_parquet(&e))?;
+        let parsed = contract::rows_from_batch(&batch)?;
+        let (first, last) = (&parsed[0], &parsed[parsed.len() - 1]);
+        if first.gateway != key.gateway {
+            return Err(BatchProblem::ForeignGateway {
+                folder: key.gateway.clone(),
+                found: first.gateway.clone(),
+            });
+        }
+        bounds = match bounds {
+            None => Some((first.seq, last.seq)),
+            Some((lo, prev)) => {
+                if first.seq <= prev {
+                    return Err(ContractError::Unsorted {
+                        prev,
+                        next: first.seq,
+                    }
+                    .into());
+                }
+                Some((lo, last.seq))
+            }
+        };
+        rows += batch.num_rows();
+        data.push(batch);
+    }
+    let (first_seq, last_seq) = bounds.ok_or(BatchProblem::Empty)?;
+    if first_seq != key.first_seq {
+        return Err(BatchProblem::FirstSeqMismatch {
+            key_seq: key.first_seq,
+            file_seq: first_seq,
+        });
+    }
+    Ok((data, first_seq, last_seq, rows))
+}

@@ -1,0 +1,164 @@
+//! Human-readable summaries: what a pass did, and what a table holds per tag.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use edge_agent::contract::{Quality, Row};
+
+use crate::PassReport;
+
+/// One line per gateway and one for Snowflake, for `collector run-once`.
+pub fn pass_summary(report: &PassReport) -> String {
+    let mut out = String::new();
+    if report.ingest.gateways.is_empty() {
+        out.push_str("no gateway folders in the raw zone\n");
+    }
+    for gw in &report.ingest.gateways {
+        let _ = write!(
+            out,
+            "gateway {}: {} files, {} rows applied, {} duplicate rows skipped, watermark {}",
+            gw.gateway,
+            gw.files_applied,
+            gw.rows_applied,
+            gw.rows_skipped,
+            gw.watermark
+                .map_or_else(|| "none".to_owned(), |w| w.to_string()),
+        );
+        if let Some(rejected) = &gw.rejected {
+            let _ = write!(out, "; REJECTED {}: {}", rejected.key, rejected.reason);
+        }
+        if let Some(error) = &gw.error {
+            let _ = write!(out, "; ERROR {error}");
+        }
+        out.push('\n');
+    }
+    match &report.snowflake {
+        None => out.push_str("snowflake: not configured\n"),
+        Some(sf) => {
+            let _ = writeln!(
+                out,
+                "snowflake: {} Delta versions loaded, {} rows inserted, loaded up to version {}",
+                sf.versions_loaded,
+                sf.rows_inserted,
+                sf.loaded_version
+                    .map_or_else(|| "none".to_owned(), |v| v.to_string())
+            );
+        }
+    }
+    out
+}
+
+/// Statistics of one tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagStats {
+    pub rows: usize,
+    pub bad: usize,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// The value of the reading with the highest `seq` (null when it was bad).
+    pub last: Option<f64>,
+    pub unit: Option<String>,
+}
+
+/// Rows per (gateway, device, tag) with min, max and last value of the good readings.
+pub fn tag_stats(rows: &[Row]) -> BTreeMap<(String, String, String), TagStats> {
+    let mut stats: BTreeMap<(String, String, String), TagStats> = BTreeMap::new();
+    let mut last_seq: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    for row in rows {
+        let key = (row.gateway.clone(), row.device.clone(), row.tag.clone());
+        let s = stats.entry(key.clone()).or_insert(TagStats {
+            rows: 0,
+            bad: 0,
+            min: None,
+            max: None,
+            last: None,
+            unit: None,
+        });
+        s.rows += 1;
+        if row.quality == Quality::Bad {
+            s.bad += 1;
+        }
+        if let Some(v) = row.value {
+            s.min = Some(s.min.map_or(v, |m| m.min(v)));
+            s.max = Some(s.max.map_or(v, |m| m.max(v)));
+        }
+        let seq = last_seq.entry(key).or_insert(i64::MIN);
+        if row.seq > *seq {
+            *seq = row.seq;
+            s.last = row.value;
+            s.unit.clone_from(&row.unit);
+        }
+    }
+    stats
+}
+
+/// A fixed-width table of [`tag_stats`].
+pub fn tag_table(rows: &[Row]) -> String {
+    let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    let mut out = format!(
+        "{:<12} {:<12} {:<22} {:>6} {:>4} {:>10} {:>10} {:>10}  unit\n",
+        "gateway", "device", "tag", "rows", "bad", "min", "max", "last"
+    );
+    for ((gateway, device, tag), s) in tag_stats(rows) {
+        let _ = writeln!(
+            out,
+            "{gateway:<12} {device:<12} {tag:<22} {:>6} {:>4} {:>10} {:>10} {:>10}  {}",
+            s.rows,
+            s.bad,
+            fmt(s.min),
+            fmt(s.max),
+            fmt(s.last),
+            s.unit.as_deref().unwrap_or("")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, tag: &str, value: Option<f64>) -> Row {
+        Row {
+            seq,
+            ts_us: seq,
+            site: "s".into(),
+            gateway: "gw-1".into(),
+            device: "plc".into(),
+            tag: tag.into(),
+            value,
+            quality: if value.is_some() {
+                Quality::Good
+            } else {
+                Quality::Bad
+            },
+            unit: Some("bar".into()),
+        }
+    }
+
+    #[test]
+    fn stats_per_tag_take_min_max_of_good_values_and_last_by_seq() {
+        let rows = [
+            row(3, "p", Some(2.0)),
+            row(1, "p", Some(5.0)),
+            row(2, "p", None),
+            row(4, "t", Some(-1.5)),
+        ];
+        let stats = tag_stats(&rows);
+        let p = &stats[&("gw-1".into(), "plc".into(), "p".into())];
+        assert_eq!(
+            *p,
+            TagStats {
+                rows: 3,
+                bad: 1,
+                min: Some(2.0),
+                max: Some(5.0),
+                last: Some(2.0),
+                unit: Some("bar".into())
+            }
+        );
+        assert_eq!(stats.len(), 2);
+        let table = tag_table(&rows);
+        assert!(table.contains("gw-1         plc          p                           3    1       2.00       5.00       2.00  bar"), "{table}");
+    }
+}

@@ -1,0 +1,563 @@
+//! Semantic checks of a parsed configuration.
+//!
+//! Parsing (types, unknown keys, missing keys) is serde's job; this module checks what a type
+//! cannot express: ranges, uniqueness, registers that collide. It collects every problem instead
+//! of stopping at the first, so a plant engineer fixes a sensor map in one round. Each problem
+//! names the key path (`modbus[1].tags[3].name`), says what is wrong and how to fix it;
+//! [`super::load_file`] adds the file name and the line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use super::ConfigDuration;
+use super::model::{AgentConfig, DataType, ModbusDevice, ModbusTag, RegisterKind, UploadConfig};
+use crate::contract;
+
+/// The shortest poll interval accepted: faster polling overloads most PLCs' communication
+/// processors and fills the buffer faster than any uplink drains it.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The shortest batch age accepted: shorter ages make one tiny object per poll.
+pub const MIN_BATCH_AGE: Duration = Duration::from_secs(1);
+
+/// One problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the problem is, as a key path: `modbus[1].tags[3].name`.
+    pub key: String,
+    /// The 1-based line of that key (or of the nearest enclosing table), when known.
+    pub line: Option<usize>,
+    /// What is wrong and how to fix it, as `<problem>; <fix>`.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Checks a parsed configuration and returns every problem found, in the order the keys are
+/// defined in [`AgentConfig`]; an empty list means the configuration is usable.
+pub fn validate(config: &AgentConfig) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if config.site.trim().is_empty() {
+        problems.push(Problem::new(
+            "site",
+            "the site name is empty; name the plant or site this gateway belongs to, for example site = \"plant-ost\"",
+        ));
+    }
+    if contract::check_gateway_id(&config.gateway).is_err() {
+        problems.push(Problem::new(
+            "gateway",
+            format!(
+                "gateway id `{}` is not allowed; use 1-64 characters of lowercase letters, digits, `-` and `_`, starting with a letter or digit",
+                config.gateway
+            ),
+        ));
+    }
+    check_interval(
+        &mut problems,
+        "buffer.commit_interval",
+        config.buffer.commit_interval,
+        Duration::from_millis(1),
+        "\"200ms\"",
+    );
+    if config.batch.max_rows == 0 {
+        problems.push(Problem::new(
+            "batch.max_rows",
+            "a batch of at most 0 rows can never be cut; use at least 1, for example 50000",
+        ));
+    }
+    check_interval(
+        &mut problems,
+        "batch.max_age",
+        config.batch.max_age,
+        MIN_BATCH_AGE,
+        "\"60s\"",
+    );
+    check_upload(&mut problems, &config.upload);
+
+    let mut first_use: HashMap<&str, usize> = HashMap::new();
+    for (i, device) in config.modbus.iter().enumerate() {
+        let key = format!("modbus[{i}]");
+        if let Some(first) = first_use.get(device.name.as_str()) {
+            problems.push(Problem::new(
+                format!("{key}.name"),
+                format!(
+                    "duplicate device name `{}` (first used by modbus[{first}]); device names must be unique within a gateway",
+                    device.name
+                ),
+            ));
+        } else {
+            first_use.insert(&device.name, i);
+        }
+        check_device(&mut problems, &key, device);
+    }
+    problems
+}
+
+fn check_interval(
+    problems: &mut Vec<Problem>,
+    key: &str,
+    value: ConfigDuration,
+    min: Duration,
+    example: &str,
+) {
+    if value.0 < min {
+        problems.push(Problem::new(
+            key,
+            format!(
+                "{value} is shorter than the minimum of {}; use at least that, for example {example}",
+                ConfigDuration(min)
+            ),
+        ));
+    }
+}
+
+fn check_upload(problems: &mut Vec<Problem>, upload: &UploadConfig) {
+    match (&upload.s3, &upload.dir) {
+        (None, None) => problems.push(Problem::new(
+            "upload",
+            "no upload target; add an [upload.s3] table or an [upload.dir] table",
+        )),
+        (Some(_), Some(_)) => problems.push(Problem::new(
+            "upload",
+            "both [upload.s3] and [upload.dir] are set; keep exactly one of them",
+        )),
+        _ => {}
+    }
+    if let Some(s3) = &upload.s3 {
+        if s3.bucket.is_empty() {
+            problems.push(Problem::new(
+                "upload.s3.bucket",
+                "the bucket name is empty; name the S3 bucket that holds the raw zone",
+            ));
+        } else if !is_bucket_name(&s3.bucket) {
+            problems.push(Problem::new(
+                "upload.s3.bucket",
+                format!(
+                    "`{}` is not a valid S3 bucket name; use 3-63 lowercase letters, digits, `.` and `-`, starting and ending with a letter or digit",
+                    s3.bucket
+                ),
+            ));
+        }
+        check_prefix(problems, "upload.s3.prefix", &s3.prefix);
+        if let Some(endpoint) = &s3.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            problems.push(Problem::new(
+                "upload.s3.endpoint",
+                format!(
+                    "`{endpoint}` is not an http or https URL; write it like \"https://s3.example.com:9000\", or leave it out for AWS"
+                ),
+            ));
+        }
+        check_interval(
+            problems,
+            "upload.s3.timeout",
+            s3.timeout,
+            Duration::from_secs(1),
+            "\"60s\"",
+        );
+    }
+    if let Some(dir) = &upload.dir {
+        if dir.path.as_os_str().is_empty() {
+            problems.push(Problem::new(
+                "upload.dir.path",
+                "the folder path is empty; name the folder that plays the bucket, for example path = \"outbox\"",
+            ));
+        }
+        check_prefix(problems, "upload.dir.prefix", &dir.prefix);
+    }
+}
+
+fn check_prefix(problems: &mut Vec<Problem>, key: &str, prefix: &str) {
+    if prefix.starts_with('/') {
+        problems.push(Problem::new(
+            key,
+            format!(
+                "prefix `{prefix}` starts with `/`; object keys have no leading slash, write it like \"raw/\""
+            ),
+        ));
+    }
+}
+
+fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
+    if device.name.is_empty() {
+        problems.push(Problem::new(
+            format!("{key}.name"),
+            "the device name is empty; name the device as readings should carry it, for example name = \"press-3\"",
+        ));
+    } else if !is_safe_name(&device.name) {
+        problems.push(Problem::new(
+            format!("{key}.name"),
+            format!(
+                "device name `{}` is not allowed; use 1-64 letters, digits, `-`, `_` and `.`, starting with a letter or digit",
+                device.name
+            ),
+        ));
+    }
+    if device.host.trim().is_empty() {
+        problems.push(Problem::new(
+            format!("{key}.host"),
+            "the host is empty; give the device's IP address or host name",
+        ));
+    }
+    if device.port == 0 {
+        problems.push(Problem::new(
+            format!("{key}.port"),
+            "port 0 cannot be connected to; use the device's Modbus TCP port, usually 502",
+        ));
+    }
+    check_interval(
+        problems,
+        &format!("{key}.poll_interval"),
+        device.poll_interval,
+        MIN_POLL_INTERVAL,
+        "\"1s\"",
+    );
+    if device.timeout.0.is_zero() {
+        problems.push(Problem::new(
+            format!("{key}.timeout"),
+            "a timeout of 0s fails every request; give the device time to answer, for example \"1s\"",
+        ));
+    }
+    if device.tags.is_empty() {
+        problems.push(Problem::new(
+            format!("{key}.tags"),
+            format!(
+                "device `{}` has no tags; add at least one [[modbus.tags]] table, or remove the device",
+                device.name
+            ),
+        ));
+    }
+
+    let mut first_use: HashMap<&str, usize> = HashMap::new();
+    for (j, tag) in device.tags.iter().enumerate() {
+        let tag_key = format!("{key}.tags[{j}]");
+        if first_use.contains_key(tag.name.as_str()) {
+            problems.push(Problem::new(
+                format!("{tag_key}.name"),
+                format!(
+                    "duplicate tag name `{}` in device `{}`; tag names must be unique within a device",
+                    tag.name, device.name
+                ),
+            ));
+        } else {
+            first_use.insert(&tag.name, j);
+        }
+        check_tag(problems, &tag_key, tag);
+        for earlier in &device.tags[..j] {
+            if earlier.register == tag.register && overlaps(earlier, tag) {
+                problems.push(Problem::new(
+                    format!("{tag_key}.address"),
+                    format!(
+                        "tag `{}` ({}) overlaps tag `{}` ({}); give each tag its own registers",
+                        tag.name,
+                        describe_registers(tag),
+                        earlier.name,
+                        describe_registers(earlier)
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag) {
+    if tag.name.is_empty() {
+        problems.push(Problem::new(
+            format!("{key}.name"),
+            "the tag name is empty; name the value, for example name = \"oil_temp\"",
+        ));
+    } else if !is_safe_name(&tag.name) {
+        problems.push(Problem::new(
+            format!("{key}.name"),
+            format!(
+                "tag name `{}` is not allowed; use 1-64 letters, digits, `-`, `_` and `.`, starting with a letter or digit",
+                tag.name
+            ),
+        ));
+    }
+    let last = u32::from(tag.address) + u32::from(tag.data_type.register_count()) - 1;
+    if last > u32::from(u16::MAX) {
+        problems.push(Problem::new(
+            format!("{key}.address"),
+            format!(
+                "{} at address {} ends past the last register 65535; use an address of at most {}",
+                type_name(tag.data_type),
+                tag.address,
+                u16::MAX - (tag.data_type.register_count() - 1)
+            ),
+        ));
+    }
+    if !tag.scale.is_finite() || tag.scale == 0.0 {
+        problems.push(Problem::new(
+            format!("{key}.scale"),
+            format!(
+                "scale {} would make every reading meaningless; use a finite, non-zero multiplier such as 0.1",
+                tag.scale
+            ),
+        ));
+    }
+    if !tag.offset.is_finite() {
+        problems.push(Problem::new(
+            format!("{key}.offset"),
+            format!(
+                "offset {} is not a finite number; use a finite number such as -40",
+                tag.offset
+            ),
+        ));
+    }
+    if tag.unit.as_deref().is_some_and(|u| u.trim().is_empty()) {
+        problems.push(Problem::new(
+            format!("{key}.unit"),
+            "the unit is empty; name the unit, for example unit = \"degC\", or leave the key out",
+        ));
+    }
+}
+
+/// The first and last register a tag occupies, widened so a range past 65535 can be described.
+fn register_range(tag: &ModbusTag) -> (u32, u32) {
+    let first = u32::from(tag.address);
+    (first, first + u32::from(tag.data_type.register_count()) - 1)
+}
+
+fn overlaps(a: &ModbusTag, b: &ModbusTag) -> bool {
+    let (a_first, a_last) = register_range(a);
+    let (b_first, b_last) = register_range(b);
+    a_first <= b_last && b_first <= a_last
+}
+
+fn describe_registers(tag: &ModbusTag) -> String {
+    let kind = match tag.register {
+        RegisterKind::Holding => "holding",
+        RegisterKind::Input => "input",
+    };
+    match register_range(tag) {
+        (first, last) if first == last => format!("{kind} register {first}"),
+        (first, last) => format!("{kind} registers {first}-{last}"),
+    }
+}
+
+fn type_name(data_type: DataType) -> &'static str {
+    match data_type {
+        DataType::U16 => "u16",
+        DataType::I16 => "i16",
+        DataType::U32 => "u32",
+        DataType::I32 => "i32",
+        DataType::F32 => "f32",
+    }
+}
+
+/// Device and tag names end up in Parquet columns, metrics labels and log fields; keeping them
+/// to a plain character set keeps every one of those unambiguous.
+fn is_safe_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// S3's rules for new bucket names, minus the rarely met special cases (IP-address-like names,
+/// reserved prefixes): the endpoint reports those itself.
+fn is_bucket_name(name: &str) -> bool {
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && edge_ok(name.chars().next())
+        && edge_ok(name.chars().last())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{ConfigError, load_str};
+
+    fn problems(text: &str) -> Vec<String> {
+        match load_str(text, Path::new("plant.toml")) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                let shown = ConfigError::Invalid {
+                    path: "plant.toml".into(),
+                    problems: problems.clone(),
+                }
+                .to_string();
+                let lines: Vec<String> = shown.lines().map(str::to_owned).collect();
+                assert_eq!(lines.len(), problems.len(), "one problem per line");
+                lines
+            }
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    fn device(name: &str, tags: &str) -> String {
+        format!("[[modbus]]\nname = \"{name}\"\nhost = \"10.0.0.7\"\n{tags}")
+    }
+
+    fn tag(name: &str, register: &str, address: u32, data_type: &str) -> String {
+        format!(
+            "[[modbus.tags]]\nname = \"{name}\"\nregister = \"{register}\"\naddress = {address}\ntype = \"{data_type}\"\n"
+        )
+    }
+
+    const HEAD: &str =
+        "site = \"plant-ost\"\ngateway = \"gw-1\"\n[upload.s3]\nbucket = \"plant-raw\"\n";
+
+    #[test]
+    fn every_problem_is_reported_with_file_line_key_and_fix() {
+        let text = format!(
+            "site = \" \"\ngateway = \"GW 1\"\n[batch]\nmax_rows = 0\nmax_age = \"500ms\"\n[upload]\n{}",
+            device(
+                "press-3",
+                "tags = []\nport = 0\npoll_interval = \"5ms\"\ntimeout = \"0s\"\n"
+            )
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:1: site: the site name is empty; name the plant or site this gateway belongs to, for example site = \"plant-ost\"",
+                "plant.toml:2: gateway: gateway id `GW 1` is not allowed; use 1-64 characters of lowercase letters, digits, `-` and `_`, starting with a letter or digit",
+                "plant.toml:4: batch.max_rows: a batch of at most 0 rows can never be cut; use at least 1, for example 50000",
+                "plant.toml:5: batch.max_age: 500ms is shorter than the minimum of 1s; use at least that, for example \"60s\"",
+                "plant.toml:6: upload: no upload target; add an [upload.s3] table or an [upload.dir] table",
+                "plant.toml:10: modbus[0].tags: device `press-3` has no tags; add at least one [[modbus.tags]] table, or remove the device",
+                "plant.toml:11: modbus[0].port: port 0 cannot be connected to; use the device's Modbus TCP port, usually 502",
+                "plant.toml:12: modbus[0].poll_interval: 5ms is shorter than the minimum of 10ms; use at least that, for example \"1s\"",
+                "plant.toml:13: modbus[0].timeout: a timeout of 0s fails every request; give the device time to answer, for example \"1s\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_tag_names_name_the_device() {
+        let tags = tag("oil_temp", "holding", 0, "f32")
+            + &tag("pressure", "holding", 2, "u16")
+            + &tag("speed", "holding", 3, "u16")
+            + &tag("oil_temp", "input", 0, "f32");
+        let text = format!(
+            "{HEAD}{}{}",
+            device("press-1", &tag("a", "holding", 0, "u16")),
+            device("press-3", &tags)
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:32: modbus[1].tags[3].name: duplicate tag name `oil_temp` in device `press-3`; tag names must be unique within a device"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_and_unsafe_device_names_are_refused() {
+        let t = tag("a", "holding", 0, "u16");
+        let text = format!(
+            "{HEAD}{}{}{}{}",
+            device("press-3", &t),
+            device("press-3", &t),
+            device("", &t),
+            device("press 4", &t)
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:14: modbus[1].name: duplicate device name `press-3` (first used by modbus[0]); device names must be unique within a gateway",
+                "plant.toml:22: modbus[2].name: the device name is empty; name the device as readings should carry it, for example name = \"press-3\"",
+                "plant.toml:30: modbus[3].name: device name `press 4` is not allowed; use 1-64 letters, digits, `-`, `_` and `.`, starting with a letter or digit",
+            ]
+        );
+    }
+
+    #[test]
+    fn registers_must_fit_and_must_not_overlap() {
+        let tags = tag("a", "holding", 10, "f32")
+            + &tag("b", "holding", 11, "u16")
+            + &tag("c", "input", 11, "u32")
+            + &tag("d", "holding", 12, "u16")
+            + &tag("e", "holding", 65535, "u32");
+        let text = format!("{HEAD}{}", device("press-3", &tags));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:16: modbus[0].tags[1].address: tag `b` (holding register 11) overlaps tag `a` (holding registers 10-11); give each tag its own registers",
+                "plant.toml:31: modbus[0].tags[4].address: u32 at address 65535 ends past the last register 65535; use an address of at most 65534",
+            ]
+        );
+    }
+
+    #[test]
+    fn scale_offset_and_unit_must_be_usable() {
+        let t = tag("a", "holding", 0, "u16")
+            + "scale = 0.0\noffset = nan\nunit = \"\"\n"
+            + &tag("b", "holding", 1, "u16")
+            + "scale = inf\n";
+        let text = format!("{HEAD}{}", device("press-3", &t));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:13: modbus[0].tags[0].scale: scale 0 would make every reading meaningless; use a finite, non-zero multiplier such as 0.1",
+                "plant.toml:14: modbus[0].tags[0].offset: offset NaN is not a finite number; use a finite number such as -40",
+                "plant.toml:15: modbus[0].tags[0].unit: the unit is empty; name the unit, for example unit = \"degC\", or leave the key out",
+                "plant.toml:21: modbus[0].tags[1].scale: scale inf would make every reading meaningless; use a finite, non-zero multiplier such as 0.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn upload_targets_are_checked() {
+        let t = device("press-3", &tag("a", "holding", 0, "u16"));
+        let text = format!(
+            "site = \"a\"\ngateway = \"gw\"\n[upload.s3]\nbucket = \"\"\nprefix = \"/raw/\"\nendpoint = \"localhost:9000\"\ntimeout = \"0s\"\n[upload.dir]\npath = \"out\"\n{t}"
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:3: upload: both [upload.s3] and [upload.dir] are set; keep exactly one of them",
+                "plant.toml:4: upload.s3.bucket: the bucket name is empty; name the S3 bucket that holds the raw zone",
+                "plant.toml:5: upload.s3.prefix: prefix `/raw/` starts with `/`; object keys have no leading slash, write it like \"raw/\"",
+                "plant.toml:6: upload.s3.endpoint: `localhost:9000` is not an http or https URL; write it like \"https://s3.example.com:9000\", or leave it out for AWS",
+                "plant.toml:7: upload.s3.timeout: 0s is shorter than the minimum of 1s; use at least that, for example \"60s\"",
+            ]
+        );
+        let text =
+            format!("site = \"a\"\ngateway = \"gw\"\n[upload.s3]\nbucket = \"Plant_Raw\"\n{t}");
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:4: upload.s3.bucket: `Plant_Raw` is not a valid S3 bucket name; use 3-63 lowercase letters, digits, `.` and `-`, starting and ending with a letter or digit"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_config_built_in_code_is_validated_without_lines() {
+        let mut config = load_str(
+            &format!(
+                "{HEAD}{}",
+                device("press-3", &tag("a", "holding", 0, "u16"))
+            ),
+            Path::new("plant.toml"),
+        )
+        .unwrap();
+        config.modbus[0].tags[0].scale = 0.0;
+        let found = super::validate(&config);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].line, None);
+        assert_eq!(found[0].key, "modbus[0].tags[0].scale");
+    }
+}

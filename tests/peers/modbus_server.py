@@ -1,0 +1,113 @@
+"""A Modbus PLC stand-in for the tests, built on pymodbus 3.16's simulator API.
+
+The register map is JSON; every value is one 16-bit word (or one bit for coils and discrete inputs):
+
+    {
+      "device_id": 1,                      # optional; 0 (the default) answers every unit id
+      "holding":  {"100": [17, 2], "200": [65535]},
+      "input":    {"0": [1, 2, 3]},
+      "coils":    {"0": [true, false]},
+      "discrete": {"8": [true]}
+    }
+
+Addresses that the map does not define answer with Modbus exception 2 (illegal data address), as a
+real PLC does for registers it does not have.
+
+Usage:
+    modbus_server.py --map JSON --port PORT [--host 127.0.0.1]     Modbus TCP
+    modbus_server.py --map JSON --serial /dev/pts/N [--baudrate B]  Modbus RTU (e.g. a socat pty)
+
+The line "modbus_server ready" on stdout tells the harness that the server accepts requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+# pymodbus requires every one of the four blocks to hold at least one entry. An unused block gets one
+# invalid register at the top of the address space, so reads of it still answer "illegal address".
+_UNUSED_ADDRESS = 65520
+
+
+def _register_block(spec: dict[str, list[int]], name: str) -> list[SimData]:
+    block = []
+    for address, words in spec.items():
+        if not isinstance(words, list) or not words:
+            raise SystemExit(f"{name}.{address}: expected a non-empty list of 16-bit words")
+        for word in words:
+            if not isinstance(word, int) or isinstance(word, bool) or not 0 <= word <= 0xFFFF:
+                raise SystemExit(f"{name}.{address}: {word!r} is not a 16-bit word (0..65535)")
+        block.append(SimData(address=int(address), values=words, datatype=DataType.REGISTERS))
+    if not block:
+        block.append(SimData(address=_UNUSED_ADDRESS, datatype=DataType.INVALID))
+    return block
+
+
+def _bit_block(spec: dict[str, list[bool]], name: str) -> list[SimData]:
+    block = []
+    for address, bits in spec.items():
+        if not isinstance(bits, list) or not bits or not all(isinstance(b, bool) for b in bits):
+            raise SystemExit(f"{name}.{address}: expected a non-empty list of booleans")
+        block.append(SimData(address=int(address), values=bits, datatype=DataType.BITS))
+    if not block:
+        # Bit blocks must be DataType.BITS; 16 cleared bits at the top of the space stand in for none.
+        block.append(SimData(address=_UNUSED_ADDRESS, values=[False] * 16, datatype=DataType.BITS))
+    return block
+
+
+def build_device(register_map: dict) -> SimDevice:
+    """Turn the JSON register map into a pymodbus device with four separate blocks."""
+    known = {"device_id", "holding", "input", "coils", "discrete"}
+    unknown = set(register_map) - known
+    if unknown:
+        raise SystemExit(f"unknown keys in the register map: {sorted(unknown)}; known: {sorted(known)}")
+    return SimDevice(
+        id=int(register_map.get("device_id", 0)),
+        simdata=(
+            _bit_block(register_map.get("coils", {}), "coils"),
+            _bit_block(register_map.get("discrete", {}), "discrete"),
+            _register_block(register_map.get("holding", {}), "holding"),
+            _register_block(register_map.get("input", {}), "input"),
+        ),
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    device = build_device(json.loads(args.map))
+    if args.serial:
+        server = ModbusSerialServer(device, port=args.serial, baudrate=args.baudrate)
+    else:
+        server = ModbusTcpServer(device, address=(args.host, args.port))
+    await server.serve_forever(background=True)
+    print("modbus_server ready", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--map", required=True, help="register map as JSON text")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--serial", help="serial device for Modbus RTU instead of TCP")
+    parser.add_argument("--baudrate", type=int, default=19200)
+    args = parser.parse_args()
+    if not args.serial and not args.port:
+        parser.error("give --port for Modbus TCP or --serial for Modbus RTU")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# The one test command: installs whatever is missing on a Debian 12 machine (as root, or with sudo),
+# then runs every check and test of the workspace, the ARM cross build and its qemu smoke test.
+#
+#   ./tests/run.sh                 install what is missing, then run everything
+#   ./tests/run.sh --install-only  only install (Debian packages, Python venvs, Rust targets)
+#   ./tests/run.sh --skip-install  only run (the machine is already set up)
+#
+# Environment:
+#   PLANTLINE_CACHE   cache folder for the venvs and the build (default ~/.cache/plantline)
+#   CARGO_TARGET_DIR  build folder (default $PLANTLINE_CACHE/target, so repeated runs reuse the build)
+#   PYTHON            interpreter the venvs are made from (default python3; needs >= 3.11)
+set -euo pipefail
+
+readonly REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly CACHE="${PLANTLINE_CACHE:-$HOME/.cache/plantline}"
+readonly PYTHON="${PYTHON:-python3}"
+readonly AARCH64_TARGET=aarch64-unknown-linux-gnu
+# Debian packages the tests use: the MQTT broker, the pty pair for Modbus RTU, the aarch64 toolchain
+# and user-mode qemu for the cross smoke test.
+readonly DEBIAN_PACKAGES=(mosquitto socat qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+
+mode=all
+for arg in "$@"; do
+  case "$arg" in
+    --install-only) mode=install ;;
+    --skip-install) mode=test ;;
+    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown argument '$arg' (try --help)" >&2; exit 64 ;;
+  esac
+done
+
+die() {
+  printf '\nrun.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+section() {
+  printf '\n\033[1m==== %s ====\033[0m\n' "$*"
+}
+
+# Step bookkeeping: every step is timed; a failed step does not stop the run, so one run reports
+# every broken check, and the script exits non-zero at the end.
+declare -a summary=()
+failures=0
+readonly LOG_DIR="$(mktemp -d -t plantline-run.XXXXXX)"
+trap 'rm -rf "$LOG_DIR"' EXIT
+
+step() {
+  local name="$1"
+  shift
+  section "$name"
+  local started=$SECONDS status=0
+  "$@" 2>&1 | tee "$LOG_DIR/step-${#summary[@]}.log" || status=$?
+  local elapsed=$((SECONDS - started))
+  if ((status == 0)); then
+    printf '\n---- %s: ok (%ds)\n' "$name" "$elapsed"
+    summary+=("$(printf 'ok    %5ds  %s' "$elapsed" "$name")")
+  else
+    printf '\n---- %s: FAILED with status %d (%ds)\n' "$name" "$status" "$elapsed"
+    summary+=("$(printf 'FAIL  %5ds  %s' "$elapsed" "$name")")
+    failures=$((failures + 1))
+  fi
+}
+
+as_root() {
+  if ((EUID == 0)); then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    die "'$*' needs root: run ./tests/run.sh as root or install sudo"
+  fi
+}
+
+install_debian_packages() {
+  command -v dpkg-query >/dev/null && command -v apt-get >/dev/null ||
+    die "apt-get not found: this script installs on Debian 12; elsewhere install ${DEBIAN_PACKAGES[*]} and python3 with venv by hand, then run ./tests/run.sh --skip-install"
+  local missing=() package
+  local wanted=("${DEBIAN_PACKAGES[@]}")
+  # A Python without ensurepip cannot make venvs; on Debian that is the python3-venv package.
+  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    wanted+=(python3-venv)
+  fi
+  for package in "${wanted[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$package")
+    fi
+  done
+  if ((${#missing[@]} == 0)); then
+    echo "all present: ${wanted[*]}"
+    return
+  fi
+  echo "installing: ${missing[*]}"
+  # Other jobs may hold the dpkg lock for a while (unattended upgrades, a parallel install).
+  as_root apt-get -o DPkg::Lock::Timeout=600 update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+    --no-install-recommends "${missing[@]}"
+}
+
+# Creates or updates one venv. The hash of the requirements file and of the interpreter's version
+# is stored in the venv; pip runs again only when it changed. The marker is written last, so an
+# interrupted install is resumed by the next run.
+ensure_venv() {
+  local name="$1" requirements="$2"
+  local venv="$CACHE/venv/$name" marker="$CACHE/venv/$name/.plantline-requirements.sha256"
+  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install python3 (>= 3.11) or set PYTHON=/path/to/python3"
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    die "$("$PYTHON" --version 2>&1) is too old: fakesnow needs Python >= 3.11; set PYTHON=/path/to/python3.11"
+  local wanted
+  wanted="$({ sha256sum "$requirements" | cut -d' ' -f1; "$PYTHON" --version; } | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+    echo "$venv: interpreter is broken (Python moved or was upgraded), recreating"
+    rm -rf "$venv"
+  fi
+  if [[ -x "$venv/bin/python" && -f "$marker" && "$(cat "$marker")" == "$wanted" ]]; then
+    echo "$venv: up to date with $(basename "$requirements")"
+    return
+  fi
+  if [[ ! -x "$venv/bin/python" ]]; then
+    echo "$venv: creating"
+    mkdir -p "$(dirname "$venv")"
+    "$PYTHON" -m venv "$venv" || die "cannot create a venv with $PYTHON: install python3-venv (apt-get install python3-venv)"
+  fi
+  echo "$venv: installing $(basename "$requirements")"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
+  echo "$wanted" >"$marker"
+  "$venv/bin/python" -m pip freeze --disable-pip-version-check | sed 's/^/  /'
+}
+
+install_rust_targets() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then rerun"
+  if ! command -v rustup >/dev/null; then
+    echo "rustup not found: assuming clippy, rustfmt and the $AARCH64_TARGET standard library are installed"
+    return
+  fi
+  local installed
+  installed="$(rustup component list --installed)"
+  local component
+  for component in clippy rustfmt; do
+    grep -q "^$component" <<<"$installed" || rustup component add "$component"
+  done
+  if rustup target list --installed | grep -qx "$AARCH64_TARGET"; then
+    echo "rust target $AARCH64_TARGET present"
+  else
+    rustup target add "$AARCH64_TARGET"
+  fi
+}
+
+check_tools() {
+  local tool missing=()
+  for tool in mosquitto socat qemu-aarch64-static aarch64-linux-gnu-gcc cargo; do
+    command -v "$tool" >/dev/null || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
+  done
+  ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]}: run ./tests/run.sh without --skip-install (as root) to install them"
+  echo "tools present; peers venv $PLANTLINE_PEERS_VENV, duckdb venv $PLANTLINE_DUCKDB_VENV"
+}
+
+# Sums every libtest "test result:" line so the run ends with one count of what ran.
+count_tests() {
+  local passed=0 failed=0 p f
+  while read -r p f; do
+    passed=$((passed + p))
+    failed=$((failed + f))
+  done < <(cat "$LOG_DIR"/step-*.log 2>/dev/null |
+    sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p')
+  printf 'tests: %d passed, %d failed\n' "$passed" "$failed"
+}
+
+cd "$REPO_ROOT"
+export PLANTLINE_CACHE="$CACHE"
+export PLANTLINE_PEERS_VENV="$CACHE/venv/peers"
+export PLANTLINE_DUCKDB_VENV="$CACHE/venv/duckdb"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+
+# Installs stop the script at the first failure: nothing after them could pass.
+install_step() {
+  local name="$1"
+  shift
+  section "install: $name"
+  local started=$SECONDS
+  "$@"
+  summary+=("$(printf 'ok    %5ds  install: %s' "$((SECONDS - started))" "$name")")
+}
+
+if [[ "$mode" != test ]]; then
+  install_step "Debian packages" install_debian_packages
+  install_step "Python venv: peers" ensure_venv peers "$REPO_ROOT/tests/requirements-peers.txt"
+  install_step "Python venv: duckdb" ensure_venv duckdb "$REPO_ROOT/tests/requirements-duckdb.txt"
+  install_step "Rust components and targets" install_rust_targets
+fi
+
+if [[ "$mode" != install ]]; then
+  section "environment"
+  check_tools
+  echo "CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
+  cargo --version
+  step "cargo fmt --check" cargo fmt --all -- --check
+  step "cargo clippy" cargo clippy --workspace --all-targets --all-features -- -D warnings
+  step "cargo test" cargo test --workspace --all-features
+  step "cross: aarch64 build and qemu smoke test" "$REPO_ROOT/cross/qemu-smoke.sh"
+fi
+
+section "summary"
+printf '%s\n' "${summary[@]}"
+if [[ "$mode" != install ]]; then
+  count_tests
+fi
+if ((failures > 0)); then
+  echo "run.sh: $failures step(s) failed" >&2
+  exit 1
+fi
