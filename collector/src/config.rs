@@ -381,7 +381,8 @@ impl CollectorConfig {
     fn from_toml(text: &str, base: &Path) -> Result<Self, ParseOrInvalid> {
         let mut config: Self =
             toml::from_str(text).map_err(|e| ParseOrInvalid::Parse(e.to_string()))?;
-        let problems = config.validate(base);
+        let mut problems = config.validate(base);
+        problems.extend(config.snowflake_problems());
         if problems.is_empty() {
             // Store absolute local paths so later stages never depend on the working directory.
             for url in [&mut config.raw.url, &mut config.delta.url] {
@@ -489,12 +490,6 @@ impl CollectorConfig {
                 "is 0, so nothing would ever be applied; use at least 1 (default 100)".to_owned(),
             );
         }
-        if let Some(snowflake) = &self.snowflake {
-            for p in snowflake.problems() {
-                let (key, message) = p.split_once(": ").unwrap_or(("snowflake", p.as_str()));
-                problem(key, message.to_owned());
-            }
-        }
         if self.run.commit_attempts == 0 {
             problem(
                 "run.commit_attempts",
@@ -502,6 +497,24 @@ impl CollectorConfig {
             );
         }
         problems
+    }
+
+    /// The `[snowflake]` section's problems, keyed like the others.
+    fn snowflake_problems(&self) -> Vec<Problem> {
+        let Some(snowflake) = &self.snowflake else {
+            return Vec::new();
+        };
+        snowflake
+            .problems()
+            .iter()
+            .map(|p| {
+                let (key, message) = p.split_once(": ").unwrap_or(("snowflake", p.as_str()));
+                Problem {
+                    key: key.to_owned(),
+                    message: message.to_owned(),
+                }
+            })
+            .collect()
     }
 
     /// Where the raw zone lives. Valid after [`CollectorConfig::load`].

@@ -53,16 +53,33 @@ pub enum DemoError {
     #[error("the generated agent config is invalid (a bug in the demo): {0}")]
     AgentConfig(String),
     #[error(transparent)]
-    Agent(#[from] edge_agent::AgentError),
+    Agent(Box<edge_agent::AgentError>),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(Box<crate::config::ConfigError>),
     #[error("{0} has no [snowflake] section")]
     NoSnowflake(PathBuf),
     #[error(transparent)]
-    Collector(#[from] crate::CollectorError),
+    Collector(Box<crate::CollectorError>),
     #[error(transparent)]
-    Delta(#[from] crate::delta::DeltaError),
+    Delta(Box<crate::delta::DeltaError>),
 }
+
+// The wrapped errors are large; boxing them keeps every `Result` of the demo small.
+macro_rules! boxed_from {
+    ($($source:ty => $variant:ident),* $(,)?) => {$(
+        impl From<$source> for DemoError {
+            fn from(e: $source) -> Self {
+                Self::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(
+    edge_agent::AgentError => Agent,
+    crate::config::ConfigError => Config,
+    crate::CollectorError => Collector,
+    crate::delta::DeltaError => Delta,
+);
 
 /// Runs the demo and returns the summary to print.
 pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
@@ -78,7 +95,13 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
 
     let press = SimulatedPlc::start().map_err(DemoError::Simulator)?;
     let oven = SimulatedPlc::start().map_err(DemoError::Simulator)?;
-    let agent_config = agent_config(&dir, &[press.device_config("press-3"), oven.device_config("press-4")])?;
+    let agent_config = agent_config(
+        &dir,
+        &[
+            press.device_config("press-3"),
+            oven.device_config("press-4"),
+        ],
+    )?;
     println!(
         "demo: simulated PLCs on {} and {}; the agent polls them for {} s",
         press.addr(),
@@ -111,7 +134,9 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
         "\n{}\nDelta table {} (version {}) holds {} readings:\n\n{}\nFiles: buffer {}, raw zone {}, archive {}, Delta table {}\n",
         pass_summary(&report),
         table.url(),
-        table.version().map_or_else(|| "none".to_owned(), |v| v.to_string()),
+        table
+            .version()
+            .map_or_else(|| "none".to_owned(), |v| v.to_string()),
         rows.len(),
         tag_table(&rows),
         dir.join("buffer.db").display(),
@@ -138,8 +163,11 @@ fn prepare_folder(dir: &Path) -> Result<PathBuf, DemoError> {
         }
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    std::fs::write(dir.join(MARKER), "created by `collector demo`; cleared on the next demo run\n")
-        .map_err(io(dir))?;
+    std::fs::write(
+        dir.join(MARKER),
+        "created by `collector demo`; cleared on the next demo run\n",
+    )
+    .map_err(io(dir))?;
     std::path::absolute(dir).map_err(io(dir))
 }
 
@@ -239,15 +267,22 @@ mod tests {
         // Two PLCs with five tags each, polled every 250 ms for 3 s.
         assert_eq!(stats.len(), 10, "{summary}");
         for ((_, device, tag), s) in &stats {
-            assert!(s.rows >= 8, "{device}/{tag} has only {} rows\n{summary}", s.rows);
+            assert!(
+                s.rows >= 8,
+                "{device}/{tag} has only {} rows\n{summary}",
+                s.rows
+            );
             assert_eq!(s.bad, 0, "{device}/{tag}\n{summary}");
         }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         let expected: Vec<i64> = (1..=i64::try_from(rows.len()).unwrap()).collect();
         assert_eq!(seqs, expected, "every reading arrives once, in seq order");
-        assert!(summary.contains("press-3") && summary.contains("oil_temp"), "{summary}");
+        assert!(
+            summary.contains("press-3") && summary.contains("oil_temp"),
+            "{summary}"
+        );
         // Everything was applied, so the raw zone is empty and the originals are archived.
         let raw = tmp.path().join("demo/landing/raw/gateway=gw-demo");
-        assert_eq!(std::fs::read_dir(&raw).map(Iterator::count).unwrap_or(0), 0);
+        assert_eq!(std::fs::read_dir(&raw).map_or(0, Iterator::count), 0);
     }
 }

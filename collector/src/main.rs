@@ -136,7 +136,8 @@ fn load(path: &std::path::Path) -> Option<CollectorConfig> {
 /// Logs go to stderr; `RUST_LOG` overrides `default_filter`.
 fn init_logging(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -156,6 +157,9 @@ async fn cancel_on_signal(token: CancellationToken) {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-    tracing::info!(component = "collector", "shutdown requested; finishing the current pass");
+    tracing::info!(
+        component = "collector",
+        "shutdown requested; finishing the current pass"
+    );
     token.cancel();
 }

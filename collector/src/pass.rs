@@ -45,7 +45,9 @@ impl PassReport {
 }
 
 /// Opens the raw zone and the Delta table named by the config.
-pub async fn open_stores(config: &CollectorConfig) -> Result<(RawZone, ReadingsTable), CollectorError> {
+pub async fn open_stores(
+    config: &CollectorConfig,
+) -> Result<(RawZone, ReadingsTable), CollectorError> {
     let raw_location = config.raw_location().map_err(CollectorError::Location)?;
     let raw = RawZone::open(
         &raw_location,
@@ -73,7 +75,13 @@ pub async fn run_once(config: &CollectorConfig) -> Result<PassReport, CollectorE
     let ingest = ingest_all(&raw, &mut table, config.run.max_files_per_commit).await?;
     for gw in &ingest.gateways {
         if let Some(rejected) = &gw.rejected {
-            error!(component = "ingest", gateway = gw.gateway, key = rejected.key, reason = rejected.reason, "batch rejected; the gateway waits until it is fixed or removed");
+            error!(
+                component = "ingest",
+                gateway = gw.gateway,
+                key = rejected.key,
+                reason = rejected.reason,
+                "batch rejected; the gateway waits until it is fixed or removed"
+            );
         }
         info!(
             component = "ingest",
@@ -105,12 +113,18 @@ pub async fn run_once(config: &CollectorConfig) -> Result<PassReport, CollectorE
 
 /// Repeats passes every `run.interval` until `shutdown` is cancelled. A failed pass is logged
 /// and retried at the next interval; a pass in progress finishes before the loop stops.
-pub async fn run(config: CollectorConfig, shutdown: CancellationToken) -> Result<(), CollectorError> {
+pub async fn run(
+    config: CollectorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), CollectorError> {
     let interval = config.run.interval.0;
     loop {
         match run_once(&config).await {
             Ok(report) if report.is_clean() => {}
-            Ok(_) => warn!(component = "collector", "pass finished with rejected batches or failed gateways"),
+            Ok(_) => warn!(
+                component = "collector",
+                "pass finished with rejected batches or failed gateways"
+            ),
             Err(e) => error!(component = "collector", "pass failed: {e}"),
         }
         tokio::select! {

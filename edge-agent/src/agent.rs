@@ -96,7 +96,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     batcher_result?;
     batcher.flush(FLUSH_DEADLINE).await?;
     let left = buffer.stats()?;
-    info!(component = "agent", buffered = left.rows, "edge agent stopped");
+    info!(
+        component = "agent",
+        buffered = left.rows,
+        "edge agent stopped"
+    );
     Ok(())
 }
 
@@ -114,15 +118,13 @@ async fn write_readings(
         loop {
             tokio::select! {
                 biased;
-                got = rx.recv() => match got {
-                    Some(r) => {
-                        pending.push(r);
-                        if pending.len() >= MAX_READINGS_PER_COMMIT {
-                            break;
-                        }
-                    }
-                    None => {
+                got = rx.recv() => {
+                    let Some(r) = got else {
                         open = false;
+                        break;
+                    };
+                    pending.push(r);
+                    if pending.len() >= MAX_READINGS_PER_COMMIT {
                         break;
                     }
                 },
@@ -148,7 +150,11 @@ async fn write_readings(
                     break;
                 }
                 Err(e) => {
-                    error!(readings = chunk.len(), retry_in_ms = retry.as_millis() as u64, "commit to buffer failed: {e}");
+                    error!(
+                        readings = chunk.len(),
+                        retry_in_ms = crate::millis(retry),
+                        "commit to buffer failed: {e}"
+                    );
                     pending = chunk;
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(Duration::from_secs(10));

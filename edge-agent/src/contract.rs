@@ -223,7 +223,11 @@ pub fn to_record_batch(rows: &[Row]) -> RecordBatch {
             TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.ts_us))
                 .with_timezone("UTC"),
         ),
-        Arc::new(rows.iter().map(|r| Some(r.site.as_str())).collect::<StringArray>()),
+        Arc::new(
+            rows.iter()
+                .map(|r| Some(r.site.as_str()))
+                .collect::<StringArray>(),
+        ),
         Arc::new(
             rows.iter()
                 .map(|r| Some(r.gateway.as_str()))
@@ -234,14 +238,22 @@ pub fn to_record_batch(rows: &[Row]) -> RecordBatch {
                 .map(|r| Some(r.device.as_str()))
                 .collect::<StringArray>(),
         ),
-        Arc::new(rows.iter().map(|r| Some(r.tag.as_str())).collect::<StringArray>()),
+        Arc::new(
+            rows.iter()
+                .map(|r| Some(r.tag.as_str()))
+                .collect::<StringArray>(),
+        ),
         Arc::new(rows.iter().map(|r| r.value).collect::<Float64Array>()),
         Arc::new(
             rows.iter()
                 .map(|r| Some(r.quality.as_str()))
                 .collect::<StringArray>(),
         ),
-        Arc::new(rows.iter().map(|r| r.unit.as_deref()).collect::<StringArray>()),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.unit.as_deref())
+                .collect::<StringArray>(),
+        ),
     ];
     RecordBatch::try_new(schema(), columns)
         .expect("columns are built from the contract schema, in its order and with its types")

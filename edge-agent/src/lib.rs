@@ -29,3 +29,9 @@ pub mod sources;
 pub use agent::{AgentError, run};
 #[cfg(feature = "runtime")]
 pub use reading::Reading;
+
+/// Milliseconds of a duration for log fields, saturating instead of truncating.
+#[cfg(feature = "runtime")]
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -13,7 +13,11 @@ use edge_agent::config;
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "edge-agent", version, about = "Reads PLCs and sensors, buffers every reading durably, ships Parquet batches to S3")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Reads PLCs and sensors, buffers every reading durably, ships Parquet batches to S3"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,7 +52,8 @@ fn main() -> ExitCode {
 /// Logs go to stderr; `RUST_LOG` overrides `default_filter`.
 fn init_logging(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

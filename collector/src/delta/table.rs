@@ -81,9 +81,9 @@ pub enum DeltaError {
         "gateway `{gateway}`: gave up after {attempts} commit attempts that each lost a race with another writer of the same gateway; it is retried on the next pass"
     )]
     Contended { gateway: String, attempts: u32 },
-    #[error("cannot read data file {file} of Delta table {url}: {message}")]
+    #[error("cannot read data file {file} of Delta table {table}: {message}")]
     ReadFile {
-        url: Url,
+        table: String,
         file: String,
         message: String,
     },
@@ -366,7 +366,7 @@ impl ReadingsTable {
         for file in snapshot.log_data() {
             let path = file.object_store_path();
             let read_err = |message: String| DeltaError::ReadFile {
-                url: self.url.clone(),
+                table: self.url.to_string(),
                 file: path.to_string(),
                 message,
             };
@@ -378,11 +378,15 @@ impl ReadingsTable {
                 .await
                 .map_err(|e| read_err(e.to_string()))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .and_then(deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::build)
+                .and_then(
+                    deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::build,
+                )
                 .map_err(|e| read_err(e.to_string()))?;
             for batch in reader {
                 let batch = batch.map_err(|e| read_err(e.to_string()))?;
-                rows.extend(contract::rows_from_batch(&batch).map_err(|e| read_err(e.to_string()))?);
+                rows.extend(
+                    contract::rows_from_batch(&batch).map_err(|e| read_err(e.to_string()))?,
+                );
             }
         }
         rows.sort_by(|a, b| (&a.gateway, a.seq).cmp(&(&b.gateway, b.seq)));

@@ -39,10 +39,15 @@ pub struct Batcher {
 
 const TICK: Duration = Duration::from_millis(250);
 const RETRY_START: Duration = Duration::from_millis(500);
-const RETRY_CAP: Duration = Duration::from_secs(60);
+const RETRY_CAP: Duration = Duration::from_mins(1);
 
 impl Batcher {
-    pub fn new(buffer: Arc<Buffer>, sink: Arc<BatchSink>, config: BatchConfig, site: String) -> Self {
+    pub fn new(
+        buffer: Arc<Buffer>,
+        sink: Arc<BatchSink>,
+        config: BatchConfig,
+        site: String,
+    ) -> Self {
         Self {
             buffer,
             sink,
@@ -67,7 +72,11 @@ impl Batcher {
                     TICK
                 }
                 Err(StepError::Upload(message)) => {
-                    warn!(component = "batcher", retry_in_ms = backoff.as_millis() as u64, "{message}");
+                    warn!(
+                        component = "batcher",
+                        retry_in_ms = crate::millis(backoff),
+                        "{message}"
+                    );
                     let wait = jittered(backoff);
                     backoff = (backoff * 2).min(RETRY_CAP);
                     wait
@@ -90,12 +99,18 @@ impl Batcher {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => return Ok(()),
                 Ok(Err(StepError::Upload(message))) => {
-                    warn!(component = "batcher", "{message}; the rest stays buffered for the next start");
+                    warn!(
+                        component = "batcher",
+                        "{message}; the rest stays buffered for the next start"
+                    );
                     return Ok(());
                 }
                 Ok(Err(StepError::Fatal(e))) => return Err(e),
                 Err(_) => {
-                    warn!(component = "batcher", "shutdown flush ran out of time; the rest stays buffered for the next start");
+                    warn!(
+                        component = "batcher",
+                        "shutdown flush ran out of time; the rest stays buffered for the next start"
+                    );
                     return Ok(());
                 }
             }
@@ -106,9 +121,10 @@ impl Batcher {
     /// was uploaded (so the caller can go on at once while a backlog drains).
     async fn step(&mut self, force: bool) -> Result<bool, StepError> {
         let pending = self.blocking(Buffer::pending_batch).await?;
-        let batch = match pending {
-            Some(batch) => batch,
-            None => {
+        let batch = if let Some(batch) = pending {
+            batch
+        } else {
+            {
                 let stats = self.blocking(Buffer::stats).await?;
                 if stats.rows == 0 {
                     self.waiting_since = None;
@@ -122,9 +138,7 @@ impl Batcher {
                 }
                 let max_rows = self.config.max_rows;
                 let site = self.site.clone();
-                let Some(batch) = self
-                    .blocking(move |b| b.cut_batch(max_rows, &site))
-                    .await?
+                let Some(batch) = self.blocking(move |b| b.cut_batch(max_rows, &site)).await?
                 else {
                     return Ok(false);
                 };
@@ -165,7 +179,7 @@ impl Batcher {
             bytes = body.len(),
             first_seq = batch.first_seq,
             last_seq = batch.last_seq,
-            upload_ms = started.elapsed().as_millis() as u64,
+            upload_ms = crate::millis(started.elapsed()),
             "batch uploaded"
         );
         Ok(())

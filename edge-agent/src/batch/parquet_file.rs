@@ -4,8 +4,8 @@ use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use crate::contract::{self, CONTRACT_VERSION, Row, metadata};
 
@@ -38,7 +38,10 @@ pub fn encode(rows: &[Row]) -> Result<Bytes, parquet::errors::ParquetError> {
         .set_dictionary_enabled(true)
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_max_row_group_row_count(Some(rows.len().max(1)))
-        .set_created_by(format!("plantline edge-agent {}", env!("CARGO_PKG_VERSION")))
+        .set_created_by(format!(
+            "plantline edge-agent {}",
+            env!("CARGO_PKG_VERSION")
+        ))
         .set_key_value_metadata(Some(kv))
         .build();
     let mut out = Vec::with_capacity(rows.len() * 16 + 1024);

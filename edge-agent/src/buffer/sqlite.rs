@@ -96,7 +96,8 @@ impl Buffer {
             })?;
         }
         let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
         let sync = match durability {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
@@ -330,11 +331,8 @@ impl Buffer {
     pub fn complete_batch(&self, batch: &PendingBatch) -> Result<(), BufferError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute(
-            "DELETE FROM readings WHERE seq <= ?1",
-            [batch.last_seq],
-        )
-        .map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM readings WHERE seq <= ?1", [batch.last_seq])
+            .map_err(|e| self.err(e))?;
         tx.execute("DELETE FROM pending_batch WHERE id = 1", [])
             .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
@@ -377,7 +375,8 @@ mod tests {
     fn a_pending_batch_survives_reopen_and_yields_the_same_rows() {
         let dir = tempfile::tempdir().unwrap();
         let buf = open(dir.path());
-        buf.append(&(1..=5).map(reading).collect::<Vec<_>>()).unwrap();
+        buf.append(&(1..=5).map(reading).collect::<Vec<_>>())
+            .unwrap();
         let batch = buf.cut_batch(3, "plant-a").unwrap().unwrap();
         assert_eq!((batch.first_seq, batch.last_seq), (1, 3));
         let rows = buf.batch_rows(&batch).unwrap();

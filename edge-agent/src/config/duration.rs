@@ -20,13 +20,13 @@ impl ConfigDuration {
 
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{s}` has no unit; write it like \"500ms\", \"5s\", \"2m\" or \"1h\""))?;
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            format!("`{s}` has no unit; write it like \"500ms\", \"5s\", \"2m\" or \"1h\"")
+        })?;
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` does not start with a whole number; write it like \"500ms\" or \"5s\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{s}` does not start with a whole number; write it like \"500ms\" or \"5s\"")
+        })?;
         let d = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
@@ -45,11 +45,11 @@ impl ConfigDuration {
 impl fmt::Display for ConfigDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 3_600_000 == 0 && ms > 0 {
+        if ms.is_multiple_of(3_600_000) && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -70,7 +70,12 @@ mod tests {
 
     #[test]
     fn parses_every_unit_and_prints_it_back() {
-        for (text, ms) in [("250ms", 250), ("5s", 5000), ("2m", 120_000), ("1h", 3_600_000)] {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("5s", 5000),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+        ] {
             let d = ConfigDuration::parse(text).unwrap();
             assert_eq!(d.0, Duration::from_millis(ms));
             assert_eq!(d.to_string(), text);
