@@ -638,4 +638,20 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn every_config_example_is_valid() {
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/collector");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(err) = CollectorConfig::load(&path) {
+                    panic!("{err}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "no examples in {}", folder.display());
+    }
 }
