@@ -24,9 +24,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, de};
+use serde::Deserialize;
 use url::Url;
 
 /// The whole collector configuration, one TOML file.
@@ -210,45 +209,7 @@ impl Default for RunConfig {
     }
 }
 
-/// A duration written as a whole number followed by `ms`, `s`, `m` or `h` (`"30s"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ConfigDuration(pub Duration);
-
-impl ConfigDuration {
-    pub const fn from_secs(s: u64) -> Self {
-        Self(Duration::from_secs(s))
-    }
-
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
-            format!("`{s}` has no unit; write it like \"500ms\", \"5s\", \"2m\" or \"1h\"")
-        })?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("`{s}` does not start with a whole number; write it like \"500ms\" or \"5s\"")
-        })?;
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => {
-                return Err(format!(
-                    "`{s}` has an unknown unit `{unit}`; use ms, s, m or h"
-                ));
-            }
-        };
-        Ok(Self(d))
-    }
-}
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Self::parse(&s).map_err(de::Error::custom)
-    }
-}
+pub use edge_agent::duration::ConfigDuration;
 
 /// Where a store lives, resolved from a config URL.
 #[derive(Debug, Clone, PartialEq, Eq)]

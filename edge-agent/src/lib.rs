@@ -1,10 +1,11 @@
 //! The edge agent: reads PLCs and sensors, buffers every reading durably in SQLite, cuts batches
 //! into Parquet and uploads them to S3 (or a local folder).
 //!
-//! With the default `runtime` feature off, only [`contract`] is compiled: that is what the
-//! collector imports.
+//! With the default `runtime` feature off, only [`contract`] and [`duration`] are compiled: that
+//! is what the collector imports.
 
 pub mod contract;
+pub mod duration;
 
 #[cfg(feature = "runtime")]
 mod agent;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, de};
+use serde::Deserialize;
 
 /// Where and how the collector loads Snowflake.
 ///
@@ -40,7 +40,7 @@ pub struct SnowflakeConfig {
     /// not one statement.
     #[serde(
         default = "SnowflakeConfig::default_request_timeout",
-        deserialize_with = "deserialize_duration"
+        deserialize_with = "edge_agent::duration::deserialize"
     )]
     pub request_timeout: Duration,
     /// Rows per multi-row `INSERT` into the staging table. Each row carries 9 bind values,
@@ -150,32 +150,6 @@ impl fmt::Debug for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Password(***)")
     }
-}
-
-/// Parses durations written like `"250ms"`, `"60s"`, `"2m"` or `"1h"`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
-        format!("`{text}` has no unit; write it like \"500ms\", \"60s\" or \"2m\"")
-    })?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| {
-        format!("`{text}` does not start with a whole number; write it like \"60s\"")
-    })?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!(
-            "`{text}` has an unknown unit `{unit}`; use ms, s, m or h"
-        )),
-    }
-}
-
-fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_duration(&text).map_err(de::Error::custom)
 }
 
 #[cfg(test)]

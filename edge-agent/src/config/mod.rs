@@ -1,11 +1,10 @@
 //! Loading and validating the agent's configuration.
 
-mod duration;
 mod load;
 mod model;
 mod validate;
 
-pub use duration::ConfigDuration;
+pub use crate::duration::ConfigDuration;
 pub use load::{ConfigError, load_file, load_str};
 pub use model::*;
 pub use validate::{MIN_BATCH_AGE, MIN_POLL_INTERVAL, Problem, validate};

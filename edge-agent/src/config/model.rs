@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::duration::ConfigDuration;
+use crate::duration::ConfigDuration;
 
 /// The whole agent configuration, one TOML file.
 #[derive(Debug, Clone, Deserialize)]

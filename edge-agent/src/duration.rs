@@ -1,4 +1,7 @@
 //! Human-friendly durations in config files: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
+//!
+//! Compiled without the agent's runtime so the collector's config files read durations the same
+//! way.
 
 use std::fmt;
 use std::time::Duration;
@@ -30,8 +33,8 @@ impl ConfigDuration {
         let d = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
             _ => {
                 return Err(format!(
                     "`{s}` has an unknown unit `{unit}`; use ms, s, m or h"
@@ -62,6 +65,11 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         let s = String::deserialize(d)?;
         Self::parse(&s).map_err(de::Error::custom)
     }
+}
+
+/// For `#[serde(deserialize_with = "...")]` on a plain [`Duration`] field.
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    ConfigDuration::deserialize(d).map(|c| c.0)
 }
 
 #[cfg(test)]
