@@ -21,7 +21,7 @@ case "$target" in
   armv7-unknown-linux-gnueabihf)
     gnu=arm-linux-gnueabihf qemu=qemu-arm-static
     packages="gcc-arm-linux-gnueabihf libc6-dev-armhf-cross" ;;
-  -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *)
     echo "cross/build.sh: unsupported target '$target': use aarch64-unknown-linux-gnu or armv7-unknown-linux-gnueabihf" >&2
     exit 64 ;;

@@ -9,12 +9,12 @@
 # Environment:
 #   PLANTLINE_CACHE   cache folder for the venvs and the build (default ~/.cache/plantline)
 #   CARGO_TARGET_DIR  build folder (default $PLANTLINE_CACHE/target, so repeated runs reuse the build)
-#   PYTHON            interpreter the venvs are made from (default python3; needs >= 3.11)
+#   PLANTLINE_PYTHON  interpreter the venvs are made from (default python3; needs >= 3.11)
 set -euo pipefail
 
 readonly REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly CACHE="${PLANTLINE_CACHE:-$HOME/.cache/plantline}"
-readonly PYTHON="${PYTHON:-python3}"
+readonly PYTHON="${PLANTLINE_PYTHON:-python3}"
 readonly AARCH64_TARGET=aarch64-unknown-linux-gnu
 # Debian packages the tests use: the MQTT broker, the pty pair for Modbus RTU, the aarch64 toolchain
 # and user-mode qemu for the cross smoke test.
@@ -25,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --install-only) mode=install ;;
     --skip-install) mode=test ;;
-    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument '$arg' (try --help)" >&2; exit 64 ;;
   esac
 done
@@ -104,9 +104,9 @@ install_debian_packages() {
 ensure_venv() {
   local name="$1" requirements="$2"
   local venv="$CACHE/venv/$name" marker="$CACHE/venv/$name/.plantline-requirements.sha256"
-  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install python3 (>= 3.11) or set PYTHON=/path/to/python3"
+  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install python3 (>= 3.11) or set PLANTLINE_PYTHON=/path/to/python3"
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-    die "$("$PYTHON" --version 2>&1) is too old: fakesnow needs Python >= 3.11; set PYTHON=/path/to/python3.11"
+    die "$("$PYTHON" --version 2>&1) is too old: fakesnow needs Python >= 3.11; set PLANTLINE_PYTHON=/path/to/python3.11"
   local wanted
   wanted="$({ sha256sum "$requirements" | cut -d' ' -f1; "$PYTHON" --version; } | sha256sum | cut -d' ' -f1)"
   if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then

@@ -212,20 +212,7 @@ impl Buffer {
 
     /// The batch that was cut but not confirmed, if any (for example before a crash).
     pub fn pending_batch(&self) -> Result<Option<PendingBatch>, BufferError> {
-        let conn = self.conn();
-        conn.query_row(
-            "SELECT first_seq, last_seq, site FROM pending_batch WHERE id = 1",
-            [],
-            |r| {
-                Ok(PendingBatch {
-                    first_seq: r.get(0)?,
-                    last_seq: r.get(1)?,
-                    site: r.get(2)?,
-                })
-            },
-        )
-        .optional()
-        .map_err(|e| self.err(e))
+        read_pending(&self.conn()).map_err(|e| self.err(e))
     }
 
     /// Cuts the next batch: the oldest `max_rows` readings, recorded as pending. Returns the
@@ -239,20 +226,7 @@ impl Buffer {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let existing = tx
-            .query_row(
-                "SELECT first_seq, last_seq, site FROM pending_batch WHERE id = 1",
-                [],
-                |r| {
-                    Ok(PendingBatch {
-                        first_seq: r.get(0)?,
-                        last_seq: r.get(1)?,
-                        site: r.get(2)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+        let existing = read_pending(&tx).map_err(|e| self.err(e))?;
         if existing.is_some() {
             return Ok(existing);
         }
@@ -337,6 +311,21 @@ impl Buffer {
             .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
+}
+
+fn read_pending(conn: &Connection) -> rusqlite::Result<Option<PendingBatch>> {
+    conn.query_row(
+        "SELECT first_seq, last_seq, site FROM pending_batch WHERE id = 1",
+        [],
+        |r| {
+            Ok(PendingBatch {
+                first_seq: r.get(0)?,
+                last_seq: r.get(1)?,
+                site: r.get(2)?,
+            })
+        },
+    )
+    .optional()
 }
 
 #[cfg(test)]
