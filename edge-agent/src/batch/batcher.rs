@@ -209,3 +209,109 @@ fn jittered(d: Duration) -> Duration {
     let half = d / 2;
     half + half.mul_f64(rand::random::<f64>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Reading;
+    use crate::config::{DirUpload, Durability, UploadConfig};
+    use crate::contract::Quality;
+
+    fn readings(range: std::ops::RangeInclusive<i64>) -> Vec<Reading> {
+        range
+            .map(|i| Reading {
+                ts_us: 1_700_000_000_000_000 + i * 1000,
+                device: "press-3".into(),
+                tag: "oil_temp".into(),
+                value: Some(i as f64 / 8.0),
+                quality: Quality::Good,
+                unit: Some("degC".into()),
+            })
+            .collect()
+    }
+
+    async fn setup(dir: &std::path::Path, max_rows: usize) -> (Arc<Buffer>, Batcher) {
+        let buffer = Arc::new(Buffer::open(&dir.join("b.db"), Durability::Full, "gw-1").unwrap());
+        let sink = BatchSink::from_config(&UploadConfig {
+            s3: None,
+            dir: Some(DirUpload {
+                path: dir.join("landing"),
+                prefix: "raw/".into(),
+            }),
+        })
+        .await
+        .unwrap();
+        let config = BatchConfig {
+            max_rows,
+            max_age: crate::config::ConfigDuration::from_secs(3600),
+        };
+        let batcher = Batcher::new(
+            Arc::clone(&buffer),
+            Arc::new(sink),
+            config,
+            "plant-a".into(),
+        );
+        (buffer, batcher)
+    }
+
+    fn key_path(dir: &std::path::Path, first_seq: i64) -> std::path::PathBuf {
+        dir.join("landing")
+            .join(BatchKey::new("gw-1", first_seq).to_key("raw/"))
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_put_and_delete_reuploads_the_same_key_with_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _) = setup(dir.path(), 4).await;
+        buffer.append(&readings(1..=6)).unwrap();
+        // The first life of the agent cuts and uploads batch 1..=4, then dies before it could
+        // forget the rows.
+        let batch = buffer.cut_batch(4, "plant-a").unwrap().unwrap();
+        let rows = buffer.batch_rows(&batch).unwrap();
+        let first_upload = crate::batch::encode(&rows).unwrap();
+        std::fs::create_dir_all(key_path(dir.path(), 1).parent().unwrap()).unwrap();
+        std::fs::write(key_path(dir.path(), 1), &first_upload).unwrap();
+        drop(buffer);
+
+        // The next life: more readings arrived, but the pending batch keeps its range.
+        let (buffer, mut batcher) = setup(dir.path(), 4).await;
+        buffer.append(&readings(7..=9)).unwrap();
+        assert!(
+            batcher.step(false).await.ok().unwrap(),
+            "the pending batch goes out first"
+        );
+        assert_eq!(
+            std::fs::read(key_path(dir.path(), 1)).unwrap(),
+            first_upload
+        );
+        assert_eq!(buffer.pending_batch().unwrap(), None);
+        let stats = buffer.stats().unwrap();
+        assert_eq!((stats.rows, stats.first_seq), (5, Some(5)));
+
+        // The backlog of 5 rows is over max_rows, so the next batch is cut at once.
+        assert!(batcher.step(false).await.ok().unwrap());
+        let next = crate::batch::read_rows(std::fs::read(key_path(dir.path(), 5)).unwrap().into())
+            .unwrap();
+        assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6, 7, 8]);
+        // One row is left and not yet due.
+        assert!(!batcher.step(false).await.ok().unwrap());
+        assert_eq!(buffer.stats().unwrap().rows, 1);
+    }
+
+    #[tokio::test]
+    async fn flush_ships_everything_regardless_of_age_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, mut batcher) = setup(dir.path(), 4).await;
+        buffer.append(&readings(1..=10)).unwrap();
+        batcher.flush(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(buffer.stats().unwrap().rows, 0);
+        let mut seqs = Vec::new();
+        for first in [1, 5, 9] {
+            let rows =
+                crate::batch::read_rows(std::fs::read(key_path(dir.path(), first)).unwrap().into())
+                    .unwrap();
+            seqs.extend(rows.iter().map(|r| r.seq));
+        }
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    }
+}
