@@ -156,6 +156,20 @@ check_tools() {
   echo "tools present; peers venv $PLANTLINE_PEERS_VENV, duckdb venv $PLANTLINE_DUCKDB_VENV"
 }
 
+# The agent's tree must carry one major of hyper and of rustls (two would double the binary's TLS
+# and HTTP code on the gateway); the AWS SDK's default features would bring an old and a new stack.
+check_agent_tree() {
+  local dups
+  dups="$(cargo tree -p edge-agent -e normal --target all --prefix none --format '{p}' |
+    grep -E '^(hyper|rustls|h2) v' | awk '{print $1, $2}' | sort -u | awk '{print $1}' | uniq -d)"
+  if [[ -n "$dups" ]]; then
+    echo "edge-agent's dependency tree holds more than one version of: $dups"
+    cargo tree -d -p edge-agent -e normal --target all | grep -E '^(hyper|rustls|h2) v' -A8
+    return 1
+  fi
+  echo "one version each of hyper, h2 and rustls in edge-agent's tree"
+}
+
 # Sums every libtest "test result:" line so the run ends with one count of what ran.
 count_tests() {
   local passed=0 failed=0 p f
@@ -196,6 +210,7 @@ if [[ "$mode" != install ]]; then
   echo "CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
   cargo --version
   step "cargo fmt --check" cargo fmt --all -- --check
+  step "edge-agent dependency tree" check_agent_tree
   step "cargo clippy" cargo clippy --workspace --all-targets --all-features -- -D warnings
   step "cargo test" cargo test --workspace --all-features
   step "cross: aarch64 build and qemu smoke test" "$REPO_ROOT/cross/qemu-smoke.sh"
