@@ -85,7 +85,7 @@ fn main() -> ExitCode {
                 };
                 match collector::run_once(&config).await {
                     Ok(report) => {
-                        println!("{}", collector::summary::pass_summary(&report));
+                        print!("{}", collector::summary::pass_summary(&report));
                         if report.is_clean() {
                             ExitCode::SUCCESS
                         } else {

@@ -1,0 +1,122 @@
+//! The `collector` command line: exit codes and what `run-once` prints.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use edge_agent::contract::{BatchKey, Quality, Row};
+
+fn collector(args: &[&str], config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_collector"))
+        .args(args)
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("collector.toml");
+    std::fs::write(
+        &config,
+        "[raw]\nurl = \"landing\"\n\n[delta]\nurl = \"lake/readings\"\n",
+    )
+    .unwrap();
+    config
+}
+
+fn write_batch(dir: &Path, gateway: &str, seqs: std::ops::RangeInclusive<i64>) {
+    let rows: Vec<Row> = seqs
+        .map(|seq| Row {
+            seq,
+            ts_us: 1_790_000_000_000_000 + seq,
+            site: "plant-a".into(),
+            gateway: gateway.into(),
+            device: "press-3".into(),
+            tag: "oil_temp".into(),
+            value: Some(seq as f64),
+            quality: Quality::Good,
+            unit: Some("degC".into()),
+        })
+        .collect();
+    let key = BatchKey::new(gateway, rows[0].seq).to_key("raw/");
+    let path = dir.join("landing").join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut bytes = Vec::new();
+    let batch = edge_agent::contract::to_record_batch(&rows);
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn run_once_exits_0_and_reports_what_it_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    write_batch(dir.path(), "gw-a", 1..=3);
+    write_batch(dir.path(), "gw-a", 4..=5);
+    let out = collector(&["run-once", "--config"], &config);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "gateway gw-a: 2 files, 5 rows applied, 0 duplicate rows skipped, watermark 5\nsnowflake: not configured\n"
+    );
+    let again = collector(&["run-once", "--config"], &config);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "gateway gw-a: 0 files, 0 rows applied, 0 duplicate rows skipped, watermark 5\nsnowflake: not configured\n"
+    );
+}
+
+#[test]
+fn run_once_exits_1_and_names_a_rejected_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    write_batch(dir.path(), "gw-a", 1..=3);
+    let bad = dir
+        .path()
+        .join("landing")
+        .join(BatchKey::new("gw-a", 4).to_key("raw/"));
+    std::fs::write(&bad, b"not parquet").unwrap();
+    let out = collector(&["run-once", "--config"], &config);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(
+            "gateway gw-a: 1 files, 3 rows applied, 0 duplicate rows skipped, watermark 3; REJECTED raw/gateway=gw-a/00000000000000000004.parquet: "
+        ),
+        "{stdout}"
+    );
+    // The bad file stays where it is, for a person to look at.
+    assert!(bad.exists());
+}
+
+#[test]
+fn an_invalid_config_exits_78_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        "[raw]\nurl = \"landing\"\nprefix = \"raw\"\n\n[delta]\nurl = \"landing\"\n",
+    )
+    .unwrap();
+    for args in [&["validate"][..], &["run-once", "--config"][..]] {
+        let out = collector(args, &config);
+        assert_eq!(out.status.code(), Some(78), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("`raw.prefix`: `raw` does not end with `/`; write it like \"raw/\""),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("`delta.url`: is the same location as `raw.url`"),
+            "{stderr}"
+        );
+    }
+}
