@@ -1,11 +1,8 @@
 //! Applying raw-zone batches to the Delta table exactly once, against local folders and a real
 //! S3 peer (moto server), and checked with an independent Delta reader (`DuckDB`).
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path as FsPath, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use collector::config::{CollectorConfig, S3Credentials};
@@ -19,15 +16,10 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
-
-const PEERS_VENV: &str = "/root/.cache/plantline/venv/peers";
-const DUCKDB_PYTHON: &str = "/root/.cache/plantline/venv/duckdb/bin/python";
-const ACCESS_KEY: &str = "plantline-test";
-const SECRET_KEY: &str = "plantline-test-secret";
+use pipeline_e2e::{MotoServer, S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY, duckdb_query};
 
 fn row(gateway: &str, seq: i64) -> Row {
     Row {
@@ -104,31 +96,9 @@ async fn keys_under(store: &dyn ObjectStore, prefix: &str) -> Vec<String> {
     keys
 }
 
-/// Every row in the table's current version, read straight from its data files, sorted by
-/// gateway and seq.
+/// Every row in the table's current version, sorted by gateway and seq.
 async fn table_rows(table: &mut ReadingsTable) -> Vec<Row> {
-    table.reload().await.unwrap();
-    let delta = table.delta_table();
-    let store = delta.object_store();
-    let mut out = Vec::new();
-    for file in delta.snapshot().unwrap().log_data() {
-        let bytes = store
-            .get(&file.object_store_path())
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            out.extend(contract::rows_from_batch(&batch.unwrap()).unwrap());
-        }
-    }
-    out.sort_by(|a, b| (&a.gateway, a.seq).cmp(&(&b.gateway, b.seq)));
-    out
+    table.current_rows().await.unwrap()
 }
 
 struct LocalSetup {
@@ -411,86 +381,25 @@ async fn max_files_per_commit_splits_a_backlog_into_several_commits() {
 
 // ---- S3 (moto server) ----
 
-/// A moto server on an ephemeral loopback port, stopped by PID when dropped.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Self {
-        let bin = FsPath::new(PEERS_VENV).join("bin/moto_server");
-        assert!(
-            bin.exists(),
-            "{} is missing: run ./tests/run.sh to install the test peers",
-            bin.display()
-        );
-        let port = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 30s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn create_bucket(&self) -> String {
-        let bucket = format!("plantline-{}", uuid::Uuid::new_v4());
-        let resp = reqwest::Client::new()
-            .put(format!("{}/{bucket}", self.endpoint))
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            resp.status().is_success(),
-            "create bucket: {}",
-            resp.status()
-        );
-        bucket
-    }
-
-    fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
-        Arc::new(
-            AmazonS3Builder::new()
-                .with_bucket_name(bucket)
-                .with_region("us-east-1")
-                .with_endpoint(&self.endpoint)
-                .with_allow_http(true)
-                .with_virtual_hosted_style_request(false)
-                .with_access_key_id(ACCESS_KEY)
-                .with_secret_access_key(SECRET_KEY)
-                .build()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// An object store client on a moto bucket, independent of the collector's own configuration.
+fn store(moto: &MotoServer, bucket: &str) -> Arc<dyn ObjectStore> {
+    Arc::new(
+        AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(S3_REGION)
+            .with_endpoint(moto.endpoint())
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_access_key_id(S3_ACCESS_KEY_ID)
+            .with_secret_access_key(S3_SECRET_ACCESS_KEY)
+            .build()
+            .unwrap(),
+    )
 }
 
 /// Loads a collector config the way the binary does, plus test credentials.
 fn s3_config(
-    moto: &Moto,
+    moto: &MotoServer,
     raw_bucket: &str,
     lake_bucket: &str,
 ) -> (tempfile::TempDir, CollectorConfig) {
@@ -500,14 +409,14 @@ fn s3_config(
         &path,
         format!(
             "[raw]\nurl = \"s3://{raw_bucket}\"\n\n[delta]\nurl = \"s3://{lake_bucket}/readings\"\n\n[s3]\nendpoint = \"{}\"\nallow_http = true\n",
-            moto.endpoint
+            moto.endpoint()
         ),
     )
     .unwrap();
     let mut config = CollectorConfig::load(&path).unwrap();
     config.s3.static_credentials = Some(S3Credentials {
-        access_key_id: ACCESS_KEY.into(),
-        secret_access_key: SECRET_KEY.into(),
+        access_key_id: S3_ACCESS_KEY_ID.into(),
+        secret_access_key: S3_SECRET_ACCESS_KEY.into(),
     });
     (dir, config)
 }
@@ -521,10 +430,10 @@ async fn open_s3_table(config: &CollectorConfig) -> ReadingsTable {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applies_exactly_once_on_s3() {
-    let moto = Moto::start();
-    let (raw_bucket, lake_bucket) = (moto.create_bucket().await, moto.create_bucket().await);
+    let moto = MotoServer::start();
+    let (raw_bucket, lake_bucket) = (moto.create_bucket(), moto.create_bucket());
     let (_dir, config) = s3_config(&moto, &raw_bucket, &lake_bucket);
-    let raw_store = moto.store(&raw_bucket);
+    let raw_store = store(&moto, &raw_bucket);
     let raw = RawZone::open(
         &config.raw_location().unwrap(),
         &config.s3,
@@ -570,8 +479,8 @@ async fn applies_exactly_once_on_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_collectors_racing_on_one_gateway_apply_each_row_once() {
-    let moto = Moto::start();
-    let (raw_bucket, lake_bucket) = (moto.create_bucket().await, moto.create_bucket().await);
+    let moto = MotoServer::start();
+    let (raw_bucket, lake_bucket) = (moto.create_bucket(), moto.create_bucket());
     let (_dir, config) = s3_config(&moto, &raw_bucket, &lake_bucket);
     let mut first = open_s3_table(&config).await;
     let mut second = open_s3_table(&config).await;
@@ -602,28 +511,10 @@ async fn two_collectors_racing_on_one_gateway_apply_each_row_once() {
 
 /// `(count(*), sum(seq))` of the table as the `DuckDB` Delta extension reads it.
 fn duckdb_count_and_sum_seq(table: &FsPath) -> (i64, i64) {
-    assert!(
-        FsPath::new(DUCKDB_PYTHON).exists(),
-        "{DUCKDB_PYTHON} is missing: run ./tests/run.sh to install the DuckDB test venv"
-    );
-    let script = r#"
-import pathlib, sys, duckdb, duckdb_extension_delta
-ext = next(pathlib.Path(duckdb_extension_delta.__file__).parent.rglob("delta.duckdb_extension"))
-con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
-con.execute(f"LOAD '{ext}'")
-count, total = con.execute(f"SELECT count(*), sum(seq) FROM delta_scan('{sys.argv[1]}')").fetchone()
-print(f"{count} {total}")
-"#;
-    let out = Command::new(DUCKDB_PYTHON)
-        .args(["-c", script, &table.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "duckdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut parts = text.split_whitespace().map(|p| p.parse::<i64>().unwrap());
-    (parts.next().unwrap(), parts.next().unwrap())
+    let rows = duckdb_query(&format!(
+        "SELECT count(*) AS n, sum(seq) AS total FROM delta_scan('{}')",
+        table.display()
+    ));
+    let row = &rows[0];
+    (row["n"].as_i64().unwrap(), row["total"].as_i64().unwrap())
 }

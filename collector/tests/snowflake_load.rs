@@ -3,11 +3,6 @@
 // Readings must come back bit for bit, so exact float comparison is the point.
 #![allow(clippy::float_cmp)]
 
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, RecordBatch, StructArray};
@@ -18,69 +13,27 @@ use deltalake::DeltaTable;
 use deltalake::kernel::{DataType, StructField};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use edge_agent::contract::{self, Quality, Row};
+use pipeline_e2e::{FakeSnow, free_port};
 
-const FAKESNOW: &str = "/root/.cache/plantline/venv/peers/bin/fakesnow";
-
-/// A fakesnow server of our own, stopped (by its PID) when dropped.
-struct Fakesnow {
-    child: Child,
-    port: u16,
-}
-
-impl Fakesnow {
-    fn start() -> Self {
-        assert!(
-            Path::new(FAKESNOW).exists(),
-            "fakesnow is not installed at {FAKESNOW}: run ./tests/run.sh, which creates the peers' virtual environment"
-        );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("the loopback interface has free ports")
-            .port();
-        let child = Command::new(FAKESNOW)
-            .args(["-s", "--host", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("fakesnow starts");
-        let server = Self { child, port };
-        let deadline = Instant::now() + Duration::from_mins(1);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "fakesnow did not listen on 127.0.0.1:{port} within 60s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
-    }
-
-    fn config(&self) -> SnowflakeConfig {
-        let database = format!("DB_{}", uuid::Uuid::new_v4().simple());
-        toml::from_str(&format!(
-            r#"
-                url = "http://127.0.0.1:{}"
-                account = "plantline"
-                user = "LOADER"
-                password_env = "PLANTLINE_TEST_UNUSED_{}"
-                database = "{database}"
-                schema = "RAW"
-                warehouse = "LOAD_WH"
-                request_timeout = "30s"
-                insert_chunk_rows = 2
-            "#,
-            self.port,
-            uuid::Uuid::new_v4().simple()
-        ))
-        .expect("the test config parses")
-    }
-}
-
-impl Drop for Fakesnow {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A loader config for a fresh database on `server`.
+fn config(server: &FakeSnow) -> SnowflakeConfig {
+    let database = format!("DB_{}", uuid::Uuid::new_v4().simple());
+    toml::from_str(&format!(
+        r#"
+            url = "{}"
+            account = "plantline"
+            user = "LOADER"
+            password_env = "PLANTLINE_TEST_UNUSED_{}"
+            database = "{database}"
+            schema = "RAW"
+            warehouse = "LOAD_WH"
+            request_timeout = "30s"
+            insert_chunk_rows = 2
+        "#,
+        server.url(),
+        uuid::Uuid::new_v4().simple()
+    ))
+    .expect("the test config parses")
 }
 
 async fn connect(cfg: &SnowflakeConfig) -> SnowflakeClient {
@@ -106,8 +59,8 @@ fn micros(array: &dyn Array, i: usize) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_logs_in_and_reads_arrow_results_with_exact_values() {
-    let server = Fakesnow::start();
-    let cfg = server.config();
+    let server = FakeSnow::start();
+    let cfg = config(&server);
     let mut client = connect(&cfg).await;
 
     client
@@ -173,8 +126,8 @@ async fn client_logs_in_and_reads_arrow_results_with_exact_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_errors_surface_with_their_snowflake_code() {
-    let server = Fakesnow::start();
-    let cfg = server.config();
+    let server = FakeSnow::start();
+    let cfg = config(&server);
     let mut client = connect(&cfg).await;
 
     let err = client
@@ -205,9 +158,7 @@ async fn statement_errors_surface_with_their_snowflake_code() {
 
 #[tokio::test]
 async fn login_names_the_missing_password_variable_and_unreachable_servers() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    let port = free_port();
     let mut cfg: SnowflakeConfig = toml::from_str(&format!(
         r#"
             url = "http://127.0.0.1:{port}"
@@ -259,7 +210,7 @@ fn reading(gateway: &str, seq: i64, value: Option<f64>) -> Row {
     }
 }
 
-async fn create_delta_table(dir: &Path) -> DeltaTable {
+async fn create_delta_table(dir: &std::path::Path) -> DeltaTable {
     let url = url::Url::from_directory_path(dir).unwrap();
     let fields: Vec<StructField> = contract::schema()
         .fields()
@@ -372,8 +323,8 @@ async fn control_version(client: &mut SnowflakeClient) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loader_applies_each_delta_version_exactly_once() {
-    let server = Fakesnow::start();
-    let cfg = server.config();
+    let server = FakeSnow::start();
+    let cfg = config(&server);
     let dir = tempfile::tempdir().unwrap();
     let mut table = create_delta_table(dir.path()).await;
 
@@ -462,8 +413,8 @@ async fn loader_applies_each_delta_version_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_loads_are_split_into_transactions_per_version_group() {
-    let server = Fakesnow::start();
-    let mut cfg = server.config();
+    let server = FakeSnow::start();
+    let mut cfg = config(&server);
     cfg.rows_per_transaction = 2;
     let dir = tempfile::tempdir().unwrap();
     let mut table = create_delta_table(dir.path()).await;
