@@ -25,6 +25,8 @@ pub mod simulator;
 pub mod sinks;
 #[cfg(feature = "runtime")]
 pub mod sources;
+#[cfg(feature = "runtime")]
+pub mod tools;
 
 #[cfg(feature = "runtime")]
 pub use agent::{AgentError, run};

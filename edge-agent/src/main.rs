@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use edge_agent::config;
+use edge_agent::tools::{import_tags, probe};
 
 /// Exit code for an invalid configuration (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
@@ -31,6 +32,14 @@ enum Command {
         #[arg(short, long, default_value = "/etc/edge-agent/agent.toml")]
         config: PathBuf,
     },
+    /// Show what the buffer holds: readings waiting, seq range, oldest and newest reading, the
+    /// pending batch and the file size. Read-only, safe while the agent runs. Exit code 78 for a
+    /// bad config, 1 when the buffer file is missing or unreadable.
+    Buffer {
+        /// The agent's config file; its `[buffer]` section names the file.
+        #[arg(short, long, default_value = "/etc/edge-agent/agent.toml")]
+        config: PathBuf,
+    },
     /// Check config files and report every problem with its key and the fix. Exit code 78 when
     /// any file is invalid.
     Validate {
@@ -38,14 +47,96 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Read a device now and print what the agent would record: with --config and --device,
+    /// the device's tags from the sensor map; with --host, a raw register range. Exit code 1
+    /// when the device did not answer or refused, 78 for a bad config or bad arguments.
+    Probe(ProbeArgs),
+    /// Convert a Kepware or Ignition CSV tag export into sensor-map TOML ([[modbus.tags]]
+    /// tables) on stdout. Bad rows are reported on stderr by line; exit code 65 when any row
+    /// was left out.
+    ImportTags {
+        /// The CSV tag export.
+        file: PathBuf,
+        /// The tool that wrote the export (the columns each accepts are in the README).
+        #[arg(long, value_enum, default_value = "kepware")]
+        format: ImportFormat,
+        /// Ignition: convert only the rows of this device (the `[device]` in OPCItemPath).
+        /// Kepware: the device the export belongs to, named in the output's header.
+        #[arg(long)]
+        device: Option<String>,
+    },
+}
+
+/// `edge-agent probe` arguments. Two exclusive modes: a sensor map's device, or a raw range.
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The sensor map holding the device (tags mode).
+    #[arg(long, requires = "device", conflicts_with = "host")]
+    config: Option<PathBuf>,
+    /// The device to read, by its name in the sensor map.
+    #[arg(long, requires = "config")]
+    device: Option<String>,
+    /// Read only this tag of the device (default: every tag).
+    #[arg(long, requires = "device")]
+    tag: Option<String>,
+    /// Host name or IP address of the device (raw mode).
+    #[arg(long, required_unless_present = "config", requires_all = ["register", "address"])]
+    host: Option<String>,
+    /// TCP port (raw mode).
+    #[arg(long, default_value_t = 502)]
+    port: u16,
+    /// Modbus unit id (raw mode).
+    #[arg(long, default_value_t = 1)]
+    unit: u8,
+    /// Table to read: holding, input, coil or discrete (raw mode).
+    #[arg(long, requires = "host")]
+    register: Option<String>,
+    /// First address, zero-based as on the wire (raw mode).
+    #[arg(long, requires = "host")]
+    address: Option<u16>,
+    /// How many registers or bits (default: what one --type value needs, else 1).
+    #[arg(long, requires = "host")]
+    count: Option<u16>,
+    /// Decode the registers as this type: u16, i16, u32, i32, u64, i64, f32, f64.
+    #[arg(long = "type", requires = "host")]
+    data_type: Option<String>,
+    /// Byte order of the decoded type: ABCD (default), CDAB, BADC, DCBA.
+    #[arg(long, requires = "data_type")]
+    byte_order: Option<String>,
+    /// Multiply the decoded value by this.
+    #[arg(long, requires = "data_type", allow_negative_numbers = true)]
+    scale: Option<f64>,
+    /// Add this after scaling.
+    #[arg(long, requires = "data_type", allow_negative_numbers = true)]
+    offset: Option<f64>,
+    /// How long the device may take to connect and to answer (raw mode; tags mode uses the
+    /// device's timeout).
+    #[arg(long, default_value = "1s", value_parser = config::ConfigDuration::parse)]
+    timeout: config::ConfigDuration,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportFormat {
+    Kepware,
+    Ignition,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging("warn,edge_agent=info");
     match cli.command {
         Command::Validate { files } => validate(&files),
+        Command::Probe(args) => probe(args),
+        Command::ImportTags {
+            file,
+            format,
+            device,
+        } => import_tags(&file, format, device.as_deref()),
         Command::Run { config } => run(&config),
+        Command::Buffer { config } => show_buffer(&config),
     }
 }
 
@@ -83,6 +174,26 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         ExitCode::from(EXIT_CONFIG)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn show_buffer(path: &std::path::Path) -> ExitCode {
+    let cfg = match config::load_file(path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match edge_agent::buffer::inspect(&cfg.buffer.path) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -132,4 +243,95 @@ async fn cancel_on_signal(token: CancellationToken) {
     }
     tracing::info!(component = "agent", "shutdown requested");
     token.cancel();
+}
+
+/// clap's own exit codes, except that `probe` promises 78 for bad arguments, as for a bad config.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    let is_probe = std::env::args_os().nth(1).is_some_and(|a| a == "probe");
+    if e.use_stderr() && is_probe {
+        ExitCode::from(probe::EXIT_CONFIG)
+    } else {
+        ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+    }
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edge-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = if let (Some(file), Some(device)) = (&args.config, &args.device) {
+        let cfg = match config::load_file(file) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(probe::EXIT_CONFIG);
+            }
+        };
+        runtime.block_on(probe::probe_tags(&cfg, file, device, args.tag.as_deref()))
+    } else {
+        probe::RawProbe::new(probe::RawArgs {
+            host: args.host.unwrap_or_default(),
+            port: args.port,
+            unit_id: args.unit,
+            register: args.register.unwrap_or_default(),
+            address: args.address.unwrap_or_default(),
+            count: args.count,
+            data_type: args.data_type,
+            byte_order: args.byte_order,
+            scale: args.scale,
+            offset: args.offset,
+            timeout: args.timeout,
+        })
+        .and_then(|raw| runtime.block_on(probe::probe_raw(&raw)))
+    };
+    match outcome {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            if report.device_failed {
+                ExitCode::from(probe::EXIT_DEVICE)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("edge-agent probe: {line}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn import_tags(file: &std::path::Path, format: ImportFormat, device: Option<&str>) -> ExitCode {
+    let format = match format {
+        ImportFormat::Kepware => import_tags::Format::Kepware,
+        ImportFormat::Ignition => import_tags::Format::Ignition,
+    };
+    match import_tags::import_file(file, format, device) {
+        Ok(imported) => {
+            print!("{}", imported.toml);
+            for bad in &imported.bad_rows {
+                eprintln!("{bad}");
+            }
+            if imported.bad_rows.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(import_tags::EXIT_DATAERR)
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }

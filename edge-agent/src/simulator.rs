@@ -26,7 +26,9 @@ use tokio_modbus::server::tcp::{Server, accept_tcp_connection};
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ByteOrder, ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind};
+use crate::config::{
+    Addressing, ByteOrder, ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind,
+};
 
 /// How often the simulated process moves.
 pub const UPDATE_INTERVAL: Duration = Duration::from_millis(100);
@@ -50,12 +52,18 @@ impl SimulatedPlc {
     /// Binds 127.0.0.1 on an ephemeral port and starts serving. Must be called from within a
     /// Tokio runtime.
     pub fn start() -> io::Result<Self> {
+        Self::start_with_seed(DEFAULT_SEED)
+    }
+
+    /// Like [`SimulatedPlc::start`], with its own noise: two PLCs started with different seeds
+    /// look like two machines rather than one machine twice.
+    pub fn start_with_seed(seed: u64) -> io::Result<Self> {
         let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
 
-        let process = Arc::new(Mutex::new(Process::new()));
+        let process = Arc::new(Mutex::new(Process::new(seed)));
         let stop = CancellationToken::new();
         let serve = tokio::spawn(serve(listener, Arc::clone(&process), stop.clone()));
         let update = tokio::spawn(update(process, stop.clone()));
@@ -84,14 +92,10 @@ impl SimulatedPlc {
                    byte_order: ByteOrder,
                    scale: f64,
                    unit: &str| ModbusTag {
-            name: name.to_owned(),
-            register,
-            address,
-            data_type,
             byte_order,
             scale,
-            offset: 0.0,
             unit: Some(unit.to_owned()),
+            ..ModbusTag::new(name, register, address, data_type)
         };
         ModbusDevice {
             name: name.to_owned(),
@@ -100,6 +104,7 @@ impl SimulatedPlc {
             unit_id: 1,
             poll_interval: ConfigDuration::from_secs(1),
             timeout: ConfigDuration::from_secs(1),
+            addressing: Addressing::ZeroBased,
             tags: vec![
                 tag("oil_temp", Holding, 0, F32, ABCD, 1.0, "degC"),
                 tag("coolant_temp", Holding, 2, F32, ABCD, 1.0, "degC"),
@@ -201,6 +206,9 @@ fn read(table: &[u16], address: u16, count: u16) -> Result<Vec<u16>, ExceptionCo
     Ok(table[start..end].to_vec())
 }
 
+/// The noise seed of [`SimulatedPlc::start`].
+const DEFAULT_SEED: u64 = 0x5EED_CAFE_F00D_D00D;
+
 /// The simulated machine and its register image.
 struct Process {
     holding: [u16; HOLDING_REGISTERS],
@@ -210,12 +218,13 @@ struct Process {
 }
 
 impl Process {
-    fn new() -> Self {
+    fn new(seed: u64) -> Self {
         let mut process = Self {
             holding: [0; HOLDING_REGISTERS],
             input: [0; INPUT_REGISTERS],
             parts: PART_COUNT_START,
-            noise: Noise(0x5EED_CAFE_F00D_D00D),
+            // xorshift never leaves zero.
+            noise: Noise(if seed == 0 { DEFAULT_SEED } else { seed }),
         };
         process.step(0.0);
         process
@@ -303,7 +312,7 @@ mod tests {
 
     #[test]
     fn the_register_image_encodes_every_signal_as_the_sensor_map_says() {
-        let mut process = Process::new();
+        let mut process = Process::new(DEFAULT_SEED);
         for step in 0..3000 {
             process.step(f64::from(step) * 0.1);
             let words = |range: std::ops::Range<usize>| process.holding[range].to_vec();

@@ -1,115 +1,57 @@
-//! The Modbus TCP source against a real, independently written Modbus server: pymodbus 3.16,
-//! started by each test on 127.0.0.1 (see `tests/peers/modbus_server.py`).
+//! The Modbus TCP source against a real, independently written Modbus server: pymodbus 3.16 through
+//! the shared peer harness (`pipeline_e2e::PyModbusServer`, `tests/peers/modbus_server.py`), started
+//! by each test on 127.0.0.1. Typed register values are encoded by the peer with Python's `struct`,
+//! independently of the agent's decoder.
+
+// Exact float comparisons are the point: every value must arrive with these very bits.
+#![allow(clippy::float_cmp)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edge_agent::Reading;
 use edge_agent::config::{
-    ByteOrder, ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind,
+    Addressing, ByteOrder, ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind,
 };
 use edge_agent::contract::Quality;
 use edge_agent::sources::modbus::run_device;
+use pipeline_e2e::PyModbusServer;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// The Python environment with pymodbus, as `./tests/run.sh` creates it.
-fn peers_python() -> PathBuf {
-    let venv = std::env::var_os("PLANTLINE_PEERS_VENV").map_or_else(
-        || PathBuf::from("/root/.cache/plantline/venv/peers"),
-        PathBuf::from,
-    );
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "the pymodbus test peer is missing: {} does not exist; run ./tests/run.sh to install the test peers",
-        python.display()
-    );
-    python
+fn tag(name: &str, register: RegisterKind, address: u16, data_type: DataType) -> ModbusTag {
+    ModbusTag::new(name, register, address, data_type)
 }
 
-/// A pymodbus server process, killed (by its PID) when dropped.
-struct ModbusServer {
-    child: Child,
-    port: u16,
+fn ordered(tag: ModbusTag, byte_order: ByteOrder) -> ModbusTag {
+    ModbusTag { byte_order, ..tag }
 }
 
-impl ModbusServer {
-    /// Starts the server with a JSON register map on `port` (0 for an ephemeral port) and waits
-    /// until it accepts connections.
-    fn start(registers: &str, port: u16) -> Self {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/modbus_server.py");
-        let mut child = Command::new(peers_python())
-            .arg(&script)
-            .arg(registers)
-            .arg(port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the pymodbus server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout is piped"))
-            .read_line(&mut line)
-            .expect("read the server's ready line");
-        let Some(port) = line
-            .trim()
-            .strip_prefix("READY ")
-            .and_then(|p| p.parse().ok())
-        else {
-            let _ = child.kill();
-            panic!("the pymodbus server did not start (printed {line:?}); its error is above");
-        };
-        Self { child, port }
-    }
-
-    fn stop(mut self) {
-        self.kill();
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ModbusServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn tag(
-    name: &str,
-    register: RegisterKind,
-    address: u16,
-    data_type: DataType,
-    byte_order: ByteOrder,
-) -> ModbusTag {
+fn bit_of(name: &str, address: u16, bit: u8, byte_order: ByteOrder) -> ModbusTag {
     ModbusTag {
-        name: name.to_owned(),
-        register,
-        address,
-        data_type,
+        bit: Some(bit),
         byte_order,
-        scale: 1.0,
-        offset: 0.0,
-        unit: None,
+        ..tag(name, RegisterKind::Holding, address, DataType::Bit)
     }
 }
 
-fn device(port: u16, tags: Vec<ModbusTag>) -> ModbusDevice {
+fn device(plc: &PyModbusServer, tags: Vec<ModbusTag>) -> ModbusDevice {
     ModbusDevice {
         name: "press-3".to_owned(),
         host: "127.0.0.1".to_owned(),
-        port,
+        port: plc.address().port(),
         unit_id: 1,
         poll_interval: ConfigDuration::from_millis(100),
         timeout: ConfigDuration::from_millis(500),
+        addressing: Addressing::ZeroBased,
         tags,
     }
+}
+
+/// A typed register entry, encoded by the peer.
+fn typed(data_type: &str, order: &str, value: impl Into<Value>) -> Value {
+    json!({"type": data_type, "order": order, "value": value.into()})
 }
 
 /// The poller under test, stopped when the test ends.
@@ -188,6 +130,18 @@ fn now_us() -> i64 {
     .unwrap()
 }
 
+/// Asserts `(quality, value)` of every named tag in a round.
+fn assert_round(round: &HashMap<String, Reading>, expected: &[(&str, Quality, Option<f64>)]) {
+    for &(name, quality, value) in expected {
+        let reading = &round[name];
+        assert_eq!(
+            (reading.quality, reading.value),
+            (quality, value),
+            "{name}: {reading:?}"
+        );
+    }
+}
+
 const ORDERS: [(ByteOrder, &str); 4] = [
     (ByteOrder::ABCD, "ABCD"),
     (ByteOrder::CDAB, "CDAB"),
@@ -195,133 +149,111 @@ const ORDERS: [(ByteOrder, &str); 4] = [
     (ByteOrder::DCBA, "DCBA"),
 ];
 
+/// 0x0102_0304_0506_0700: every byte distinct where it matters, and exact in an f64.
+const U64_VALUE: u64 = 72_623_859_790_382_848;
+
 // One table of cases, read top to bottom; splitting it would only scatter the cases.
 #[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn decodes_every_type_and_byte_order_from_a_real_plc() {
-    // Each value is encoded by the Python peer with `struct`, in the order the tag names.
-    let mut entries = vec![
-        r#"{"address": 0, "type": "u16", "value": 65535}"#.to_owned(),
-        r#"{"address": 1, "type": "i16", "value": -1}"#.to_owned(),
-        r#"{"address": 2, "type": "u16", "value": 4500}"#.to_owned(),
-        r#"{"address": 3, "type": "i16", "value": -200}"#.to_owned(),
-        r#"{"address": 4, "type": "u16", "value": 4500, "order": "BADC"}"#.to_owned(),
-    ];
+    let mut holding = serde_json::Map::new();
+    let mut input = serde_json::Map::new();
+    let put = |map: &mut serde_json::Map<String, Value>, address: u16, value: Value| {
+        map.insert(address.to_string(), value);
+    };
+    put(&mut holding, 0, typed("u16", "ABCD", 65535));
+    put(&mut holding, 1, typed("i16", "ABCD", -1));
+    put(&mut holding, 2, typed("u16", "ABCD", 4500));
+    put(&mut holding, 3, typed("i16", "ABCD", -200));
+    put(&mut holding, 4, typed("u16", "BADC", 4500));
+    put(&mut holding, 5, typed("i16", "DCBA", -200));
     let mut tags = vec![
-        tag(
-            "u16_max",
-            RegisterKind::Holding,
-            0,
-            DataType::U16,
-            ByteOrder::ABCD,
-        ),
-        tag(
-            "i16_minus_one",
-            RegisterKind::Holding,
-            1,
-            DataType::I16,
-            ByteOrder::ABCD,
-        ),
+        tag("u16_max", RegisterKind::Holding, 0, DataType::U16),
+        tag("i16_minus_one", RegisterKind::Holding, 1, DataType::I16),
         ModbusTag {
             scale: 0.01,
             unit: Some("bar".to_owned()),
-            ..tag(
-                "pressure",
-                RegisterKind::Holding,
-                2,
-                DataType::U16,
-                ByteOrder::ABCD,
-            )
+            ..tag("pressure", RegisterKind::Holding, 2, DataType::U16)
         },
         ModbusTag {
             scale: 0.1,
             offset: 50.0,
-            ..tag(
-                "offset_temp",
-                RegisterKind::Holding,
-                3,
-                DataType::I16,
-                ByteOrder::ABCD,
-            )
+            ..tag("offset_temp", RegisterKind::Holding, 3, DataType::I16)
         },
-        tag(
-            "u16_swapped",
-            RegisterKind::Holding,
-            4,
-            DataType::U16,
+        ordered(
+            tag("u16_swapped", RegisterKind::Holding, 4, DataType::U16),
             ByteOrder::BADC,
         ),
+        ordered(
+            tag("i16_swapped", RegisterKind::Holding, 5, DataType::I16),
+            ByteOrder::DCBA,
+        ),
     ];
-    let mut input_entries = Vec::new();
-    for (i, (order, name)) in ORDERS.into_iter().enumerate() {
-        let base = u16::try_from(10 + i * 10).unwrap();
-        entries.push(format!(
-            r#"{{"address": {base}, "type": "f32", "value": 123.456, "order": "{name}"}}"#
-        ));
-        entries.push(format!(
-            r#"{{"address": {}, "type": "i32", "value": -2, "order": "{name}"}}"#,
-            base + 2
-        ));
-        entries.push(format!(
-            r#"{{"address": {}, "type": "u32", "value": 4000000000, "order": "{name}"}}"#,
-            base + 4
-        ));
-        input_entries.push(format!(
-            r#"{{"address": {base}, "type": "f32", "value": -0.5, "order": "{name}"}}"#
-        ));
-        tags.push(tag(
-            &format!("f32_{name}"),
-            RegisterKind::Holding,
-            base,
-            DataType::F32,
-            order,
-        ));
-        tags.push(tag(
-            &format!("i32_{name}"),
-            RegisterKind::Holding,
-            base + 2,
-            DataType::I32,
-            order,
-        ));
-        tags.push(tag(
-            &format!("u32_{name}"),
-            RegisterKind::Holding,
-            base + 4,
-            DataType::U32,
-            order,
-        ));
-        tags.push(tag(
-            &format!("input_f32_{name}"),
-            RegisterKind::Input,
-            base,
-            DataType::F32,
-            order,
-        ));
-    }
-    let registers = format!(
-        r#"{{"unit": 1, "holding": [{}], "input": [{}]}}"#,
-        entries.join(", "),
-        input_entries.join(", ")
-    );
-    let server = ModbusServer::start(&registers, 0);
-    let before = now_us();
-    let mut poller = Poller::start(device(server.port, tags));
-    let round = poller.round().await;
-    let after = now_us();
-
     let mut expected: Vec<(String, f64)> = vec![
         ("u16_max".into(), 65535.0),
         ("i16_minus_one".into(), -1.0),
         ("pressure".into(), 45.0),
         ("offset_temp".into(), 30.0),
         ("u16_swapped".into(), 4500.0),
+        ("i16_swapped".into(), -200.0),
     ];
-    for (_, name) in ORDERS {
-        expected.push((format!("f32_{name}"), 123.456_001_281_738_28));
-        expected.push((format!("i32_{name}"), -2.0));
-        expected.push((format!("u32_{name}"), 4_000_000_000.0));
+    for (i, (order, name)) in ORDERS.into_iter().enumerate() {
+        let base = u16::try_from(100 + i * 100).unwrap();
+        // (type, address offset, value the peer encodes, value the agent must read)
+        let cases: [(DataType, &str, u16, Value, f64); 6] = [
+            (
+                DataType::F32,
+                "f32",
+                0,
+                json!(123.456),
+                123.456_001_281_738_28,
+            ),
+            (DataType::I32, "i32", 2, json!(-2), -2.0),
+            (DataType::U32, "u32", 4, json!(4_000_000_000u32), 4e9),
+            (
+                DataType::U64,
+                "u64",
+                10,
+                json!(U64_VALUE),
+                72_623_859_790_382_848.0,
+            ),
+            (
+                DataType::I64,
+                "i64",
+                20,
+                json!(-72_623_859_790_382_848i64),
+                -72_623_859_790_382_848.0,
+            ),
+            (DataType::F64, "f64", 30, json!(-1234.5678), -1234.5678),
+        ];
+        for (data_type, type_name, offset, value, read) in cases {
+            let tag_name = format!("{type_name}_{name}");
+            put(&mut holding, base + offset, typed(type_name, name, value));
+            tags.push(ordered(
+                tag(&tag_name, RegisterKind::Holding, base + offset, data_type),
+                order,
+            ));
+            expected.push((tag_name, read));
+        }
+        put(&mut input, base, typed("f32", name, -0.5));
+        tags.push(ordered(
+            tag(
+                &format!("input_f32_{name}"),
+                RegisterKind::Input,
+                base,
+                DataType::F32,
+            ),
+            order,
+        ));
         expected.push((format!("input_f32_{name}"), -0.5));
     }
+    let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": holding, "input": input}));
+    let before = now_us();
+    let mut poller = Poller::start(device(&plc, tags));
+    let round = poller.round().await;
+    let after = now_us();
+
+    assert_eq!(expected.len(), round.len());
     for (name, value) in &expected {
         let reading = &round[name];
         assert_eq!(reading.quality, Quality::Good, "{reading:?}");
@@ -333,120 +265,236 @@ async fn decodes_every_type_and_byte_order_from_a_real_plc() {
     assert_eq!(round["u16_max"].unit, None);
     // All tags of one tick carry the tick's time.
     assert!(round.values().all(|r| r.ts_us == round["u16_max"].ts_us));
-
     poller.stop().await;
-    server.stop();
+}
+
+#[tokio::test]
+async fn reads_coils_discrete_inputs_and_bits_of_a_status_word() {
+    let plc = PyModbusServer::start(&json!({
+        "device_id": 1,
+        "coils": {"0": [true, false, true]},
+        "discrete": {"8": [false, true]},
+        // A status word with bits 0, 2 and 15 set, and the same word from a byte-swapping device.
+        "holding": {"20": [0x8005], "21": [0x0580]},
+    }));
+    let mut poller = Poller::start(device(
+        &plc,
+        vec![
+            tag("pump_on", RegisterKind::Coil, 0, DataType::Bool),
+            tag("valve_open", RegisterKind::Coil, 1, DataType::Bool),
+            tag("fan_on", RegisterKind::Coil, 2, DataType::Bool),
+            tag("door_closed", RegisterKind::Discrete, 8, DataType::Bool),
+            tag("estop_ok", RegisterKind::Discrete, 9, DataType::Bool),
+            bit_of("running", 20, 0, ByteOrder::ABCD),
+            bit_of("fault", 20, 1, ByteOrder::ABCD),
+            bit_of("auto", 20, 2, ByteOrder::ABCD),
+            bit_of("alarm", 20, 15, ByteOrder::ABCD),
+            bit_of("swapped_alarm", 21, 15, ByteOrder::BADC),
+            bit_of("swapped_bit_7", 21, 7, ByteOrder::DCBA),
+            // Coils are a table of their own: the PLC has no coil 200 (pymodbus keeps bits in
+            // 16-bit words, so coils 3-15 exist as cleared bits).
+            tag("missing_coil", RegisterKind::Coil, 200, DataType::Bool),
+        ],
+    ));
+    let round = poller.round().await;
+    let good = |v: f64| (Quality::Good, Some(v));
+    let expected = [
+        ("pump_on", good(1.0)),
+        ("valve_open", good(0.0)),
+        ("fan_on", good(1.0)),
+        ("door_closed", good(0.0)),
+        ("estop_ok", good(1.0)),
+        ("running", good(1.0)),
+        ("fault", good(0.0)),
+        ("auto", good(1.0)),
+        ("alarm", good(1.0)),
+        ("swapped_alarm", good(1.0)),
+        ("swapped_bit_7", good(0.0)),
+        ("missing_coil", (Quality::Bad, None)),
+    ];
+    let expected: Vec<_> = expected.iter().map(|&(n, (q, v))| (n, q, v)).collect();
+    assert_round(&round, &expected);
+    poller.stop().await;
+}
+
+#[tokio::test]
+async fn one_based_addressing_reads_address_one_as_wire_address_zero() {
+    let plc = PyModbusServer::start(&json!({
+        "device_id": 1,
+        "holding": {"0": [11], "1": [22], "9": {"type": "f32", "order": "CDAB", "value": 2.5}},
+        "coils": {"0": [true, false]},
+    }));
+    let mut poller = Poller::start(ModbusDevice {
+        addressing: Addressing::OneBased,
+        ..device(
+            &plc,
+            vec![
+                tag("first", RegisterKind::Holding, 1, DataType::U16),
+                tag("second", RegisterKind::Holding, 2, DataType::U16),
+                ordered(
+                    tag("float_at_10", RegisterKind::Holding, 10, DataType::F32),
+                    ByteOrder::CDAB,
+                ),
+                tag("coil_1", RegisterKind::Coil, 1, DataType::Bool),
+                tag("coil_2", RegisterKind::Coil, 2, DataType::Bool),
+                // Wire address 2 is not in the map: one-based 3 reads bad.
+                tag("third", RegisterKind::Holding, 3, DataType::U16),
+            ],
+        )
+    });
+    let round = poller.round().await;
+    assert_round(
+        &round,
+        &[
+            ("first", Quality::Good, Some(11.0)),
+            ("second", Quality::Good, Some(22.0)),
+            ("float_at_10", Quality::Good, Some(2.5)),
+            ("coil_1", Quality::Good, Some(1.0)),
+            ("coil_2", Quality::Good, Some(0.0)),
+            ("third", Quality::Bad, None),
+        ],
+    );
+    poller.stop().await;
+}
+
+#[tokio::test]
+async fn values_outside_the_engineering_range_are_clamped_and_uncertain() {
+    let plc = PyModbusServer::start(&json!({
+        "device_id": 1,
+        "holding": {
+            "0": typed("i16", "ABCD", 1600),
+            "1": typed("i16", "ABCD", 500),
+            "2": typed("i16", "ABCD", -32768),
+            "3": typed("i16", "ABCD", 1500),
+        },
+    }));
+    let temp = |name: &str, address: u16| ModbusTag {
+        scale: 0.1,
+        range: Some([-20.0, 150.0]),
+        unit: Some("degC".to_owned()),
+        ..tag(name, RegisterKind::Holding, address, DataType::I16)
+    };
+    let mut poller = Poller::start(device(
+        &plc,
+        vec![
+            temp("above", 0),
+            temp("inside", 1),
+            temp("broken_sensor", 2),
+            temp("at_the_limit", 3),
+        ],
+    ));
+    // Twice: clamping is stable from tick to tick.
+    for _ in 0..2 {
+        let round = poller.round().await;
+        assert_round(
+            &round,
+            &[
+                ("above", Quality::Uncertain, Some(150.0)),
+                ("inside", Quality::Good, Some(50.0)),
+                ("broken_sensor", Quality::Uncertain, Some(-20.0)),
+                ("at_the_limit", Quality::Good, Some(150.0)),
+            ],
+        );
+        assert_eq!(round["above"].unit.as_deref(), Some("degC"));
+    }
+    poller.stop().await;
+}
+
+#[tokio::test]
+async fn a_deadband_holds_back_unchanged_values_that_other_tags_still_send() {
+    let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": {"0": [400], "1": [7]}}));
+    let mut poller = Poller::start(device(
+        &plc,
+        vec![
+            ModbusTag {
+                deadband: Some(0.5),
+                ..tag("steady", RegisterKind::Holding, 0, DataType::U16)
+            },
+            tag("every", RegisterKind::Holding, 1, DataType::U16),
+        ],
+    ));
+    // `steady` is read before `every` in each tick, so five ticks of `every` have passed five
+    // reads of `steady`: only the first went out.
+    let mut seen = Vec::new();
+    while seen.iter().filter(|(tag, _)| tag == "every").count() < 5 {
+        let reading = poller.next().await;
+        seen.push((reading.tag, reading.value));
+    }
+    let steady: Vec<_> = seen.iter().filter(|(tag, _)| tag == "steady").collect();
+    assert_eq!(steady, vec![&("steady".to_owned(), Some(400.0))]);
+    poller.stop().await;
 }
 
 #[tokio::test]
 async fn a_register_the_plc_does_not_have_reads_bad_and_the_other_tags_stay_good() {
-    let registers = r#"{"holding": [{"address": 0, "type": "u16", "value": 7}, {"address": 1, "type": "f32", "value": 1.5}]}"#;
-    let server = ModbusServer::start(registers, 0);
+    let plc = PyModbusServer::start(&json!({
+        "device_id": 1,
+        "holding": {"0": [7], "1": typed("f32", "ABCD", 1.5)},
+    }));
     let mut poller = Poller::start(device(
-        server.port,
+        &plc,
         vec![
-            tag(
-                "first",
-                RegisterKind::Holding,
-                0,
-                DataType::U16,
-                ByteOrder::ABCD,
-            ),
-            tag(
-                "missing",
-                RegisterKind::Holding,
-                500,
-                DataType::U16,
-                ByteOrder::ABCD,
-            ),
-            tag(
-                "wrong_table",
-                RegisterKind::Input,
-                0,
-                DataType::U16,
-                ByteOrder::ABCD,
-            ),
-            tag(
-                "last",
-                RegisterKind::Holding,
-                1,
-                DataType::F32,
-                ByteOrder::ABCD,
-            ),
+            tag("first", RegisterKind::Holding, 0, DataType::U16),
+            tag("missing", RegisterKind::Holding, 500, DataType::U16),
+            tag("wrong_table", RegisterKind::Input, 0, DataType::U16),
+            tag("last", RegisterKind::Holding, 1, DataType::F32),
         ],
     ));
     // Two ticks: an exception does not cost the connection or the next tick.
     for _ in 0..2 {
         let round = poller.round().await;
-        assert_eq!(
-            (round["first"].quality, round["first"].value),
-            (Quality::Good, Some(7.0))
-        );
-        assert_eq!(
-            (round["missing"].quality, round["missing"].value),
-            (Quality::Bad, None)
-        );
-        assert_eq!(
-            (round["wrong_table"].quality, round["wrong_table"].value),
-            (Quality::Bad, None)
-        );
-        assert_eq!(
-            (round["last"].quality, round["last"].value),
-            (Quality::Good, Some(1.5))
+        assert_round(
+            &round,
+            &[
+                ("first", Quality::Good, Some(7.0)),
+                ("missing", Quality::Bad, None),
+                ("wrong_table", Quality::Bad, None),
+                ("last", Quality::Good, Some(1.5)),
+            ],
         );
     }
     poller.stop().await;
-    server.stop();
 }
 
 #[tokio::test]
 async fn reports_bad_while_the_plc_is_down_and_reconnects_by_itself() {
-    let registers = r#"{"holding": [{"address": 0, "type": "u16", "value": 42}, {"address": 1, "type": "i16", "value": -3}]}"#;
-    let server = ModbusServer::start(registers, 0);
-    let port = server.port;
+    let registers = json!({"device_id": 1, "holding": {"0": [42], "1": typed("i16", "ABCD", -3)}});
+    let plc = PyModbusServer::start(&registers);
+    let port = plc.address().port();
     let mut poller = Poller::start(device(
-        port,
+        &plc,
         vec![
-            tag(
-                "a",
-                RegisterKind::Holding,
-                0,
-                DataType::U16,
-                ByteOrder::ABCD,
-            ),
-            tag(
-                "b",
-                RegisterKind::Holding,
-                1,
-                DataType::I16,
-                ByteOrder::ABCD,
-            ),
+            tag("a", RegisterKind::Holding, 0, DataType::U16),
+            tag("b", RegisterKind::Holding, 1, DataType::I16),
         ],
     ));
     let round = poller.round().await;
-    assert_eq!(round["a"].value, Some(42.0));
-    assert_eq!(round["b"].value, Some(-3.0));
+    assert_round(
+        &round,
+        &[
+            ("a", Quality::Good, Some(42.0)),
+            ("b", Quality::Good, Some(-3.0)),
+        ],
+    );
 
-    server.stop();
+    drop(plc);
     // Every tick of the outage still yields one bad reading per tag.
     let round = poller.round_with("a", Quality::Bad).await;
-    assert_eq!((round["b"].quality, round["b"].value), (Quality::Bad, None));
+    assert_round(&round, &[("b", Quality::Bad, None)]);
     let round = poller.round().await;
-    assert!(
-        round
-            .values()
-            .all(|r| r.quality == Quality::Bad && r.value.is_none()),
-        "{round:?}"
+    assert_round(
+        &round,
+        &[("a", Quality::Bad, None), ("b", Quality::Bad, None)],
     );
 
-    let server = ModbusServer::start(registers, port);
+    let _plc = PyModbusServer::start_on_port(&registers, port);
     let round = poller.round_with("a", Quality::Good).await;
-    assert_eq!(round["a"].value, Some(42.0));
-    assert_eq!(
-        (round["b"].quality, round["b"].value),
-        (Quality::Good, Some(-3.0))
+    assert_round(
+        &round,
+        &[
+            ("a", Quality::Good, Some(42.0)),
+            ("b", Quality::Good, Some(-3.0)),
+        ],
     );
-
     poller.stop().await;
-    server.stop();
 }

@@ -1,14 +1,21 @@
 """A Modbus PLC stand-in for the tests, built on pymodbus 3.16's simulator API.
 
-The register map is JSON; every value is one 16-bit word (or one bit for coils and discrete inputs):
+The register map is JSON. A register entry is a list of 16-bit words, or one typed value that this
+script encodes with Python's struct module, independently of the agent's decoder under test; coils
+and discrete inputs are lists of booleans:
 
     {
       "device_id": 1,                      # optional; 0 (the default) answers every unit id
-      "holding":  {"100": [17, 2], "200": [65535]},
+      "holding":  {"100": [17, 2], "200": [65535],
+                   "300": {"type": "f32", "order": "CDAB", "value": 1.5}},
       "input":    {"0": [1, 2, 3]},
       "coils":    {"0": [true, false]},
       "discrete": {"8": [true]}
     }
+
+Typed values: `type` is u16, i16, u32, i32, u64, i64, f32 or f64; `order` (default ABCD) names the
+value's bytes as they appear on the wire, A being the most significant, generalised to 64 bits as
+Telegraf does: CDAB and DCBA reverse the word order, BADC and DCBA swap the bytes in each word.
 
 Addresses that the map does not define answer with Modbus exception 2 (illegal data address), as a
 real PLC does for registers it does not have.
@@ -26,6 +33,7 @@ import argparse
 import asyncio
 import json
 import signal
+import struct
 import sys
 
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
@@ -36,9 +44,35 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 _UNUSED_ADDRESS = 65520
 
 
-def _register_block(spec: dict[str, list[int]], name: str) -> list[SimData]:
+_STRUCT_CODES = {
+    "u16": ">H", "i16": ">h", "u32": ">I", "i32": ">i", "u64": ">Q", "i64": ">q", "f32": ">f", "f64": ">d",
+}
+
+
+def encode_typed(entry: dict, where: str) -> list[int]:
+    """Encode one typed value into register words in the requested byte order."""
+    code = _STRUCT_CODES.get(entry.get("type"))
+    if code is None:
+        raise SystemExit(f"{where}: type must be one of {sorted(_STRUCT_CODES)}, got {entry.get('type')!r}")
+    order = entry.get("order", "ABCD")
+    if order not in ("ABCD", "CDAB", "BADC", "DCBA"):
+        raise SystemExit(f"{where}: order must be ABCD, CDAB, BADC or DCBA, got {order!r}")
+    value = entry["value"]
+    raw = struct.pack(code, value if entry["type"].startswith("f") else int(value))
+    words = [raw[i : i + 2] for i in range(0, len(raw), 2)]
+    if order in ("CDAB", "DCBA"):
+        words.reverse()
+    if order in ("BADC", "DCBA"):
+        words = [word[::-1] for word in words]
+    return [int.from_bytes(word, "big") for word in words]
+
+
+def _register_block(spec: dict[str, list[int] | dict], name: str) -> list[SimData]:
     block = []
-    for address, words in spec.items():
+    # pymodbus lays the blocks out in list order: keep them in address order.
+    for address, words in sorted(spec.items(), key=lambda item: int(item[0])):
+        if isinstance(words, dict):
+            words = encode_typed(words, f"{name}.{address}")
         if not isinstance(words, list) or not words:
             raise SystemExit(f"{name}.{address}: expected a non-empty list of 16-bit words")
         for word in words:

@@ -475,12 +475,14 @@ impl FakeSnow {
 
 /// A PLC stand-in: `tests/peers/modbus_server.py` on pymodbus 3.16's simulator.
 ///
-/// The register map is JSON, every value one 16-bit word; addresses not in the map answer with
-/// exception 2 (illegal data address):
+/// The register map is JSON: a register entry is a list of 16-bit words or one typed value that
+/// the script encodes with Python's `struct` (`u16` to `u64`/`i64`, `f32`, `f64`, in byte order
+/// `ABCD`, `CDAB`, `BADC` or `DCBA`); addresses not in the map answer with exception 2 (illegal
+/// data address):
 ///
 /// ```json
-/// {"device_id": 1, "holding": {"100": [17, 2]}, "input": {"0": [5]},
-///  "coils": {"0": [true, false]}, "discrete": {"8": [true]}}
+/// {"device_id": 1, "holding": {"100": [17, 2], "200": {"type": "f32", "order": "CDAB", "value": 1.5}},
+///  "input": {"0": [5]}, "coils": {"0": [true, false]}, "discrete": {"8": [true]}}
 /// ```
 ///
 /// `device_id` 0 (the default) answers every unit id.
@@ -495,8 +497,13 @@ pub struct PyModbusServer {
 impl PyModbusServer {
     /// Serves `register_map` over Modbus TCP on `127.0.0.1:<free port>`.
     pub fn start(register_map: &Value) -> Self {
+        Self::start_on_port(register_map, free_port())
+    }
+
+    /// Serves `register_map` over Modbus TCP on `127.0.0.1:<port>`: a PLC that comes back on the
+    /// port it was stopped on, for reconnect tests.
+    pub fn start_on_port(register_map: &Value, port: u16) -> Self {
         let venv = PeerVenv::peers();
-        let port = free_port();
         let server = ChildPeer::spawn(
             "pymodbus",
             venv.python(),

@@ -14,7 +14,44 @@
 //!   upload writes the same key with the same bytes.
 //! - Rows leave the buffer only in [`Buffer::complete_batch`], after the upload target confirmed
 //!   the batch, in the same transaction that clears the pending record.
+//! - `seq` never goes backwards, even when the database is lost: the high-water file
+//!   `<buffer>.seq` (written atomically and fsynced) records the highest `seq` reserved (in
+//!   blocks of 100 000, before the rows are inserted), cut into a batch (before its upload) and
+//!   confirmed (before the rows are deleted). On open, `seq` is raised past the cut and confirmed
+//!   marks; after a damaged, unreadable or deleted database, past the reserved mark too.
+//!
+//! # Durability: what a power cut can lose
+//! Readings wait in memory for up to `commit_interval` (200 ms by default) before their
+//! transaction commits; those are lost by a crash, a `kill -9` or a power cut at either setting.
+//! After the commit:
+//! - `durability = "full"` (default, `synchronous = FULL`): the write-ahead log is fsynced at
+//!   every commit, so a committed reading survives a power cut.
+//! - `durability = "normal"` (`synchronous = NORMAL`): commits reach the disk when the operating
+//!   system writes them back (usually within 30 s on Linux) or at the next checkpoint. A `kill -9`
+//!   loses nothing, but a power cut can roll back the commits since then: the readings of up to
+//!   about the last 30 s, plus any cut or completion of a batch in that window (a rolled-back
+//!   completion uploads that batch again under the same key; the collector ignores the repeat).
+//!   The database itself stays consistent, and the high-water file keeps `seq` from reusing a
+//!   value that may already be in the cloud.
+//!
+//! # Damage
+//! [`Buffer::open`] runs `PRAGMA quick_check` on an existing file. A damaged file (or one that
+//! is not SQLite at all) is renamed `<name>.damaged-<UTC time>` together with its `-wal` and
+//! `-shm`, every row that can still be read is copied into a fresh buffer with its `seq`, the
+//! pending batch is carried over (starting at its first salvaged row), and the agent carries on;
+//! [`RecoveryReport`] (logged, and kept on the buffer) says how many rows were saved and which
+//! `seq` ranges were lost. Nobody has to delete anything. Limits: rows are found through the
+//! table's b-tree, so the rows below a damaged interior page (tens of thousands) are lost with
+//! it; damage that `quick_check` does not see (a value
+//! garbled inside an intact page) is not detected; the ends of a lost range are reported as
+//! unknown where neither the damaged file nor the high-water file tells them.
 
+mod high_water;
+mod inspect;
+mod recovery;
 mod sqlite;
+mod utc;
 
+pub use inspect::{BufferReport, inspect};
+pub use recovery::{LostSeqs, RecoveryReport};
 pub use sqlite::{Buffer, BufferError, BufferStats, PendingBatch};

@@ -1,8 +1,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tracing::warn;
 
+use super::high_water::{self, HighWater, RESERVE_BLOCK};
+use super::recovery::{self, RecoveryReport};
 use crate::Reading;
 use crate::config::Durability;
 use crate::contract::{Quality, Row};
@@ -30,6 +33,29 @@ pub enum BufferError {
         seq: i64,
         quality: String,
     },
+    #[error(
+        "buffer {path} does not exist; the agent creates it on its first start (check buffer.path in the config)"
+    )]
+    Missing { path: PathBuf },
+    #[error(
+        "buffer {path} is not an SQLite database; the agent moves it aside and starts a fresh buffer when it starts"
+    )]
+    NotADatabase { path: PathBuf },
+    #[error("buffer {path} is damaged; cannot move it aside to {to}: {source}")]
+    MoveAside {
+        path: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot write the seq high-water file {path}: {source}; it must sit on the same writable storage as the buffer"
+    )]
+    HighWater {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the buffer holds right now.
@@ -37,7 +63,9 @@ pub enum BufferError {
 pub struct BufferStats {
     /// Readings waiting to be uploaded, including those of a pending batch.
     pub rows: u64,
+    /// The lowest `seq` in the buffer.
     pub first_seq: Option<i64>,
+    /// The highest `seq` in the buffer.
     pub last_seq: Option<i64>,
 }
 
@@ -54,10 +82,20 @@ pub struct PendingBatch {
 pub struct Buffer {
     path: PathBuf,
     gateway: String,
-    conn: Mutex<Connection>,
+    inner: Mutex<Inner>,
+    recovery: Option<RecoveryReport>,
 }
 
-const SCHEMA: &str = "
+/// The connection and the `seq` bookkeeping that must change together with it.
+struct Inner {
+    conn: Connection,
+    /// The marks as last written to the high-water file.
+    marks: HighWater,
+    /// The highest `seq` assigned so far (`sqlite_sequence`).
+    last_seq: i64,
+}
+
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -79,8 +117,102 @@ CREATE TABLE IF NOT EXISTS pending_batch (
 ) STRICT;
 ";
 
+/// Opens (or creates) the database with the buffer's settings and schema.
+pub(crate) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// Whether an error means the file itself is damaged (as opposed to busy, full or forbidden,
+/// which moving the file aside would not cure and must never trigger).
+pub(crate) fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Runs `PRAGMA quick_check` on an existing file. `Ok(Some(problem))` when the file is damaged.
+fn check_integrity(path: &Path) -> rusqlite::Result<Option<String>> {
+    let run = || -> rusqlite::Result<Vec<String>> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut stmt = conn.prepare("PRAGMA quick_check")?;
+        let lines = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(lines)
+    };
+    match run() {
+        Ok(lines) if lines.len() == 1 && lines[0] == "ok" => Ok(None),
+        Ok(lines) => {
+            let first = lines.first().cloned().unwrap_or_default();
+            Ok(Some(if lines.len() > 1 {
+                format!(
+                    "integrity check: {first} (and {} more problems)",
+                    lines.len() - 1
+                )
+            } else {
+                format!("integrity check: {first}")
+            }))
+        }
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
+            Ok(Some("not an SQLite database".to_owned()))
+        }
+        Err(e) if is_damage(&e) => Ok(Some(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// The highest `seq` `AUTOINCREMENT` has handed out (0 for none).
+pub(crate) fn read_sequence(conn: &Connection) -> rusqlite::Result<i64> {
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'readings'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Makes the next `seq` at least `floor + 1`.
+pub(crate) fn raise_sequence(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
+    if read_sequence(conn)? >= floor {
+        return Ok(());
+    }
+    let updated = conn.execute(
+        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'readings'",
+        [floor],
+    )?;
+    if updated == 0 {
+        conn.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('readings', ?1)",
+            [floor],
+        )?;
+    }
+    Ok(())
+}
+
 impl Buffer {
     /// Opens (or creates) the buffer for `gateway`.
+    ///
+    /// An existing file is checked first (`PRAGMA quick_check`). A damaged file, or one that is
+    /// not a database at all, is moved aside and whatever can still be read is salvaged into a
+    /// fresh buffer (see [`RecoveryReport`], also available from [`Buffer::recovery`]); the
+    /// agent carries on. Errors are left for conditions a new file would not cure: a folder that
+    /// cannot be created, a busy or read-only file, another gateway's buffer.
     pub fn open(path: &Path, durability: Durability, gateway: &str) -> Result<Self, BufferError> {
         let err = |source| BufferError::Sqlite {
             path: path.to_owned(),
@@ -95,18 +227,84 @@ impl Buffer {
                 ))
             })?;
         }
-        let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        let sync = match durability {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
+        let marks = match HighWater::load(path) {
+            Ok(marks) => marks,
+            Err(problem) => {
+                warn!(
+                    component = "buffer",
+                    "{problem}; seq continues from what the database says"
+                );
+                None
+            }
         };
-        conn.pragma_update(None, "synchronous", sync).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        let existing = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+        let mut recovery = None;
+        if existing && let Some(problem) = check_integrity(path).map_err(err)? {
+            recovery = Some(recovery::recover(
+                path, durability, gateway, problem, marks,
+            )?);
+        }
+        let opened = match Self::open_checked(path, durability, gateway) {
+            // quick_check does not read every page; a damage it missed can still show here.
+            Err(BufferError::Sqlite { source, .. }) if recovery.is_none() && is_damage(&source) => {
+                recovery = Some(recovery::recover(
+                    path,
+                    durability,
+                    gateway,
+                    source.to_string(),
+                    marks,
+                )?);
+                Self::open_checked(path, durability, gateway)?
+            }
+            other => other?,
+        };
+        let (conn, mut last_seq) = opened;
+        // Whatever the database says, seq must not fall back below what may have left the
+        // gateway (a power cut with durability = "normal" can roll back the last commits); a
+        // buffer that was deleted or lost starts above every seq ever handed out.
+        let floor = match marks {
+            Some(m) if !existing => m.highest(),
+            Some(m) => m.cut.max(m.completed),
+            None => 0,
+        };
+        if floor > last_seq {
+            raise_sequence(&conn, floor).map_err(err)?;
+            if !existing {
+                warn!(
+                    component = "buffer",
+                    buffer = %path.display(),
+                    next_seq = floor + 1,
+                    "the buffer file was missing; started a new one, seq continues above every value handed out before"
+                );
+            }
+            last_seq = floor;
+        }
+        if let Some(report) = &recovery {
+            warn!(component = "buffer", "{report}");
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            gateway: gateway.to_owned(),
+            inner: Mutex::new(Inner {
+                conn,
+                marks: marks.unwrap_or_default(),
+                last_seq,
+            }),
+            recovery,
+        })
+    }
 
+    /// Opens the database and checks that it belongs to `gateway`; returns the last `seq`.
+    fn open_checked(
+        path: &Path,
+        durability: Durability,
+        gateway: &str,
+    ) -> Result<(Connection, i64), BufferError> {
+        let err = |source| BufferError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = open_connection(path, durability).map_err(err)?;
         let stored: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'gateway'", [], |r| {
                 r.get(0)
@@ -130,11 +328,13 @@ impl Buffer {
                 .map_err(err)?;
             }
         }
-        Ok(Self {
-            path: path.to_owned(),
-            gateway: gateway.to_owned(),
-            conn: Mutex::new(conn),
-        })
+        let last_seq = read_sequence(&conn).map_err(err)?;
+        Ok((conn, last_seq))
+    }
+
+    /// What the start-up check found and salvaged, when the file was damaged.
+    pub fn recovery(&self) -> Option<&RecoveryReport> {
+        self.recovery.as_ref()
     }
 
     pub fn path(&self) -> &Path {
@@ -145,12 +345,28 @@ impl Buffer {
         &self.gateway
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves SQLite itself consistent (the open transaction
-        // rolls back when its guard drops), so a poisoned lock is safe to keep using.
-        self.conn
+        // rolls back when its guard drops), and the marks are only raised after the file write
+        // succeeded, so a poisoned lock is safe to keep using.
+        self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes raised marks to the high-water file, then remembers them.
+    fn store_marks(&self, inner: &mut Inner, marks: HighWater) -> Result<(), BufferError> {
+        if marks == inner.marks {
+            return Ok(());
+        }
+        marks
+            .store(&self.path)
+            .map_err(|source| BufferError::HighWater {
+                path: high_water::path_for(&self.path),
+                source,
+            })?;
+        inner.marks = marks;
+        Ok(())
     }
 
     fn err(&self, source: rusqlite::Error) -> BufferError {
@@ -165,8 +381,19 @@ impl Buffer {
         if readings.is_empty() {
             return Ok(None);
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let count = i64::try_from(readings.len()).unwrap_or(i64::MAX);
+        let needed = inner.last_seq.saturating_add(count);
+        if needed > inner.marks.reserved {
+            // Reserve before inserting, so the file always covers every seq handed out.
+            let marks = HighWater {
+                reserved: needed.saturating_add(RESERVE_BLOCK),
+                ..inner.marks
+            };
+            self.store_marks(inner, marks)?;
+        }
+        let tx = inner.conn.transaction().map_err(|e| self.err(e))?;
         let mut first = None;
         let mut last = 0;
         {
@@ -191,28 +418,31 @@ impl Buffer {
             }
         }
         tx.commit().map_err(|e| self.err(e))?;
+        inner.last_seq = inner.last_seq.max(last);
         Ok(first.map(|f| (f, last)))
     }
 
     pub fn stats(&self) -> Result<BufferStats, BufferError> {
-        let conn = self.conn();
-        conn.query_row(
-            "SELECT count(*), min(seq), max(seq) FROM readings",
-            [],
-            |r| {
-                Ok(BufferStats {
-                    rows: r.get::<_, i64>(0)?.try_into().unwrap_or(0),
-                    first_seq: r.get(1)?,
-                    last_seq: r.get(2)?,
-                })
-            },
-        )
-        .map_err(|e| self.err(e))
+        let inner = self.lock();
+        inner
+            .conn
+            .query_row(
+                "SELECT count(*), min(seq), max(seq) FROM readings",
+                [],
+                |r| {
+                    Ok(BufferStats {
+                        rows: r.get::<_, i64>(0)?.try_into().unwrap_or(0),
+                        first_seq: r.get(1)?,
+                        last_seq: r.get(2)?,
+                    })
+                },
+            )
+            .map_err(|e| self.err(e))
     }
 
     /// The batch that was cut but not confirmed, if any (for example before a crash).
     pub fn pending_batch(&self) -> Result<Option<PendingBatch>, BufferError> {
-        read_pending(&self.conn()).map_err(|e| self.err(e))
+        read_pending(&self.lock().conn).map_err(|e| self.err(e))
     }
 
     /// Cuts the next batch: the oldest `max_rows` readings, recorded as pending. Returns the
@@ -222,13 +452,22 @@ impl Buffer {
         max_rows: usize,
         site: &str,
     ) -> Result<Option<PendingBatch>, BufferError> {
-        let mut conn = self.conn();
-        let tx = conn
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let tx = inner
+            .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
         let existing = read_pending(&tx).map_err(|e| self.err(e))?;
-        if existing.is_some() {
-            return Ok(existing);
+        if let Some(batch) = existing {
+            drop(tx);
+            // A crash may have come between recording the batch and writing the mark.
+            let marks = HighWater {
+                cut: inner.marks.cut.max(batch.last_seq),
+                ..inner.marks
+            };
+            self.store_marks(inner, marks)?;
+            return Ok(Some(batch));
         }
         let limit = i64::try_from(max_rows.max(1)).unwrap_or(i64::MAX);
         let range: (Option<i64>, Option<i64>) = tx
@@ -247,6 +486,13 @@ impl Buffer {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
+        // The mark must be on disk before the upload starts: from then on these seq values may
+        // exist in the cloud and must never be handed out again.
+        let marks = HighWater {
+            cut: inner.marks.cut.max(last_seq),
+            ..inner.marks
+        };
+        self.store_marks(inner, marks)?;
         Ok(Some(PendingBatch {
             first_seq,
             last_seq,
@@ -256,8 +502,9 @@ impl Buffer {
 
     /// The rows of a batch in `seq` order, as they go into the Parquet file.
     pub fn batch_rows(&self, batch: &PendingBatch) -> Result<Vec<Row>, BufferError> {
-        let conn = self.conn();
-        let mut stmt = conn
+        let inner = self.lock();
+        let mut stmt = inner
+            .conn
             .prepare_cached(
                 "SELECT seq, ts_us, device, tag, value, quality, unit FROM readings
                  WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
@@ -303,8 +550,16 @@ impl Buffer {
     /// Forgets a batch the upload target has confirmed: deletes its rows and the pending record
     /// in one transaction.
     pub fn complete_batch(&self, batch: &PendingBatch) -> Result<(), BufferError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        // Written before the rows go: the upload target has them whether or not the delete
+        // below survives, so after a loss of the database they are reported as shipped, not lost.
+        let marks = HighWater {
+            completed: inner.marks.completed.max(batch.last_seq),
+            ..inner.marks
+        };
+        self.store_marks(inner, marks)?;
+        let tx = inner.conn.transaction().map_err(|e| self.err(e))?;
         tx.execute("DELETE FROM readings WHERE seq <= ?1", [batch.last_seq])
             .map_err(|e| self.err(e))?;
         tx.execute("DELETE FROM pending_batch WHERE id = 1", [])
@@ -313,7 +568,7 @@ impl Buffer {
     }
 }
 
-fn read_pending(conn: &Connection) -> rusqlite::Result<Option<PendingBatch>> {
+pub(crate) fn read_pending(conn: &Connection) -> rusqlite::Result<Option<PendingBatch>> {
     conn.query_row(
         "SELECT first_seq, last_seq, site FROM pending_batch WHERE id = 1",
         [],

@@ -321,16 +321,16 @@ unit = "degC"
         assert_eq!(key.as_deref(), Some("modbus[0].tags[0].units"));
         assert_eq!(
             err.to_string(),
-            "plant.toml:16:1: modbus[0].tags[0].units: unknown field `units`, expected one of `name`, `register`, `address`, `type`, `byte_order`, `scale`, `offset`, `unit`"
+            "plant.toml:16:1: modbus[0].tags[0].units: unknown field `units`, expected one of `name`, `register`, `address`, `type`, `bit`, `byte_order`, `scale`, `offset`, `unit`, `range`, `deadband`, `deadband_percent`, `heartbeat`"
         );
     }
 
     #[test]
     fn a_wrong_type_names_the_value() {
-        let text = VALID.replace("type = \"f32\"", "type = \"f64\"");
+        let text = VALID.replace("type = \"f32\"", "type = \"f16\"");
         assert_eq!(
             parse_error(&text),
-            "plant.toml:15:8: modbus[0].tags[0].type: unknown variant `f64`, expected one of `u16`, `i16`, `u32`, `i32`, `f32`"
+            "plant.toml:15:8: modbus[0].tags[0].type: unknown variant `f16`, expected one of `bool`, `bit`, `u16`, `i16`, `u32`, `i32`, `u64`, `i64`, `f32`, `f64`"
         );
         let text = VALID.replace(
             "host = \"127.0.0.1\"",

@@ -37,8 +37,9 @@ pub struct BufferConfig {
     /// Path of the SQLite database. A relative path is resolved against the config file's folder.
     #[serde(default = "BufferConfig::default_path")]
     pub path: PathBuf,
-    /// `full` (default): a committed reading survives a power cut. `normal`: faster on slow
-    /// flash, but a power cut can lose the readings of the last few hundred milliseconds.
+    /// `full` (default): a committed reading survives a power cut. `normal`: fewer writes on slow
+    /// flash, and `kill -9` still loses nothing, but a power cut can roll back roughly the last
+    /// 30 seconds of commits (see the `buffer` module docs for the details).
     #[serde(default)]
     pub durability: Durability,
     /// How often buffered readings are committed to SQLite in one transaction.
@@ -72,7 +73,8 @@ pub enum Durability {
     /// Every commit is on disk before the reading counts as accepted.
     #[default]
     Full,
-    /// Commits reach disk at WAL checkpoints; a power cut may roll back the last commits.
+    /// Commits reach disk when the OS writes them back or at WAL checkpoints; a power cut may
+    /// roll back the commits of roughly the last 30 seconds.
     Normal,
 }
 
@@ -183,6 +185,11 @@ pub struct ModbusDevice {
     /// How long one request may take before the reading is marked bad.
     #[serde(default = "ModbusDevice::default_timeout")]
     pub timeout: ConfigDuration,
+    /// How the tags' `address` counts: `zero_based` (the default: the address exactly as sent
+    /// on the wire) or `one_based` (address 1 is wire address 0, as many PLC manuals count:
+    /// register 40001 is `address = 1`). One map uses one convention per device.
+    #[serde(default)]
+    pub addressing: Addressing,
     /// The tags (named values) read from this device.
     pub tags: Vec<ModbusTag>,
 }
@@ -202,21 +209,60 @@ impl ModbusDevice {
     }
 }
 
+/// How a device's tag addresses map to the addresses sent on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Addressing {
+    /// `address` is the wire address: the first register is 0.
+    #[default]
+    ZeroBased,
+    /// `address` counts from 1: the wire address is `address - 1`, so 0 does not exist.
+    OneBased,
+}
+
+impl Addressing {
+    /// The wire address of a configured address, or `None` when it does not exist
+    /// (`address = 0` under `one_based`).
+    pub fn wire_address(self, address: u16) -> Option<u16> {
+        match self {
+            Addressing::ZeroBased => Some(address),
+            Addressing::OneBased => address.checked_sub(1),
+        }
+    }
+
+    /// The name as written in the sensor map.
+    pub fn name(self) -> &'static str {
+        match self {
+            Addressing::ZeroBased => "zero_based",
+            Addressing::OneBased => "one_based",
+        }
+    }
+}
+
 /// One value read from a device.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusTag {
     /// Tag name, unique within the device (for example `oil_temp`).
     pub name: String,
-    /// Register table: `holding` (function 3) or `input` (function 4).
+    /// Register table: `coil` (function 1, read/write bits), `discrete` (function 2, read-only
+    /// bits), `holding` (function 3) or `input` (function 4).
     pub register: RegisterKind,
-    /// Zero-based register address as sent on the wire (register 40101 in the 4xxxx notation is address 100).
+    /// Register (or bit) address, counted as the device's `addressing` says: with the default
+    /// `zero_based` it is the address as sent on the wire (register 40101 in the 4xxxx notation
+    /// is address 100), with `one_based` it is one more.
     pub address: u16,
-    /// How the register(s) are decoded.
+    /// How the register(s) are decoded: `bool` for coils and discrete inputs; `bit`, `u16`,
+    /// `i16`, `u32`, `i32`, `f32`, `u64`, `i64` or `f64` for holding and input registers.
+    /// 64-bit integers beyond 2^53 lose their lowest bits in the `f64` value column.
     #[serde(rename = "type")]
     pub data_type: DataType,
-    /// Byte and word order of 32-bit types, named as in most PLC manuals: `ABCD` (big-endian,
-    /// high word first; the default), `CDAB` (low word first), `BADC`, `DCBA`.
+    /// For `type = "bit"` only: which bit of the register, 0 (least significant) to 15.
+    pub bit: Option<u8>,
+    /// Byte and word order of multi-register types, named as in most PLC manuals and Telegraf:
+    /// `ABCD` (big-endian, high word first; the default), `CDAB` (word order reversed, low word
+    /// first), `BADC` (bytes swapped in each word), `DCBA` (little-endian). For 16-bit types and
+    /// `bit`, `BADC` and `DCBA` swap the register's two bytes.
     #[serde(default)]
     pub byte_order: ByteOrder,
     /// Multiplier applied to the decoded number: value = raw * scale + offset.
@@ -227,44 +273,132 @@ pub struct ModbusTag {
     pub offset: f64,
     /// Engineering unit carried with every reading (for example `degC`, `bar`, `A`, `kWh`).
     pub unit: Option<String>,
+    /// Engineering range `[min, max]` of the scaled value. A value outside it is clamped to the
+    /// nearer limit and its quality becomes `uncertain` (a broken sensor or a wrong scale).
+    pub range: Option<[f64; 2]>,
+    /// Report by exception: a value is sent only when it differs from the last sent value by
+    /// more than this (in engineering units), or when `heartbeat` is due. Leave out to keep
+    /// every sample.
+    pub deadband: Option<f64>,
+    /// Report by exception like `deadband`, but relative: more than this percentage of the last
+    /// sent value's magnitude. Use either `deadband` or `deadband_percent`.
+    pub deadband_percent: Option<f64>,
+    /// With a deadband, send the value at least this often even when it has not changed, so a
+    /// quiet tag still proves it is alive. Alone (no deadband), any change is sent at once and
+    /// an unchanged value every `heartbeat`.
+    pub heartbeat: Option<ConfigDuration>,
 }
 
 impl ModbusTag {
     fn default_scale() -> f64 {
         1.0
     }
+
+    /// A tag with every optional key at its default (scale 1, no transform, every sample kept).
+    pub fn new(
+        name: impl Into<String>,
+        register: RegisterKind,
+        address: u16,
+        data_type: DataType,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            register,
+            address,
+            data_type,
+            bit: None,
+            byte_order: ByteOrder::default(),
+            scale: Self::default_scale(),
+            offset: 0.0,
+            unit: None,
+            range: None,
+            deadband: None,
+            deadband_percent: None,
+            heartbeat: None,
+        }
+    }
 }
 
-/// Modbus register tables the agent reads.
+/// Modbus tables the agent reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegisterKind {
+    /// Coils: read/write bits, function 1.
+    Coil,
+    /// Discrete inputs: read-only bits, function 2.
+    Discrete,
+    /// Holding registers: read/write 16-bit words, function 3.
     Holding,
+    /// Input registers: read-only 16-bit words, function 4.
     Input,
 }
 
-/// Register data types.
+impl RegisterKind {
+    /// Whether the table holds single bits (coils, discrete inputs) rather than 16-bit words.
+    pub fn is_bits(self) -> bool {
+        matches!(self, RegisterKind::Coil | RegisterKind::Discrete)
+    }
+
+    /// The name as written in the sensor map.
+    pub fn name(self) -> &'static str {
+        match self {
+            RegisterKind::Coil => "coil",
+            RegisterKind::Discrete => "discrete",
+            RegisterKind::Holding => "holding",
+            RegisterKind::Input => "input",
+        }
+    }
+}
+
+/// Value types. Fixed-length ASCII strings are not supported: the batch contract's value column
+/// is a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataType {
+    /// One coil or discrete input: 0.0 or 1.0.
+    Bool,
+    /// One bit of a holding or input register (see [`ModbusTag::bit`]): 0.0 or 1.0.
+    Bit,
     U16,
     I16,
     U32,
     I32,
+    U64,
+    I64,
     F32,
+    F64,
 }
 
 impl DataType {
-    /// How many 16-bit registers one value occupies.
+    /// How many 16-bit registers (or, for `bool`, bits) one value occupies.
     pub fn register_count(self) -> u16 {
         match self {
-            DataType::U16 | DataType::I16 => 1,
+            DataType::Bool | DataType::Bit | DataType::U16 | DataType::I16 => 1,
             DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+        }
+    }
+
+    /// The name as written in the sensor map.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataType::Bool => "bool",
+            DataType::Bit => "bit",
+            DataType::U16 => "u16",
+            DataType::I16 => "i16",
+            DataType::U32 => "u32",
+            DataType::I32 => "i32",
+            DataType::U64 => "u64",
+            DataType::I64 => "i64",
+            DataType::F32 => "f32",
+            DataType::F64 => "f64",
         }
     }
 }
 
 /// Byte order of multi-register values; letters name the bytes of the value, A most significant.
+/// For 64-bit values the same four names generalise as in Telegraf: `ABCD` big-endian, `CDAB`
+/// word order reversed, `BADC` bytes swapped in each word, `DCBA` little-endian.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum ByteOrder {
     #[default]

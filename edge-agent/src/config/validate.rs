@@ -11,7 +11,9 @@ use std::fmt;
 use std::time::Duration;
 
 use super::ConfigDuration;
-use super::model::{AgentConfig, DataType, ModbusDevice, ModbusTag, RegisterKind, UploadConfig};
+use super::model::{
+    Addressing, AgentConfig, DataType, ModbusDevice, ModbusTag, RegisterKind, UploadConfig,
+};
 use crate::contract;
 
 /// The shortest poll interval accepted: faster polling overloads most PLCs' communication
@@ -258,7 +260,7 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
         } else {
             first_use.insert(&tag.name, j);
         }
-        check_tag(problems, &tag_key, tag);
+        check_tag(problems, &tag_key, tag, device);
         for earlier in &device.tags[..j] {
             if earlier.register == tag.register && overlaps(earlier, tag) {
                 problems.push(Problem::new(
@@ -276,7 +278,7 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
     }
 }
 
-fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag) {
+fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, device: &ModbusDevice) {
     if tag.name.is_empty() {
         problems.push(Problem::new(
             format!("{key}.name"),
@@ -291,18 +293,8 @@ fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag) {
             ),
         ));
     }
-    let last = u32::from(tag.address) + u32::from(tag.data_type.register_count()) - 1;
-    if last > u32::from(u16::MAX) {
-        problems.push(Problem::new(
-            format!("{key}.address"),
-            format!(
-                "{} at address {} ends past the last register 65535; use an address of at most {}",
-                type_name(tag.data_type),
-                tag.address,
-                u16::MAX - (tag.data_type.register_count() - 1)
-            ),
-        ));
-    }
+    check_type(problems, key, tag);
+    check_address(problems, key, tag, device.addressing);
     if !tag.scale.is_finite() || tag.scale == 0.0 {
         problems.push(Problem::new(
             format!("{key}.scale"),
@@ -327,6 +319,126 @@ fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag) {
             "the unit is empty; name the unit, for example unit = \"degC\", or leave the key out",
         ));
     }
+    check_transform(problems, key, tag, device);
+}
+
+/// The type must fit the table: coils and discrete inputs hold bits, registers hold words.
+fn check_type(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag) {
+    let type_name = tag.data_type.name();
+    if tag.register.is_bits() && tag.data_type != DataType::Bool {
+        problems.push(Problem::new(
+            format!("{key}.type"),
+            format!(
+                "{type_name} cannot be read from a {}, which holds a single bit; use type = \"bool\", or register = \"holding\" or \"input\" for {type_name}",
+                table_name(tag.register)
+            ),
+        ));
+    }
+    if !tag.register.is_bits() && tag.data_type == DataType::Bool {
+        problems.push(Problem::new(
+            format!("{key}.type"),
+            format!(
+                "bool is for coils and discrete inputs; use register = \"coil\" or \"discrete\", or type = \"bit\" with bit = 0..15 for one bit of the {} register",
+                tag.register.name()
+            ),
+        ));
+    }
+    match (tag.data_type, tag.bit) {
+        (DataType::Bit, None) => problems.push(Problem::new(
+            format!("{key}.bit"),
+            "type = \"bit\" needs the bit number; add bit = 0 (least significant) to 15",
+        )),
+        (DataType::Bit, Some(bit)) if bit > 15 => problems.push(Problem::new(
+            format!("{key}.bit"),
+            format!(
+                "bit {bit} does not exist in a 16-bit register; use 0 (least significant) to 15"
+            ),
+        )),
+        (DataType::Bit, Some(_)) | (_, None) => {}
+        (_, Some(bit)) => problems.push(Problem::new(
+            format!("{key}.bit"),
+            format!("bit = {bit} only applies to type = \"bit\"; remove it, or set type = \"bit\""),
+        )),
+    }
+}
+
+/// The tag's registers must exist on the wire once the device's addressing is applied.
+fn check_address(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, addressing: Addressing) {
+    let Some(wire) = addressing.wire_address(tag.address) else {
+        problems.push(Problem::new(
+            format!("{key}.address"),
+            "address 0 does not exist with addressing = \"one_based\" (the first register is 1); use 1 or more, or set addressing = \"zero_based\" on the device",
+        ));
+        return;
+    };
+    let count = u32::from(tag.data_type.register_count());
+    if u32::from(wire) + count - 1 > u32::from(u16::MAX) {
+        // The last address that exists, counted the way this device counts.
+        let last = u32::from(u16::MAX) + u32::from(tag.address - wire);
+        let counting = match addressing {
+            Addressing::ZeroBased => "",
+            Addressing::OneBased => " (one-based)",
+        };
+        problems.push(Problem::new(
+            format!("{key}.address"),
+            format!(
+                "{} at address {} ends past the last register {last}{counting}; use an address of at most {}",
+                tag.data_type.name(),
+                tag.address,
+                last - (count - 1)
+            ),
+        ));
+    }
+}
+
+/// Range, deadband and heartbeat.
+fn check_transform(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, device: &ModbusDevice) {
+    if let Some([min, max]) = tag.range
+        && !(min.is_finite() && max.is_finite() && min < max)
+    {
+        problems.push(Problem::new(
+            format!("{key}.range"),
+            format!(
+                "range [{min}, {max}] is empty or not finite; write it as [min, max] with min below max, for example range = [0, 100]"
+            ),
+        ));
+    }
+    if let Some(deadband) = tag.deadband
+        && !(deadband.is_finite() && deadband >= 0.0)
+    {
+        problems.push(Problem::new(
+            format!("{key}.deadband"),
+            format!(
+                "deadband {deadband} is not a finite number of at least 0; use the smallest change worth sending, in engineering units, for example deadband = 0.5"
+            ),
+        ));
+    }
+    if let Some(percent) = tag.deadband_percent {
+        if tag.deadband.is_some() {
+            problems.push(Problem::new(
+                format!("{key}.deadband_percent"),
+                "both deadband and deadband_percent are set; keep one of them",
+            ));
+        } else if !(percent.is_finite() && percent >= 0.0) {
+            problems.push(Problem::new(
+                format!("{key}.deadband_percent"),
+                format!(
+                    "deadband_percent {percent} is not a finite percentage of at least 0; use for example deadband_percent = 1.0 (1 % of the last sent value)"
+                ),
+            ));
+        }
+    }
+    if let Some(heartbeat) = tag.heartbeat
+        && heartbeat.0 < device.poll_interval.0
+    {
+        problems.push(Problem::new(
+            format!("{key}.heartbeat"),
+            format!(
+                "heartbeat {heartbeat} is shorter than the device's poll_interval {}, so every sample would be sent; use at least the poll interval, for example heartbeat = \"60s\"",
+                device.poll_interval
+            ),
+        ));
+    }
 }
 
 /// The first and last register a tag occupies, widened so a range past 65535 can be described.
@@ -336,29 +448,32 @@ fn register_range(tag: &ModbusTag) -> (u32, u32) {
 }
 
 fn overlaps(a: &ModbusTag, b: &ModbusTag) -> bool {
+    // A `bit` tag reads one bit of a register that may also be read whole (a status word and
+    // its flags): it collides only with a `bit` tag naming the same bit.
+    if a.data_type == DataType::Bit || b.data_type == DataType::Bit {
+        return a.data_type == b.data_type && a.address == b.address && a.bit == b.bit;
+    }
     let (a_first, a_last) = register_range(a);
     let (b_first, b_last) = register_range(b);
     a_first <= b_last && b_first <= a_last
 }
 
-fn describe_registers(tag: &ModbusTag) -> String {
-    let kind = match tag.register {
-        RegisterKind::Holding => "holding",
-        RegisterKind::Input => "input",
-    };
-    match register_range(tag) {
-        (first, last) if first == last => format!("{kind} register {first}"),
-        (first, last) => format!("{kind} registers {first}-{last}"),
+/// A table's name as a plant engineer says it, for "a coil", "a holding register".
+fn table_name(kind: RegisterKind) -> &'static str {
+    match kind {
+        RegisterKind::Coil => "coil",
+        RegisterKind::Discrete => "discrete input",
+        RegisterKind::Holding => "holding register",
+        RegisterKind::Input => "input register",
     }
 }
 
-fn type_name(data_type: DataType) -> &'static str {
-    match data_type {
-        DataType::U16 => "u16",
-        DataType::I16 => "i16",
-        DataType::U32 => "u32",
-        DataType::I32 => "i32",
-        DataType::F32 => "f32",
+fn describe_registers(tag: &ModbusTag) -> String {
+    let table = table_name(tag.register);
+    match (register_range(tag), tag.data_type, tag.bit) {
+        ((first, _), DataType::Bit, Some(bit)) => format!("bit {bit} of {table} {first}"),
+        ((first, last), _, _) if first == last => format!("{table} {first}"),
+        ((first, last), _, _) => format!("{table}s {first}-{last}"),
     }
 }
 
@@ -559,5 +674,94 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].line, None);
         assert_eq!(found[0].key, "modbus[0].tags[0].scale");
+    }
+
+    #[test]
+    fn types_must_fit_the_register_kind() {
+        let tags = tag("speed", "coil", 0, "f32")
+            + &tag("running", "holding", 2, "bool")
+            + &tag("fault", "holding", 3, "bit")
+            + &tag("alarm", "holding", 4, "bit")
+            + "bit = 16\n"
+            + &tag("level", "holding", 5, "u16")
+            + "bit = 3\n"
+            + &tag("door", "discrete", 0, "bool")
+            + &tag("pump", "coil", 2, "bool");
+        let text = format!("{HEAD}{}", device("press-3", &tags));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:12: modbus[0].tags[0].type: f32 cannot be read from a coil, which holds a single bit; use type = \"bool\", or register = \"holding\" or \"input\" for f32",
+                "plant.toml:17: modbus[0].tags[1].type: bool is for coils and discrete inputs; use register = \"coil\" or \"discrete\", or type = \"bit\" with bit = 0..15 for one bit of the holding register",
+                "plant.toml:18: modbus[0].tags[2].bit: type = \"bit\" needs the bit number; add bit = 0 (least significant) to 15",
+                "plant.toml:28: modbus[0].tags[3].bit: bit 16 does not exist in a 16-bit register; use 0 (least significant) to 15",
+                "plant.toml:34: modbus[0].tags[4].bit: bit = 3 only applies to type = \"bit\"; remove it, or set type = \"bit\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn bits_of_one_register_collide_only_when_they_repeat() {
+        let tags = tag("running", "holding", 20, "bit")
+            + "bit = 0\n"
+            + &tag("fault", "holding", 20, "bit")
+            + "bit = 1\n"
+            + &tag("running_again", "holding", 20, "bit")
+            + "bit = 0\n"
+            + &tag("status_word", "holding", 20, "u16")
+            + &tag("pump", "coil", 20, "bool")
+            + &tag("pump_again", "coil", 20, "bool");
+        let text = format!("{HEAD}{}", device("press-3", &tags));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:23: modbus[0].tags[2].address: tag `running_again` (bit 0 of holding register 20) overlaps tag `running` (bit 0 of holding register 20); give each tag its own registers",
+                "plant.toml:39: modbus[0].tags[5].address: tag `pump_again` (coil 20) overlaps tag `pump` (coil 20); give each tag its own registers",
+            ]
+        );
+    }
+
+    #[test]
+    fn addresses_are_checked_after_the_devices_addressing() {
+        let one_based = "addressing = \"one_based\"\n".to_owned()
+            + &tag("zero", "holding", 0, "u16")
+            + &tag("long", "holding", 65534, "u64")
+            + &tag("first", "holding", 1, "u16");
+        let zero_based = tag("double", "input", 65533, "f64") + &tag("fits", "input", 100, "i64");
+        let text = format!(
+            "{HEAD}{}{}",
+            device("press-3", &one_based),
+            device("oven-2", &zero_based)
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:12: modbus[0].tags[0].address: address 0 does not exist with addressing = \"one_based\" (the first register is 1); use 1 or more, or set addressing = \"zero_based\" on the device",
+                "plant.toml:17: modbus[0].tags[1].address: u64 at address 65534 ends past the last register 65536 (one-based); use an address of at most 65533",
+                "plant.toml:30: modbus[1].tags[0].address: f64 at address 65533 ends past the last register 65535; use an address of at most 65532",
+            ]
+        );
+    }
+
+    #[test]
+    fn range_deadband_and_heartbeat_must_be_usable() {
+        let tags = tag("a", "holding", 0, "i16")
+            + "range = [150.0, -20.0]\ndeadband = -1.0\ndeadband_percent = 5.0\nheartbeat = \"500ms\"\n"
+            + &tag("b", "holding", 1, "i16")
+            + "deadband_percent = -3.0\nrange = [0.0, inf]\n"
+            + &tag("c", "holding", 2, "i16")
+            + "range = [-20.0, 150.0]\ndeadband_percent = 2.5\nheartbeat = \"1s\"\n";
+        let text = format!("{HEAD}{}", device("press-3", &tags));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:13: modbus[0].tags[0].range: range [150, -20] is empty or not finite; write it as [min, max] with min below max, for example range = [0, 100]",
+                "plant.toml:14: modbus[0].tags[0].deadband: deadband -1 is not a finite number of at least 0; use the smallest change worth sending, in engineering units, for example deadband = 0.5",
+                "plant.toml:15: modbus[0].tags[0].deadband_percent: both deadband and deadband_percent are set; keep one of them",
+                "plant.toml:16: modbus[0].tags[0].heartbeat: heartbeat 500ms is shorter than the device's poll_interval 1s, so every sample would be sent; use at least the poll interval, for example heartbeat = \"60s\"",
+                "plant.toml:22: modbus[0].tags[1].deadband_percent: deadband_percent -3 is not a finite percentage of at least 0; use for example deadband_percent = 1.0 (1 % of the last sent value)",
+                "plant.toml:23: modbus[0].tags[1].range: range [0, inf] is empty or not finite; write it as [min, max] with min below max, for example range = [0, 100]",
+            ]
+        );
     }
 }

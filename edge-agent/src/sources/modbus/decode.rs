@@ -1,4 +1,4 @@
-//! Turning register words into engineering values.
+//! Turning register words and bits into engineering values.
 //!
 //! A Modbus register is 16 bits sent high byte first. Values wider than one register are spread
 //! over consecutive registers in an order that varies by vendor; the [`ByteOrder`] letters name
@@ -11,27 +11,43 @@
 //! | `BADC` | `B A`          | `D C`           | some byte-swapping gateways      |
 //! | `DCBA` | `D C`          | `B A`           | little-endian devices            |
 //!
-//! A 16-bit value has bytes `A B` only: `ABCD` and `CDAB` read it as sent, `BADC` and `DCBA`
-//! swap its two bytes.
+//! 64-bit values (bytes `A`..`H`) follow the same two rules, as Telegraf's modbus input does:
+//! `CDAB` and `DCBA` reverse the order of the words (`GH EF CD AB`), `BADC` and `DCBA` swap the
+//! bytes inside each word (`BA DC FE HG`). A 16-bit value has bytes `A B` only: `ABCD` and `CDAB`
+//! read it as sent, `BADC` and `DCBA` swap its two bytes; `bit` numbers the bits of that
+//! 16-bit value, 0 being the least significant.
 
 use crate::config::{ByteOrder, DataType};
 
 /// Register words that cannot be decoded as the configured type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// The device answered with a different number of registers than the type needs.
+    /// The device answered with a different number of registers (or bits) than the type needs.
     #[error("{} needs {expected} register(s), the device sent {found}", type_name(*.data_type))]
     WordCount {
         data_type: DataType,
         expected: usize,
         found: usize,
     },
-    /// The registers hold a float that is not a number (NaN or infinite).
+    /// The registers hold an `f32` that is not a number (NaN or infinite).
     #[error("the registers hold a float that is not a finite number ({raw:#010x})")]
     NotFinite { raw: u32 },
+    /// The registers hold an `f64` that is not a number (NaN or infinite).
+    #[error("the registers hold a float that is not a finite number ({raw:#018x})")]
+    NotFinite64 { raw: u64 },
+    /// `bool` and `bit` are not decoded from words alone: `bool` comes from a coil or discrete
+    /// input ([`decode_bool`]), `bit` needs its bit number ([`decode_bit`]).
+    #[error("{} is not decoded from register words alone; use {}", type_name(*.data_type), match .data_type { DataType::Bit => "decode_bit with the bit number", _ => "decode_bool on the coil or discrete input" })]
+    NotAWordType { data_type: DataType },
+    /// Only `bool` is read from coils and discrete inputs.
+    #[error("{} cannot be read from coils or discrete inputs, which hold single bits; use bool", type_name(*.data_type))]
+    NotABitType { data_type: DataType },
+    /// A bit number past the 16 bits of a register.
+    #[error("bit {bit} does not exist in a 16-bit register (bits 0 to 15)")]
+    BitOutOfRange { bit: u8 },
 }
 
-/// Decodes the raw registers of one value, before scaling.
+/// Decodes the raw registers of one word-typed value (`u16` to `f64`), before scaling.
 pub fn decode(
     words: &[u16],
     data_type: DataType,
@@ -46,17 +62,35 @@ pub fn decode(
         });
     }
     let value = match data_type {
+        DataType::Bool | DataType::Bit => return Err(DecodeError::NotAWordType { data_type }),
         DataType::U16 => f64::from(word16(words[0], byte_order)),
         DataType::I16 => f64::from(word16(words[0], byte_order).cast_signed()),
-        DataType::U32 => f64::from(word32(words[0], words[1], byte_order)),
-        DataType::I32 => f64::from(word32(words[0], words[1], byte_order).cast_signed()),
+        DataType::U32 => f64::from(u32::from_be_bytes(value_bytes(words, byte_order))),
+        DataType::I32 => f64::from(i32::from_be_bytes(value_bytes(words, byte_order))),
         DataType::F32 => {
-            let raw = word32(words[0], words[1], byte_order);
+            let raw = u32::from_be_bytes(value_bytes(words, byte_order));
             let value = f32::from_bits(raw);
             if !value.is_finite() {
                 return Err(DecodeError::NotFinite { raw });
             }
             f64::from(value)
+        }
+        DataType::U64 | DataType::I64 | DataType::F64 => {
+            let raw = u64::from_be_bytes(value_bytes(words, byte_order));
+            match data_type {
+                // The value column is f64: beyond 2^53 the nearest f64 is the documented result.
+                #[allow(clippy::cast_precision_loss)]
+                DataType::U64 => raw as f64,
+                #[allow(clippy::cast_precision_loss)]
+                DataType::I64 => raw.cast_signed() as f64,
+                _ => {
+                    let value = f64::from_bits(raw);
+                    if !value.is_finite() {
+                        return Err(DecodeError::NotFinite64 { raw });
+                    }
+                    value
+                }
+            }
         }
     };
     Ok(value)
@@ -73,6 +107,54 @@ pub fn decode_scaled(
     decode(words, data_type, byte_order).map(|raw| apply_scale(raw, scale, offset))
 }
 
+/// Bit `bit` (0 = least significant) of a register, after `byte_order`'s byte swap: 0.0 or 1.0.
+pub fn decode_bit(word: u16, bit: u8, byte_order: ByteOrder) -> Result<f64, DecodeError> {
+    if bit > 15 {
+        return Err(DecodeError::BitOutOfRange { bit });
+    }
+    Ok(f64::from((word16(word, byte_order) >> bit) & 1))
+}
+
+/// A coil or discrete input: 0.0 or 1.0.
+pub fn decode_bool(bit: bool) -> f64 {
+    f64::from(u8::from(bit))
+}
+
+/// Decodes the bits a coil or discrete input read answered (only the first is used), before
+/// scaling. Only `bool` fits these tables.
+pub fn decode_bits(bits: &[bool], data_type: DataType) -> Result<f64, DecodeError> {
+    if data_type != DataType::Bool {
+        return Err(DecodeError::NotABitType { data_type });
+    }
+    match bits {
+        [bit, ..] => Ok(decode_bool(*bit)),
+        [] => Err(DecodeError::WordCount {
+            data_type,
+            expected: 1,
+            found: 0,
+        }),
+    }
+}
+
+/// Decodes the registers of one tag of a holding or input register table, before scaling:
+/// `bit` takes bit `bit` of the first word, every other type goes through [`decode`].
+pub fn decode_words(
+    words: &[u16],
+    data_type: DataType,
+    bit: Option<u8>,
+    byte_order: ByteOrder,
+) -> Result<f64, DecodeError> {
+    match (data_type, bit, words) {
+        (DataType::Bit, Some(bit), [word]) => decode_bit(*word, bit, byte_order),
+        (DataType::Bit, Some(_), _) => Err(DecodeError::WordCount {
+            data_type,
+            expected: 1,
+            found: words.len(),
+        }),
+        _ => decode(words, data_type, byte_order),
+    }
+}
+
 /// `raw * scale + offset`, computed as written (no fused multiply-add) so that a consumer
 /// recomputing it gets the same bits. A float tag with `scale = 1` and `offset = 0` keeps its
 /// exact `f32` value widened to `f64` (123.456 reads as 123.45600128173828).
@@ -82,13 +164,7 @@ pub fn apply_scale(raw: f64, scale: f64, offset: f64) -> f64 {
 
 /// The type's name as written in the sensor map.
 pub fn type_name(data_type: DataType) -> &'static str {
-    match data_type {
-        DataType::U16 => "u16",
-        DataType::I16 => "i16",
-        DataType::U32 => "u32",
-        DataType::I32 => "i32",
-        DataType::F32 => "f32",
-    }
+    data_type.name()
 }
 
 fn word16(word: u16, order: ByteOrder) -> u16 {
@@ -98,17 +174,18 @@ fn word16(word: u16, order: ByteOrder) -> u16 {
     }
 }
 
-fn word32(first: u16, second: u16, order: ByteOrder) -> u32 {
-    let [b0, b1] = first.to_be_bytes();
-    let [b2, b3] = second.to_be_bytes();
-    // Put the wire bytes back in A B C D order.
-    let abcd = match order {
-        ByteOrder::ABCD => [b0, b1, b2, b3],
-        ByteOrder::CDAB => [b2, b3, b0, b1],
-        ByteOrder::BADC => [b1, b0, b3, b2],
-        ByteOrder::DCBA => [b3, b2, b1, b0],
-    };
-    u32::from_be_bytes(abcd)
+/// The value's bytes, most significant first, from its `N / 2` registers in wire order (the
+/// caller has checked the count).
+fn value_bytes<const N: usize>(words: &[u16], order: ByteOrder) -> [u8; N] {
+    let mut in_order: Vec<u16> = words.iter().map(|&word| word16(word, order)).collect();
+    if matches!(order, ByteOrder::CDAB | ByteOrder::DCBA) {
+        in_order.reverse();
+    }
+    let mut bytes = [0; N];
+    for (pair, word) in bytes.chunks_exact_mut(2).zip(in_order) {
+        pair.copy_from_slice(&word.to_be_bytes());
+    }
+    bytes
 }
 
 #[cfg(test)]
@@ -240,6 +317,82 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "f32 needs 2 register(s), the device sent 1"
+        );
+    }
+
+    #[test]
+    fn sixty_four_bit_types_generalise_the_four_orders() {
+        // The bytes 01 02 .. 08 as each order sends them (Telegraf's generalisation).
+        let wire = [
+            (ByteOrder::ABCD, [0x0102, 0x0304, 0x0506, 0x0708]),
+            (ByteOrder::CDAB, [0x0708, 0x0506, 0x0304, 0x0102]),
+            (ByteOrder::BADC, [0x0201, 0x0403, 0x0605, 0x0807]),
+            (ByteOrder::DCBA, [0x0807, 0x0605, 0x0403, 0x0201]),
+        ];
+        for (order, words) in wire {
+            // 0x0102030405060708 needs 57 bits: the value column holds the nearest f64.
+            assert_eq!(
+                decode(&words, DataType::U64, order),
+                Ok(72_623_859_790_382_856.0),
+                "{order:?}"
+            );
+        }
+        // 1.5 is 0x3FF8000000000000; -2 is 0xFFFF_FFFF_FFFF_FFFE.
+        assert_eq!(
+            decode(&[0, 0, 0, 0x3FF8], DataType::F64, ByteOrder::CDAB),
+            Ok(1.5)
+        );
+        assert_eq!(
+            decode(&[0xF83F, 0, 0, 0], DataType::F64, ByteOrder::BADC),
+            Ok(1.5)
+        );
+        assert_eq!(
+            decode(
+                &[0xFEFF, 0xFFFF, 0xFFFF, 0xFFFF],
+                DataType::I64,
+                ByteOrder::DCBA
+            ),
+            Ok(-2.0)
+        );
+        assert_eq!(
+            decode(&[0x20, 0, 0, 0], DataType::U64, ByteOrder::ABCD),
+            Ok(9_007_199_254_740_992.0)
+        );
+        assert_eq!(
+            decode(&[0x7FF8, 0, 0, 0], DataType::F64, ByteOrder::ABCD),
+            Err(DecodeError::NotFinite64 {
+                raw: 0x7FF8_0000_0000_0000
+            })
+        );
+        assert_eq!(
+            decode(&[1, 2], DataType::F64, ByteOrder::ABCD)
+                .unwrap_err()
+                .to_string(),
+            "f64 needs 4 register(s), the device sent 2"
+        );
+    }
+
+    #[test]
+    fn bits_and_bools_read_zero_or_one() {
+        // 0x8005: bits 0, 2 and 15 set.
+        let read = |bit| decode_bit(0x8005, bit, ByteOrder::ABCD);
+        assert_eq!(
+            (read(0), read(1), read(2), read(15)),
+            (Ok(1.0), Ok(0.0), Ok(1.0), Ok(1.0))
+        );
+        // Byte-swapped devices send 0x0580 for the same status word.
+        assert_eq!(decode_bit(0x0580, 15, ByteOrder::BADC), Ok(1.0));
+        assert_eq!(decode_bit(0x0580, 7, ByteOrder::DCBA), Ok(0.0));
+        assert_eq!(
+            decode_bit(0x8005, 16, ByteOrder::ABCD),
+            Err(DecodeError::BitOutOfRange { bit: 16 })
+        );
+        assert_eq!((decode_bool(true), decode_bool(false)), (1.0, 0.0));
+        assert_eq!(
+            decode(&[1], DataType::Bit, ByteOrder::ABCD)
+                .unwrap_err()
+                .to_string(),
+            "bit is not decoded from register words alone; use decode_bit with the bit number"
         );
     }
 }

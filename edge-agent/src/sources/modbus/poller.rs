@@ -1,9 +1,13 @@
 //! One polling task per Modbus TCP device.
 //!
 //! # What always holds
-//! - Every poll tick yields exactly one reading per tag, good or bad: while the device is
-//!   unreachable its tags are reported `bad` at the poll rate, so an outage is visible in the
-//!   data, not only in the logs.
+//! - Every poll tick reads every tag once. Without report by exception (the default) every tick
+//!   yields exactly one reading per tag, good, uncertain or bad: while the device is unreachable
+//!   its tags are reported `bad` at the poll rate, so an outage is visible in the data, not only
+//!   in the logs. A tag with a deadband or heartbeat sends what [`ExceptionFilter`] lets
+//!   through, which always includes quality changes.
+//! - Addresses are converted to wire addresses here, once, by the device's `addressing`; errors
+//!   and logs name the address as the sensor map wrote it.
 //! - A Modbus exception or an undecodable answer makes that tag's reading `bad`; the other tags
 //!   and the connection are unaffected.
 //! - After a timeout, a transport error or a garbled answer the connection is dropped, because a
@@ -26,8 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::decode::{self, DecodeError};
+use super::transform::{self, ExceptionFilter};
 use crate::Reading;
-use crate::config::{ModbusDevice, ModbusTag, RegisterKind};
+use crate::config::{Addressing, ModbusDevice, ModbusTag, RegisterKind};
 use crate::contract::Quality;
 
 /// First reconnect delay after a failure.
@@ -54,29 +59,36 @@ pub enum PollError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The configured address has no wire address (0 under one-based addressing).
+    #[error("{kind} {address} does not exist with addressing = \"{}\"", addressing.name())]
+    NoSuchAddress {
+        kind: &'static str,
+        address: u16,
+        addressing: Addressing,
+    },
     /// The device did not answer within the configured timeout.
-    #[error("no answer within {timeout:?} for {kind} register {address}")]
+    #[error("no answer within {timeout:?} for {kind} {address}")]
     Timeout {
         kind: &'static str,
         address: u16,
         timeout: Duration,
     },
     /// The device answered with a Modbus exception.
-    #[error("the device refused {kind} register {address}: {code}")]
+    #[error("the device refused {kind} {address}: {code}")]
     Exception {
         kind: &'static str,
         address: u16,
         code: ExceptionCode,
     },
     /// The connection broke or the device answered out of protocol.
-    #[error("transport error reading {kind} register {address}: {source}")]
+    #[error("transport error reading {kind} {address}: {source}")]
     Transport {
         kind: &'static str,
         address: u16,
         source: tokio_modbus::Error,
     },
     /// The answer arrived but could not be decoded as the configured type.
-    #[error("{kind} register {address}: {source}")]
+    #[error("{kind} {address}: {source}")]
     Decode {
         kind: &'static str,
         address: u16,
@@ -152,11 +164,14 @@ struct DevicePoller {
     retry_at: Instant,
     /// Whether each tag's last reading was good, to log changes only.
     tag_good: Vec<Option<bool>>,
+    /// Each tag's report-by-exception gate.
+    filters: Vec<ExceptionFilter>,
 }
 
 impl DevicePoller {
     fn new(device: ModbusDevice, tx: mpsc::Sender<Reading>, shutdown: CancellationToken) -> Self {
         let tags = device.tags.len();
+        let filters = device.tags.iter().map(ExceptionFilter::for_tag).collect();
         Self {
             device,
             tx,
@@ -166,6 +181,7 @@ impl DevicePoller {
             backoff: Backoff::new(),
             retry_at: Instant::now(),
             tag_good: vec![None; tags],
+            filters,
         }
     }
 
@@ -220,7 +236,7 @@ impl DevicePoller {
             let result = match self.conn.as_mut() {
                 Some(conn) => {
                     let tag = &self.device.tags[index];
-                    let read = read_tag(conn, tag, self.device.timeout.0);
+                    let read = read_tag(conn, tag, self.device.addressing, self.device.timeout.0);
                     tokio::select! {
                         () = self.shutdown.cancelled() => return false,
                         result = read => result,
@@ -231,7 +247,12 @@ impl DevicePoller {
                 }),
             };
             match &result {
-                Ok(_) | Err(PollError::Exception { .. } | PollError::Decode { .. }) => {
+                Ok(_)
+                | Err(
+                    PollError::Exception { .. }
+                    | PollError::Decode { .. }
+                    | PollError::NoSuchAddress { .. },
+                ) => {
                     // The device answered: the link works, whatever the answer was.
                     self.backoff.reset();
                 }
@@ -241,7 +262,9 @@ impl DevicePoller {
                 }
                 Err(_) => {}
             }
-            let reading = self.reading(index, ts_us, &result);
+            let Some(reading) = self.reading(index, ts_us, &result) else {
+                continue;
+            };
             tokio::select! {
                 () = self.shutdown.cancelled() => return false,
                 sent = self.tx.send(reading) => if sent.is_err() {
@@ -264,7 +287,13 @@ impl DevicePoller {
         self.link = Link::Down;
     }
 
-    fn reading(&mut self, index: usize, ts_us: i64, result: &Result<f64, PollError>) -> Reading {
+    /// The reading of one tag this tick, or `None` when report by exception holds it back.
+    fn reading(
+        &mut self,
+        index: usize,
+        ts_us: i64,
+        result: &Result<(f64, Quality), PollError>,
+    ) -> Option<Reading> {
         let tag = &self.device.tags[index];
         // While the device is down the link warning covers every tag, and a tag's own state is
         // left as it was: reconnecting does not log every tag "good again".
@@ -279,17 +308,20 @@ impl DevicePoller {
             }
         }
         let (value, quality) = match result {
-            Ok(value) => (Some(*value), Quality::Good),
+            Ok((value, quality)) => (Some(*value), *quality),
             Err(_) => (None, Quality::Bad),
         };
-        Reading {
+        if !self.filters[index].should_send(value, quality, Instant::now()) {
+            return None;
+        }
+        Some(Reading {
             ts_us,
             device: self.device.name.clone(),
             tag: tag.name.clone(),
             value,
             quality,
             unit: tag.unit.clone(),
-        }
+        })
     }
 }
 
@@ -329,18 +361,40 @@ async fn connect(device: &ModbusDevice) -> Result<Context, PollError> {
     }
 }
 
-/// Reads and decodes one tag with one request.
+/// The table's name in errors and logs, followed by the address.
+fn kind_name(kind: RegisterKind) -> &'static str {
+    match kind {
+        RegisterKind::Coil => "coil",
+        RegisterKind::Discrete => "discrete input",
+        RegisterKind::Holding => "holding register",
+        RegisterKind::Input => "input register",
+    }
+}
+
+/// Reads, decodes and transforms one tag with one request: the value after scale, offset and
+/// range, and its quality (`uncertain` when the range clamped it).
 async fn read_tag(
     conn: &mut Context,
     tag: &ModbusTag,
+    addressing: Addressing,
     timeout: Duration,
-) -> Result<f64, PollError> {
-    let count = tag.data_type.register_count();
-    let (kind, request) = match tag.register {
-        RegisterKind::Holding => ("holding", Request::ReadHoldingRegisters(tag.address, count)),
-        RegisterKind::Input => ("input", Request::ReadInputRegisters(tag.address, count)),
-    };
+) -> Result<(f64, Quality), PollError> {
+    let kind = kind_name(tag.register);
     let address = tag.address;
+    let Some(wire) = addressing.wire_address(address) else {
+        return Err(PollError::NoSuchAddress {
+            kind,
+            address,
+            addressing,
+        });
+    };
+    let count = tag.data_type.register_count();
+    let request = match tag.register {
+        RegisterKind::Coil => Request::ReadCoils(wire, count),
+        RegisterKind::Discrete => Request::ReadDiscreteInputs(wire, count),
+        RegisterKind::Holding => Request::ReadHoldingRegisters(wire, count),
+        RegisterKind::Input => Request::ReadInputRegisters(wire, count),
+    };
     // `Client::call` rather than `Reader::read_*`: those assert the register count in debug
     // builds, and a device that sends a short answer must not crash the agent.
     let response = match tokio::time::timeout(timeout, conn.call(request)).await {
@@ -367,8 +421,13 @@ async fn read_tag(
         }
         Ok(Ok(Ok(response))) => response,
     };
-    let words = match response {
-        Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => words,
+    let decoded = match response {
+        Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => {
+            decode::decode_words(&words, tag.data_type, tag.bit, tag.byte_order)
+        }
+        Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
+            decode::decode_bits(&bits, tag.data_type)
+        }
         // The client already refuses answers with another function code; should a future
         // version not, a mismatched answer still only costs this reading.
         other => {
@@ -377,18 +436,18 @@ async fn read_tag(
                 address,
                 source: tokio_modbus::Error::Transport(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("a register read was answered with {other:?}"),
+                    format!("a read was answered with {other:?}"),
                 )),
             });
         }
     };
-    decode::decode_scaled(&words, tag.data_type, tag.byte_order, tag.scale, tag.offset).map_err(
-        |source| PollError::Decode {
+    decoded
+        .map(|raw| transform::apply(raw, tag))
+        .map_err(|source| PollError::Decode {
             kind,
             address,
             source,
-        },
-    )
+        })
 }
 
 fn wall_clock_us() -> i64 {

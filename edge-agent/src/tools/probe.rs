@@ -1,0 +1,582 @@
+//! `edge-agent probe`: reads a device now and shows what the agent would record, so a plant
+//! engineer can check a sensor-map line (or a register from the PLC's manual) before deploying.
+//!
+//! Two modes:
+//! - **Tags** ([`probe_tags`]): the device and its tags come from a sensor map; each selected tag
+//!   is read once with the device's host, port, unit id and timeout, and printed as one line with
+//!   the raw words, the decoded and scaled value with its unit, and the quality.
+//! - **Raw** ([`probe_raw`]): a register range read without a config; prints every word, and the
+//!   decoded values when a type is given.
+//!
+//! # What always holds
+//! - Every network call runs under a timeout; a probe never hangs on a silent device.
+//! - A tag line shows exactly what the agent would record: the same decoding
+//!   ([`decode_words`], [`decode_bits`]), the same scaling and range check ([`transform::apply`],
+//!   `uncertain` when clamped) and `bad` quality wherever the agent would record `bad`. The
+//!   device's `addressing` is applied, so a one-based map reads the same registers as the agent.
+//! - After a timeout or a broken answer the connection is reopened before the next tag, as the
+//!   agent does, so a late answer is never taken for the next tag's.
+//! - [`ProbeError::exit_code`] is 78 for a bad config or bad arguments and 1 when the device
+//!   did not answer or refused a request.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use tokio_modbus::client::{Client, Context};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
+
+use crate::config::{AgentConfig, ByteOrder, ConfigDuration, DataType, ModbusTag, RegisterKind};
+use crate::sources::modbus::decode::{decode_bits, decode_scaled, decode_words, type_name};
+use crate::sources::modbus::transform;
+
+/// The largest register count one read request may ask for (Modbus application protocol, 6.3).
+pub const MAX_REGISTERS_PER_READ: u16 = 125;
+/// The largest coil or discrete input count one read request may ask for (6.1, 6.2).
+pub const MAX_BITS_PER_READ: u16 = 2000;
+
+/// Exit code for a bad config or bad arguments (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit code when the device did not answer or refused a request.
+pub const EXIT_DEVICE: u8 = 1;
+
+/// Why a probe could not show a value.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The sensor map has no device of that name.
+    #[error("{}: no device `{device}` in the sensor map; use one of: {}", file.display(), known.join(", "))]
+    UnknownDevice {
+        file: PathBuf,
+        device: String,
+        known: Vec<String>,
+    },
+    /// The device has no tag of that name.
+    #[error("{}: device `{device}` has no tag `{tag}`; use one of: {}", file.display(), known.join(", "))]
+    UnknownTag {
+        file: PathBuf,
+        device: String,
+        tag: String,
+        known: Vec<String>,
+    },
+    /// The command-line arguments of a raw probe do not describe a valid read; every problem is
+    /// listed.
+    #[error("{}", problems.join("\n"))]
+    InvalidArguments { problems: Vec<String> },
+    /// The host name did not resolve.
+    #[error("cannot resolve {host}:{port} for {device}: {reason}")]
+    Resolve {
+        device: String,
+        host: String,
+        port: u16,
+        reason: String,
+    },
+    /// The TCP connection could not be opened.
+    #[error("cannot connect to {device}: {reason}")]
+    Connect { device: String, reason: String },
+    /// The device did not answer in time.
+    #[error("{device} did not answer within {timeout} reading {registers}")]
+    Timeout {
+        device: String,
+        registers: Registers,
+        timeout: ConfigDuration,
+    },
+    /// The device answered with a Modbus exception.
+    #[error("{device} refused {registers}: exception {} ({code})", u8::from(*code))]
+    Exception {
+        device: String,
+        registers: Registers,
+        code: ExceptionCode,
+    },
+    /// The connection broke or the device answered out of protocol.
+    #[error("{device} broke off reading {registers}: {reason}")]
+    Transport {
+        device: String,
+        registers: Registers,
+        reason: String,
+    },
+}
+
+impl ProbeError {
+    /// The process exit code for this outcome.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::UnknownDevice { .. }
+            | Self::UnknownTag { .. }
+            | Self::InvalidArguments { .. } => EXIT_CONFIG,
+            Self::Resolve { .. }
+            | Self::Connect { .. }
+            | Self::Timeout { .. }
+            | Self::Exception { .. }
+            | Self::Transport { .. } => EXIT_DEVICE,
+        }
+    }
+
+    /// Whether the connection must be reopened before the next request.
+    fn breaks_connection(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::Transport { .. })
+    }
+}
+
+/// A register range as named in messages: `holding 100` or `holding 100-101`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registers {
+    /// The table.
+    pub kind: RegisterKind,
+    /// First register address (zero-based, as on the wire).
+    pub first: u16,
+    /// How many registers.
+    pub count: u16,
+}
+
+impl fmt::Display for Registers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let last = u32::from(self.first) + u32::from(self.count.max(1)) - 1;
+        if last == u32::from(self.first) {
+            write!(f, "{} {}", self.kind.name(), self.first)
+        } else {
+            write!(f, "{} {}-{last}", self.kind.name(), self.first)
+        }
+    }
+}
+
+/// What a probe printed, and whether anything failed (exit code 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The output, one line per tag (tags mode) or per register and decoded value (raw mode).
+    pub lines: Vec<String>,
+    /// A tag could not be read because the device did not answer or refused the request.
+    pub device_failed: bool,
+}
+
+/// Where to connect and how the device is named in messages.
+struct Endpoint {
+    label: String,
+    host: String,
+    port: u16,
+    unit_id: u8,
+    timeout: ConfigDuration,
+}
+
+/// Reads the tags of `device` (all, or only `tag`) from a loaded sensor map once each.
+///
+/// `file` is the sensor map's path, for messages. A device that cannot be reached is an error;
+/// a tag the device refuses or does not answer is a `bad` line and sets
+/// [`Report::device_failed`].
+pub async fn probe_tags(
+    config: &AgentConfig,
+    file: &Path,
+    device: &str,
+    tag: Option<&str>,
+) -> Result<Report, ProbeError> {
+    let Some(dev) = config.modbus.iter().find(|d| d.name == device) else {
+        return Err(ProbeError::UnknownDevice {
+            file: file.to_owned(),
+            device: device.to_owned(),
+            known: config.modbus.iter().map(|d| d.name.clone()).collect(),
+        });
+    };
+    let tags: Vec<&ModbusTag> = match tag {
+        None => dev.tags.iter().collect(),
+        Some(name) => {
+            let Some(found) = dev.tags.iter().find(|t| t.name == name) else {
+                return Err(ProbeError::UnknownTag {
+                    file: file.to_owned(),
+                    device: device.to_owned(),
+                    tag: name.to_owned(),
+                    known: dev.tags.iter().map(|t| t.name.clone()).collect(),
+                });
+            };
+            vec![found]
+        }
+    };
+    let endpoint = Endpoint {
+        label: format!(
+            "{} (unit {} at {}:{})",
+            dev.name, dev.unit_id, dev.host, dev.port
+        ),
+        host: dev.host.clone(),
+        port: dev.port,
+        unit_id: dev.unit_id,
+        timeout: dev.timeout,
+    };
+
+    let mut conn = Some(connect(&endpoint).await?);
+    let mut report = Report {
+        lines: Vec::with_capacity(tags.len()),
+        device_failed: false,
+    };
+    for tag in tags {
+        // The sensor map's address may count from 1; the wire always counts from 0. A
+        // validated map has no address that maps to nothing.
+        let first = dev.addressing.wire_address(tag.address).unwrap_or(0);
+        let registers = Registers {
+            kind: tag.register,
+            first,
+            count: tag.data_type.register_count(),
+        };
+        let connection = match conn.as_mut() {
+            Some(connection) => connection,
+            None => conn.insert(connect(&endpoint).await?),
+        };
+        let place = match (tag.data_type, tag.bit) {
+            (DataType::Bit, Some(bit)) => format!("bit {bit} of {registers}"),
+            _ => registers.to_string(),
+        };
+        let line = match read(connection, &endpoint, &registers).await {
+            Ok(answer) => {
+                let (shown, decoded) = match &answer {
+                    Answer::Words(words) => (
+                        format_words(words),
+                        decode_words(words, tag.data_type, tag.bit, tag.byte_order),
+                    ),
+                    Answer::Bits(bits) => (format_bits(bits), decode_bits(bits, tag.data_type)),
+                };
+                let value = match decoded {
+                    Ok(raw) => {
+                        let (value, quality) = transform::apply(raw, tag);
+                        let quality = quality.as_str();
+                        match &tag.unit {
+                            Some(unit) => format!("{value} {unit}, {quality}"),
+                            None => format!("{value}, {quality}"),
+                        }
+                    }
+                    Err(err) => format!("bad: {err}"),
+                };
+                format!("{}: {place} = {shown} -> {value}", tag.name)
+            }
+            Err(err) => {
+                report.device_failed = true;
+                if err.breaks_connection() {
+                    conn = None;
+                }
+                format!("{}: {place} -> bad: {err}", tag.name)
+            }
+        };
+        report.lines.push(line);
+    }
+    if let Some(mut conn) = conn {
+        let _ = tokio::time::timeout(endpoint.timeout.0, conn.disconnect()).await;
+    }
+    Ok(report)
+}
+
+/// The arguments of a raw probe as given on the command line, before they are checked.
+#[derive(Debug, Clone)]
+pub struct RawArgs {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Modbus unit id.
+    pub unit_id: u8,
+    /// Register table as written in a sensor map (`holding`, `input`).
+    pub register: String,
+    /// First register, zero-based.
+    pub address: u16,
+    /// Registers to read; defaults to what one value of `data_type` needs, or 1.
+    pub count: Option<u16>,
+    /// Decode the words as this sensor-map type (`f32`, `u16`, ...).
+    pub data_type: Option<String>,
+    /// Byte order of the decoded type (`ABCD`, `CDAB`, `BADC`, `DCBA`).
+    pub byte_order: Option<String>,
+    /// Multiplier applied after decoding.
+    pub scale: Option<f64>,
+    /// Added after scaling.
+    pub offset: Option<f64>,
+    /// How long the device may take to connect and to answer.
+    pub timeout: ConfigDuration,
+}
+
+/// A checked raw probe.
+#[derive(Debug, Clone)]
+pub struct RawProbe {
+    host: String,
+    port: u16,
+    unit_id: u8,
+    registers: Registers,
+    decode: Option<RawDecode>,
+    timeout: ConfigDuration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RawDecode {
+    data_type: DataType,
+    byte_order: ByteOrder,
+    scale: f64,
+    offset: f64,
+}
+
+impl RawProbe {
+    /// Checks the arguments; every problem is reported at once, each naming the option and the fix.
+    pub fn new(args: RawArgs) -> Result<Self, ProbeError> {
+        let mut problems = Vec::new();
+        let register = parse_enum::<RegisterKind>(&args.register.to_ascii_lowercase())
+            .map_err(|e| problems.push(format!("--register {}: {e}", args.register)))
+            .ok();
+        let data_type = args.data_type.as_ref().and_then(|text| {
+            parse_enum::<DataType>(&text.to_ascii_lowercase())
+                .map_err(|e| problems.push(format!("--type {text}: {e}")))
+                .ok()
+        });
+        let byte_order = match &args.byte_order {
+            None => Some(ByteOrder::default()),
+            Some(text) => parse_enum::<ByteOrder>(&text.to_ascii_uppercase())
+                .map_err(|e| problems.push(format!("--byte-order {text}: {e}")))
+                .ok(),
+        };
+        if let (Some(register), Some(data_type)) = (register, data_type) {
+            problems.extend(type_misfit(register, data_type));
+        }
+        let scale = args.scale.unwrap_or(1.0);
+        if !scale.is_finite() || scale == 0.0 {
+            problems.push(format!(
+                "--scale {scale}: use a finite, non-zero multiplier such as 0.1"
+            ));
+        }
+        let offset = args.offset.unwrap_or(0.0);
+        if !offset.is_finite() {
+            problems.push(format!(
+                "--offset {offset}: use a finite number such as -40"
+            ));
+        }
+        let width = data_type.map_or(1, DataType::register_count);
+        let count = args.count.unwrap_or(width);
+        let max = if register.is_some_and(RegisterKind::is_bits) {
+            MAX_BITS_PER_READ
+        } else {
+            MAX_REGISTERS_PER_READ
+        };
+        if !(1..=max).contains(&count) {
+            problems.push(format!(
+                "--count {count}: one request reads 1 to {max} {}; use a count in that range",
+                if max == MAX_BITS_PER_READ {
+                    "bits"
+                } else {
+                    "registers"
+                }
+            ));
+        } else if u32::from(args.address) + u32::from(count) - 1 > u32::from(u16::MAX) {
+            problems.push(format!(
+                "--address {} --count {count}: the range ends past the last address 65535; use an address of at most {}",
+                args.address,
+                u16::MAX - (count - 1)
+            ));
+        }
+        if let Some(data_type) = data_type
+            && !count.is_multiple_of(width)
+        {
+            problems.push(format!(
+                "--count {count}: {} values take {width} registers each; use a multiple of {width}",
+                type_name(data_type)
+            ));
+        }
+        if args.timeout.0.is_zero() {
+            problems.push(
+                "--timeout 0s: a timeout of 0s fails every request; use for example 1s".to_owned(),
+            );
+        }
+        let (Some(register), Some(byte_order), true) = (register, byte_order, problems.is_empty())
+        else {
+            return Err(ProbeError::InvalidArguments { problems });
+        };
+        Ok(Self {
+            host: args.host,
+            port: args.port,
+            unit_id: args.unit_id,
+            registers: Registers {
+                kind: register,
+                first: args.address,
+                count,
+            },
+            decode: data_type.map(|data_type| RawDecode {
+                data_type,
+                byte_order,
+                scale,
+                offset,
+            }),
+            timeout: args.timeout,
+        })
+    }
+}
+
+/// Why `data_type` cannot be read from `register`, if it cannot.
+fn type_misfit(register: RegisterKind, data_type: DataType) -> Option<String> {
+    let fits = if register.is_bits() {
+        data_type == DataType::Bool
+    } else {
+        data_type != DataType::Bool && data_type != DataType::Bit
+    };
+    if fits {
+        return None;
+    }
+    let (table, fix) = if register.is_bits() {
+        ("bits", "--type bool or leave --type out")
+    } else {
+        (
+            "registers",
+            "a word type (u16, i16, u32, i32, u64, i64, f32, f64); read a bit as u16 and look at the hex",
+        )
+    };
+    Some(format!(
+        "--type {}: does not fit {} {table}; use {fix}",
+        data_type.name(),
+        register.name()
+    ))
+}
+
+/// Reads a raw register range once. Prints one line per register (or bit), then one per
+/// decoded value.
+pub async fn probe_raw(probe: &RawProbe) -> Result<Report, ProbeError> {
+    let endpoint = Endpoint {
+        label: format!("unit {} at {}:{}", probe.unit_id, probe.host, probe.port),
+        host: probe.host.clone(),
+        port: probe.port,
+        unit_id: probe.unit_id,
+        timeout: probe.timeout,
+    };
+    let mut conn = connect(&endpoint).await?;
+    let result = read(&mut conn, &endpoint, &probe.registers).await;
+    if !result.as_ref().is_err_and(ProbeError::breaks_connection) {
+        let _ = tokio::time::timeout(endpoint.timeout.0, conn.disconnect()).await;
+    }
+    let kind = probe.registers.kind.name();
+    // u32 addresses: counting past address 65535 must not overflow.
+    let first = u32::from(probe.registers.first);
+    let mut lines = Vec::new();
+    match result? {
+        Answer::Bits(bits) => {
+            // A bit read answers in whole bytes; the padding bits are not the device's.
+            let count = usize::from(probe.registers.count);
+            for (address, bit) in (first..).zip(bits.iter().take(count)) {
+                lines.push(format!("{kind} {address} = {}", u8::from(*bit)));
+            }
+        }
+        Answer::Words(words) => {
+            for (address, word) in (first..).zip(&words) {
+                lines.push(format!("{kind} {address} = 0x{word:04X} ({word})"));
+            }
+            if let Some(decode) = probe.decode {
+                let width = usize::from(decode.data_type.register_count());
+                for (address, chunk) in (first..).step_by(width).zip(words.chunks(width)) {
+                    let value = decode_scaled(
+                        chunk,
+                        decode.data_type,
+                        decode.byte_order,
+                        decode.scale,
+                        decode.offset,
+                    )
+                    .map_or_else(|err| format!("bad: {err}"), |v| v.to_string());
+                    lines.push(format!(
+                        "{} {:?} at {kind} {address} -> {value}",
+                        type_name(decode.data_type),
+                        decode.byte_order
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Report {
+        lines,
+        device_failed: false,
+    })
+}
+
+/// `0x42F6 0xE979 (17142 59769)`.
+fn format_words(words: &[u16]) -> String {
+    let hex: Vec<String> = words.iter().map(|w| format!("0x{w:04X}")).collect();
+    let dec: Vec<String> = words.iter().map(u16::to_string).collect();
+    format!("{} ({})", hex.join(" "), dec.join(" "))
+}
+
+/// Parses a value the way the sensor map spells it, so the accepted names always match the
+/// config's and serde's message lists the choices.
+fn parse_enum<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, serde::de::value::Error> {
+    T::deserialize(text.into_deserializer())
+}
+
+/// The one bit a tag reads: `1` or `0`. A bit read answers in whole bytes; the padding bits
+/// are not the device's.
+fn format_bits(bits: &[bool]) -> String {
+    bits.first()
+        .map_or_else(|| "no bits".to_owned(), |b| u8::from(*b).to_string())
+}
+
+/// What a read answered.
+enum Answer {
+    Words(Vec<u16>),
+    Bits(Vec<bool>),
+}
+
+async fn connect(endpoint: &Endpoint) -> Result<Context, ProbeError> {
+    let timeout = endpoint.timeout;
+    let resolve_error = |reason: String| ProbeError::Resolve {
+        device: endpoint.label.clone(),
+        host: endpoint.host.clone(),
+        port: endpoint.port,
+        reason,
+    };
+    let lookup = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port));
+    let addr: SocketAddr = match tokio::time::timeout(timeout.0, lookup).await {
+        Err(_) => return Err(resolve_error(format!("no answer within {timeout}"))),
+        Ok(Err(err)) => return Err(resolve_error(err.to_string())),
+        Ok(Ok(mut addrs)) => addrs
+            .next()
+            .ok_or_else(|| resolve_error("the name has no address".to_owned()))?,
+    };
+    let connecting = tokio_modbus::client::tcp::connect_slave(addr, Slave(endpoint.unit_id));
+    match tokio::time::timeout(timeout.0, connecting).await {
+        Err(_) => Err(ProbeError::Connect {
+            device: endpoint.label.clone(),
+            reason: format!("no answer within {timeout}"),
+        }),
+        Ok(Err(err)) => Err(ProbeError::Connect {
+            device: endpoint.label.clone(),
+            reason: err.to_string(),
+        }),
+        Ok(Ok(conn)) => Ok(conn),
+    }
+}
+
+/// One read request under the endpoint's timeout.
+async fn read(
+    conn: &mut Context,
+    endpoint: &Endpoint,
+    registers: &Registers,
+) -> Result<Answer, ProbeError> {
+    let (first, count) = (registers.first, registers.count);
+    let request = match registers.kind {
+        RegisterKind::Coil => Request::ReadCoils(first, count),
+        RegisterKind::Discrete => Request::ReadDiscreteInputs(first, count),
+        RegisterKind::Holding => Request::ReadHoldingRegisters(first, count),
+        RegisterKind::Input => Request::ReadInputRegisters(first, count),
+    };
+    let transport = |reason: String| ProbeError::Transport {
+        device: endpoint.label.clone(),
+        registers: registers.clone(),
+        reason,
+    };
+    // `Client::call` rather than `Reader::read_*`: those assert the register count in debug
+    // builds, and a short answer must be shown, not crash the probe.
+    match tokio::time::timeout(endpoint.timeout.0, conn.call(request)).await {
+        Err(_) => Err(ProbeError::Timeout {
+            device: endpoint.label.clone(),
+            registers: registers.clone(),
+            timeout: endpoint.timeout,
+        }),
+        Ok(Err(err)) => Err(transport(err.to_string())),
+        Ok(Ok(Err(code))) => Err(ProbeError::Exception {
+            device: endpoint.label.clone(),
+            registers: registers.clone(),
+            code,
+        }),
+        Ok(Ok(Ok(Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words)))) => {
+            Ok(Answer::Words(words))
+        }
+        Ok(Ok(Ok(Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits)))) => {
+            Ok(Answer::Bits(bits))
+        }
+        Ok(Ok(Ok(other))) => Err(transport(format!("a read was answered with {other:?}"))),
+    }
+}
