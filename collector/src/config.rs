@@ -8,6 +8,7 @@
 //! url = "s3://plant-landing"      # or a local folder that plays the bucket
 //! prefix = "raw/"
 //! archive_prefix = "archive/"
+//! quarantine_prefix = "quarantine/"
 //!
 //! [delta]
 //! url = "s3://plant-lake/readings" # or a local folder
@@ -61,6 +62,11 @@ pub struct RawConfig {
     /// name. Must not overlap `prefix`.
     #[serde(default = "RawConfig::default_archive_prefix")]
     pub archive_prefix: String,
+    /// Key prefix files that break the batch contract are moved to, as
+    /// `<quarantine_prefix>gateway=<id>/<file name>` with a `<file name>.reason.json` beside each.
+    /// Must not overlap `prefix` or `archive_prefix`.
+    #[serde(default = "RawConfig::default_quarantine_prefix")]
+    pub quarantine_prefix: String,
 }
 
 impl RawConfig {
@@ -69,6 +75,66 @@ impl RawConfig {
     }
     fn default_archive_prefix() -> String {
         "archive/".to_owned()
+    }
+    fn default_quarantine_prefix() -> String {
+        crate::raw_zone::DEFAULT_QUARANTINE_PREFIX.to_owned()
+    }
+    /// The problems of the three prefixes: their form, and overlaps that would make the collector
+    /// read its own archive or quarantine as new batches.
+    fn prefix_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_owned(),
+                message,
+            });
+        };
+        for (key, prefix) in [
+            ("raw.prefix", &self.prefix),
+            ("raw.archive_prefix", &self.archive_prefix),
+            ("raw.quarantine_prefix", &self.quarantine_prefix),
+        ] {
+            if prefix.starts_with('/') {
+                problem(
+                    key,
+                    format!(
+                        "`{prefix}` starts with `/`; object keys are relative, write it like \"raw/\""
+                    ),
+                );
+            } else if !prefix.is_empty() && !prefix.ends_with('/') {
+                problem(
+                    key,
+                    format!("`{prefix}` does not end with `/`; write it like \"{prefix}/\""),
+                );
+            }
+        }
+        let (p, a) = (&self.prefix, &self.archive_prefix);
+        if a.starts_with(p.as_str()) || p.starts_with(a.as_str()) {
+            problem(
+                "raw.archive_prefix",
+                format!(
+                    "`{a}` overlaps `raw.prefix` `{p}`, so archived batches would be read again; use separate folders like \"raw/\" and \"archive/\""
+                ),
+            );
+        }
+        let q = &self.quarantine_prefix;
+        let overlaps = |x: &str, y: &str| x.starts_with(y) || y.starts_with(x);
+        if overlaps(q, p) {
+            problem(
+                "raw.quarantine_prefix",
+                format!(
+                    "`{q}` overlaps `raw.prefix` `{p}`, so quarantined files would be read again; use separate folders like \"raw/\" and \"quarantine/\""
+                ),
+            );
+        } else if overlaps(q, a) {
+            problem(
+                "raw.quarantine_prefix",
+                format!(
+                    "`{q}` overlaps `raw.archive_prefix` `{a}`, so quarantined files would mix with applied ones (and their expiry rules); use separate folders like \"archive/\" and \"quarantine/\""
+                ),
+            );
+        }
+        problems
     }
 }
 
@@ -359,6 +425,7 @@ impl CollectorConfig {
 
     /// Every semantic problem, in file order.
     fn validate(&self, base: &Path) -> Vec<Problem> {
+        let prefix_problems = self.raw.prefix_problems();
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| {
             problems.push(Problem {
@@ -370,32 +437,8 @@ impl CollectorConfig {
         if let Err(e) = &raw {
             problem("raw.url", e.clone());
         }
-        for (key, prefix) in [
-            ("raw.prefix", &self.raw.prefix),
-            ("raw.archive_prefix", &self.raw.archive_prefix),
-        ] {
-            if prefix.starts_with('/') {
-                problem(
-                    key,
-                    format!(
-                        "`{prefix}` starts with `/`; object keys are relative, write it like \"raw/\""
-                    ),
-                );
-            } else if !prefix.is_empty() && !prefix.ends_with('/') {
-                problem(
-                    key,
-                    format!("`{prefix}` does not end with `/`; write it like \"{prefix}/\""),
-                );
-            }
-        }
-        let (p, a) = (&self.raw.prefix, &self.raw.archive_prefix);
-        if a.starts_with(p.as_str()) || p.starts_with(a.as_str()) {
-            problem(
-                "raw.archive_prefix",
-                format!(
-                    "`{a}` overlaps `raw.prefix` `{p}`, so archived batches would be read again; use separate folders like \"raw/\" and \"archive/\""
-                ),
-            );
+        for p in prefix_problems {
+            problem(&p.key, p.message);
         }
         let delta = StoreLocation::parse(&self.delta.url, base);
         if let Err(e) = &delta {
@@ -516,6 +559,7 @@ mod tests {
         );
         assert_eq!(c.raw.prefix, "raw/");
         assert_eq!(c.raw.archive_prefix, "archive/");
+        assert_eq!(c.raw.quarantine_prefix, "quarantine/");
         assert_eq!(
             c.delta_location().unwrap(),
             StoreLocation::S3 {
@@ -571,6 +615,42 @@ mod tests {
                 .starts_with(&format!("{}: 7 problem(s):\n  - `raw.url`", path.display())),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_quarantine_prefix_must_stay_apart_from_raw_and_archive() {
+        let problems = |quarantine: &str| {
+            let (_dir, path) = write(&format!(
+                "[raw]\nurl = \"landing\"\nquarantine_prefix = \"{quarantine}\"\n[delta]\nurl = \"lake\"\n"
+            ));
+            match CollectorConfig::load(&path) {
+                Ok(c) => {
+                    assert_eq!(c.raw.quarantine_prefix, quarantine);
+                    Vec::new()
+                }
+                Err(ConfigError::Invalid { problems, .. }) => {
+                    problems.iter().map(ToString::to_string).collect()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(
+            problems("raw/quarantine/"),
+            vec![
+                "`raw.quarantine_prefix`: `raw/quarantine/` overlaps `raw.prefix` `raw/`, so quarantined files would be read again; use separate folders like \"raw/\" and \"quarantine/\""
+            ]
+        );
+        assert_eq!(
+            problems("archive/bad/"),
+            vec![
+                "`raw.quarantine_prefix`: `archive/bad/` overlaps `raw.archive_prefix` `archive/`, so quarantined files would mix with applied ones (and their expiry rules); use separate folders like \"archive/\" and \"quarantine/\""
+            ]
+        );
+        assert_eq!(
+            problems("bad"),
+            vec!["`raw.quarantine_prefix`: `bad` does not end with `/`; write it like \"bad/\""]
+        );
+        assert!(problems("bad-files/").is_empty());
     }
 
     #[test]

@@ -93,8 +93,10 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
         ),
     };
 
-    let press = SimulatedPlc::start().map_err(DemoError::Simulator)?;
-    let oven = SimulatedPlc::start().map_err(DemoError::Simulator)?;
+    let press =
+        SimulatedPlc::start_with_seed(0x9E37_79B9_7F4A_7C15).map_err(DemoError::Simulator)?;
+    let oven =
+        SimulatedPlc::start_with_seed(0xD1B5_4A32_D192_ED03).map_err(DemoError::Simulator)?;
     let agent_config = agent_config(
         &dir,
         &[

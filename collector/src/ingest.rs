@@ -7,13 +7,21 @@
 //!    watermark (`txn` action), at most `max_files_per_commit` files per commit.
 //! 3. Only after the commit are the files archived. A crash between commit and archive is
 //!    harmless: the next pass finds the files again, drops all their rows and archives them.
-//! 4. A batch that fails the contract stays in place, is reported with its key and reason, and
-//!    stops its gateway's progress: applying later batches would move the watermark past rows
-//!    that were never applied. Other gateways carry on.
+//! 4. A file that fails the contract (or a key under a gateway folder that is not a batch key)
+//!    is moved to the quarantine with a reason object ([`crate::quarantine`]) and the gateway's
+//!    later batches are applied in the same pass: the watermark passes the bad file's `seq`
+//!    range only through the rows of good files. This is safe because a gateway uploads its
+//!    batches one at a time in `seq` order (batch contract, guarantee 4): nothing the bad file
+//!    could have held is still on its way.
+//! 5. A transient failure (the store cannot be reached, a read times out, a quarantine move
+//!    fails) ends the gateway's pass after applying the batches read before it; later batches
+//!    wait for the next pass, so the watermark never passes a file that was not looked at.
+//!    Other gateways carry on.
 
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::delta::{DeltaError, ReadingsTable};
+use crate::quarantine::{QuarantineError, QuarantinedFile, Reason, quarantine};
 use crate::raw_zone::{RawZone, RawZoneError, ValidBatch};
 
 /// Errors that stop one gateway's pass (the table and the raw zone are left consistent; the
@@ -32,17 +40,14 @@ pub enum IngestError {
         #[source]
         source: DeltaError,
     },
+    #[error("gateway `{gateway}`: {source}")]
+    Quarantine {
+        gateway: String,
+        #[source]
+        source: QuarantineError,
+    },
     #[error("cannot list the gateways in the raw zone: {0}")]
     ListGateways(#[source] RawZoneError),
-}
-
-/// A batch that failed the contract and blocks its gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RejectedBatch {
-    /// Full object key.
-    pub key: String,
-    /// Why it was rejected.
-    pub reason: String,
 }
 
 /// What one pass did for one gateway.
@@ -62,11 +67,12 @@ pub struct GatewayReport {
     pub delta_version: Option<u64>,
     /// Commits made.
     pub commits: usize,
-    /// The batch that stopped this gateway, if one failed the contract.
-    pub rejected: Option<RejectedBatch>,
-    /// Keys in the gateway's folder that are not batch keys (left alone).
-    pub foreign_keys: Vec<String>,
-    /// A store or Delta failure that ended this gateway's pass early (retried next pass).
+    /// Files moved to the quarantine in this pass, in the order they were found.
+    pub quarantined: Vec<QuarantinedFile>,
+    /// Uploads in flight (names starting with `.`), left alone.
+    pub in_flight: Vec<String>,
+    /// A store, quarantine or Delta failure that ended this gateway's pass early (retried next
+    /// pass).
     pub error: Option<String>,
 }
 
@@ -83,6 +89,11 @@ impl IngestReport {
     /// Total rows appended in this pass.
     pub fn rows_applied(&self) -> usize {
         self.gateways.iter().map(|g| g.rows_applied).sum()
+    }
+
+    /// Total files moved to the quarantine in this pass.
+    pub fn files_quarantined(&self) -> usize {
+        self.gateways.iter().map(|g| g.quarantined.len()).sum()
     }
 
     /// The report of one gateway.
@@ -127,7 +138,7 @@ pub async fn ingest_all(
 }
 
 /// Applies one gateway's pending batches, `max_files_per_commit` files per commit, until its
-/// folder is drained or a batch fails the contract.
+/// folder is drained or a transient failure stops it; bad files are quarantined on the way.
 pub async fn ingest_gateway(
     raw: &RawZone,
     table: &mut ReadingsTable,
@@ -159,15 +170,32 @@ async fn ingest_gateway_into(
         gateway: gateway.to_owned(),
         source,
     };
+    let quarantine_err = |source| IngestError::Quarantine {
+        gateway: gateway.to_owned(),
+        source,
+    };
     // Pick up commits of other collectors before filtering.
     table.reload().await.map_err(delta_err)?;
     report.watermark = table.watermark(gateway).await.map_err(delta_err)?;
 
     let listing = raw.list_batches(gateway, None).await.map_err(raw_err)?;
-    for key in &listing.foreign {
-        warn!(key = %key, "object in a gateway folder is not a batch key; left alone");
+    for key in &listing.in_flight {
+        warn!(key = %key, "upload in flight in a gateway folder; left alone");
     }
-    report.foreign_keys = listing.foreign;
+    report.in_flight = listing.in_flight;
+    // Foreign keys hold no batch, so moving them first changes nothing for the seq order.
+    for object in &listing.foreign {
+        let moved = quarantine(
+            raw,
+            gateway,
+            &object.object_key,
+            object.size,
+            Reason::foreign_key(),
+        )
+        .await
+        .map_err(quarantine_err)?;
+        record_quarantined(report, moved);
+    }
 
     for chunk in listing.batches.chunks(max_files_per_commit.max(1)) {
         let mut valid: Vec<ValidBatch> = Vec::with_capacity(chunk.len());
@@ -176,12 +204,21 @@ async fn ingest_gateway_into(
             match raw.read_batch(file).await {
                 Ok(batch) => valid.push(batch),
                 Err(RawZoneError::Invalid { key, problem }) => {
-                    error!(key = %key, reason = %problem, "batch rejected; this gateway waits until it is removed or fixed");
-                    report.rejected = Some(RejectedBatch {
-                        key,
-                        reason: problem.to_string(),
-                    });
-                    break;
+                    match quarantine(
+                        raw,
+                        gateway,
+                        &key,
+                        file.size,
+                        Reason::from_problem(&problem),
+                    )
+                    .await
+                    {
+                        Ok(moved) => record_quarantined(report, moved),
+                        Err(e) => {
+                            stop = Some(quarantine_err(e));
+                            break;
+                        }
+                    }
                 }
                 Err(e) => {
                     stop = Some(raw_err(e));
@@ -216,9 +253,22 @@ async fn ingest_gateway_into(
         if let Some(e) = stop {
             return Err(e);
         }
-        if report.rejected.is_some() {
-            break;
-        }
     }
     Ok(())
+}
+
+/// Logs and reports one quarantined file; `None` means another collector moved it first.
+fn record_quarantined(report: &mut GatewayReport, moved: Option<QuarantinedFile>) {
+    let Some(file) = moved else {
+        return;
+    };
+    error!(
+        key = %file.key,
+        quarantine_key = %file.quarantine_key,
+        kind = %file.reason.kind,
+        reason = %file.reason.message,
+        resumed = file.resumed,
+        "file quarantined; the gateway's later batches carry on without its rows"
+    );
+    report.quarantined.push(file);
 }

@@ -10,6 +10,7 @@ pub mod delta;
 pub mod demo;
 pub mod ingest;
 mod pass;
+pub mod quarantine;
 pub mod raw_zone;
 pub mod snowflake;
 pub mod summary;

@@ -26,7 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// One pass over the raw zone, then exit: 0 when every gateway was applied (and Snowflake
-    /// loaded, when configured), 1 when anything failed, 78 when the config is invalid.
+    /// loaded, when configured), also when bad files were quarantined (they are listed), 1 when
+    /// anything failed, 78 when the config is invalid.
     RunOnce {
         #[arg(short, long)]
         config: PathBuf,

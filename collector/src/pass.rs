@@ -35,12 +35,11 @@ pub struct PassReport {
 }
 
 impl PassReport {
-    /// True when every gateway was applied completely: no rejected batch and no error.
+    /// True when every gateway was applied completely. Quarantined files do not count against
+    /// it: the data problem was handled (the files and their reasons are in the report), while
+    /// an error needs a person or the next pass.
     pub fn is_clean(&self) -> bool {
-        self.ingest
-            .gateways
-            .iter()
-            .all(|g| g.error.is_none() && g.rejected.is_none())
+        self.ingest.gateways.iter().all(|g| g.error.is_none())
     }
 }
 
@@ -54,7 +53,8 @@ pub async fn open_stores(
         &config.s3,
         &config.raw.prefix,
         &config.raw.archive_prefix,
-    )?;
+    )?
+    .with_quarantine_prefix(&config.raw.quarantine_prefix);
     let url = config
         .delta_location()
         .and_then(|l| l.to_url())
@@ -68,27 +68,20 @@ pub async fn open_stores(
 /// One pass: applies every gateway's pending batches to the Delta table, then loads Snowflake
 /// (when configured) up to the table's latest version.
 ///
-/// A gateway that fails (a rejected batch, a store error) is reported in the result and does not
-/// stop the others; Snowflake is loaded with whatever the table holds.
+/// Bad files are quarantined and listed in the result; a gateway that fails (a store, quarantine
+/// or Delta error) is reported in the result and does not stop the others; Snowflake is loaded
+/// with whatever the table holds.
 pub async fn run_once(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
     let (raw, mut table) = open_stores(config).await?;
     let ingest = ingest_all(&raw, &mut table, config.run.max_files_per_commit).await?;
     for gw in &ingest.gateways {
-        if let Some(rejected) = &gw.rejected {
-            error!(
-                component = "ingest",
-                gateway = gw.gateway,
-                key = rejected.key,
-                reason = rejected.reason,
-                "batch rejected; the gateway waits until it is fixed or removed"
-            );
-        }
         info!(
             component = "ingest",
             gateway = gw.gateway,
             files = gw.files_applied,
             rows = gw.rows_applied,
             duplicates_skipped = gw.rows_skipped,
+            quarantined = gw.quarantined.len(),
             watermark = gw.watermark,
             "gateway applied"
         );
@@ -123,7 +116,7 @@ pub async fn run(
             Ok(report) if report.is_clean() => {}
             Ok(_) => warn!(
                 component = "collector",
-                "pass finished with rejected batches or failed gateways"
+                "pass finished with failed gateways; retried next pass"
             ),
             Err(e) => error!(component = "collector", "pass failed: {e}"),
         }

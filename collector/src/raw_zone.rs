@@ -2,10 +2,12 @@
 //!
 //! One `object_store` serves both S3 and local folders, so the demo runs without S3. Keys follow
 //! the batch contract: `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`. Applied batches
-//! move to `<archive_prefix>gateway=<id>/<same file>`.
+//! move to `<archive_prefix>gateway=<id>/<same file>`; files that break the contract move to
+//! `<quarantine_prefix>gateway=<id>/<same file>` (see [`crate::quarantine`]).
 //!
 //! # Invariants
-//! - A key that does not parse as a batch key is reported, never read or applied.
+//! - A key that does not parse as a batch key is never read or applied: it is quarantined, except
+//!   an in-flight upload (a name starting with `.`, the agent's folder sink renames it into place).
 //! - A batch is handed out only after its bytes passed the contract: Parquet, the contract
 //!   schema, sorted unique `seq`, known quality names, the gateway of its folder, and a first
 //!   `seq` equal to the one in its key.
@@ -29,11 +31,18 @@ use tracing::warn;
 
 use crate::config::{S3Config, StoreLocation};
 
-/// Why a batch file is not accepted. The file stays where it is.
+/// Why a batch file is not accepted. Each one is permanent (a property of the bytes, so reading
+/// the file again gives the same answer): the file is quarantined.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BatchProblem {
-    #[error("not a readable Parquet file: {0}")]
-    NotParquet(String),
+    #[error("is not a Parquet file: it does not start with the `PAR1` magic bytes ({size} bytes)")]
+    NotParquet { size: u64 },
+    #[error(
+        "is a truncated Parquet file: it starts with the `PAR1` magic bytes but does not end with them ({size} bytes); the upload was cut short"
+    )]
+    Truncated { size: u64 },
+    #[error("is a Parquet file that cannot be decoded: {0}")]
+    Unreadable(String),
     #[error(transparent)]
     Contract(#[from] ContractError),
     #[error("holds rows of gateway `{found}` but lies in the folder of gateway `{folder}`")]
@@ -49,6 +58,11 @@ pub enum BatchProblem {
         contract::CONTRACT_VERSION
     )]
     NewerContract { found: String },
+    #[error(
+        "names batch contract version `{found}`, which does not exist; the producer must write `{}`",
+        contract::CONTRACT_VERSION
+    )]
+    UnknownContract { found: String },
 }
 
 /// Errors of the raw zone; each names the object key or prefix involved.
@@ -100,13 +114,25 @@ pub struct BatchFile {
     pub size: u64,
 }
 
+/// An object in a gateway's folder whose key is not a batch key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignObject {
+    /// The full object key.
+    pub object_key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
 /// One gateway's folder, listed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchListing {
     /// Batch files in `seq` order.
     pub batches: Vec<BatchFile>,
-    /// Object keys in the folder that are not batch keys; left alone.
-    pub foreign: Vec<String>,
+    /// Objects whose key is not a batch key (quarantined by the ingest), sorted by key.
+    pub foreign: Vec<ForeignObject>,
+    /// Names starting with `.`: uploads in flight (the agent's folder sink writes
+    /// `.<file>.tmp-<pid>` and renames it into place); left alone, sorted.
+    pub in_flight: Vec<String>,
 }
 
 /// The gateways that have a folder in the raw zone.
@@ -138,6 +164,7 @@ pub struct RawZone {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     archive_prefix: String,
+    quarantine_prefix: String,
 }
 
 impl RawZone {
@@ -198,7 +225,15 @@ impl RawZone {
             store,
             prefix: prefix.to_owned(),
             archive_prefix: archive_prefix.to_owned(),
+            quarantine_prefix: DEFAULT_QUARANTINE_PREFIX.to_owned(),
         }
+    }
+
+    /// Sets the key prefix bad files are moved to (default `quarantine/`).
+    #[must_use]
+    pub fn with_quarantine_prefix(mut self, quarantine_prefix: &str) -> Self {
+        quarantine_prefix.clone_into(&mut self.quarantine_prefix);
+        self
     }
 
     /// Opens a local folder that plays the bucket.
@@ -223,6 +258,16 @@ impl RawZone {
     /// The key prefix applied batches are moved to.
     pub fn archive_prefix(&self) -> &str {
         &self.archive_prefix
+    }
+
+    /// The key prefix bad files are moved to.
+    pub fn quarantine_prefix(&self) -> &str {
+        &self.quarantine_prefix
+    }
+
+    /// The store itself, for the quarantine's moves.
+    pub(crate) fn store(&self) -> &dyn ObjectStore {
+        self.store.as_ref()
     }
 
     /// The gateways with a `gateway=<id>/` folder under the prefix.
@@ -290,11 +335,18 @@ impl RawZone {
                     });
                 }
                 Ok(_) => {}
-                Err(_) => out.foreign.push(object_key),
+                Err(_) if meta.location.filename().is_some_and(|n| n.starts_with('.')) => {
+                    out.in_flight.push(object_key);
+                }
+                Err(_) => out.foreign.push(ForeignObject {
+                    object_key,
+                    size: meta.size,
+                }),
             }
         }
         out.batches.sort_by(|a, b| a.key.cmp(&b.key));
-        out.foreign.sort();
+        out.foreign.sort_by(|a, b| a.object_key.cmp(&b.object_key));
+        out.in_flight.sort();
         Ok(out)
     }
 
@@ -314,10 +366,11 @@ impl RawZone {
             .await
             .map_err(read_err)?;
         let key = file.key.clone();
-        // Parquet decoding is CPU work; keep it off the async workers.
+        // Parquet decoding is CPU work; keep it off the async workers. A panic in the decoder is
+        // caused by the bytes, so it is as permanent as any other decoding failure.
         let decoded = tokio::task::spawn_blocking(move || decode(&key, bytes))
             .await
-            .unwrap_or_else(|join| Err(BatchProblem::NotParquet(join.to_string())));
+            .unwrap_or_else(|join| Err(BatchProblem::Unreadable(join.to_string())));
         match decoded {
             Ok((data, first_seq, last_seq, rows)) => Ok(ValidBatch {
                 file: file.clone(),
@@ -364,26 +417,52 @@ impl RawZone {
     }
 }
 
+/// The magic bytes a Parquet file starts and ends with.
+const PARQUET_MAGIC: &[u8] = b"PAR1";
+
+/// Where bad files go when the config does not say.
+pub const DEFAULT_QUARANTINE_PREFIX: &str = "quarantine/";
+
+/// Names a decoding failure by what the bytes look like, so the reason is stable across parquet
+/// versions: no magic at the start is not Parquet; no magic at the end is a cut-off upload.
+fn unreadable(bytes: &[u8], detail: &dyn std::fmt::Display) -> BatchProblem {
+    let size = bytes.len() as u64;
+    if !bytes.starts_with(PARQUET_MAGIC) {
+        BatchProblem::NotParquet { size }
+    } else if bytes.len() < 2 * PARQUET_MAGIC.len() || !bytes.ends_with(PARQUET_MAGIC) {
+        BatchProblem::Truncated { size }
+    } else {
+        BatchProblem::Unreadable(detail.to_string())
+    }
+}
+
 /// Parquet bytes to contract-checked record batches, with first/last seq and row count.
 fn decode(
     key: &BatchKey,
     bytes: Bytes,
 ) -> Result<(Vec<RecordBatch>, i64, i64, usize), BatchProblem> {
-    let not_parquet = |e: &dyn std::fmt::Display| BatchProblem::NotParquet(e.to_string());
+    let raw = bytes.clone();
+    let not_parquet = |e: &dyn std::fmt::Display| unreadable(&raw, e);
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(&e))?;
     if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
         for entry in kv {
             let Some(value) = entry.value.as_deref() else {
                 continue;
             };
-            if entry.key == contract::metadata::CONTRACT_VERSION
-                && value
-                    .parse::<u32>()
-                    .is_ok_and(|v| v > contract::CONTRACT_VERSION)
-            {
-                return Err(BatchProblem::NewerContract {
-                    found: value.to_owned(),
-                });
+            if entry.key == contract::metadata::CONTRACT_VERSION {
+                match value.parse::<u32>() {
+                    Ok(v) if v > contract::CONTRACT_VERSION => {
+                        return Err(BatchProblem::NewerContract {
+                            found: value.to_owned(),
+                        });
+                    }
+                    Ok(v) if v >= 1 => {}
+                    _ => {
+                        return Err(BatchProblem::UnknownContract {
+                            found: value.to_owned(),
+                        });
+                    }
+                }
             }
             if entry.key == contract::metadata::GATEWAY && value != key.gateway {
                 return Err(BatchProblem::ForeignGateway {

@@ -7,7 +7,8 @@ use edge_agent::contract::{Quality, Row};
 
 use crate::PassReport;
 
-/// One line per gateway and one for Snowflake, for `collector run-once`.
+/// One line per gateway, one per quarantined file below its gateway, and one for Snowflake,
+/// for `collector run-once`.
 pub fn pass_summary(report: &PassReport) -> String {
     let mut out = String::new();
     if report.ingest.gateways.is_empty() {
@@ -24,13 +25,20 @@ pub fn pass_summary(report: &PassReport) -> String {
             gw.watermark
                 .map_or_else(|| "none".to_owned(), |w| w.to_string()),
         );
-        if let Some(rejected) = &gw.rejected {
-            let _ = write!(out, "; REJECTED {}: {}", rejected.key, rejected.reason);
+        if !gw.quarantined.is_empty() {
+            let _ = write!(out, ", {} quarantined", gw.quarantined.len());
         }
         if let Some(error) = &gw.error {
             let _ = write!(out, "; ERROR {error}");
         }
         out.push('\n');
+        for file in &gw.quarantined {
+            let _ = writeln!(
+                out,
+                "  quarantined {} -> {}: {}: {}",
+                file.key, file.quarantine_key, file.reason.kind, file.reason.message
+            );
+        }
     }
     match &report.snowflake {
         None => out.push_str("snowflake: not configured\n"),

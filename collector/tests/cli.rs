@@ -74,27 +74,76 @@ fn run_once_exits_0_and_reports_what_it_applied() {
     );
 }
 
-#[test]
-fn run_once_exits_1_and_names_a_rejected_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
-    write_batch(dir.path(), "gw-a", 1..=3);
+/// Puts a file that is not Parquet where gw-a's batch of seq 4 belongs.
+fn write_bad_batch(dir: &Path) -> std::path::PathBuf {
     let bad = dir
-        .path()
         .join("landing")
         .join(BatchKey::new("gw-a", 4).to_key("raw/"));
     std::fs::write(&bad, b"not parquet").unwrap();
+    bad
+}
+
+#[test]
+fn run_once_exits_0_and_lists_the_files_it_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    write_batch(dir.path(), "gw-a", 1..=3);
+    let bad = write_bad_batch(dir.path());
+    write_batch(dir.path(), "gw-a", 5..=6);
+    let out = collector(&["run-once", "--config"], &config);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "gateway gw-a: 2 files, 5 rows applied, 0 duplicate rows skipped, watermark 6, 1 quarantined\n  \
+         quarantined raw/gateway=gw-a/00000000000000000004.parquet -> quarantine/gateway=gw-a/00000000000000000004.parquet: \
+         not_parquet: is not a Parquet file: it does not start with the `PAR1` magic bytes (11 bytes)\n\
+         snowflake: not configured\n"
+    );
+    let moved = dir
+        .path()
+        .join("landing/quarantine/gateway=gw-a/00000000000000000004.parquet");
+    assert!(!bad.exists());
+    assert_eq!(std::fs::read(&moved).unwrap(), b"not parquet");
+    assert!(moved.with_extension("parquet.reason.json").exists());
+}
+
+#[test]
+fn run_once_exits_1_when_a_bad_file_cannot_be_moved_and_applies_nothing_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    write_batch(dir.path(), "gw-a", 1..=3);
+    let bad = write_bad_batch(dir.path());
+    write_batch(dir.path(), "gw-a", 5..=6);
+    // The quarantine prefix cannot become a folder: a person has to look.
+    std::fs::write(dir.path().join("landing/quarantine"), b"in the way").unwrap();
     let out = collector(&["run-once", "--config"], &config);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.starts_with(
-            "gateway gw-a: 1 files, 3 rows applied, 0 duplicate rows skipped, watermark 3; REJECTED raw/gateway=gw-a/00000000000000000004.parquet: "
+            "gateway gw-a: 1 files, 3 rows applied, 0 duplicate rows skipped, watermark 3; ERROR gateway `gw-a`: \
+             cannot copy `raw/gateway=gw-a/00000000000000000004.parquet` to the quarantine as \
+             `quarantine/gateway=gw-a/00000000000000000004.parquet`: "
         ),
         "{stdout}"
     );
-    // The bad file stays where it is, for a person to look at.
+    assert!(
+        stdout.ends_with("\nsnowflake: not configured\n"),
+        "{stdout}"
+    );
+    // The bad file and the batch after it wait for the next pass.
     assert!(bad.exists());
+    assert!(
+        dir.path()
+            .join("landing")
+            .join(BatchKey::new("gw-a", 5).to_key("raw/"))
+            .exists()
+    );
 }
 
 #[test]

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use collector::config::{CollectorConfig, S3Credentials};
 use collector::delta::{ReadingsTable, app_id};
-use collector::ingest::{IngestReport, RejectedBatch, ingest_all, ingest_gateway};
+use collector::ingest::{GatewayReport, IngestReport, ingest_all, ingest_gateway};
+use collector::quarantine::{ProblemKind, Reason, ReasonObject};
 use collector::raw_zone::RawZone;
 use edge_agent::contract::{self, BatchKey, Quality, Row};
 use futures::TryStreamExt;
@@ -153,7 +154,7 @@ async fn applies_batches_in_seq_order_with_the_watermark_and_archives_them() {
     assert_eq!(gw.watermark, Some(10));
     assert_eq!(gw.delta_version, Some(1));
     assert_eq!(gw.commits, 1);
-    assert_eq!(gw.rejected, None);
+    assert!(gw.quarantined.is_empty());
     assert_eq!(gw.error, None);
     assert_eq!(s.table.watermark("gw-1").await.unwrap(), Some(10));
     assert_eq!(table_rows(&mut s.table).await, rows("gw-1", 1..=10));
@@ -243,120 +244,293 @@ async fn a_crash_between_commit_and_archive_is_harmless() {
     assert!(keys_under(s.raw_store.as_ref(), "raw/").await.is_empty());
 }
 
+/// Deterministic noise that does not start with the Parquet magic.
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect();
+    out[0] = b'#';
+    out
+}
+
+/// A valid Parquet file whose columns are not the contract's.
+fn foreign_schema_bytes() -> Vec<u8> {
+    use arrow_array::{Float64Array, Int64Array, RecordBatch, StringArray};
+    let batch = RecordBatch::try_from_iter([
+        (
+            "id",
+            Arc::new(Int64Array::from(vec![1, 2])) as arrow_array::ArrayRef,
+        ),
+        ("name", Arc::new(StringArray::from(vec!["a", "b"])) as _),
+        ("reading", Arc::new(Float64Array::from(vec![0.5, 1.5])) as _),
+    ])
+    .unwrap();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    out
+}
+
+async fn get(store: &dyn ObjectStore, key: &str) -> Vec<u8> {
+    store
+        .get(&Path::parse(key).unwrap())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+async fn reason_object(store: &dyn ObjectStore, quarantine_key: &str) -> ReasonObject {
+    let json = get(store, &format!("{quarantine_key}.reason.json")).await;
+    serde_json::from_slice(&json).unwrap()
+}
+
+/// `(key, kind, message)` of each quarantined file, in report order.
+fn quarantined(gw: &GatewayReport) -> Vec<(String, ProblemKind, String)> {
+    gw.quarantined
+        .iter()
+        .map(|q| (q.key.clone(), q.reason.kind, q.reason.message.clone()))
+        .collect()
+}
+
+fn seqs(gateway: &str, ranges: &[std::ops::RangeInclusive<i64>]) -> Vec<Row> {
+    ranges
+        .iter()
+        .flat_map(|r| rows(gateway, r.clone()))
+        .collect()
+}
+
+// One scenario, asserted end to end: splitting it would hide which file broke which step.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_file_is_reported_by_key_and_blocks_only_its_gateway() {
+async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_once() {
     let mut s = local_setup().await;
-    put_batch(s.raw_store.as_ref(), &rows("gw-a", 1..=5)).await;
-    let corrupt = BatchKey::new("gw-a", 6).to_key("raw/");
-    put(
-        s.raw_store.as_ref(),
-        &corrupt,
-        b"PAR1 but not really".to_vec(),
-    )
-    .await;
-    let after = put_batch(s.raw_store.as_ref(), &rows("gw-a", 7..=9)).await;
-    put_batch(s.raw_store.as_ref(), &rows("gw-b", 1..=4)).await;
-    put(
-        s.raw_store.as_ref(),
-        "raw/gateway=gw-b/notes.txt",
-        b"hi".to_vec(),
-    )
-    .await;
+    let store = s.raw_store.as_ref();
+    let started = chrono::Utc::now();
+    for good in [1..=3, 5..=6, 9..=10, 12..=13, 16..=17, 19..=20] {
+        put_batch(store, &rows("gw-a", good)).await;
+    }
+    let key = |seq| BatchKey::new("gw-a", seq).to_key("raw/");
+    let corrupt = random_bytes(512);
+    put(store, &key(4), corrupt.clone()).await;
+    let valid = parquet_bytes(&rows("gw-a", 7..=8));
+    let truncated = valid[..valid.len() / 2].to_vec();
+    put(store, &key(7), truncated.clone()).await;
+    put(store, &key(11), foreign_schema_bytes()).await;
+    put(store, &key(14), parquet_bytes(&rows("gw-z", 14..=15))).await;
+    let mut duplicate = rows("gw-a", 18..=18);
+    duplicate.push(row("gw-a", 18));
+    put(store, &key(18), parquet_bytes(&duplicate)).await;
+    put(store, "raw/gateway=gw-a/notes.txt", b"hi".to_vec()).await;
+    // The agent's folder sink is writing the next batch right now.
+    let in_flight = "raw/gateway=gw-a/.00000000000000000021.parquet.tmp-42";
+    put(store, in_flight, b"PAR1 half".to_vec()).await;
+    put_batch(store, &rows("gw-b", 1..=4)).await;
 
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    // Three files per commit, so bad files sit at the start, middle and end of commits.
+    let report = ingest_all(&s.raw, &mut s.table, 3).await.unwrap();
 
+    let a = report.gateway("gw-a").unwrap();
+    assert_eq!(
+        quarantined(a),
+        vec![
+            (
+                "raw/gateway=gw-a/notes.txt".to_owned(),
+                ProblemKind::ForeignKey,
+                "is not a batch key; expected `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`".to_owned()
+            ),
+            (
+                key(4),
+                ProblemKind::NotParquet,
+                "is not a Parquet file: it does not start with the `PAR1` magic bytes (512 bytes)".to_owned()
+            ),
+            (
+                key(7),
+                ProblemKind::Truncated,
+                format!(
+                    "is a truncated Parquet file: it starts with the `PAR1` magic bytes but does not end with them ({} bytes); the upload was cut short",
+                    truncated.len()
+                )
+            ),
+            (
+                key(11),
+                ProblemKind::ForeignSchema,
+                "batch schema does not match contract v1: 3 columns found, 9 expected; the producer must write the columns listed in docs/batch-contract.md".to_owned()
+            ),
+            (
+                key(14),
+                ProblemKind::ForeignGateway,
+                "holds rows of gateway `gw-z` but lies in the folder of gateway `gw-a`".to_owned()
+            ),
+            (
+                key(18),
+                ProblemKind::DuplicateSeq,
+                "batch is not sorted by seq: seq 18 follows 18".to_owned()
+            ),
+        ]
+    );
+    assert!(a.quarantined.iter().all(|q| !q.resumed));
+    assert_eq!(
+        (a.files_applied, a.rows_applied, a.rows_skipped, a.watermark),
+        (6, 13, 0, Some(20))
+    );
+    assert_eq!(a.error, None);
+    assert_eq!(a.in_flight, vec![in_flight.to_owned()]);
+    let b = report.gateway("gw-b").unwrap();
+    assert_eq!((b.rows_applied, b.watermark), (4, Some(4)));
+    assert!(b.quarantined.is_empty());
+    assert_eq!(report.files_quarantined(), 6);
+
+    let mut want = seqs("gw-a", &[1..=3, 5..=6, 9..=10, 12..=13, 16..=17, 19..=20]);
+    want.extend(rows("gw-b", 1..=4));
+    assert_eq!(table_rows(&mut s.table).await, want);
+    assert_eq!(duckdb_count_and_sum_seq(&s.table_path), (17, 143));
+
+    // Only the upload in flight is left in the raw zone; each bad file sits in the quarantine
+    // under its own name with its reason beside it.
+    assert_eq!(keys_under(store, "raw/").await, vec![in_flight.to_owned()]);
+    let mut want_quarantine = Vec::new();
+    for q in &a.quarantined {
+        want_quarantine.push(q.quarantine_key.clone());
+        want_quarantine.push(format!("{}.reason.json", q.quarantine_key));
+    }
+    want_quarantine.sort();
+    assert_eq!(keys_under(store, "quarantine/").await, want_quarantine);
+    assert_eq!(
+        a.quarantined[1].quarantine_key,
+        "quarantine/gateway=gw-a/00000000000000000004.parquet"
+    );
+    assert_eq!(get(store, &a.quarantined[1].quarantine_key).await, corrupt);
+
+    let reason = reason_object(store, &a.quarantined[2].quarantine_key).await;
+    let detected = chrono::DateTime::parse_from_rfc3339(&reason.detected_at).unwrap();
+    assert!(
+        detected >= started && detected <= chrono::Utc::now(),
+        "{reason:?}"
+    );
+    assert!(reason.detected_at.ends_with('Z'), "{}", reason.detected_at);
+    assert_eq!(
+        reason,
+        ReasonObject {
+            key: key(7),
+            gateway: "gw-a".into(),
+            first_seq: Some(7),
+            quarantine_key: "quarantine/gateway=gw-a/00000000000000000007.parquet".into(),
+            reason: a.quarantined[2].reason.clone(),
+            detected_at: reason.detected_at.clone(),
+            collector_version: env!("CARGO_PKG_VERSION").into(),
+            size: truncated.len() as u64,
+        }
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&get(store, "quarantine/gateway=gw-a/notes.txt.reason.json").await)
+            .unwrap();
+    assert_eq!(json["reason"]["kind"], "foreign_key");
+    assert_eq!(json["first_seq"], serde_json::Value::Null);
+    assert_eq!(json["size"], 2);
+
+    // The next pass finds nothing new and commits nothing.
+    let version = s.table.version();
+    let report = ingest_all(&s.raw, &mut s.table, 3).await.unwrap();
     let a = report.gateway("gw-a").unwrap();
     assert_eq!(
         (a.files_applied, a.rows_applied, a.watermark),
-        (1, 5, Some(5))
+        (0, 0, Some(20))
     );
-    let RejectedBatch { key, reason } = a.rejected.clone().unwrap();
-    assert_eq!(key, "raw/gateway=gw-a/00000000000000000006.parquet");
-    assert!(
-        reason.starts_with("not a readable Parquet file: "),
-        "{reason}"
-    );
-    let b = report.gateway("gw-b").unwrap();
-    assert_eq!(
-        (b.files_applied, b.rows_applied, b.watermark),
-        (1, 4, Some(4))
-    );
-    assert_eq!(b.rejected, None);
-    assert_eq!(
-        b.foreign_keys,
-        vec!["raw/gateway=gw-b/notes.txt".to_owned()]
-    );
-
-    let mut want = rows("gw-a", 1..=5);
-    want.extend(rows("gw-b", 1..=4));
-    assert_eq!(table_rows(&mut s.table).await, want);
-    // The corrupt file and everything after it wait in place.
-    assert_eq!(
-        keys_under(s.raw_store.as_ref(), "raw/").await,
-        vec![
-            corrupt.clone(),
-            after,
-            "raw/gateway=gw-b/notes.txt".to_owned()
-        ]
-    );
-
-    let later = s.raw.list_batches("gw-a", Some(6)).await.unwrap();
-    assert_eq!(
-        later
-            .batches
-            .iter()
-            .map(|b| b.key.first_seq)
-            .collect::<Vec<_>>(),
-        vec![7]
-    );
-
-    // Still blocked on the next pass; nothing is skipped over.
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
-    let a = report.gateway("gw-a").unwrap();
-    assert_eq!((a.rows_applied, a.watermark), (0, Some(5)));
-    assert_eq!(a.rejected.as_ref().unwrap().key, corrupt);
+    assert_eq!(report.files_quarantined(), 0);
+    assert_eq!(s.table.version(), version);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_in_the_wrong_folder_or_under_the_wrong_key_is_rejected() {
+async fn a_crash_between_the_quarantine_copy_and_the_delete_is_finished_on_the_next_pass() {
     let mut s = local_setup().await;
-    // gw-2's rows uploaded into gw-1's folder.
-    let wrong_folder = BatchKey::new("gw-1", 1).to_key("raw/");
+    let store = s.raw_store.as_ref();
+    let earlier = ReasonObject {
+        key: "raw/gateway=gw-b/00000000000000000003.parquet".into(),
+        gateway: "gw-b".into(),
+        first_seq: Some(3),
+        quarantine_key: "quarantine/gateway=gw-b/00000000000000000003.parquet".into(),
+        reason: Reason {
+            kind: ProblemKind::NotParquet,
+            message:
+                "is not a Parquet file: it does not start with the `PAR1` magic bytes (64 bytes)"
+                    .into(),
+        },
+        detected_at: "2026-01-01T00:00:00.000Z".into(),
+        collector_version: "0.0.9".into(),
+        size: 64,
+    };
+    for gateway in ["gw-a", "gw-b"] {
+        put_batch(store, &rows(gateway, 1..=2)).await;
+        let bad = BatchKey::new(gateway, 3).to_key("raw/");
+        put(store, &bad, random_bytes(64)).await;
+        put_batch(store, &rows(gateway, 4..=5)).await;
+        // The earlier pass copied the file and died: gw-a before writing the reason, gw-b after.
+        put(
+            store,
+            &bad.replacen("raw/", "quarantine/", 1),
+            random_bytes(64),
+        )
+        .await;
+    }
     put(
-        s.raw_store.as_ref(),
-        &wrong_folder,
-        parquet_bytes(&rows("gw-2", 1..=3)),
-    )
-    .await;
-    // A key that does not match the first seq inside.
-    let wrong_key = BatchKey::new("gw-3", 2).to_key("raw/");
-    put(
-        s.raw_store.as_ref(),
-        &wrong_key,
-        parquet_bytes(&rows("gw-3", 5..=6)),
+        store,
+        "quarantine/gateway=gw-b/00000000000000000003.parquet.reason.json",
+        serde_json::to_vec(&earlier).unwrap(),
     )
     .await;
 
     let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
 
+    for gateway in ["gw-a", "gw-b"] {
+        let gw = report.gateway(gateway).unwrap();
+        assert_eq!(gw.quarantined.len(), 1, "{gw:?}");
+        assert!(gw.quarantined[0].resumed);
+        assert_eq!(gw.quarantined[0].reason.kind, ProblemKind::NotParquet);
+        assert_eq!((gw.rows_applied, gw.watermark), (4, Some(5)));
+    }
+    assert!(keys_under(store, "raw/").await.is_empty());
     assert_eq!(
-        report.gateway("gw-1").unwrap().rejected,
-        Some(RejectedBatch {
-            key: wrong_folder,
-            reason: "holds rows of gateway `gw-2` but lies in the folder of gateway `gw-1`".into(),
-        })
+        keys_under(store, "quarantine/").await,
+        vec![
+            "quarantine/gateway=gw-a/00000000000000000003.parquet",
+            "quarantine/gateway=gw-a/00000000000000000003.parquet.reason.json",
+            "quarantine/gateway=gw-b/00000000000000000003.parquet",
+            "quarantine/gateway=gw-b/00000000000000000003.parquet.reason.json",
+        ]
     );
+    // The first detection is kept; the missing reason is written now.
+    let b = reason_object(
+        store,
+        "quarantine/gateway=gw-b/00000000000000000003.parquet",
+    )
+    .await;
+    assert_eq!(b, earlier);
+    let a = reason_object(
+        store,
+        "quarantine/gateway=gw-a/00000000000000000003.parquet",
+    )
+    .await;
     assert_eq!(
-        report.gateway("gw-3").unwrap().rejected,
-        Some(RejectedBatch {
-            key: wrong_key,
-            reason:
-                "its first seq is 5 but its key says 2; keys must be derived from the first seq"
-                    .into(),
-        })
+        (a.key.as_str(), a.size, a.collector_version.as_str()),
+        (
+            "raw/gateway=gw-a/00000000000000000003.parquet",
+            64,
+            env!("CARGO_PKG_VERSION")
+        )
     );
-    assert_eq!(report.rows_applied(), 0);
-    assert_eq!(s.table.version(), Some(0));
+    let mut want = seqs("gw-a", &[1..=2, 4..=5]);
+    want.extend(seqs("gw-b", &[1..=2, 4..=5]));
+    assert_eq!(table_rows(&mut s.table).await, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,12 +577,22 @@ fn s3_config(
     raw_bucket: &str,
     lake_bucket: &str,
 ) -> (tempfile::TempDir, CollectorConfig) {
+    s3_config_with(moto, raw_bucket, lake_bucket, "")
+}
+
+/// [`s3_config`] with extra lines in the `[raw]` section.
+fn s3_config_with(
+    moto: &MotoServer,
+    raw_bucket: &str,
+    lake_bucket: &str,
+    raw_extra: &str,
+) -> (tempfile::TempDir, CollectorConfig) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("collector.toml");
     std::fs::write(
         &path,
         format!(
-            "[raw]\nurl = \"s3://{raw_bucket}\"\n\n[delta]\nurl = \"s3://{lake_bucket}/readings\"\n\n[s3]\nendpoint = \"{}\"\nallow_http = true\n",
+            "[raw]\nurl = \"s3://{raw_bucket}\"\n{raw_extra}\n[delta]\nurl = \"s3://{lake_bucket}/readings\"\n\n[s3]\nendpoint = \"{}\"\nallow_http = true\n",
             moto.endpoint()
         ),
     )
@@ -475,6 +659,132 @@ async fn applies_exactly_once_on_s3() {
     assert_eq!(reopened.watermark("gw-2").await.unwrap(), Some(12));
     assert_eq!(reopened.watermark("gw-9").await.unwrap(), None);
     assert_eq!(app_id("gw-1"), "plantline-gateway-gw-1");
+}
+
+// One scenario, asserted end to end: splitting it would hide which file broke which step.
+#[allow(clippy::too_many_lines)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_files_on_s3_move_to_the_configured_quarantine_and_later_batches_flow() {
+    let moto = MotoServer::start();
+    let (raw_bucket, lake_bucket) = (moto.create_bucket(), moto.create_bucket());
+    let (_dir, config) = s3_config_with(
+        &moto,
+        &raw_bucket,
+        &lake_bucket,
+        "quarantine_prefix = \"bad-files/\"\n",
+    );
+    let raw_store = store(&moto, &raw_bucket);
+    let store = raw_store.as_ref();
+    put_batch(store, &rows("gw-1", 1..=3)).await;
+    let valid = parquet_bytes(&rows("gw-1", 4..=5));
+    let truncated = valid[..valid.len() / 2].to_vec();
+    put(
+        store,
+        &BatchKey::new("gw-1", 4).to_key("raw/"),
+        truncated.clone(),
+    )
+    .await;
+    // Rows 8..=9 under the key of seq 6.
+    let wrong_key = BatchKey::new("gw-1", 6).to_key("raw/");
+    put(store, &wrong_key, parquet_bytes(&rows("gw-1", 8..=9))).await;
+    put(
+        store,
+        &BatchKey::new("gw-1", 12).to_key("raw/"),
+        foreign_schema_bytes(),
+    )
+    .await;
+    put_batch(store, &rows("gw-1", 13..=14)).await;
+    // gw-1's rows uploaded into gw-2's folder, then gw-2's own batch.
+    let wrong_gateway = BatchKey::new("gw-2", 1).to_key("raw/");
+    put(store, &wrong_gateway, parquet_bytes(&rows("gw-1", 1..=3))).await;
+    put_batch(store, &rows("gw-2", 2..=3)).await;
+
+    let report = collector::run_once(&config).await.unwrap();
+
+    assert!(report.is_clean());
+    let one = report.ingest.gateway("gw-1").unwrap();
+    assert_eq!(
+        quarantined(one)
+            .into_iter()
+            .map(|(key, kind, _)| (key, kind))
+            .collect::<Vec<_>>(),
+        vec![
+            (
+                BatchKey::new("gw-1", 4).to_key("raw/"),
+                ProblemKind::Truncated
+            ),
+            (wrong_key.clone(), ProblemKind::FirstSeqMismatch),
+            (
+                BatchKey::new("gw-1", 12).to_key("raw/"),
+                ProblemKind::ForeignSchema
+            ),
+        ]
+    );
+    assert_eq!(
+        one.quarantined[1].reason.message,
+        "its first seq is 8 but its key says 6; keys must be derived from the first seq"
+    );
+    assert_eq!((one.rows_applied, one.watermark), (5, Some(14)));
+    let two = report.ingest.gateway("gw-2").unwrap();
+    assert_eq!(
+        quarantined(two),
+        vec![(
+            wrong_gateway,
+            ProblemKind::ForeignGateway,
+            "holds rows of gateway `gw-1` but lies in the folder of gateway `gw-2`".to_owned()
+        )]
+    );
+    assert_eq!((two.rows_applied, two.watermark), (2, Some(3)));
+    assert_eq!(report.ingest.files_quarantined(), 4);
+
+    assert!(moto.list_keys(&raw_bucket, "raw/").is_empty());
+    assert_eq!(
+        moto.list_keys(&raw_bucket, "bad-files/"),
+        vec![
+            "bad-files/gateway=gw-1/00000000000000000004.parquet",
+            "bad-files/gateway=gw-1/00000000000000000004.parquet.reason.json",
+            "bad-files/gateway=gw-1/00000000000000000006.parquet",
+            "bad-files/gateway=gw-1/00000000000000000006.parquet.reason.json",
+            "bad-files/gateway=gw-1/00000000000000000012.parquet",
+            "bad-files/gateway=gw-1/00000000000000000012.parquet.reason.json",
+            "bad-files/gateway=gw-2/00000000000000000001.parquet",
+            "bad-files/gateway=gw-2/00000000000000000001.parquet.reason.json",
+        ]
+    );
+    assert_eq!(
+        moto.get_object(
+            &raw_bucket,
+            "bad-files/gateway=gw-1/00000000000000000004.parquet"
+        ),
+        Some(truncated.clone())
+    );
+    let reason: serde_json::Value = serde_json::from_slice(
+        &moto
+            .get_object(
+                &raw_bucket,
+                "bad-files/gateway=gw-1/00000000000000000004.parquet.reason.json",
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        reason["key"],
+        "raw/gateway=gw-1/00000000000000000004.parquet"
+    );
+    assert_eq!(reason["gateway"], "gw-1");
+    assert_eq!(reason["first_seq"], 4);
+    assert_eq!(reason["reason"]["kind"], "truncated");
+    assert_eq!(reason["size"], truncated.len());
+    assert_eq!(reason["collector_version"], env!("CARGO_PKG_VERSION"));
+
+    let mut table = open_s3_table(&config).await;
+    let mut want = seqs("gw-1", &[1..=3, 13..=14]);
+    want.extend(rows("gw-2", 2..=3));
+    assert_eq!(table_rows(&mut table).await, want);
+    // An independent reader agrees.
+    let copy = tempfile::tempdir().unwrap();
+    moto.download_prefix(&lake_bucket, "readings/", copy.path());
+    assert_eq!(duckdb_count_and_sum_seq(copy.path()), (7, 38));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
