@@ -204,6 +204,8 @@ fn agent_config(
                 d
             })
             .collect(),
+        mqtt: Vec::new(),
+        metrics: edge_agent::config::MetricsConfig::default(),
     };
     let problems = edge_agent::config::validate(&config);
     if problems.is_empty() {

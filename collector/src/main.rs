@@ -39,10 +39,34 @@ enum Command {
     },
     /// Check a config file and report every problem with its key and the fix.
     Validate { config: PathBuf },
+    /// Snowflake administration.
+    Snowflake {
+        #[command(subcommand)]
+        command: SnowflakeCommand,
+    },
     /// Run the whole pipeline locally: a simulated PLC, the edge agent, a local raw zone and a
     /// local Delta table; print what arrived.
     #[cfg(feature = "demo")]
     Demo(collector::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum SnowflakeCommand {
+    /// Print the SQL a Snowflake admin runs once: database, schema, tables, analytics views, the
+    /// loader and reporting roles with their grants, and a commented external-stage template.
+    /// Exit codes: 0 done, 1 Snowflake refused a statement or is unreachable, 78 invalid config.
+    Init {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Also run the statements (not the templates) through the `[snowflake]` connection,
+        /// one by one; safe to repeat.
+        #[arg(long)]
+        apply: bool,
+        /// Leave the roles and grants out (print and apply), for accounts where a security admin
+        /// applies them separately.
+        #[arg(long)]
+        skip_grants: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +104,14 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_CONFIG)
                 }
             },
+            Command::Snowflake {
+                command:
+                    SnowflakeCommand::Init {
+                        config,
+                        apply,
+                        skip_grants,
+                    },
+            } => snowflake_init(&config, apply, skip_grants).await,
             Command::RunOnce { config } => {
                 let Some(config) = load(&config) else {
                     return ExitCode::from(EXIT_CONFIG);
@@ -126,6 +158,51 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+async fn snowflake_init(path: &std::path::Path, apply: bool, skip_grants: bool) -> ExitCode {
+    use collector::snowflake::{InitScript, SnowflakeClient};
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let Some(snowflake) = &config.snowflake else {
+        eprintln!(
+            "{}: there is no [snowflake] section; add one with url, account, user, password_env, database and schema",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let script = match InitScript::new(snowflake, &config.delta.url) {
+        Ok(script) => script.without_access_control(skip_grants),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !apply {
+        print!("{}", script.render());
+        return ExitCode::SUCCESS;
+    }
+    let mut client = match SnowflakeClient::login(snowflake).await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("collector: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match script.apply(&mut client).await {
+        Ok(applied) => {
+            for object in &applied {
+                println!("applied {object}");
+            }
+            println!("snowflake init: {} statements applied", applied.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("collector: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> Option<CollectorConfig> {

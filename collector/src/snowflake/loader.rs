@@ -31,19 +31,9 @@ use tracing::{info, warn};
 
 use super::client::{BindValue, SnowflakeClient, SnowflakeError};
 use super::config::{CONTROL_TABLE, SnowflakeConfig};
-
-/// Columns of the readings table, in the order of the batch contract, with their Snowflake types.
-const READINGS_COLUMNS: [(&str, &str); 9] = [
-    ("SEQ", "NUMBER(19,0) NOT NULL"),
-    ("TS", "TIMESTAMP_TZ NOT NULL"),
-    ("SITE", "VARCHAR NOT NULL"),
-    ("GATEWAY", "VARCHAR NOT NULL"),
-    ("DEVICE", "VARCHAR NOT NULL"),
-    ("TAG", "VARCHAR NOT NULL"),
-    ("VALUE", "FLOAT"),
-    ("QUALITY", "VARCHAR NOT NULL"),
-    ("UNIT", "VARCHAR"),
-];
+use super::ddl::{
+    READINGS_COLUMNS, create_control_table, create_readings_table, readings_column_list,
+};
 
 /// Why a load stopped. Everything loaded before the failing transaction stays loaded.
 #[derive(Debug, thiserror::Error)]
@@ -221,24 +211,10 @@ pub async fn load(
 }
 
 async fn create_tables(client: &mut SnowflakeClient, target: &str) -> Result<(), SnowflakeError> {
-    let columns = READINGS_COLUMNS
-        .iter()
-        .map(|(name, ty)| format!("{name} {ty}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // `collector snowflake init` creates the same tables from the same definitions.
+    client.execute(&create_readings_table(target), &[]).await?;
     client
-        .execute(
-            &format!("CREATE TABLE IF NOT EXISTS {target} ({columns})"),
-            &[],
-        )
-        .await?;
-    client
-        .execute(
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {CONTROL_TABLE} (TABLE_NAME VARCHAR NOT NULL PRIMARY KEY, LAST_VERSION NUMBER(19,0) NOT NULL, LOADED_AT TIMESTAMP_NTZ)"
-            ),
-            &[],
-        )
+        .execute(&create_control_table(CONTROL_TABLE), &[])
         .await?;
     // Snowflake does not enforce primary keys, so the row is only added when it is missing.
     client
@@ -277,11 +253,7 @@ async fn apply_group(
         .expect("a group is applied only after a version joined it");
     let last = i64::try_from(*versions.end()).expect("Delta versions stay far below i64::MAX");
     let staging = format!("{target}_STAGING");
-    let columns = READINGS_COLUMNS
-        .iter()
-        .map(|(name, ty)| format!("{name} {ty}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let columns = readings_column_list();
     // DDL commits an open transaction in Snowflake, so the session's staging table is made
     // before the transaction starts; it lives until the session ends.
     client

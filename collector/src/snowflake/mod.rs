@@ -13,11 +13,19 @@
 
 mod client;
 mod config;
+mod ddl;
+mod init;
 mod loader;
+pub mod views;
 
 pub use client::{
     BindValue, ColumnInfo, ConnectorTransport, QueryResult, Rowset, SnowflakeClient,
     SnowflakeError, StatementRequest, Transport, TransportFuture,
 };
 pub use config::{CONTROL_TABLE, SnowflakeConfig};
+pub use ddl::READINGS_CLUSTER_KEY;
+pub use init::{
+    DEFAULT_LOADER_ROLE, GAPS_TABLE, InitError, InitScript, InitStatement, QUARANTINE_TABLE,
+    REPORTING_ROLE, StatementKind, TAGS_TABLE,
+};
 pub use loader::{LoadError, LoadReport, load};
