@@ -1,4 +1,13 @@
 //! The agent's main loop: sources → buffer writer → batcher → upload target.
+//!
+//! # The acknowledgement path
+//! A source whose peer keeps a message until told it is safe (MQTT QoS 1) sends a
+//! [`Delivery`](crate::sources::Delivery): the message's readings with a oneshot sender. The
+//! buffer writer takes deliveries on their own channel, puts their readings into the next
+//! transaction with the polled readings, and fires every oneshot of that transaction only after
+//! it committed. A failed commit is retried with the oneshots held, so the source waits and
+//! nothing is acknowledged that the buffer does not have; a writer that stops drops the
+//! unfired oneshots, and the source leaves those messages to the broker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +22,13 @@ use crate::batch::{Batcher, BatcherError};
 use crate::buffer::{Buffer, BufferError};
 use crate::config::AgentConfig;
 use crate::sinks::{BatchSink, SinkError};
+use crate::sources::Delivery;
 
 /// How many readings may wait between the sources and the buffer writer. When the buffer falls
 /// behind, sources wait instead of the agent's memory growing.
 const CHANNEL_CAPACITY: usize = 10_000;
+/// How many acknowledged-on-commit messages (each with its readings) may wait for the writer.
+const DELIVERY_CAPACITY: usize = 1_000;
 /// A commit happens at least this often when readings keep arriving faster than the interval.
 const MAX_READINGS_PER_COMMIT: usize = 5_000;
 /// How long the shutdown waits for sources to stop and for the last batches to upload.
@@ -51,6 +63,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         )
     };
     let sink = Arc::new(BatchSink::from_config(&config.upload).await?);
+    let metrics_stop = shutdown.child_token();
+    let metrics_server = crate::metrics::start(
+        &config.metrics,
+        buffer.path().to_owned(),
+        metrics_stop.clone(),
+    )
+    .await;
     let stats = buffer.stats()?;
     info!(
         component = "agent",
@@ -64,13 +83,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (tx, rx) = mpsc::channel::<Reading>(CHANNEL_CAPACITY);
     let tracker = TaskTracker::new();
     let sources_stop = shutdown.child_token();
-    crate::sources::spawn_all(&config, &tx, &sources_stop, &tracker);
+    let (deliveries_tx, deliveries_rx) = mpsc::channel::<Delivery>(DELIVERY_CAPACITY);
+    crate::sources::spawn_all(&config, &tx, &deliveries_tx, &sources_stop, &tracker);
     drop(tx);
+    drop(deliveries_tx);
     tracker.close();
 
     let writer = tokio::spawn(
-        write_readings(rx, Arc::clone(&buffer), config.buffer.commit_interval.0)
-            .instrument(info_span!("buffer", component = "buffer")),
+        write_readings(
+            rx,
+            deliveries_rx,
+            Arc::clone(&buffer),
+            config.buffer.commit_interval.0,
+        )
+        .instrument(info_span!("buffer", component = "buffer")),
     );
     let mut batcher = Batcher::new(
         Arc::clone(&buffer),
@@ -80,6 +106,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     let batcher_stop = shutdown.child_token();
     let batcher_result = batcher.run(batcher_stop).await;
+    crate::metrics::global().batcher_stopped();
 
     // Shutdown: the sources stop, the writer commits what they sent and ends when the channel
     // closes, then the last batches go out.
@@ -95,6 +122,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(|e| AgentError::Writer(e.to_string()))??;
     batcher_result?;
     batcher.flush(FLUSH_DEADLINE).await?;
+    metrics_stop.cancel();
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     let left = buffer.stats()?;
     info!(
         component = "agent",
@@ -107,23 +138,44 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 /// Commits readings to the buffer in batched transactions until every sender is gone.
 async fn write_readings(
     mut rx: mpsc::Receiver<Reading>,
+    mut deliveries: mpsc::Receiver<Delivery>,
     buffer: Arc<Buffer>,
     interval: Duration,
 ) -> Result<(), AgentError> {
     let mut pending = Vec::with_capacity(1024);
-    let mut open = true;
-    while open {
+    // Fired after the commit that holds their readings (see the module doc).
+    let mut committed: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    let mut readings_open = true;
+    let mut deliveries_open = true;
+    while readings_open || deliveries_open {
         let deadline = tokio::time::sleep(interval);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 biased;
-                got = rx.recv() => {
+                got = rx.recv(), if readings_open => {
                     let Some(r) = got else {
-                        open = false;
+                        readings_open = false;
+                        if deliveries_open {
+                            continue;
+                        }
                         break;
                     };
                     pending.push(r);
+                    if pending.len() >= MAX_READINGS_PER_COMMIT {
+                        break;
+                    }
+                },
+                got = deliveries.recv(), if deliveries_open => {
+                    let Some(delivery) = got else {
+                        deliveries_open = false;
+                        if readings_open {
+                            continue;
+                        }
+                        break;
+                    };
+                    pending.extend(delivery.readings);
+                    committed.push(delivery.committed);
                     if pending.len() >= MAX_READINGS_PER_COMMIT {
                         break;
                     }
@@ -145,11 +197,13 @@ async fn write_readings(
             .map_err(|e| AgentError::Writer(e.to_string()))?;
             match result {
                 Ok(_) => {
+                    crate::metrics::global().readings_committed(&chunk);
                     pending = chunk;
                     pending.clear();
                     break;
                 }
                 Err(e) => {
+                    crate::metrics::global().commit_failed(&e);
                     error!(
                         readings = chunk.len(),
                         retry_in_ms = crate::millis(retry),
@@ -160,6 +214,11 @@ async fn write_readings(
                     retry = (retry * 2).min(Duration::from_secs(10));
                 }
             }
+        }
+        // Everything taken so far is committed now.
+        for notify in committed.drain(..) {
+            // A source that stopped waiting no longer needs to know.
+            let _ = notify.send(());
         }
     }
     Ok(())

@@ -17,6 +17,8 @@ pub mod buffer;
 #[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
+pub mod metrics;
+#[cfg(feature = "runtime")]
 mod reading;
 // Unit tests use it too: the dev-dependency on tokio-modbus turns on its server there.
 #[cfg(any(feature = "simulator", all(test, feature = "runtime")))]

@@ -31,6 +31,11 @@ enum Command {
         /// The agent's config file (sensor map, buffer, upload target).
         #[arg(short, long, default_value = "/etc/edge-agent/agent.toml")]
         config: PathBuf,
+        /// `text` (default): one human-readable line per event. `json`: one JSON object per
+        /// line, with the event's fields and its span's `component` and `device`, for journald
+        /// or a log shipper.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Show what the buffer holds: readings waiting, seq range, oldest and newest reading, the
     /// pending batch and the file size. Read-only, safe while the agent runs. Exit code 78 for a
@@ -115,6 +120,12 @@ struct ProbeArgs {
     timeout: config::ConfigDuration,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ImportFormat {
     Kepware,
@@ -126,7 +137,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
-    init_logging("warn,edge_agent=info");
+    let log_format = match &cli.command {
+        Command::Run { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging("warn,edge_agent=info", log_format);
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Probe(args) => probe(args),
@@ -135,20 +150,30 @@ fn main() -> ExitCode {
             format,
             device,
         } => import_tags(&file, format, device.as_deref()),
-        Command::Run { config } => run(&config),
+        Command::Run { config, .. } => run(&config),
         Command::Buffer { config } => show_buffer(&config),
     }
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides `default_filter`.
-fn init_logging(default_filter: &str) {
+fn init_logging(default_filter: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // The event's fields at the top level and the innermost span (which carries
+        // `component` and `device`) under `span`: one flat object a log shipper can index.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {
@@ -157,8 +182,17 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         match config::load_file(file) {
             Ok(cfg) => {
                 let tags: usize = cfg.modbus.iter().map(|d| d.tags.len()).sum();
+                let subscriptions: usize = cfg.mqtt.iter().map(|b| b.subscriptions.len()).sum();
+                let mqtt = if cfg.mqtt.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} mqtt brokers, {subscriptions} subscriptions",
+                        cfg.mqtt.len()
+                    )
+                };
                 println!(
-                    "{}: ok ({} devices, {tags} tags, gateway `{}`)",
+                    "{}: ok ({} devices, {tags} tags{mqtt}, gateway `{}`)",
                     file.display(),
                     cfg.modbus.len(),
                     cfg.gateway

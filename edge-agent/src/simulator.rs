@@ -105,6 +105,7 @@ impl SimulatedPlc {
             poll_interval: ConfigDuration::from_secs(1),
             timeout: ConfigDuration::from_secs(1),
             addressing: Addressing::ZeroBased,
+            max_gap: ModbusDevice::DEFAULT_MAX_GAP,
             tags: vec![
                 tag("oil_temp", Holding, 0, F32, ABCD, 1.0, "degC"),
                 tag("coolant_temp", Holding, 2, F32, ABCD, 1.0, "degC"),

@@ -62,6 +62,7 @@ impl Batcher {
     pub async fn run(&mut self, shutdown: CancellationToken) -> Result<(), BatcherError> {
         let mut backoff = RETRY_START;
         loop {
+            crate::metrics::global().batcher_alive();
             let wait = match self.step(false).await {
                 Ok(true) => {
                     backoff = RETRY_START;
@@ -169,9 +170,11 @@ impl Batcher {
         self.sink
             .put(&key, body.clone())
             .await
+            .inspect_err(|_| crate::metrics::global().upload_failed())
             .map_err(|e| StepError::Upload(e.to_string()))?;
         let done = batch.clone();
         self.blocking(move |b| b.complete_batch(&done)).await?;
+        crate::metrics::global().batch_uploaded(rows.len(), started.elapsed());
         info!(
             component = "batcher",
             key,

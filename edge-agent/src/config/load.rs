@@ -124,6 +124,13 @@ pub fn load_str(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
     {
         dir.path = base.join(&dir.path);
     }
+    for broker in &mut config.mqtt {
+        if let Some(file) = &mut broker.password_file
+            && file.is_relative()
+        {
+            *file = base.join(&*file);
+        }
+    }
     Ok(config)
 }
 

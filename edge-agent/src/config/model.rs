@@ -28,6 +28,50 @@ pub struct AgentConfig {
     /// Modbus TCP devices and the tags read from them.
     #[serde(default)]
     pub modbus: Vec<ModbusDevice>,
+    /// MQTT brokers and the subscriptions whose messages become readings.
+    #[serde(default)]
+    pub mqtt: Vec<MqttBroker>,
+    /// The `/metrics` and `/health` HTTP endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The `/metrics` (Prometheus text) and `/health` HTTP endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint. On by default; it listens on loopback only unless `listen` says
+    /// otherwise.
+    #[serde(default = "MetricsConfig::default_enabled")]
+    pub enabled: bool,
+    /// IP address and port to listen on. The default `127.0.0.1:9464` is reachable from the
+    /// gateway itself only; `0.0.0.0:9464` (or one interface's address) exposes it to the
+    /// plant network. The endpoint has no authentication: expose it only on a trusted network.
+    #[serde(default = "MetricsConfig::default_listen")]
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    fn default_enabled() -> bool {
+        true
+    }
+    fn default_listen() -> String {
+        "127.0.0.1:9464".to_owned()
+    }
+
+    /// `listen` as a socket address.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: Self::default_enabled(),
+            listen: Self::default_listen(),
+        }
+    }
 }
 
 /// The SQLite buffer.
@@ -190,6 +234,13 @@ pub struct ModbusDevice {
     /// register 40001 is `address = 1`). One map uses one convention per device.
     #[serde(default)]
     pub addressing: Addressing,
+    /// Read coalescing: tags of one table are read with one request when at most this many
+    /// unused registers (or bits) lie between them, up to the protocol maximum of 125 registers
+    /// or 2000 bits per request. The registers in between are read and thrown away. `0` merges
+    /// only contiguous tags; lower it if the device refuses reads that cross undefined
+    /// registers often (the agent learns such holes by itself, at the cost of a few requests).
+    #[serde(default = "ModbusDevice::default_max_gap")]
+    pub max_gap: u16,
     /// The tags (named values) read from this device.
     pub tags: Vec<ModbusTag>,
 }
@@ -206,6 +257,11 @@ impl ModbusDevice {
     }
     fn default_timeout() -> ConfigDuration {
         ConfigDuration::from_secs(1)
+    }
+    /// The `max_gap` when the sensor map leaves it out.
+    pub const DEFAULT_MAX_GAP: u16 = 10;
+    fn default_max_gap() -> u16 {
+        Self::DEFAULT_MAX_GAP
     }
 }
 
@@ -406,4 +462,143 @@ pub enum ByteOrder {
     CDAB,
     BADC,
     DCBA,
+}
+
+/// One MQTT broker (MQTT 3.1.1 over plain TCP) and what to subscribe to on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttBroker {
+    /// A name for this broker in logs and error messages (for example `line2-broker`).
+    pub name: String,
+    /// Host name or IP address of the broker.
+    pub host: String,
+    /// TCP port of the broker.
+    #[serde(default = "MqttBroker::default_port")]
+    pub port: u16,
+    /// The client id the agent connects with. With `clean_session = false` the broker keeps the
+    /// session (subscriptions and unacknowledged QoS 1 messages) under this id, so it must be
+    /// unique on the broker and stay the same across restarts.
+    pub client_id: String,
+    /// How often the client pings an idle connection; the broker drops the connection after 1.5
+    /// times this without traffic.
+    #[serde(default = "MqttBroker::default_keep_alive")]
+    pub keep_alive: ConfigDuration,
+    /// `false` (the default): a persistent session, so QoS 1 messages published while the agent
+    /// was away are delivered when it returns. `true` starts from nothing on every connect.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// User name for the broker's password authentication.
+    pub username: Option<String>,
+    /// Name of the environment variable holding the password (never written in the map).
+    pub password_env: Option<String>,
+    /// File holding the password (its first line, without the line end). A relative path is
+    /// resolved against the config file's folder.
+    pub password_file: Option<PathBuf>,
+    /// The topic filters to subscribe to and how their messages become readings.
+    pub subscriptions: Vec<MqttSubscription>,
+}
+
+impl MqttBroker {
+    fn default_port() -> u16 {
+        1883
+    }
+    fn default_keep_alive() -> ConfigDuration {
+        ConfigDuration::from_secs(30)
+    }
+}
+
+/// One topic filter and the mapping of its messages to readings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSubscription {
+    /// Topic filter, with `+` for one topic level and a trailing `#` for any number of levels
+    /// (for example `plant/+/+/telemetry`).
+    pub topic: String,
+    /// Quality of service of the subscription: 1 (the default: the broker keeps a message until
+    /// the agent acknowledges it, which happens only after it is in the buffer) or 0 (at most
+    /// once: lost when the agent is away or stops before committing it).
+    #[serde(default = "MqttSubscription::default_qos")]
+    pub qos: u8,
+    /// What the payload is: `json` (the default) or `number` (the payload is one number in
+    /// text, like `21.5`).
+    #[serde(default)]
+    pub payload: PayloadFormat,
+    /// The device of the readings: literal text with `{N}` standing for level N of the message's
+    /// topic, counted from 0 (`{1}` is `press-3` in `plant/press-3/oil_temp/telemetry`).
+    pub device: String,
+    /// The tag of the reading, with `{N}` like `device`. For one value per message; leave out
+    /// when `fields` lists several.
+    pub tag: Option<String>,
+    /// JSON pointer (RFC 6901) to the value in a `json` payload, for example `/value` or
+    /// `/data/temp`; `""` is the whole payload. For one value per message.
+    pub value: Option<String>,
+    /// Several values in one JSON message, one reading each.
+    #[serde(default)]
+    pub fields: Vec<MqttField>,
+    /// JSON pointer to the reading's time in a `json` payload. Leave out to use the time the
+    /// message arrived at the agent.
+    pub timestamp: Option<String>,
+    /// How `timestamp` is written: `epoch_s`, `epoch_ms`, `epoch_us` (a number, or a number in
+    /// a string) or `rfc3339` (`2024-05-01T12:00:00.250Z`). Required with `timestamp`.
+    pub timestamp_format: Option<TimestampFormat>,
+    /// Engineering unit carried with every reading (a field's own `unit` wins).
+    pub unit: Option<String>,
+    /// Multiplier applied to the number in the payload: value = raw * scale + offset (a
+    /// field's own `scale` wins).
+    #[serde(default = "MqttSubscription::default_scale")]
+    pub scale: f64,
+    /// Added after scaling (a field's own `offset` wins).
+    #[serde(default)]
+    pub offset: f64,
+}
+
+impl MqttSubscription {
+    fn default_qos() -> u8 {
+        1
+    }
+    fn default_scale() -> f64 {
+        1.0
+    }
+}
+
+/// One of several values in a JSON message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttField {
+    /// The tag of this value's readings, with `{N}` for topic levels as in `device`.
+    pub tag: String,
+    /// JSON pointer (RFC 6901) to the value, for example `/temp`.
+    pub value: String,
+    /// Engineering unit; defaults to the subscription's `unit`.
+    pub unit: Option<String>,
+    /// Multiplier; defaults to the subscription's `scale`.
+    pub scale: Option<f64>,
+    /// Added after scaling; defaults to the subscription's `offset`.
+    pub offset: Option<f64>,
+}
+
+/// How an MQTT payload is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// A JSON document; values and the timestamp are found by JSON pointer.
+    #[default]
+    Json,
+    /// The whole payload is one number in text (`21.5`, `-3`, `1e3`); the timestamp is the
+    /// arrival time.
+    Number,
+}
+
+/// How a timestamp in a payload is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampFormat {
+    /// Seconds since the Unix epoch, fractions allowed.
+    EpochS,
+    /// Milliseconds since the Unix epoch.
+    EpochMs,
+    /// Microseconds since the Unix epoch.
+    EpochUs,
+    /// RFC 3339 text with an offset, for example `2024-05-01T12:00:00.250Z`.
+    Rfc3339,
 }

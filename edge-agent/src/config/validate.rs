@@ -15,6 +15,7 @@ use super::model::{
     Addressing, AgentConfig, DataType, ModbusDevice, ModbusTag, RegisterKind, UploadConfig,
 };
 use crate::contract;
+use crate::sources::modbus::plan::MAX_BITS;
 
 /// The shortest poll interval accepted: faster polling overloads most PLCs' communication
 /// processors and fills the buffer faster than any uplink drains it.
@@ -107,7 +108,29 @@ pub fn validate(config: &AgentConfig) -> Vec<Problem> {
         }
         check_device(&mut problems, &key, device);
     }
+    check_metrics(&mut problems, &config.metrics);
+    problems.extend(crate::sources::mqtt::check::check_brokers(&config.mqtt));
     problems
+}
+
+fn check_metrics(problems: &mut Vec<Problem>, metrics: &super::model::MetricsConfig) {
+    match metrics.listen_addr() {
+        Err(_) => problems.push(Problem::new(
+            "metrics.listen",
+            format!(
+                "`{}` is not an IP address and port; write it like \"127.0.0.1:9464\" (this gateway only) or \"0.0.0.0:9464\" (every interface)",
+                metrics.listen
+            ),
+        )),
+        Ok(addr) if addr.port() == 0 => problems.push(Problem::new(
+            "metrics.listen",
+            format!(
+                "port 0 would pick a different port at every start, so nothing could scrape it; use a fixed port, for example \"{}:9464\"",
+                addr.ip()
+            ),
+        )),
+        Ok(_) => {}
+    }
 }
 
 fn check_interval(
@@ -234,6 +257,16 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
         problems.push(Problem::new(
             format!("{key}.timeout"),
             "a timeout of 0s fails every request; give the device time to answer, for example \"1s\"",
+        ));
+    }
+    // Two tags 1999 bits apart still fit one 2000-bit request; a larger gap never can.
+    if device.max_gap > MAX_BITS - 1 {
+        problems.push(Problem::new(
+            format!("{key}.max_gap"),
+            format!(
+                "max_gap {} is more than one request can span (2000 bits, 125 registers); use 0 (contiguous tags only) to 1999, for example max_gap = 10",
+                device.max_gap
+            ),
         ));
     }
     if device.tags.is_empty() {
@@ -540,7 +573,7 @@ mod tests {
             "site = \" \"\ngateway = \"GW 1\"\n[batch]\nmax_rows = 0\nmax_age = \"500ms\"\n[upload]\n{}",
             device(
                 "press-3",
-                "tags = []\nport = 0\npoll_interval = \"5ms\"\ntimeout = \"0s\"\n"
+                "tags = []\nport = 0\npoll_interval = \"5ms\"\ntimeout = \"0s\"\nmax_gap = 2000\n"
             )
         );
         assert_eq!(
@@ -555,6 +588,7 @@ mod tests {
                 "plant.toml:11: modbus[0].port: port 0 cannot be connected to; use the device's Modbus TCP port, usually 502",
                 "plant.toml:12: modbus[0].poll_interval: 5ms is shorter than the minimum of 10ms; use at least that, for example \"1s\"",
                 "plant.toml:13: modbus[0].timeout: a timeout of 0s fails every request; give the device time to answer, for example \"1s\"",
+                "plant.toml:14: modbus[0].max_gap: max_gap 2000 is more than one request can span (2000 bits, 125 registers); use 0 (contiguous tags only) to 1999, for example max_gap = 10",
             ]
         );
     }
@@ -739,6 +773,25 @@ mod tests {
                 "plant.toml:12: modbus[0].tags[0].address: address 0 does not exist with addressing = \"one_based\" (the first register is 1); use 1 or more, or set addressing = \"zero_based\" on the device",
                 "plant.toml:17: modbus[0].tags[1].address: u64 at address 65534 ends past the last register 65536 (one-based); use an address of at most 65533",
                 "plant.toml:30: modbus[1].tags[0].address: f64 at address 65533 ends past the last register 65535; use an address of at most 65532",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_metrics_listen_address_must_be_an_ip_and_a_fixed_port() {
+        let t = device("press-3", &tag("a", "holding", 0, "u16"));
+        let text = format!("{HEAD}[metrics]\nlisten = \"localhost:9464\"\n{t}");
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:6: metrics.listen: `localhost:9464` is not an IP address and port; write it like \"127.0.0.1:9464\" (this gateway only) or \"0.0.0.0:9464\" (every interface)"
+            ]
+        );
+        let text = format!("{HEAD}[metrics]\nenabled = true\nlisten = \"0.0.0.0:0\"\n{t}");
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:7: metrics.listen: port 0 would pick a different port at every start, so nothing could scrape it; use a fixed port, for example \"0.0.0.0:9464\""
             ]
         );
     }

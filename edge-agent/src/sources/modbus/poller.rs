@@ -1,23 +1,32 @@
 //! One polling task per Modbus TCP device.
 //!
 //! # What always holds
-//! - Every poll tick reads every tag once. Without report by exception (the default) every tick
-//!   yields exactly one reading per tag, good, uncertain or bad: while the device is unreachable
+//! - Every poll tick reads every tag once, with the requests of the device's read plan
+//!   ([`super::plan`]): neighbouring tags of one table share a request. Readings are sent in
+//!   the sensor map's tag order, whatever the plan.
+//! - A request refused with exception 2 (illegal data address) is split in halves and retried,
+//!   down to single tags, within the same tick; the plan then remembers what the device taught
+//!   (a tag it refuses alone is read alone; registers between two answered halves are not
+//!   asked for again), so the next tick sends the learned plan. Any other exception makes the
+//!   tags of that request `bad` and is not retried.
+//! - The first tick of a device comes a deterministic offset (from its name) into its poll
+//!   interval, so the devices of a gateway are not all asked at the same instant.
+//! - Without report by exception (the default) every tick yields exactly one reading per tag, good, uncertain or bad: while the device is unreachable
 //!   its tags are reported `bad` at the poll rate, so an outage is visible in the data, not only
 //!   in the logs. A tag with a deadband or heartbeat sends what [`ExceptionFilter`] lets
 //!   through, which always includes quality changes.
 //! - Addresses are converted to wire addresses here, once, by the device's `addressing`; errors
 //!   and logs name the address as the sensor map wrote it.
-//! - A Modbus exception or an undecodable answer makes that tag's reading `bad`; the other tags
-//!   and the connection are unaffected.
+//! - A Modbus exception makes the readings of that request's tags `bad`, an undecodable value
+//!   that tag's reading; the other requests and the connection are unaffected.
 //! - After a timeout, a transport error or a garbled answer the connection is dropped, because a
 //!   late or partial response would otherwise be taken as the answer to the next request. New
 //!   connection attempts back off exponentially with jitter (500 ms up to 30 s) until a request
 //!   is answered again.
 //! - Every network call runs under the device's `timeout`, and every wait also watches the
 //!   shutdown token.
-//! - Logs are written on state changes only (connected, lost, tag failing, tag recovered), so a
-//!   dead device does not flood the journal.
+//! - Logs are written on state changes only (connected, lost, tag failing, tag recovered, plan
+//!   learned), so a dead device does not flood the journal.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,9 +39,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::decode::{self, DecodeError};
+use super::plan::{PlannedRequest, Planner, TagSpan};
 use super::transform::{self, ExceptionFilter};
 use crate::Reading;
-use crate::config::{Addressing, ModbusDevice, ModbusTag, RegisterKind};
+use crate::config::{Addressing, ModbusDevice, RegisterKind};
 use crate::contract::Quality;
 
 /// First reconnect delay after a failure.
@@ -80,12 +90,13 @@ pub enum PollError {
         address: u16,
         code: ExceptionCode,
     },
-    /// The connection broke or the device answered out of protocol.
-    #[error("transport error reading {kind} {address}: {source}")]
+    /// The connection broke or the device answered out of protocol (one failed request fails
+    /// every tag it carried, so the cause is kept as text).
+    #[error("transport error reading {kind} {address}: {reason}")]
     Transport {
         kind: &'static str,
         address: u16,
-        source: tokio_modbus::Error,
+        reason: String,
     },
     /// The answer arrived but could not be decoded as the configured type.
     #[error("{kind} {address}: {source}")]
@@ -96,13 +107,7 @@ pub enum PollError {
     },
 }
 
-impl PollError {
-    /// Whether the connection must be dropped: after these the request/response stream can no
-    /// longer be trusted to be in step.
-    fn breaks_connection(&self) -> bool {
-        matches!(self, Self::Timeout { .. } | Self::Transport { .. })
-    }
-}
+impl PollError {}
 
 /// Capped exponential backoff with "equal jitter": each delay is drawn from the upper half of the
 /// current step, so gateways restarted together do not reconnect in lockstep.
@@ -131,6 +136,25 @@ impl Backoff {
     }
 }
 
+/// Where in its poll interval a device's ticks fall: a hash of its name (FNV-1a, stable across
+/// builds and restarts, unlike std's hasher) modulo the interval. Devices of one gateway spread
+/// over the interval instead of all being asked at the same instant, and a device keeps its
+/// slot across restarts, which keeps its samples evenly spaced in the data.
+pub fn stagger_offset(device: &str, interval: Duration) -> Duration {
+    let hash = device
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let nanos = interval.as_nanos();
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    let offset = u128::from(hash) % nanos;
+    // Below the interval, which is a Duration itself, so it fits.
+    Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX))
+}
+
 /// Polls one device until `shutdown` is cancelled or the receiver of `tx` is gone.
 pub async fn run_device(
     device: ModbusDevice,
@@ -153,6 +177,28 @@ enum Link {
     Down,
 }
 
+type TagResult = Result<(f64, Quality), PollError>;
+
+/// What a request's answer carries.
+enum Answer {
+    Words(Vec<u16>),
+    Bits(Vec<bool>),
+}
+
+/// A request refused with "illegal data address" and the two halves it was retried as.
+struct Split {
+    refused: Vec<usize>,
+    left: Vec<usize>,
+    right: Vec<usize>,
+}
+
+/// Why a request has no answer.
+enum CallError {
+    Exception(ExceptionCode),
+    Timeout,
+    Transport(String),
+}
+
 struct DevicePoller {
     device: ModbusDevice,
     tx: mpsc::Sender<Reading>,
@@ -166,12 +212,37 @@ struct DevicePoller {
     tag_good: Vec<Option<bool>>,
     /// Each tag's report-by-exception gate.
     filters: Vec<ExceptionFilter>,
+    /// The requests of one tick, and the holes learned from the device.
+    planner: Planner,
+    /// Each tag's first wire address; `None` when its address does not exist under the
+    /// device's addressing (such a tag reads bad every tick and is never asked for).
+    wire: Vec<Option<u16>>,
 }
 
 impl DevicePoller {
     fn new(device: ModbusDevice, tx: mpsc::Sender<Reading>, shutdown: CancellationToken) -> Self {
         let tags = device.tags.len();
         let filters = device.tags.iter().map(ExceptionFilter::for_tag).collect();
+        let wire: Vec<Option<u16>> = device
+            .tags
+            .iter()
+            .map(|tag| device.addressing.wire_address(tag.address))
+            .collect();
+        let spans = device
+            .tags
+            .iter()
+            .zip(&wire)
+            .enumerate()
+            .filter_map(|(index, (tag, wire))| {
+                wire.map(|start| TagSpan {
+                    tag: index,
+                    kind: tag.register,
+                    start,
+                    count: tag.data_type.register_count(),
+                })
+            })
+            .collect();
+        let planner = Planner::new(spans, device.max_gap);
         Self {
             device,
             tx,
@@ -182,19 +253,25 @@ impl DevicePoller {
             retry_at: Instant::now(),
             tag_good: vec![None; tags],
             filters,
+            planner,
+            wire,
         }
     }
 
     async fn run(mut self) {
+        let interval = self.device.poll_interval.0;
+        let offset = stagger_offset(&self.device.name, interval);
         tracing::info!(
             host = %self.device.host,
             port = self.device.port,
             unit_id = self.device.unit_id,
             tags = self.device.tags.len(),
+            requests = self.planner.requests().len(),
             poll_interval = %self.device.poll_interval,
+            offset = ?offset,
             "polling device"
         );
-        let mut ticker = tokio::time::interval(self.device.poll_interval.0);
+        let mut ticker = tokio::time::interval_at(Instant::now() + offset, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -229,38 +306,25 @@ impl DevicePoller {
                     }
                     self.link = Link::Up;
                 }
-                Err(err) => self.connection_failed(&err),
+                Err(err) => {
+                    crate::metrics::global().modbus_error(&self.device.name, &err);
+                    self.connection_failed(&err);
+                }
             }
         }
-        for index in 0..self.device.tags.len() {
-            let result = match self.conn.as_mut() {
-                Some(conn) => {
-                    let tag = &self.device.tags[index];
-                    let read = read_tag(conn, tag, self.device.addressing, self.device.timeout.0);
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return false,
-                        result = read => result,
-                    }
-                }
-                None => Err(PollError::NotConnected {
+        let Some(mut results) = self.read_all().await else {
+            return false;
+        };
+        for (index, result) in results.iter_mut().enumerate() {
+            // Every tag is either planned or unaddressable, so each has a result; should one
+            // not, it reads bad rather than silently missing from the tick.
+            let result = result.take().unwrap_or_else(|| {
+                Err(PollError::NotConnected {
                     device: self.device.name.clone(),
-                }),
-            };
-            match &result {
-                Ok(_)
-                | Err(
-                    PollError::Exception { .. }
-                    | PollError::Decode { .. }
-                    | PollError::NoSuchAddress { .. },
-                ) => {
-                    // The device answered: the link works, whatever the answer was.
-                    self.backoff.reset();
-                }
-                Err(err) if err.breaks_connection() => {
-                    self.conn = None;
-                    self.connection_failed(err);
-                }
-                Err(_) => {}
+                })
+            });
+            if let Err(err) = &result {
+                crate::metrics::global().modbus_error(&self.device.name, err);
             }
             let Some(reading) = self.reading(index, ts_us, &result) else {
                 continue;
@@ -276,6 +340,192 @@ impl DevicePoller {
         true
     }
 
+    /// Sends the tick's requests, splitting those refused with "illegal data address", and
+    /// learns from the answers. Returns each tag's result, or `None` on shutdown.
+    async fn read_all(&mut self) -> Option<Vec<Option<TagResult>>> {
+        let mut results: Vec<Option<TagResult>> =
+            (0..self.device.tags.len()).map(|_| None).collect();
+        for (index, wire) in self.wire.iter().enumerate() {
+            if wire.is_none() {
+                let tag = &self.device.tags[index];
+                results[index] = Some(Err(PollError::NoSuchAddress {
+                    kind: kind_name(tag.register),
+                    address: tag.address,
+                    addressing: self.device.addressing,
+                }));
+            }
+        }
+        // A stack, so the halves of a split request are read next, first half first.
+        let mut pending: Vec<PlannedRequest> =
+            self.planner.requests().iter().rev().cloned().collect();
+        let mut splits: Vec<Split> = Vec::new();
+        let mut isolate = Vec::new();
+        let mut restore = Vec::new();
+        while let Some(request) = pending.pop() {
+            let Some(conn) = self.conn.as_mut() else {
+                for &tag in &request.tags {
+                    results[tag] = Some(Err(PollError::NotConnected {
+                        device: self.device.name.clone(),
+                    }));
+                }
+                continue;
+            };
+            let call = call(conn, &request, self.device.timeout.0);
+            let outcome = tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                outcome = call => outcome,
+            };
+            match outcome {
+                Ok(answer) => {
+                    // The device answered: the link works, whatever the answer was.
+                    self.backoff.reset();
+                    for &tag in &request.tags {
+                        results[tag] = Some(self.tag_value(tag, &request, &answer));
+                    }
+                    if let [tag] = request.tags[..]
+                        && self.planner.is_isolated(tag)
+                    {
+                        restore.push(tag);
+                    }
+                }
+                Err(CallError::Exception(code)) => {
+                    self.backoff.reset();
+                    if code == ExceptionCode::IllegalDataAddress {
+                        if let Some((left, right)) = self.planner.split(&request) {
+                            splits.push(Split {
+                                refused: request.tags.clone(),
+                                left: left.tags.clone(),
+                                right: right.tags.clone(),
+                            });
+                            pending.push(right);
+                            pending.push(left);
+                            continue;
+                        }
+                        isolate.extend(request.tags.iter().copied());
+                    }
+                    let failure = CallError::Exception(code);
+                    for &tag in &request.tags {
+                        results[tag] = Some(Err(self.failure(tag, &failure)));
+                    }
+                }
+                Err(failure) => {
+                    for &tag in &request.tags {
+                        results[tag] = Some(Err(self.failure(tag, &failure)));
+                    }
+                    self.conn = None;
+                    if let Some(&first) = request.tags.first() {
+                        let err = self.failure(first, &failure);
+                        self.connection_failed(&err);
+                    }
+                }
+            }
+        }
+        self.learn(&results, &splits, &isolate, &restore);
+        Some(results)
+    }
+
+    /// Applies what one tick taught about the device's register map to the plan.
+    fn learn(
+        &mut self,
+        results: &[Option<TagResult>],
+        splits: &[Split],
+        isolate: &[usize],
+        restore: &[usize],
+    ) {
+        let mut changed = false;
+        for &tag in isolate {
+            if self.planner.isolate(tag) {
+                changed = true;
+                let tag = &self.device.tags[tag];
+                tracing::info!(tag = %tag.name, address = tag.address, "the device refuses this tag with \"illegal data address\"; it is read alone until it answers");
+            }
+        }
+        for &tag in restore {
+            changed |= self.planner.restore(tag);
+        }
+        let was_split = |tags: &[usize]| splits.iter().any(|split| split.refused == tags);
+        for split in splits {
+            // A refused request whose two halves were each answered with data, as they were,
+            // proves that the registers between the halves do not exist. When a half was
+            // refused too, that half explains the refusal and its own split teaches the rest;
+            // a connection lost half-way teaches nothing.
+            let answered = split
+                .refused
+                .iter()
+                .all(|&tag| matches!(&results[tag], Some(Ok(_) | Err(PollError::Decode { .. }))));
+            let Some(&second_half) = split.right.first() else {
+                continue;
+            };
+            if answered
+                && !was_split(&split.left)
+                && !was_split(&split.right)
+                && self.planner.cut_before(second_half)
+            {
+                changed = true;
+                let tag = &self.device.tags[second_half];
+                tracing::info!(tag = %tag.name, address = tag.address, "the device refuses reads that span the registers before this tag; they are no longer read together with it");
+            }
+        }
+        if changed {
+            tracing::info!(
+                requests = self.planner.requests().len(),
+                "read plan adjusted to the registers the device has"
+            );
+        }
+    }
+
+    /// The error of `tag` after its request failed with `failure`.
+    fn failure(&self, tag: usize, failure: &CallError) -> PollError {
+        let config = &self.device.tags[tag];
+        let kind = kind_name(config.register);
+        let address = config.address;
+        match failure {
+            CallError::Timeout => PollError::Timeout {
+                kind,
+                address,
+                timeout: self.device.timeout.0,
+            },
+            CallError::Transport(reason) => PollError::Transport {
+                kind,
+                address,
+                reason: reason.clone(),
+            },
+            CallError::Exception(code) => PollError::Exception {
+                kind,
+                address,
+                code: *code,
+            },
+        }
+    }
+
+    /// Decodes and transforms `tag` from its part of `request`'s answer: the value after scale,
+    /// offset and range, and its quality (`uncertain` when the range clamped it).
+    fn tag_value(&self, tag: usize, request: &PlannedRequest, answer: &Answer) -> TagResult {
+        let config = &self.device.tags[tag];
+        let start = self.wire[tag].unwrap_or(request.start);
+        let offset = usize::from(start.saturating_sub(request.start));
+        let count = usize::from(config.data_type.register_count());
+        // A short answer leaves the tags past its end with too few registers, which the
+        // decoder reports; it never panics on a device's say-so.
+        let part = |len: usize| offset.min(len)..(offset + count).min(len);
+        let decoded = match answer {
+            Answer::Words(words) => decode::decode_words(
+                &words[part(words.len())],
+                config.data_type,
+                config.bit,
+                config.byte_order,
+            ),
+            Answer::Bits(bits) => decode::decode_bits(&bits[part(bits.len())], config.data_type),
+        };
+        decoded
+            .map(|raw| transform::apply(raw, config))
+            .map_err(|source| PollError::Decode {
+                kind: kind_name(config.register),
+                address: config.address,
+                source,
+            })
+    }
+
     fn connection_failed(&mut self, err: &PollError) {
         let delay = self.backoff.next_delay();
         self.retry_at = Instant::now() + delay;
@@ -288,12 +538,7 @@ impl DevicePoller {
     }
 
     /// The reading of one tag this tick, or `None` when report by exception holds it back.
-    fn reading(
-        &mut self,
-        index: usize,
-        ts_us: i64,
-        result: &Result<(f64, Quality), PollError>,
-    ) -> Option<Reading> {
+    fn reading(&mut self, index: usize, ts_us: i64, result: &TagResult) -> Option<Reading> {
         let tag = &self.device.tags[index];
         // While the device is down the link warning covers every tag, and a tag's own state is
         // left as it was: reconnecting does not log every tag "good again".
@@ -371,83 +616,38 @@ fn kind_name(kind: RegisterKind) -> &'static str {
     }
 }
 
-/// Reads, decodes and transforms one tag with one request: the value after scale, offset and
-/// range, and its quality (`uncertain` when the range clamped it).
-async fn read_tag(
+/// Sends one planned request under `timeout`.
+async fn call(
     conn: &mut Context,
-    tag: &ModbusTag,
-    addressing: Addressing,
+    request: &PlannedRequest,
     timeout: Duration,
-) -> Result<(f64, Quality), PollError> {
-    let kind = kind_name(tag.register);
-    let address = tag.address;
-    let Some(wire) = addressing.wire_address(address) else {
-        return Err(PollError::NoSuchAddress {
-            kind,
-            address,
-            addressing,
-        });
-    };
-    let count = tag.data_type.register_count();
-    let request = match tag.register {
-        RegisterKind::Coil => Request::ReadCoils(wire, count),
-        RegisterKind::Discrete => Request::ReadDiscreteInputs(wire, count),
-        RegisterKind::Holding => Request::ReadHoldingRegisters(wire, count),
-        RegisterKind::Input => Request::ReadInputRegisters(wire, count),
+) -> Result<Answer, CallError> {
+    let (start, count) = (request.start, request.count);
+    let wire_request = match request.kind {
+        RegisterKind::Coil => Request::ReadCoils(start, count),
+        RegisterKind::Discrete => Request::ReadDiscreteInputs(start, count),
+        RegisterKind::Holding => Request::ReadHoldingRegisters(start, count),
+        RegisterKind::Input => Request::ReadInputRegisters(start, count),
     };
     // `Client::call` rather than `Reader::read_*`: those assert the register count in debug
     // builds, and a device that sends a short answer must not crash the agent.
-    let response = match tokio::time::timeout(timeout, conn.call(request)).await {
-        Err(_) => {
-            return Err(PollError::Timeout {
-                kind,
-                address,
-                timeout,
-            });
-        }
-        Ok(Err(source)) => {
-            return Err(PollError::Transport {
-                kind,
-                address,
-                source,
-            });
-        }
-        Ok(Ok(Err(code))) => {
-            return Err(PollError::Exception {
-                kind,
-                address,
-                code,
-            });
-        }
+    let response = match tokio::time::timeout(timeout, conn.call(wire_request)).await {
+        Err(_) => return Err(CallError::Timeout),
+        Ok(Err(err)) => return Err(CallError::Transport(err.to_string())),
+        Ok(Ok(Err(code))) => return Err(CallError::Exception(code)),
         Ok(Ok(Ok(response))) => response,
     };
-    let decoded = match response {
-        Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => {
-            decode::decode_words(&words, tag.data_type, tag.bit, tag.byte_order)
-        }
-        Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
-            decode::decode_bits(&bits, tag.data_type)
-        }
+    match (request.kind, response) {
+        (RegisterKind::Holding, Response::ReadHoldingRegisters(words))
+        | (RegisterKind::Input, Response::ReadInputRegisters(words)) => Ok(Answer::Words(words)),
+        (RegisterKind::Coil, Response::ReadCoils(bits))
+        | (RegisterKind::Discrete, Response::ReadDiscreteInputs(bits)) => Ok(Answer::Bits(bits)),
         // The client already refuses answers with another function code; should a future
-        // version not, a mismatched answer still only costs this reading.
-        other => {
-            return Err(PollError::Transport {
-                kind,
-                address,
-                source: tokio_modbus::Error::Transport(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("a read was answered with {other:?}"),
-                )),
-            });
-        }
-    };
-    decoded
-        .map(|raw| transform::apply(raw, tag))
-        .map_err(|source| PollError::Decode {
-            kind,
-            address,
-            source,
-        })
+        // version not, the stream is out of step and the connection is dropped.
+        (_, other) => Err(CallError::Transport(format!(
+            "a read was answered with {other:?}"
+        ))),
+    }
 }
 
 fn wall_clock_us() -> i64 {
@@ -477,5 +677,36 @@ mod tests {
         backoff.reset();
         let delay = backoff.next_delay();
         assert!(delay >= Duration::from_millis(250) && delay <= BACKOFF_START);
+    }
+
+    #[test]
+    fn devices_are_staggered_deterministically_within_their_interval() {
+        let second = Duration::from_secs(1);
+        let offsets: Vec<Duration> = ["press-3", "press-4", "meter-1", "oven"]
+            .iter()
+            .map(|name| stagger_offset(name, second))
+            .collect();
+        assert!(offsets.iter().all(|offset| *offset < second), "{offsets:?}");
+        // FNV-1a of the name: the same slot on every start and every build.
+        assert_eq!(stagger_offset("press-3", second), offsets[0]);
+        assert_eq!(
+            stagger_offset("press-3", Duration::from_hours(1)).as_nanos(),
+            u128::from(fnv1a(b"press-3")) % 3_600_000_000_000
+        );
+        let mut distinct = offsets.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), offsets.len(), "{offsets:?}");
+        assert_eq!(stagger_offset("press-3", Duration::ZERO), Duration::ZERO);
+    }
+
+    /// FNV-1a written out from its definition, independently of `stagger_offset`.
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        let mut hash: u64 = 14_695_981_039_346_656_037;
+        for &byte in bytes {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(1_099_511_628_211);
+        }
+        hash
     }
 }

@@ -1,0 +1,395 @@
+//! The agent's counters, gauges and the upload-latency histogram, and their Prometheus text.
+//!
+//! # What always holds
+//! - One registry per process ([`global`]), as Prometheus client libraries keep a default
+//!   registry: the sources, the buffer writer and the batcher count into it without being handed
+//!   a handle, and counters only ever grow for the life of the process.
+//! - A reading is counted once, when its commit to the buffer succeeded; a batch and its rows
+//!   once, when the upload target confirmed the PUT. So after a clean shutdown that uploaded
+//!   everything, `readings_total` summed equals `rows_uploaded_total`.
+//! - Buffer depth and age are not kept here: they are read from the buffer file at scrape time,
+//!   so they are never stale.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::Reading;
+use crate::buffer::BufferReport;
+use crate::sources::modbus::PollError;
+
+/// Upper bounds (seconds) of the upload-latency histogram buckets: from a LAN folder (tens of
+/// milliseconds) to an S3 PUT over a slow uplink that nearly hits the default 60 s timeout.
+pub const UPLOAD_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The batcher counts as stalled when its loop has not come round for this long. One round is
+/// at most an upload (S3 timeout, 60 s by default) plus the longest retry wait (60 s), so this
+/// leaves room for a slow disk before `/health` says so.
+pub const BATCHER_STALL: Duration = Duration::from_mins(5);
+
+/// Every metric of the agent. Use [`global`].
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Readings committed, by (device, quality).
+    readings: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Modbus errors, by (device, kind).
+    modbus_errors: Mutex<BTreeMap<(String, &'static str), u64>>,
+    batches_uploaded: AtomicU64,
+    rows_uploaded: AtomicU64,
+    upload_failures: AtomicU64,
+    upload_latency: Mutex<Histogram>,
+    /// Unix time of the last confirmed upload in milliseconds; 0 before the first.
+    last_upload_ms: AtomicU64,
+    /// The last buffer commit's error, until a commit succeeds again.
+    commit_error: Mutex<Option<String>>,
+    /// Unix time of the batcher loop's last round in milliseconds; 0 when it is not running.
+    batcher_beat_ms: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Observations per bucket of [`UPLOAD_BUCKETS`] (not cumulative; summed when rendered).
+    buckets: [u64; UPLOAD_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Whether the agent can do its job, as `/health` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// Why not, in words for the operator.
+    Failing(String),
+}
+
+/// The process's registry.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::default)
+}
+
+/// A poisoned lock only means another thread panicked mid-increment; the counts stay usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Metrics {
+    /// Counts readings whose commit to the buffer succeeded, and marks the buffer writable.
+    pub fn readings_committed(&self, readings: &[Reading]) {
+        let mut map = lock(&self.readings);
+        for r in readings {
+            let key = (r.device.clone(), r.quality.as_str());
+            *map.entry(key).or_default() += 1;
+        }
+        drop(map);
+        *lock(&self.commit_error) = None;
+    }
+
+    /// Records that a commit to the buffer failed, for `/health`.
+    pub fn commit_failed(&self, error: &dyn std::fmt::Display) {
+        *lock(&self.commit_error) = Some(error.to_string());
+    }
+
+    /// Counts one failed connection attempt or one tag of `device` that read bad this poll.
+    pub fn modbus_error(&self, device: &str, error: &PollError) {
+        let kind = match error {
+            // Not a request of its own: the failed connection attempt was counted already.
+            PollError::NotConnected { .. } => return,
+            PollError::Resolve { .. } => "resolve",
+            PollError::Connect { .. } => "connect",
+            PollError::NoSuchAddress { .. } => "no_such_address",
+            PollError::Timeout { .. } => "timeout",
+            PollError::Exception { .. } => "exception",
+            PollError::Transport { .. } => "transport",
+            PollError::Decode { .. } => "decode",
+        };
+        *lock(&self.modbus_errors)
+            .entry((device.to_owned(), kind))
+            .or_default() += 1;
+    }
+
+    /// Counts a batch the upload target confirmed, with its rows and how long the PUT took.
+    pub fn batch_uploaded(&self, rows: usize, took: Duration) {
+        self.batches_uploaded.fetch_add(1, Ordering::Relaxed);
+        self.rows_uploaded
+            .fetch_add(u64::try_from(rows).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let mut h = lock(&self.upload_latency);
+        if let Some(i) = UPLOAD_BUCKETS.iter().position(|&le| secs <= le) {
+            h.buckets[i] += 1;
+        }
+        h.count += 1;
+        h.sum += secs;
+        drop(h);
+        self.last_upload_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    /// Counts an upload attempt the target refused or did not answer.
+    pub fn upload_failed(&self) {
+        self.upload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The batcher loop came round: it is alive.
+    pub fn batcher_alive(&self) {
+        self.batcher_beat_ms
+            .store(unix_ms(SystemTime::now()).max(1), Ordering::Relaxed);
+    }
+
+    /// The batcher loop has returned (shutdown or a fatal error).
+    pub fn batcher_stopped(&self) {
+        self.batcher_beat_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether the buffer takes commits and the batcher loop is alive, at `now`.
+    pub fn health(&self, now: SystemTime) -> Health {
+        if let Some(error) = lock(&self.commit_error).as_ref() {
+            return Health::Failing(format!("the buffer is not writable: {error}"));
+        }
+        let beat = self.batcher_beat_ms.load(Ordering::Relaxed);
+        if beat == 0 {
+            return Health::Failing("the batcher is not running".to_owned());
+        }
+        let silent = Duration::from_millis(unix_ms(now).saturating_sub(beat));
+        if silent > BATCHER_STALL {
+            return Health::Failing(format!(
+                "the batcher loop has not run for {}s (limit {}s)",
+                silent.as_secs(),
+                BATCHER_STALL.as_secs()
+            ));
+        }
+        Health::Ok
+    }
+
+    /// Every metric in the Prometheus text exposition format (version 0.0.4). `buffer` is the
+    /// buffer as read for this scrape; without it the buffer gauges are left out.
+    pub fn render(&self, buffer: Option<&BufferReport>, now: SystemTime) -> String {
+        let mut out = String::with_capacity(4096);
+        let p = "plantline_agent";
+        header(
+            &mut out,
+            &format!("{p}_readings_total"),
+            "counter",
+            "Readings committed to the buffer, by device and quality.",
+        );
+        for ((device, quality), n) in lock(&self.readings).iter() {
+            let _ = writeln!(
+                out,
+                "{p}_readings_total{{device=\"{}\",quality=\"{quality}\"}} {n}",
+                escape(device)
+            );
+        }
+        header(
+            &mut out,
+            &format!("{p}_modbus_errors_total"),
+            "counter",
+            "Failed Modbus connection attempts and failed tag reads (one per tag and poll), by device and kind (resolve, connect, timeout, exception, transport, decode, no_such_address).",
+        );
+        for ((device, kind), n) in lock(&self.modbus_errors).iter() {
+            let _ = writeln!(
+                out,
+                "{p}_modbus_errors_total{{device=\"{}\",kind=\"{kind}\"}} {n}",
+                escape(device)
+            );
+        }
+        if let Some(b) = buffer {
+            header(
+                &mut out,
+                &format!("{p}_buffer_readings"),
+                "gauge",
+                "Readings waiting in the buffer, including the batch being uploaded.",
+            );
+            let _ = writeln!(out, "{p}_buffer_readings {}", b.rows);
+            header(
+                &mut out,
+                &format!("{p}_buffer_oldest_reading_age_seconds"),
+                "gauge",
+                "Age of the oldest reading waiting in the buffer; 0 when it is empty.",
+            );
+            let now_us = i64::try_from(unix_ms(now))
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            let age = b
+                .time_us
+                .map_or(0.0, |(oldest, _)| (now_us - oldest).max(0) as f64 / 1e6);
+            let _ = writeln!(out, "{p}_buffer_oldest_reading_age_seconds {age}");
+        }
+        let counters = [
+            (
+                "batches_uploaded_total",
+                "Batches the upload target confirmed.",
+                &self.batches_uploaded,
+            ),
+            (
+                "rows_uploaded_total",
+                "Readings in batches the upload target confirmed.",
+                &self.rows_uploaded,
+            ),
+            (
+                "upload_failures_total",
+                "Upload attempts the target refused or did not answer (each is retried).",
+                &self.upload_failures,
+            ),
+        ];
+        for (name, help, value) in counters {
+            header(&mut out, &format!("{p}_{name}"), "counter", help);
+            let _ = writeln!(out, "{p}_{name} {}", value.load(Ordering::Relaxed));
+        }
+        let name = format!("{p}_upload_duration_seconds");
+        header(
+            &mut out,
+            &name,
+            "histogram",
+            "Time from the start of a batch's PUT to the target's confirmation.",
+        );
+        let h = lock(&self.upload_latency);
+        let mut cumulative = 0;
+        for (le, n) in UPLOAD_BUCKETS.iter().zip(h.buckets) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum {}", h.sum);
+        let _ = writeln!(out, "{name}_count {}", h.count);
+        drop(h);
+        header(
+            &mut out,
+            &format!("{p}_last_upload_timestamp_seconds"),
+            "gauge",
+            "Unix time of the last confirmed upload; 0 before the first.",
+        );
+        let last = self.last_upload_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{p}_last_upload_timestamp_seconds {last}");
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A label value as the exposition format requires: backslash, quote and newline escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Quality;
+
+    fn reading(device: &str, quality: Quality) -> Reading {
+        Reading {
+            ts_us: 0,
+            device: device.into(),
+            tag: "t".into(),
+            value: None,
+            quality,
+            unit: None,
+        }
+    }
+
+    #[test]
+    fn renders_counters_gauges_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        m.readings_committed(&[
+            reading("press-3", Quality::Good),
+            reading("press-3", Quality::Good),
+            reading("press\"4", Quality::Bad),
+        ]);
+        m.modbus_error(
+            "press-3",
+            &PollError::NotConnected {
+                device: "press-3".into(),
+            },
+        );
+        m.modbus_error(
+            "press-3",
+            &PollError::Timeout {
+                kind: "holding register",
+                address: 1,
+                timeout: Duration::from_secs(1),
+            },
+        );
+        m.batch_uploaded(2, Duration::from_millis(500));
+        m.batch_uploaded(1, Duration::from_secs(90));
+        m.upload_failed();
+        let now = UNIX_EPOCH + Duration::from_secs(100);
+        let buffer = BufferReport {
+            path: "b.db".into(),
+            gateway: Some("gw-1".into()),
+            rows: 3,
+            seq: Some((4, 6)),
+            time_us: Some((97_500_000, 99_000_000)),
+            pending: None,
+            file_bytes: 0,
+            wal_bytes: 0,
+        };
+        let text = m.render(Some(&buffer), now);
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("plantline_agent_last_upload"))
+            .collect();
+        assert_eq!(
+            samples,
+            [
+                "plantline_agent_readings_total{device=\"press\\\"4\",quality=\"bad\"} 1",
+                "plantline_agent_readings_total{device=\"press-3\",quality=\"good\"} 2",
+                "plantline_agent_modbus_errors_total{device=\"press-3\",kind=\"timeout\"} 1",
+                "plantline_agent_buffer_readings 3",
+                "plantline_agent_buffer_oldest_reading_age_seconds 2.5",
+                "plantline_agent_batches_uploaded_total 2",
+                "plantline_agent_rows_uploaded_total 3",
+                "plantline_agent_upload_failures_total 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"0.05\"} 0",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"0.1\"} 0",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"0.25\"} 0",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"0.5\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"1\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"2.5\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"5\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"10\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"30\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"60\"} 1",
+                "plantline_agent_upload_duration_seconds_bucket{le=\"+Inf\"} 2",
+                "plantline_agent_upload_duration_seconds_sum 90.5",
+                "plantline_agent_upload_duration_seconds_count 2",
+            ]
+        );
+        assert!(text.contains("# TYPE plantline_agent_upload_duration_seconds histogram\n"));
+    }
+
+    #[test]
+    fn health_names_the_failing_part() {
+        let m = Metrics::default();
+        assert_eq!(
+            m.health(SystemTime::now()),
+            Health::Failing("the batcher is not running".into())
+        );
+        m.batcher_alive();
+        let now = SystemTime::now();
+        assert_eq!(m.health(now), Health::Ok);
+        assert_eq!(
+            m.health(now + Duration::from_secs(301)),
+            Health::Failing("the batcher loop has not run for 301s (limit 300s)".into())
+        );
+        m.commit_failed(&"disk I/O error");
+        assert_eq!(
+            m.health(now),
+            Health::Failing("the buffer is not writable: disk I/O error".into())
+        );
+        m.readings_committed(&[]);
+        assert_eq!(m.health(now), Health::Ok);
+    }
+}

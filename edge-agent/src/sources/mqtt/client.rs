@@ -1,0 +1,585 @@
+//! One broker connection: the rumqttc event loop, the mapping of messages to readings, and the
+//! acknowledgements that follow the buffer's commits.
+//!
+//! Three tasks per broker, so no one of them can stall another's work:
+//! - the *event loop* task polls rumqttc (keep-alive pings, reconnects with capped exponential
+//!   backoff and jitter, resubscribing after every connect) and hands each incoming PUBLISH on;
+//! - the *mapper* turns a message into readings, sends them to the buffer writer together with a
+//!   oneshot that fires when they are committed, and queues the message for acknowledgement;
+//! - the *acker* takes the queue in arrival order, waits for each message's commit and only then
+//!   sends its PUBACK. In-order acks are what MQTT 3.1.1 (4.6) asks of a client; since the
+//!   writer commits in the order it received, waiting in order costs nothing.
+//!
+//! A message whose payload gives no reading is counted per subscription, logged and acknowledged
+//! at its turn: it will never get better, and an unacknowledged message would come back on
+//! every reconnect.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
+    SubscribeFilter,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::payload::{Mapping, shown};
+use super::topic;
+use crate::config::MqttBroker;
+use crate::sources::Delivery;
+
+/// First wait after a failed connection; doubles per failure up to [`BACKOFF_CAP`].
+pub const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest wait between connection attempts.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Messages between the event loop and the mapper. The broker sends at most its in-flight
+/// window (Mosquitto: 20) of unacknowledged QoS 1 messages, so this only fills with QoS 0.
+const INCOMING_CAPACITY: usize = 256;
+/// Messages waiting for their commit before the mapper waits too.
+const ACK_QUEUE_CAPACITY: usize = 1024;
+/// Requests (acks, subscribes, disconnect) queued for the event loop.
+const REQUEST_CAPACITY: usize = 64;
+/// How long a stopping source waits for the commits of what it already handed over.
+const ACK_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a stopping source lets the event loop send the last acks and the DISCONNECT.
+const DISCONNECT_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Why the source cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("broker `{broker}`: environment variable `{var}` (password_env) is not set")]
+    PasswordEnv { broker: String, var: String },
+    #[error("broker `{broker}`: cannot read password_file {}: {source}", path.display())]
+    PasswordFile {
+        broker: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("broker `{broker}`: subscription {index} ({filter}): {source}")]
+    Mapping {
+        broker: String,
+        index: usize,
+        filter: String,
+        source: Box<topic::TopicError>,
+    },
+}
+
+/// A message waiting for its acknowledgement, in arrival order.
+struct PendingAck {
+    publish: Publish,
+    /// Fires when the message's readings are committed; `None` when there were none.
+    committed: Option<oneshot::Receiver<()>>,
+}
+
+/// One subscription as the mapper uses it.
+struct Route {
+    filter: String,
+    mapping: Mapping,
+    bad_payloads: u64,
+}
+
+/// Runs one broker's source until `shutdown` is cancelled.
+pub async fn run_broker(
+    broker: MqttBroker,
+    deliveries: mpsc::Sender<Delivery>,
+    shutdown: CancellationToken,
+) {
+    let span = info_span!("mqtt", component = "mqtt", broker = %broker.name);
+    async move {
+        let routes = match routes(&broker) {
+            Ok(routes) => routes,
+            Err(e) => {
+                // Validation rejects what could fail here; a config built in code may not.
+                error!("{e}; the source does not start");
+                return;
+            }
+        };
+        let Some(options) = options_with_retry(&broker, &shutdown).await else {
+            return;
+        };
+        let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let filters: Vec<SubscribeFilter> = broker
+            .subscriptions
+            .iter()
+            .map(|s| SubscribeFilter::new(s.topic.clone(), qos(s.qos)))
+            .collect();
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_CAPACITY);
+        let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE_CAPACITY);
+        let loop_stop = CancellationToken::new();
+        let poller = tokio::spawn(
+            poll_events(
+                eventloop,
+                client.clone(),
+                filters,
+                incoming_tx,
+                loop_stop.clone(),
+            )
+            .in_current_span(),
+        );
+        let acker = tokio::spawn(ack_in_order(client.clone(), ack_rx).in_current_span());
+        map_messages(routes, incoming_rx, &deliveries, ack_tx, &shutdown).await;
+        // The mapper dropped the ack queue's sender: the acker finishes what is queued.
+        if let Err(e) = acker.await {
+            error!("the acknowledgement task failed: {e}");
+        }
+        if client.try_disconnect().is_err() {
+            debug!("the event loop is gone; nothing to disconnect");
+        }
+        if tokio::time::timeout(DISCONNECT_DEADLINE, poller)
+            .await
+            .is_err()
+        {
+            loop_stop.cancel();
+        }
+        info!("mqtt source stopped");
+    }
+    .instrument(span)
+    .await;
+}
+
+fn routes(broker: &MqttBroker) -> Result<Vec<Route>, MqttError> {
+    broker
+        .subscriptions
+        .iter()
+        .enumerate()
+        .map(|(index, s)| {
+            Ok(Route {
+                filter: s.topic.clone(),
+                mapping: Mapping::new(s).map_err(|source| MqttError::Mapping {
+                    broker: broker.name.clone(),
+                    index,
+                    filter: s.topic.clone(),
+                    source: Box::new(source),
+                })?,
+                bad_payloads: 0,
+            })
+        })
+        .collect()
+}
+
+fn qos(level: u8) -> QoS {
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// The connection options; a password that cannot be read yet (a secret mounted late) is
+/// retried with backoff rather than ending the source.
+async fn options_with_retry(
+    broker: &MqttBroker,
+    shutdown: &CancellationToken,
+) -> Option<MqttOptions> {
+    let mut backoff = BACKOFF_START;
+    loop {
+        match options(broker) {
+            Ok(options) => return Some(options),
+            Err(e) => {
+                error!(retry_in_ms = crate::millis(backoff), "{e}");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+        }
+    }
+}
+
+fn options(broker: &MqttBroker) -> Result<MqttOptions, MqttError> {
+    let mut options = MqttOptions::new(&broker.client_id, &broker.host, broker.port);
+    options
+        .set_keep_alive(broker.keep_alive.0)
+        .set_clean_session(broker.clean_session)
+        // Acks are sent by the acker once the buffer has the readings, never by rumqttc.
+        .set_manual_acks(true);
+    let password = match (&broker.password_env, &broker.password_file) {
+        (Some(var), _) => Some(std::env::var(var).map_err(|_| MqttError::PasswordEnv {
+            broker: broker.name.clone(),
+            var: var.clone(),
+        })?),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|source| MqttError::PasswordFile {
+                broker: broker.name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            Some(text.lines().next().unwrap_or_default().to_owned())
+        }
+        (None, None) => None,
+    };
+    if let Some(username) = &broker.username {
+        options.set_credentials(username, password.unwrap_or_default());
+    }
+    Ok(options)
+}
+
+/// Polls the event loop until `stop`, or until the DISCONNECT went out.
+async fn poll_events(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<SubscribeFilter>,
+    incoming: mpsc::Sender<Publish>,
+    stop: CancellationToken,
+) {
+    let mut backoff = BACKOFF_START;
+    let mut connected = false;
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                connected = true;
+                backoff = BACKOFF_START;
+                // Subscribing again on a resumed session is harmless and covers a broker
+                // that lost its sessions (a restart without persistence).
+                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                    error!("cannot queue the subscriptions: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                // A refused filter (an ACL, a broker limit) shows in the codes.
+                info!(codes = ?ack.return_codes, "subscribed");
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                // After the mapper stopped, a message is left unacknowledged: the broker sends
+                // it again on the next connect.
+                let _ = incoming.send(publish).await;
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                let wait = jittered(backoff);
+                if connected {
+                    warn!(
+                        retry_in_ms = crate::millis(wait),
+                        "connection to the broker lost: {}",
+                        describe(&e)
+                    );
+                } else {
+                    warn!(
+                        retry_in_ms = crate::millis(wait),
+                        "cannot connect to the broker: {}",
+                        describe(&e)
+                    );
+                }
+                connected = false;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+        }
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => format!("refused: {code:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// 75 % to 100 % of `backoff`, so gateways that lost the same broker do not return in step.
+fn jittered(backoff: Duration) -> Duration {
+    backoff.mul_f64(rand::random_range(0.75..=1.0))
+}
+
+/// Maps messages until `shutdown`, handing readings to the buffer writer and every message to
+/// the acker.
+async fn map_messages(
+    mut routes: Vec<Route>,
+    mut incoming: mpsc::Receiver<Publish>,
+    deliveries: &mpsc::Sender<Delivery>,
+    acks: mpsc::Sender<PendingAck>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let publish = tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = incoming.recv() => match got {
+                Some(publish) => publish,
+                None => return,
+            },
+        };
+        let arrival_us = now_us();
+        debug!(
+            topic = %publish.topic,
+            pkid = publish.pkid,
+            dup = publish.dup,
+            bytes = publish.payload.len(),
+            "message received"
+        );
+        let route = routes
+            .iter_mut()
+            .find(|r| topic::matches(&r.filter, &publish.topic));
+        let readings = if publish.retain {
+            // The broker replays a topic's retained last value on every subscribe, so on every
+            // reconnect: it is not a new measurement and would be recorded again each time.
+            debug!(topic = %publish.topic, "retained message skipped");
+            Vec::new()
+        } else if let Some(route) = route {
+            map_one(route, &publish, arrival_us)
+        } else {
+            // A subscription of an earlier configuration that the persistent session still
+            // holds: nothing maps it, and keeping it would bring it back forever.
+            warn!(
+                topic = %publish.topic,
+                "message matches no subscription of this configuration; acknowledged and dropped"
+            );
+            Vec::new()
+        };
+        let committed = if readings.is_empty() {
+            None
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let delivery = Delivery {
+                readings,
+                committed: tx,
+            };
+            if deliveries.send(delivery).await.is_err() {
+                // The writer is gone (the agent is stopping): leave the message
+                // unacknowledged so the broker keeps it.
+                return;
+            }
+            Some(rx)
+        };
+        if acks.send(PendingAck { publish, committed }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The readings of one message; its problems are counted on the route and logged, with the
+/// count so far and the first bytes of the payload.
+fn map_one(route: &mut Route, publish: &Publish, arrival_us: i64) -> Vec<crate::Reading> {
+    let mapped = route
+        .mapping
+        .map(&publish.topic, &publish.payload, arrival_us);
+    if !mapped.problems.is_empty() {
+        route.bad_payloads += 1;
+        for problem in &mapped.problems {
+            warn!(
+                subscription = %route.filter,
+                bad_payloads = route.bad_payloads,
+                payload = %shown(&publish.payload),
+                "bad payload: {problem}"
+            );
+        }
+    }
+    mapped.readings
+}
+
+/// Acknowledges messages in arrival order, each after its readings were committed.
+async fn ack_in_order(client: AsyncClient, mut queue: mpsc::Receiver<PendingAck>) {
+    let mut waiting: VecDeque<PendingAck> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match queue.recv().await {
+                Some(pending) => waiting.push_back(pending),
+                None => return,
+            }
+        }
+        while let Ok(pending) = queue.try_recv() {
+            waiting.push_back(pending);
+        }
+        let stopping = queue.is_closed();
+        let front = waiting
+            .front_mut()
+            .expect("a message was queued above or is still waiting");
+        if let Some(committed) = front.committed.take() {
+            let outcome = if stopping {
+                // Stopping: the writer commits within its interval; past the deadline the
+                // broker keeps the message and sends it again next time.
+                tokio::time::timeout(ACK_DEADLINE, committed)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                committed.await.ok()
+            };
+            if outcome.is_none() {
+                debug!(
+                    waiting = waiting.len(),
+                    "readings were not committed; the broker will send these messages again"
+                );
+                return;
+            }
+        }
+        let pending = waiting
+            .pop_front()
+            .expect("the front message was looked at above");
+        if let Err(e) = client.ack(&pending.publish).await {
+            debug!("cannot acknowledge (the connection is stopping): {e}");
+            return;
+        }
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::Request;
+
+    use super::*;
+
+    fn publish(pkid: u16) -> Publish {
+        let mut publish = Publish::new("plant/m-1/kwh", QoS::AtLeastOnce, "1");
+        publish.pkid = pkid;
+        publish
+    }
+
+    fn acked(requests: &flume::Receiver<Request>) -> Vec<u16> {
+        requests
+            .try_iter()
+            .map(|request| match request {
+                Request::PubAck(ack) => ack.pkid,
+                other => panic!("only acknowledgements expected, got {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Lets the acker run until it waits again.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_is_acknowledged_only_after_its_commit_and_in_arrival_order() {
+        let (requests_tx, requests) = flume::bounded(16);
+        let (queue, queue_rx) = mpsc::channel(16);
+        let acker = tokio::spawn(ack_in_order(
+            AsyncClient::from_senders(requests_tx),
+            queue_rx,
+        ));
+        let (first_done, first) = oneshot::channel();
+        let (second_done, second) = oneshot::channel();
+        for (pkid, committed) in [(1, Some(first)), (2, Some(second)), (3, None)] {
+            let pending = PendingAck {
+                publish: publish(pkid),
+                committed,
+            };
+            assert!(queue.send(pending).await.is_ok());
+        }
+        settle().await;
+        assert_eq!(
+            acked(&requests),
+            Vec::<u16>::new(),
+            "nothing is committed yet"
+        );
+
+        second_done.send(()).unwrap();
+        settle().await;
+        assert_eq!(
+            acked(&requests),
+            Vec::<u16>::new(),
+            "message 2 is committed, but message 1 before it is not"
+        );
+
+        first_done.send(()).unwrap();
+        settle().await;
+        // Message 3 had no readings (a bad payload): it follows at once.
+        assert_eq!(acked(&requests), vec![1, 2, 3]);
+        drop(queue);
+        acker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_whose_readings_were_not_committed_is_never_acknowledged() {
+        let (requests_tx, requests) = flume::bounded(16);
+        let (queue, queue_rx) = mpsc::channel(16);
+        let acker = tokio::spawn(ack_in_order(
+            AsyncClient::from_senders(requests_tx),
+            queue_rx,
+        ));
+        let (done, committed) = oneshot::channel();
+        let (writer_gone, lost) = oneshot::channel::<()>();
+        for (pkid, committed) in [(1, Some(committed)), (2, Some(lost)), (3, None)] {
+            let pending = PendingAck {
+                publish: publish(pkid),
+                committed,
+            };
+            assert!(queue.send(pending).await.is_ok());
+        }
+        done.send(()).unwrap();
+        // The writer stops before committing message 2: the broker must send 2 and 3 again.
+        drop(writer_gone);
+        acker.await.unwrap();
+        assert_eq!(acked(&requests), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_source_waits_for_commits_only_until_the_deadline() {
+        let (requests_tx, requests) = flume::bounded(16);
+        let (queue, queue_rx) = mpsc::channel(16);
+        let (_never, committed) = oneshot::channel::<()>();
+        let pending = PendingAck {
+            publish: publish(1),
+            committed: Some(committed),
+        };
+        assert!(queue.send(pending).await.is_ok());
+        drop(queue);
+        let started = tokio::time::Instant::now();
+        ack_in_order(AsyncClient::from_senders(requests_tx), queue_rx).await;
+        assert_eq!(started.elapsed(), ACK_DEADLINE);
+        assert_eq!(acked(&requests), Vec::<u16>::new());
+    }
+
+    #[test]
+    fn credentials_come_from_the_password_file_and_are_never_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let mut broker: MqttBroker = toml::from_str(
+            "name = \"b\"\nhost = \"127.0.0.1\"\nclient_id = \"gw\"\nusername = \"agent\"\nsubscriptions = []\n",
+        )
+        .unwrap();
+        broker.password_file = Some(file.clone());
+        let options = options(&broker).unwrap();
+        let login = options.credentials().expect("a user name is configured");
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("agent", "s3cret")
+        );
+        assert!(!options.clean_session());
+        assert!(options.manual_acks());
+
+        broker.password_file = None;
+        broker.password_env = Some("PLANTLINE_TEST_UNSET_MQTT_PASSWORD".to_owned());
+        assert_eq!(
+            options_error(&broker),
+            "broker `b`: environment variable `PLANTLINE_TEST_UNSET_MQTT_PASSWORD` (password_env) is not set"
+        );
+        broker.password_env = None;
+        broker.password_file = Some(dir.path().join("missing"));
+        assert_eq!(
+            options_error(&broker),
+            format!(
+                "broker `b`: cannot read password_file {}: No such file or directory (os error 2)",
+                dir.path().join("missing").display()
+            )
+        );
+    }
+
+    fn options_error(broker: &MqttBroker) -> String {
+        match options(broker) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+}

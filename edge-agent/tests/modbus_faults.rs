@@ -1,0 +1,711 @@
+//! The Modbus poller against an in-process fault server (tokio-modbus's `tcp-server`) for what
+//! pymodbus cannot script: it counts and records every request, refuses addresses it does not
+//! have with exception 2, answers slowly, drops its connections on demand, and a raw TCP server
+//! answers with junk. In every fault test a second device on its own server keeps delivering good
+//! readings at its poll rate.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edge_agent::Reading;
+use edge_agent::config::{ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind};
+use edge_agent::contract::Quality;
+use edge_agent::sources::modbus::run_device;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_modbus::server::tcp::{Server, accept_tcp_connection};
+use tokio_modbus::{ExceptionCode, Request, Response};
+use tokio_util::sync::CancellationToken;
+
+/// What the fault server holds and what it was asked.
+#[derive(Default)]
+struct PlcState {
+    /// Holding registers it has; every other address answers exception 2.
+    holding: Mutex<BTreeMap<u16, u16>>,
+    /// Every holding-register read, as (start, count), in arrival order.
+    requests: Mutex<Vec<(u16, u16)>>,
+    /// How long each answer is held back.
+    delay: Mutex<Duration>,
+    /// A read covering this address is answered with this exception.
+    refuse: Mutex<Option<(u16, ExceptionCode)>>,
+    /// Connections accepted.
+    connections: AtomicUsize,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct FaultService(Arc<PlcState>);
+
+impl tokio_modbus::server::Service for FaultService {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
+
+    fn call(&self, request: Request<'static>) -> Self::Future {
+        let state = Arc::clone(&self.0);
+        Box::pin(async move {
+            let Request::ReadHoldingRegisters(start, count) = request else {
+                return Err(ExceptionCode::IllegalFunction);
+            };
+            lock(&state.requests).push((start, count));
+            let delay = *lock(&state.delay);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let range = u32::from(start)..u32::from(start) + u32::from(count);
+            if let Some((address, code)) = *lock(&state.refuse)
+                && range.contains(&u32::from(address))
+            {
+                return Err(code);
+            }
+            let holding = lock(&state.holding);
+            range
+                .map(|address| {
+                    u16::try_from(address)
+                        .ok()
+                        .and_then(|address| holding.get(&address).copied())
+                        .ok_or(ExceptionCode::IllegalDataAddress)
+                })
+                .collect::<Result<Vec<u16>, _>>()
+                .map(Response::ReadHoldingRegisters)
+        })
+    }
+}
+
+/// A scripted Modbus TCP server on 127.0.0.1.
+struct FaultPlc {
+    addr: SocketAddr,
+    state: Arc<PlcState>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl FaultPlc {
+    async fn start(holding: &[(u16, u16)]) -> Self {
+        let state = PlcState::default();
+        lock(&state.holding).extend(holding.iter().copied());
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        Self::serve(listener, Arc::new(state))
+    }
+
+    fn serve(listener: TcpListener, state: Arc<PlcState>) -> Self {
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let state = Arc::clone(&state);
+            let stop = stop.clone();
+            async move {
+                let server = Server::new(listener);
+                let on_connected = |stream, peer| {
+                    let state = Arc::clone(&state);
+                    state.connections.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        accept_tcp_connection(stream, peer, |_| {
+                            Ok(Some(FaultService(Arc::clone(&state))))
+                        })
+                    }
+                };
+                // Dropping `serve` (on stop) also ends every connection it accepted.
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    _ = server.serve(&on_connected, |_| {}) => {}
+                }
+            }
+        });
+        Self {
+            addr,
+            state,
+            stop,
+            task,
+        }
+    }
+
+    /// Drops every open connection and listens again on the same port, as a PLC does after a
+    /// reboot of its communication processor.
+    async fn drop_connections(self) -> Self {
+        let (addr, state) = (self.addr, Arc::clone(&self.state));
+        self.stop().await;
+        let listener = TcpListener::bind(addr).await.expect("rebind the same port");
+        Self::serve(listener, state)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("the fault server ends without panicking");
+    }
+
+    /// The requests received since the last call.
+    fn take_requests(&self) -> Vec<(u16, u16)> {
+        std::mem::take(&mut *lock(&self.state.requests))
+    }
+
+    fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        *lock(&self.state.delay) = delay;
+    }
+}
+
+/// A TCP server that answers every request with bytes that are not a Modbus frame (what a
+/// device behind a misconfigured serial gateway or a web server on port 502 sends).
+struct JunkServer {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl JunkServer {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 260];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0
+                            || stream
+                                .write_all(b"\xff\xfe\x13\x37HTTP/1.1 400 Bad Request\r\n\r\n")
+                                .await
+                                .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    /// Stops listening; the port is free for a real server afterwards.
+    async fn stop(self) -> SocketAddr {
+        self.task.abort();
+        let _ = self.task.await;
+        self.addr
+    }
+}
+
+fn holding(name: &str, address: u16, data_type: DataType) -> ModbusTag {
+    ModbusTag::new(name, RegisterKind::Holding, address, data_type)
+}
+
+fn device(name: &str, addr: SocketAddr, tags: Vec<ModbusTag>) -> ModbusDevice {
+    ModbusDevice {
+        name: name.to_owned(),
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        unit_id: 1,
+        // Long enough that a whole tick's requests are in before the next tick starts, so the
+        // requests of one tick can be counted exactly.
+        poll_interval: ConfigDuration::from_millis(400),
+        timeout: ConfigDuration::from_millis(300),
+        addressing: edge_agent::config::Addressing::ZeroBased,
+        max_gap: ModbusDevice::DEFAULT_MAX_GAP,
+        tags,
+    }
+}
+
+/// One device's poller; readings arrive in the sensor map's tag order.
+struct Poller {
+    rx: mpsc::Receiver<Reading>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    tags: Vec<String>,
+}
+
+impl Poller {
+    fn start(device: ModbusDevice) -> Self {
+        let tags = device.tags.iter().map(|t| t.name.clone()).collect();
+        let (tx, rx) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_device(device, tx, stop.clone()));
+        Self {
+            rx,
+            stop,
+            task,
+            tags,
+        }
+    }
+
+    async fn next(&mut self) -> Reading {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("a reading within 10 s")
+            .expect("the poller is running")
+    }
+
+    /// The `(tag, quality, value)` of one tick, in tag order. Call it at a tick boundary.
+    async fn round(&mut self) -> Vec<(String, Quality, Option<f64>)> {
+        let mut round = Vec::new();
+        for name in self.tags.clone() {
+            let reading = self.next().await;
+            assert_eq!(reading.tag, name, "readings come in tag order");
+            round.push((reading.tag, reading.quality, reading.value));
+        }
+        round
+    }
+
+    /// Skips ticks until one whose first tag has `quality`, and returns it.
+    async fn round_with(&mut self, quality: Quality) -> Vec<(String, Quality, Option<f64>)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {quality} tick within 20 s"
+            );
+            let reading = self.next().await;
+            if reading.tag == self.tags[0] && reading.quality == quality {
+                let mut round = vec![(reading.tag, reading.quality, reading.value)];
+                for name in self.tags.clone().into_iter().skip(1) {
+                    let reading = self.next().await;
+                    assert_eq!(reading.tag, name, "readings come in tag order");
+                    round.push((reading.tag, reading.quality, reading.value));
+                }
+                return round;
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("the poller ends without panicking");
+    }
+}
+
+fn expect(rows: &[(&str, Quality, Option<f64>)]) -> Vec<(String, Quality, Option<f64>)> {
+    rows.iter()
+        .map(|&(name, quality, value)| (name.to_owned(), quality, value))
+        .collect()
+}
+
+fn now_us() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("the clock is after 1970")
+            .as_micros(),
+    )
+    .expect("microseconds since 1970 fit i64")
+}
+
+/// A healthy second device on its own server, polled every 100 ms, whose readings are
+/// collected in the background.
+struct Witness {
+    plc: FaultPlc,
+    poller: JoinHandle<()>,
+    stop: CancellationToken,
+    readings: Arc<Mutex<Vec<Reading>>>,
+}
+
+const WITNESS_INTERVAL_MS: i64 = 100;
+
+impl Witness {
+    async fn start() -> Self {
+        let plc = FaultPlc::start(&[(0, 1234)]).await;
+        let witness = ModbusDevice {
+            poll_interval: ConfigDuration::from_millis(100),
+            ..device(
+                "witness",
+                plc.addr,
+                vec![holding("level", 0, DataType::U16)],
+            )
+        };
+        let (tx, mut rx) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        let readings = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&readings);
+        tokio::spawn(async move {
+            while let Some(reading) = rx.recv().await {
+                lock(&sink).push(reading);
+            }
+        });
+        let poller = tokio::spawn(run_device(witness, tx, stop.clone()));
+        Self {
+            plc,
+            poller,
+            stop,
+            readings,
+        }
+    }
+
+    /// Asserts that every reading since `since_us` is good with the exact value, and that no
+    /// two consecutive ticks (nor the last tick and now) are far more than one interval apart.
+    fn assert_on_time(&self, since_us: i64) {
+        let readings = lock(&self.readings);
+        let window: Vec<&Reading> = readings.iter().filter(|r| r.ts_us >= since_us).collect();
+        assert!(
+            window
+                .iter()
+                .all(|r| r.quality == Quality::Good && r.value == Some(1234.0)),
+            "{window:?}"
+        );
+        let mut ticks: Vec<i64> = vec![since_us];
+        ticks.extend(window.iter().map(|r| r.ts_us));
+        ticks.push(now_us());
+        let longest = ticks.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        // Five intervals of slack for a loaded test machine; a stalled device would miss the
+        // seconds the faulty one spends in timeouts and backoff.
+        assert!(
+            longest <= 5 * WITNESS_INTERVAL_MS * 1000,
+            "the witness went {longest} µs without a reading"
+        );
+        let span_ms = (now_us() - since_us) / 1000;
+        assert!(
+            i64::try_from(window.len()).unwrap() >= span_ms / WITNESS_INTERVAL_MS / 2,
+            "{} readings in {span_ms} ms",
+            window.len()
+        );
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.poller
+            .await
+            .expect("the witness ends without panicking");
+        self.plc.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn coalesces_neighbouring_tags_into_the_exact_requests_of_the_plan() {
+    let plc = FaultPlc::start(&[
+        (0, 7),
+        (1, 0xFFFE),
+        // 1.5f32, ABCD
+        (2, 0x3FC0),
+        (3, 0),
+        (4, 0),
+        (5, 0),
+        (6, 0),
+        (7, 0),
+        (8, 0),
+        (9, 0),
+        // 4_000_000_000u32, ABCD
+        (10, 0xEE6B),
+        (11, 0x2800),
+        (30, 30),
+        (31, 31),
+    ])
+    .await;
+    let mut poller = Poller::start(device(
+        "press-3",
+        plc.addr,
+        vec![
+            holding("count", 0, DataType::U16),
+            holding("delta", 1, DataType::I16),
+            holding("temp", 2, DataType::F32),
+            // Six unused registers (4-9) are read along.
+            holding("energy", 10, DataType::U32),
+            // Eighteen unused registers: a request of its own, shared with its neighbour.
+            holding("a", 30, DataType::U16),
+            holding("b", 31, DataType::U16),
+        ],
+    ));
+    for _ in 0..3 {
+        let round = poller.round().await;
+        assert_eq!(
+            round,
+            expect(&[
+                ("count", Quality::Good, Some(7.0)),
+                ("delta", Quality::Good, Some(-2.0)),
+                ("temp", Quality::Good, Some(1.5)),
+                ("energy", Quality::Good, Some(4e9)),
+                ("a", Quality::Good, Some(30.0)),
+                ("b", Quality::Good, Some(31.0)),
+            ])
+        );
+        // Two requests per tick for six tags, against six one by one.
+        assert_eq!(plc.take_requests(), vec![(0, 12), (30, 2)]);
+    }
+    assert_eq!(plc.connections(), 1);
+    poller.stop().await;
+    plc.stop().await;
+}
+
+// One device, one story told tick by tick; the exact request lists are the point.
+#[allow(clippy::too_many_lines)]
+#[tokio::test]
+async fn splits_a_range_refused_with_illegal_data_address_and_remembers_the_holes() {
+    let witness = Witness::start().await;
+    let since = now_us();
+    let plc = FaultPlc::start(&[
+        (0, 10),
+        (1, 11),
+        // no register 2
+        (3, 13),
+        (4, 14),
+        (5, 15),
+        (100, 100),
+        // no registers 101-103
+        (104, 104),
+        (200, 200),
+        (201, 201),
+        (300, 30),
+        (301, 31),
+        (302, 32),
+        (303, 33),
+        (304, 34),
+        // no register 305
+        (306, 36),
+    ])
+    .await;
+    *lock(&plc.state.refuse) = Some((201, ExceptionCode::ServerDeviceFailure));
+    let mut poller = Poller::start(device(
+        "press-3",
+        plc.addr,
+        vec![
+            holding("a", 0, DataType::U16),
+            holding("b", 1, DataType::U16),
+            holding("hole", 2, DataType::U16),
+            holding("c", 3, DataType::U16),
+            holding("d", 4, DataType::U16),
+            holding("e", 5, DataType::U16),
+            holding("g", 100, DataType::U16),
+            holding("h", 104, DataType::U16),
+            holding("failing_1", 200, DataType::U16),
+            holding("failing_2", 201, DataType::U16),
+            holding("p", 300, DataType::U16),
+            holding("q", 302, DataType::U16),
+            holding("r", 304, DataType::U16),
+            holding("s", 306, DataType::U16),
+        ],
+    ));
+    let expected = expect(&[
+        ("a", Quality::Good, Some(10.0)),
+        ("b", Quality::Good, Some(11.0)),
+        ("hole", Quality::Bad, None),
+        ("c", Quality::Good, Some(13.0)),
+        ("d", Quality::Good, Some(14.0)),
+        ("e", Quality::Good, Some(15.0)),
+        ("g", Quality::Good, Some(100.0)),
+        ("h", Quality::Good, Some(104.0)),
+        ("failing_1", Quality::Bad, None),
+        ("failing_2", Quality::Bad, None),
+        ("p", Quality::Good, Some(30.0)),
+        ("q", Quality::Good, Some(32.0)),
+        ("r", Quality::Good, Some(34.0)),
+        ("s", Quality::Good, Some(36.0)),
+    ]);
+
+    assert_eq!(poller.round().await, expected);
+    assert_eq!(
+        plc.take_requests(),
+        vec![
+            // Refused, then halved down to the tag the device does not have.
+            (0, 6),
+            (0, 3),
+            (0, 1),
+            (1, 2),
+            (1, 1),
+            (2, 1),
+            (3, 3),
+            // Refused for the registers between two tags it does have.
+            (100, 5),
+            (100, 1),
+            (104, 1),
+            // Another exception fails the request's tags; splitting would not help.
+            (200, 2),
+            // The missing register is in the second half: only that half's split is learned.
+            (300, 7),
+            (300, 3),
+            (304, 3),
+            (304, 1),
+            (306, 1),
+        ]
+    );
+    // The next ticks send the learned plan: the hole alone, nothing across 101-103.
+    for _ in 0..2 {
+        assert_eq!(poller.round().await, expected);
+        assert_eq!(
+            plc.take_requests(),
+            vec![
+                (0, 2),
+                (2, 1),
+                (3, 3),
+                (100, 1),
+                (104, 1),
+                (200, 2),
+                (300, 5),
+                (306, 1)
+            ]
+        );
+    }
+
+    // The PLC program grows register 2: the tag answers alone, and joins its neighbours again.
+    lock(&plc.state.holding).insert(2, 12);
+    let mut recovered = expected.clone();
+    recovered[2] = ("hole".to_owned(), Quality::Good, Some(12.0));
+    assert_eq!(poller.round().await, recovered);
+    assert_eq!(
+        plc.take_requests(),
+        vec![
+            (0, 2),
+            (2, 1),
+            (3, 3),
+            (100, 1),
+            (104, 1),
+            (200, 2),
+            (300, 5),
+            (306, 1)
+        ]
+    );
+    assert_eq!(poller.round().await, recovered);
+    assert_eq!(
+        plc.take_requests(),
+        vec![(0, 6), (100, 1), (104, 1), (200, 2), (300, 5), (306, 1)]
+    );
+    assert_eq!(plc.connections(), 1, "exceptions never cost the connection");
+
+    witness.assert_on_time(since);
+    poller.stop().await;
+    plc.stop().await;
+    witness.stop().await;
+}
+
+#[tokio::test]
+async fn slow_answers_read_bad_then_recover_while_other_devices_stay_on_time() {
+    let witness = Witness::start().await;
+    let since = now_us();
+    let plc = FaultPlc::start(&[(0, 1), (1, 2)]).await;
+    let mut poller = Poller::start(device(
+        "press-3",
+        plc.addr,
+        vec![
+            holding("a", 0, DataType::U16),
+            holding("b", 1, DataType::U16),
+        ],
+    ));
+    let good = expect(&[
+        ("a", Quality::Good, Some(1.0)),
+        ("b", Quality::Good, Some(2.0)),
+    ]);
+    let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
+    assert_eq!(poller.round().await, good);
+
+    // Answers later than the 300 ms timeout: the tick reads bad, and so do the ticks while
+    // the poller reconnects, because a late answer must not be taken for the next request's.
+    plc.set_delay(Duration::from_millis(800));
+    assert_eq!(poller.round_with(Quality::Bad).await, bad);
+    assert_eq!(poller.round().await, bad);
+    let connections = plc.connections();
+    assert_eq!(poller.round_with(Quality::Bad).await, bad);
+
+    plc.set_delay(Duration::ZERO);
+    assert_eq!(poller.round_with(Quality::Good).await, good);
+    assert_eq!(poller.round().await, good);
+    assert!(
+        plc.connections() > connections,
+        "reconnected after the timeouts"
+    );
+
+    witness.assert_on_time(since);
+    poller.stop().await;
+    plc.stop().await;
+    witness.stop().await;
+}
+
+#[tokio::test]
+async fn dropped_connections_reconnect_while_other_devices_stay_on_time() {
+    let witness = Witness::start().await;
+    let since = now_us();
+    let plc = FaultPlc::start(&[(0, 1), (1, 2)]).await;
+    let mut poller = Poller::start(device(
+        "press-3",
+        plc.addr,
+        vec![
+            holding("a", 0, DataType::U16),
+            holding("b", 1, DataType::U16),
+        ],
+    ));
+    let good = expect(&[
+        ("a", Quality::Good, Some(1.0)),
+        ("b", Quality::Good, Some(2.0)),
+    ]);
+    assert_eq!(poller.round().await, good);
+    assert_eq!(plc.connections(), 1);
+
+    let plc = plc.drop_connections().await;
+    // The tick that finds the connection broken reads bad (and so may the ticks of the
+    // reconnect delay); then readings are good again on a new connection.
+    let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
+    assert_eq!(poller.round_with(Quality::Bad).await, bad);
+    assert_eq!(poller.round_with(Quality::Good).await, good);
+    assert_eq!(poller.round().await, good);
+    assert_eq!(plc.connections(), 2);
+
+    witness.assert_on_time(since);
+    poller.stop().await;
+    plc.stop().await;
+    witness.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_answers_read_bad_and_reconnect_while_other_devices_stay_on_time() {
+    let witness = Witness::start().await;
+    let since = now_us();
+    let junk = JunkServer::start().await;
+    let mut poller = Poller::start(device(
+        "press-3",
+        junk.addr,
+        vec![
+            holding("a", 0, DataType::U16),
+            holding("b", 1, DataType::U16),
+        ],
+    ));
+    let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
+    for _ in 0..6 {
+        assert_eq!(poller.round().await, bad);
+    }
+    // Each junk answer drops the connection; the poller keeps trying, with backoff.
+    let connections = junk.connections.load(Ordering::SeqCst);
+    assert!(connections >= 2, "{connections} connections");
+
+    // The right device appears at that address: readings are good again by themselves.
+    let addr = junk.stop().await;
+    let state = Arc::new(PlcState::default());
+    lock(&state.holding).extend([(0, 1), (1, 2)]);
+    let plc = FaultPlc::serve(
+        TcpListener::bind(addr).await.expect("rebind the junk port"),
+        state,
+    );
+    let good = expect(&[
+        ("a", Quality::Good, Some(1.0)),
+        ("b", Quality::Good, Some(2.0)),
+    ]);
+    assert_eq!(poller.round_with(Quality::Good).await, good);
+
+    witness.assert_on_time(since);
+    poller.stop().await;
+    plc.stop().await;
+    witness.stop().await;
+}
