@@ -205,7 +205,11 @@ fn agent_config(
             })
             .collect(),
         mqtt: Vec::new(),
-        metrics: edge_agent::config::MetricsConfig::default(),
+        // The demo may run next to a real agent (or another demo): no fixed port to collide on.
+        metrics: edge_agent::config::MetricsConfig {
+            enabled: false,
+            ..edge_agent::config::MetricsConfig::default()
+        },
     };
     let problems = edge_agent::config::validate(&config);
     if problems.is_empty() {

@@ -15,7 +15,7 @@ use edge_agent::config::Durability;
 use edge_agent::contract::{BatchKey, Quality, Row};
 use pipeline_e2e::{
     FakeSnow, MotoServer, PyModbusServer, S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY,
-    duckdb_query,
+    duckdb_query, free_port,
 };
 use serde_json::json;
 
@@ -56,11 +56,20 @@ const EXPECTED: [(&str, Option<f64>); 10] = [
     ("missing_register", None),
 ];
 
-fn agent_toml(dir: &Path, plc_port: u16, moto: &MotoServer, bucket: &str) -> String {
+fn agent_toml(
+    dir: &Path,
+    plc_port: u16,
+    moto: &MotoServer,
+    bucket: &str,
+    metrics_port: u16,
+) -> String {
     format!(
         r#"
 site = "plant-e2e"
 gateway = "{GATEWAY}"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 
 [buffer]
 path = "{buffer}"
@@ -286,6 +295,24 @@ impl Drop for AgentProcess {
     }
 }
 
+/// A plain HTTP/1.1 GET on loopback, as a scraper or a load balancer sends it.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the agent serves metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
 fn batch_keys(moto: &MotoServer, bucket: &str, prefix: &str) -> Vec<String> {
     moto.list_keys(bucket, &format!("{prefix}gateway={GATEWAY}/"))
 }
@@ -384,10 +411,11 @@ fn run_agent_with_a_hard_restart(
     moto: &MotoServer,
     raw_bucket: &str,
 ) -> Vec<Row> {
+    let metrics_port = free_port();
     let agent_config = dir.join("agent.toml");
     std::fs::write(
         &agent_config,
-        agent_toml(dir, plc.address().port(), moto, raw_bucket),
+        agent_toml(dir, plc.address().port(), moto, raw_bucket, metrics_port),
     )
     .unwrap();
     let validate = command("edge-agent")
@@ -412,6 +440,14 @@ fn run_agent_with_a_hard_restart(
     let log2 = dir.join("agent-2.log");
     let agent = AgentProcess::start(&agent_config, &log2);
     wait_for_batches(moto, raw_bucket, after_kill + 3, &log2);
+    // The operator's view of the same run: healthy, and the uploads counted.
+    let health = http_get(metrics_port, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let metrics = http_get(metrics_port, "/metrics");
+    assert!(
+        metrics.contains("plantline_agent_batches_uploaded_total "),
+        "{metrics}"
+    );
     let status = agent.stop();
     assert!(
         status.success(),
