@@ -528,7 +528,7 @@ async fn a_message_received_but_not_committed_when_the_agent_is_killed_comes_aga
         move || {
             wait_for("the agent binary's subscriptions", || {
                 log().contains("subscribed")
-            })
+            });
         }
     })
     .await
@@ -546,7 +546,7 @@ async fn a_message_received_but_not_committed_when_the_agent_is_killed_comes_aga
         move || {
             wait_for("the message at the agent", || {
                 log().contains("message received")
-            })
+            });
         }
     })
     .await
