@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type};
@@ -16,7 +15,7 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use collector::snowflake::{BindValue, InitScript, QueryResult, Rowset, SnowflakeClient};
 use collector::snowflake::{SnowflakeConfig, views};
-use pipeline_e2e::FakeSnow;
+use pipeline_e2e::{FakeSnow, now_us};
 
 const PASSWORD: &str = "s3cr3t-never-printed";
 const HOUR_US: i64 = 3_600_000_000;
@@ -121,16 +120,6 @@ fn cell(result: &QueryResult, batch: &RecordBatch, row: usize, col: usize, i: us
 
 async fn query(client: &mut SnowflakeClient, sql: &str) -> Vec<Vec<Cell>> {
     rows(&client.execute(sql, &[]).await.unwrap())
-}
-
-fn now_us() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros(),
-    )
-    .unwrap()
 }
 
 /// A reading as the test inserts it.

@@ -4,18 +4,22 @@
 //! answers with junk. In every fault test a second device on its own server keeps delivering good
 //! readings at its poll rate.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use common::Poller;
 use edge_agent::Reading;
 use edge_agent::config::{ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind};
 use edge_agent::contract::Quality;
 use edge_agent::sources::modbus::run_device;
+use pipeline_e2e::now_us;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -235,87 +239,18 @@ fn device(name: &str, addr: SocketAddr, tags: Vec<ModbusTag>) -> ModbusDevice {
     }
 }
 
-/// One device's poller; readings arrive in the sensor map's tag order.
-struct Poller {
-    rx: mpsc::Receiver<Reading>,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-    tags: Vec<String>,
-}
-
-impl Poller {
-    fn start(device: ModbusDevice) -> Self {
-        let tags = device.tags.iter().map(|t| t.name.clone()).collect();
-        let (tx, rx) = mpsc::channel(256);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run_device(device, tx, stop.clone()));
-        Self {
-            rx,
-            stop,
-            task,
-            tags,
-        }
-    }
-
-    async fn next(&mut self) -> Reading {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
-            .await
-            .expect("a reading within 10 s")
-            .expect("the poller is running")
-    }
-
-    /// The `(tag, quality, value)` of one tick, in tag order. Call it at a tick boundary.
-    async fn round(&mut self) -> Vec<(String, Quality, Option<f64>)> {
-        let mut round = Vec::new();
-        for name in self.tags.clone() {
-            let reading = self.next().await;
-            assert_eq!(reading.tag, name, "readings come in tag order");
-            round.push((reading.tag, reading.quality, reading.value));
-        }
-        round
-    }
-
-    /// Skips ticks until one whose first tag has `quality`, and returns it.
-    async fn round_with(&mut self, quality: Quality) -> Vec<(String, Quality, Option<f64>)> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {quality} tick within 20 s"
-            );
-            let reading = self.next().await;
-            if reading.tag == self.tags[0] && reading.quality == quality {
-                let mut round = vec![(reading.tag, reading.quality, reading.value)];
-                for name in self.tags.clone().into_iter().skip(1) {
-                    let reading = self.next().await;
-                    assert_eq!(reading.tag, name, "readings come in tag order");
-                    round.push((reading.tag, reading.quality, reading.value));
-                }
-                return round;
-            }
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.expect("the poller ends without panicking");
-    }
+/// `(tag, quality, value)` of each reading of a tick, to compare with [`expect`].
+fn triples(round: Vec<Reading>) -> Vec<(String, Quality, Option<f64>)> {
+    round
+        .into_iter()
+        .map(|r| (r.tag, r.quality, r.value))
+        .collect()
 }
 
 fn expect(rows: &[(&str, Quality, Option<f64>)]) -> Vec<(String, Quality, Option<f64>)> {
     rows.iter()
         .map(|&(name, quality, value)| (name.to_owned(), quality, value))
         .collect()
-}
-
-fn now_us() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("the clock is after 1970")
-            .as_micros(),
-    )
-    .expect("microseconds since 1970 fit i64")
 }
 
 /// A healthy second device on its own server, polled every 100 ms, whose readings are
@@ -432,7 +367,7 @@ async fn coalesces_neighbouring_tags_into_the_exact_requests_of_the_plan() {
         ],
     ));
     for _ in 0..3 {
-        let round = poller.round().await;
+        let round = triples(poller.round().await);
         assert_eq!(
             round,
             expect(&[
@@ -517,7 +452,7 @@ async fn splits_a_range_refused_with_illegal_data_address_and_remembers_the_hole
         ("s", Quality::Good, Some(36.0)),
     ]);
 
-    assert_eq!(poller.round().await, expected);
+    assert_eq!(triples(poller.round().await), expected);
     assert_eq!(
         plc.take_requests(),
         vec![
@@ -545,7 +480,7 @@ async fn splits_a_range_refused_with_illegal_data_address_and_remembers_the_hole
     );
     // The next ticks send the learned plan: the hole alone, nothing across 101-103.
     for _ in 0..2 {
-        assert_eq!(poller.round().await, expected);
+        assert_eq!(triples(poller.round().await), expected);
         assert_eq!(
             plc.take_requests(),
             vec![
@@ -565,7 +500,7 @@ async fn splits_a_range_refused_with_illegal_data_address_and_remembers_the_hole
     lock(&plc.state.holding).insert(2, 12);
     let mut recovered = expected.clone();
     recovered[2] = ("hole".to_owned(), Quality::Good, Some(12.0));
-    assert_eq!(poller.round().await, recovered);
+    assert_eq!(triples(poller.round().await), recovered);
     assert_eq!(
         plc.take_requests(),
         vec![
@@ -579,7 +514,7 @@ async fn splits_a_range_refused_with_illegal_data_address_and_remembers_the_hole
             (306, 1)
         ]
     );
-    assert_eq!(poller.round().await, recovered);
+    assert_eq!(triples(poller.round().await), recovered);
     assert_eq!(
         plc.take_requests(),
         vec![(0, 6), (100, 1), (104, 1), (200, 2), (300, 5), (306, 1)]
@@ -610,19 +545,19 @@ async fn slow_answers_read_bad_then_recover_while_other_devices_stay_on_time() {
         ("b", Quality::Good, Some(2.0)),
     ]);
     let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
-    assert_eq!(poller.round().await, good);
+    assert_eq!(triples(poller.round().await), good);
 
     // Answers later than the 300 ms timeout: the tick reads bad, and so do the ticks while
     // the poller reconnects, because a late answer must not be taken for the next request's.
     plc.set_delay(Duration::from_millis(800));
-    assert_eq!(poller.round_with(Quality::Bad).await, bad);
-    assert_eq!(poller.round().await, bad);
+    assert_eq!(triples(poller.round_with(Quality::Bad).await), bad);
+    assert_eq!(triples(poller.round().await), bad);
     let connections = plc.connections();
-    assert_eq!(poller.round_with(Quality::Bad).await, bad);
+    assert_eq!(triples(poller.round_with(Quality::Bad).await), bad);
 
     plc.set_delay(Duration::ZERO);
-    assert_eq!(poller.round_with(Quality::Good).await, good);
-    assert_eq!(poller.round().await, good);
+    assert_eq!(triples(poller.round_with(Quality::Good).await), good);
+    assert_eq!(triples(poller.round().await), good);
     assert!(
         plc.connections() > connections,
         "reconnected after the timeouts"
@@ -651,16 +586,16 @@ async fn dropped_connections_reconnect_while_other_devices_stay_on_time() {
         ("a", Quality::Good, Some(1.0)),
         ("b", Quality::Good, Some(2.0)),
     ]);
-    assert_eq!(poller.round().await, good);
+    assert_eq!(triples(poller.round().await), good);
     assert_eq!(plc.connections(), 1);
 
     let plc = plc.drop_connections().await;
     // The tick that finds the connection broken reads bad (and so may the ticks of the
     // reconnect delay); then readings are good again on a new connection.
     let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
-    assert_eq!(poller.round_with(Quality::Bad).await, bad);
-    assert_eq!(poller.round_with(Quality::Good).await, good);
-    assert_eq!(poller.round().await, good);
+    assert_eq!(triples(poller.round_with(Quality::Bad).await), bad);
+    assert_eq!(triples(poller.round_with(Quality::Good).await), good);
+    assert_eq!(triples(poller.round().await), good);
     assert_eq!(plc.connections(), 2);
 
     witness.assert_on_time(since);
@@ -684,7 +619,7 @@ async fn garbage_answers_read_bad_and_reconnect_while_other_devices_stay_on_time
     ));
     let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
     for _ in 0..6 {
-        assert_eq!(poller.round().await, bad);
+        assert_eq!(triples(poller.round().await), bad);
     }
     // Each junk answer drops the connection; the poller keeps trying, with backoff.
     let connections = junk.connections.load(Ordering::SeqCst);
@@ -702,7 +637,7 @@ async fn garbage_answers_read_bad_and_reconnect_while_other_devices_stay_on_time
         ("a", Quality::Good, Some(1.0)),
         ("b", Quality::Good, Some(2.0)),
     ]);
-    assert_eq!(poller.round_with(Quality::Good).await, good);
+    assert_eq!(triples(poller.round_with(Quality::Good).await), good);
 
     witness.assert_on_time(since);
     poller.stop().await;

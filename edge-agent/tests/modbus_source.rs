@@ -6,19 +6,18 @@
 // Exact float comparisons are the point: every value must arrive with these very bits.
 #![allow(clippy::float_cmp)]
 
-use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::collections::HashMap;
+
+use common::Poller;
 use edge_agent::Reading;
 use edge_agent::config::{
     Addressing, ByteOrder, ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind,
 };
 use edge_agent::contract::Quality;
-use edge_agent::sources::modbus::run_device;
-use pipeline_e2e::PyModbusServer;
+use pipeline_e2e::{PyModbusServer, now_us};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 fn tag(name: &str, register: RegisterKind, address: u16, data_type: DataType) -> ModbusTag {
     ModbusTag::new(name, register, address, data_type)
@@ -55,80 +54,9 @@ fn typed(data_type: &str, order: &str, value: impl Into<Value>) -> Value {
     json!({"type": data_type, "order": order, "value": value.into()})
 }
 
-/// The poller under test, stopped when the test ends.
-struct Poller {
-    rx: mpsc::Receiver<Reading>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-    tags: usize,
-}
-
-impl Poller {
-    fn start(device: ModbusDevice) -> Self {
-        let tags = device.tags.len();
-        let (tx, rx) = mpsc::channel(256);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run_device(device, tx, stop.clone()));
-        Self {
-            rx,
-            stop,
-            task,
-            tags,
-        }
-    }
-
-    async fn next(&mut self) -> Reading {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
-            .await
-            .expect("a reading within 10 s")
-            .expect("the poller is running")
-    }
-
-    /// The readings of one poll tick, by tag. Call it at a tick boundary.
-    async fn round(&mut self) -> HashMap<String, Reading> {
-        let mut round = HashMap::new();
-        for _ in 0..self.tags {
-            let reading = self.next().await;
-            round.insert(reading.tag.clone(), reading);
-        }
-        assert_eq!(round.len(), self.tags, "one reading per tag and tick");
-        round
-    }
-
-    /// Skips readings until a tick starts whose first tag has `quality`, and returns that round.
-    async fn round_with(&mut self, first_tag: &str, quality: Quality) -> HashMap<String, Reading> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {quality} reading of {first_tag} within 20 s"
-            );
-            let reading = self.next().await;
-            if reading.tag == first_tag && reading.quality == quality {
-                let mut round = HashMap::from([(reading.tag.clone(), reading)]);
-                for _ in 1..self.tags {
-                    let reading = self.next().await;
-                    round.insert(reading.tag.clone(), reading);
-                }
-                return round;
-            }
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.expect("the poller ends without panicking");
-    }
-}
-
-fn now_us() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros(),
-    )
-    .unwrap()
+/// A tick's readings by tag.
+fn by_tag(round: Vec<Reading>) -> HashMap<String, Reading> {
+    round.into_iter().map(|r| (r.tag.clone(), r)).collect()
 }
 
 /// Asserts `(quality, value)` of every named tag in a round.
@@ -251,7 +179,7 @@ async fn decodes_every_type_and_byte_order_from_a_real_plc() {
     let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": holding, "input": input}));
     let before = now_us();
     let mut poller = Poller::start(device(&plc, tags));
-    let round = poller.round().await;
+    let round = by_tag(poller.round().await);
     let after = now_us();
 
     assert_eq!(expected.len(), round.len());
@@ -297,7 +225,7 @@ async fn reads_coils_discrete_inputs_and_bits_of_a_status_word() {
             tag("missing_coil", RegisterKind::Coil, 200, DataType::Bool),
         ],
     ));
-    let round = poller.round().await;
+    let round = by_tag(poller.round().await);
     let good = |v: f64| (Quality::Good, Some(v));
     let expected = [
         ("pump_on", good(1.0)),
@@ -343,7 +271,7 @@ async fn one_based_addressing_reads_address_one_as_wire_address_zero() {
             ],
         )
     });
-    let round = poller.round().await;
+    let round = by_tag(poller.round().await);
     assert_round(
         &round,
         &[
@@ -386,7 +314,7 @@ async fn values_outside_the_engineering_range_are_clamped_and_uncertain() {
     ));
     // Twice: clamping is stable from tick to tick.
     for _ in 0..2 {
-        let round = poller.round().await;
+        let round = by_tag(poller.round().await);
         assert_round(
             &round,
             &[
@@ -443,7 +371,7 @@ async fn a_register_the_plc_does_not_have_reads_bad_and_the_other_tags_stay_good
     ));
     // Two ticks: an exception does not cost the connection or the next tick.
     for _ in 0..2 {
-        let round = poller.round().await;
+        let round = by_tag(poller.round().await);
         assert_round(
             &round,
             &[
@@ -469,7 +397,7 @@ async fn reports_bad_while_the_plc_is_down_and_reconnects_by_itself() {
             tag("b", RegisterKind::Holding, 1, DataType::I16),
         ],
     ));
-    let round = poller.round().await;
+    let round = by_tag(poller.round().await);
     assert_round(
         &round,
         &[
@@ -480,16 +408,16 @@ async fn reports_bad_while_the_plc_is_down_and_reconnects_by_itself() {
 
     drop(plc);
     // Every tick of the outage still yields one bad reading per tag.
-    let round = poller.round_with("a", Quality::Bad).await;
+    let round = by_tag(poller.round_with(Quality::Bad).await);
     assert_round(&round, &[("b", Quality::Bad, None)]);
-    let round = poller.round().await;
+    let round = by_tag(poller.round().await);
     assert_round(
         &round,
         &[("a", Quality::Bad, None), ("b", Quality::Bad, None)],
     );
 
     let _plc = PyModbusServer::start_on_port(&registers, port);
-    let round = poller.round_with("a", Quality::Good).await;
+    let round = by_tag(poller.round_with(Quality::Good).await);
     assert_round(
         &round,
         &[
@@ -555,7 +483,7 @@ async fn coalesced_requests_keep_every_value_exact_on_a_real_plc() {
     ];
     let expected: Vec<_> = expected.iter().map(|&(n, (q, v))| (n, q, v)).collect();
     for _ in 0..3 {
-        assert_round(&poller.round().await, &expected);
+        assert_round(&by_tag(poller.round().await), &expected);
     }
     poller.stop().await;
 }

@@ -112,6 +112,17 @@ impl PeerVenv {
     }
 }
 
+/// Wall-clock time in microseconds since the Unix epoch, as readings carry it.
+pub fn now_us() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970")
+            .as_micros(),
+    )
+    .expect("microseconds since 1970 fit in i64")
+}
+
 /// A helper script shipped in `tests/peers/`.
 pub fn peer_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,78 @@
+//! Helpers shared by the agent's integration tests.
+
+use std::time::Duration;
+
+use edge_agent::Reading;
+use edge_agent::config::ModbusDevice;
+use edge_agent::contract::Quality;
+use edge_agent::sources::modbus::run_device;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One device's poller under test; readings arrive in the sensor map's tag order.
+pub(crate) struct Poller {
+    rx: mpsc::Receiver<Reading>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    tags: Vec<String>,
+}
+
+impl Poller {
+    pub(crate) fn start(device: ModbusDevice) -> Self {
+        let tags = device.tags.iter().map(|t| t.name.clone()).collect();
+        let (tx, rx) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_device(device, tx, stop.clone()));
+        Self {
+            rx,
+            stop,
+            task,
+            tags,
+        }
+    }
+
+    pub(crate) async fn next(&mut self) -> Reading {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("a reading within 10 s")
+            .expect("the poller is running")
+    }
+
+    /// The readings of one tick, in tag order. Call it at a tick boundary.
+    pub(crate) async fn round(&mut self) -> Vec<Reading> {
+        let mut round = Vec::with_capacity(self.tags.len());
+        for name in self.tags.clone() {
+            let reading = self.next().await;
+            assert_eq!(reading.tag, name, "readings come in tag order");
+            round.push(reading);
+        }
+        round
+    }
+
+    /// Skips ticks until one whose first tag has `quality`, and returns that tick.
+    pub(crate) async fn round_with(&mut self, quality: Quality) -> Vec<Reading> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {quality} tick within 20 s"
+            );
+            let reading = self.next().await;
+            if reading.tag == self.tags[0] && reading.quality == quality {
+                let mut round = vec![reading];
+                for name in self.tags.clone().into_iter().skip(1) {
+                    let reading = self.next().await;
+                    assert_eq!(reading.tag, name, "readings come in tag order");
+                    round.push(reading);
+                }
+                return round;
+            }
+        }
+    }
+
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("the poller ends without panicking");
+    }
+}
