@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     };
     #[cfg(not(feature = "demo"))]
     let default_filter = "warn,collector=info,edge_agent=info";
-    init_logging(default_filter);
+    edge_agent::process::init_logging(default_filter, false);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -136,7 +136,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 };
                 let shutdown = CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                tokio::spawn(edge_agent::process::cancel_on_signal(
+                    shutdown.clone(),
+                    "collector",
+                ));
                 match collector::run(config, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -209,35 +212,4 @@ fn load(path: &std::path::Path) -> Option<CollectorConfig> {
     CollectorConfig::load(path)
         .map_err(|e| eprintln!("{e}"))
         .ok()
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides `default_filter`.
-fn init_logging(default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!(
-        component = "collector",
-        "shutdown requested; finishing the current pass"
-    );
-    token.cancel();
 }

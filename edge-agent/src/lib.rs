@@ -6,6 +6,8 @@
 
 pub mod contract;
 pub mod duration;
+#[cfg(feature = "cli")]
+pub mod process;
 
 #[cfg(feature = "runtime")]
 mod agent;

@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         Command::Run { log_format, .. } => *log_format,
         _ => LogFormat::Text,
     };
-    init_logging("warn,edge_agent=info", log_format);
+    edge_agent::process::init_logging("warn,edge_agent=info", log_format == LogFormat::Json);
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Probe(args) => probe(args),
@@ -152,27 +152,6 @@ fn main() -> ExitCode {
         } => import_tags(&file, format, device.as_deref()),
         Command::Run { config, .. } => run(&config),
         Command::Buffer { config } => show_buffer(&config),
-    }
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides `default_filter`.
-fn init_logging(default_filter: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        // The event's fields at the top level and the innermost span (which carries
-        // `component` and `device`) under `span`: one flat object a log shipper can index.
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
     }
 }
 
@@ -252,7 +231,10 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(edge_agent::process::cancel_on_signal(
+            shutdown.clone(),
+            "agent",
+        ));
         match edge_agent::run(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -261,22 +243,6 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         }
     })
-}
-
-async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        tracing::error!("cannot listen for SIGTERM; stop the agent with SIGINT");
-        let _ = tokio::signal::ctrl_c().await;
-        token.cancel();
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!(component = "agent", "shutdown requested");
-    token.cancel();
 }
 
 /// clap's own exit codes, except that `probe` promises 78 for bad arguments, as for a bad config.
