@@ -190,13 +190,18 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// Loads a config file, or prints why not and gives the exit code for an invalid config.
+fn load_config(path: &std::path::Path) -> Result<config::AgentConfig, ExitCode> {
+    config::load_file(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 fn show_buffer(path: &std::path::Path) -> ExitCode {
-    let cfg = match config::load_file(path) {
+    let cfg = match load_config(path) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     match edge_agent::buffer::inspect(&cfg.buffer.path) {
         Ok(report) => {
@@ -211,12 +216,9 @@ fn show_buffer(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    let cfg = match config::load_file(path) {
+    let cfg = match load_config(path) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -268,12 +270,9 @@ fn probe(args: ProbeArgs) -> ExitCode {
         }
     };
     let outcome = if let (Some(file), Some(device)) = (&args.config, &args.device) {
-        let cfg = match config::load_file(file) {
+        let cfg = match load_config(file) {
             Ok(cfg) => cfg,
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(probe::EXIT_CONFIG);
-            }
+            Err(code) => return code,
         };
         runtime.block_on(probe::probe_tags(&cfg, file, device, args.tag.as_deref()))
     } else {
