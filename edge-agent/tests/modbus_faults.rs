@@ -247,6 +247,26 @@ fn triples(round: Vec<Reading>) -> Vec<(String, Quality, Option<f64>)> {
         .collect()
 }
 
+/// `press-3` with two u16 tags, `a` at holding 0 and `b` at holding 1.
+fn two_tag_device(addr: SocketAddr) -> ModbusDevice {
+    device(
+        "press-3",
+        addr,
+        vec![
+            holding("a", 0, DataType::U16),
+            holding("b", 1, DataType::U16),
+        ],
+    )
+}
+
+/// The tick of [`two_tag_device`]: good with these values, or bad.
+fn two_tags(values: Option<(f64, f64)>) -> Vec<(String, Quality, Option<f64>)> {
+    match values {
+        Some((a, b)) => expect(&[("a", Quality::Good, Some(a)), ("b", Quality::Good, Some(b))]),
+        None => expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]),
+    }
+}
+
 fn expect(rows: &[(&str, Quality, Option<f64>)]) -> Vec<(String, Quality, Option<f64>)> {
     rows.iter()
         .map(|&(name, quality, value)| (name.to_owned(), quality, value))
@@ -532,19 +552,9 @@ async fn slow_answers_read_bad_then_recover_while_other_devices_stay_on_time() {
     let witness = Witness::start().await;
     let since = now_us();
     let plc = FaultPlc::start(&[(0, 1), (1, 2)]).await;
-    let mut poller = Poller::start(device(
-        "press-3",
-        plc.addr,
-        vec![
-            holding("a", 0, DataType::U16),
-            holding("b", 1, DataType::U16),
-        ],
-    ));
-    let good = expect(&[
-        ("a", Quality::Good, Some(1.0)),
-        ("b", Quality::Good, Some(2.0)),
-    ]);
-    let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
+    let mut poller = Poller::start(two_tag_device(plc.addr));
+    let good = two_tags(Some((1.0, 2.0)));
+    let bad = two_tags(None);
     assert_eq!(triples(poller.round().await), good);
 
     // Answers later than the 300 ms timeout: the tick reads bad, and so do the ticks while
@@ -574,25 +584,15 @@ async fn dropped_connections_reconnect_while_other_devices_stay_on_time() {
     let witness = Witness::start().await;
     let since = now_us();
     let plc = FaultPlc::start(&[(0, 1), (1, 2)]).await;
-    let mut poller = Poller::start(device(
-        "press-3",
-        plc.addr,
-        vec![
-            holding("a", 0, DataType::U16),
-            holding("b", 1, DataType::U16),
-        ],
-    ));
-    let good = expect(&[
-        ("a", Quality::Good, Some(1.0)),
-        ("b", Quality::Good, Some(2.0)),
-    ]);
+    let mut poller = Poller::start(two_tag_device(plc.addr));
+    let good = two_tags(Some((1.0, 2.0)));
     assert_eq!(triples(poller.round().await), good);
     assert_eq!(plc.connections(), 1);
 
     let plc = plc.drop_connections().await;
     // The tick that finds the connection broken reads bad (and so may the ticks of the
     // reconnect delay); then readings are good again on a new connection.
-    let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
+    let bad = two_tags(None);
     assert_eq!(triples(poller.round_with(Quality::Bad).await), bad);
     assert_eq!(triples(poller.round_with(Quality::Good).await), good);
     assert_eq!(triples(poller.round().await), good);
@@ -609,15 +609,8 @@ async fn garbage_answers_read_bad_and_reconnect_while_other_devices_stay_on_time
     let witness = Witness::start().await;
     let since = now_us();
     let junk = JunkServer::start().await;
-    let mut poller = Poller::start(device(
-        "press-3",
-        junk.addr,
-        vec![
-            holding("a", 0, DataType::U16),
-            holding("b", 1, DataType::U16),
-        ],
-    ));
-    let bad = expect(&[("a", Quality::Bad, None), ("b", Quality::Bad, None)]);
+    let mut poller = Poller::start(two_tag_device(junk.addr));
+    let bad = two_tags(None);
     for _ in 0..6 {
         assert_eq!(triples(poller.round().await), bad);
     }
@@ -633,10 +626,7 @@ async fn garbage_answers_read_bad_and_reconnect_while_other_devices_stay_on_time
         TcpListener::bind(addr).await.expect("rebind the junk port"),
         state,
     );
-    let good = expect(&[
-        ("a", Quality::Good, Some(1.0)),
-        ("b", Quality::Good, Some(2.0)),
-    ]);
+    let good = two_tags(Some((1.0, 2.0)));
     assert_eq!(triples(poller.round_with(Quality::Good).await), good);
 
     witness.assert_on_time(since);
