@@ -205,11 +205,13 @@ fn agent_config(
             })
             .collect(),
         mqtt: Vec::new(),
+        file_drop: Vec::new(),
         // The demo may run next to a real agent (or another demo): no fixed port to collide on.
         metrics: edge_agent::config::MetricsConfig {
             enabled: false,
             ..edge_agent::config::MetricsConfig::default()
         },
+        kinesis: None,
     };
     let problems = edge_agent::config::validate(&config);
     if problems.is_empty() {

@@ -21,6 +21,7 @@ use crate::Reading;
 use crate::batch::{Batcher, BatcherError};
 use crate::buffer::{Buffer, BufferError};
 use crate::config::AgentConfig;
+use crate::sinks::kinesis::{KinesisShipper, LiveQueue};
 use crate::sinks::{BatchSink, SinkError};
 use crate::sources::Delivery;
 
@@ -89,12 +90,30 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     drop(deliveries_tx);
     tracker.close();
 
+    // The live stream is a tee after the commit: it never holds up the buffer (see sinks::kinesis).
+    let live = match &config.kinesis {
+        Some(kinesis) => {
+            let queue = LiveQueue::new(kinesis.queue_capacity);
+            let shipper = KinesisShipper::new(kinesis, &config.gateway, queue.clone()).await;
+            crate::metrics::global().kinesis_enabled();
+            // Not a child of `shutdown`: it stops after the writer's last commit was queued.
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(
+                shipper
+                    .run(stop.clone())
+                    .instrument(info_span!("kinesis", component = "kinesis")),
+            );
+            Some((queue, stop, task))
+        }
+        None => None,
+    };
     let writer = tokio::spawn(
         write_readings(
             rx,
             deliveries_rx,
             Arc::clone(&buffer),
             config.buffer.commit_interval.0,
+            live.as_ref().map(|(queue, _, _)| queue.clone()),
         )
         .instrument(info_span!("buffer", component = "buffer")),
     );
@@ -117,11 +136,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     {
         error!(component = "agent", "sources did not stop in time");
     }
-    writer
-        .await
-        .map_err(|e| AgentError::Writer(e.to_string()))??;
+    let written = writer.await;
+    // Every committed reading is queued now; the live stream sends the rest while the last
+    // batches go out.
+    if let Some((_, stop, _)) = &live {
+        stop.cancel();
+    }
+    written.map_err(|e| AgentError::Writer(e.to_string()))??;
     batcher_result?;
     batcher.flush(FLUSH_DEADLINE).await?;
+    if let Some((_, _, task)) = live {
+        let _ = task.await;
+    }
     metrics_stop.cancel();
     if let Some(server) = metrics_server {
         let _ = server.await;
@@ -141,6 +167,7 @@ async fn write_readings(
     mut deliveries: mpsc::Receiver<Delivery>,
     buffer: Arc<Buffer>,
     interval: Duration,
+    live: Option<LiveQueue>,
 ) -> Result<(), AgentError> {
     let mut pending = Vec::with_capacity(1024);
     // Fired after the commit that holds their readings (see the module doc).
@@ -196,8 +223,11 @@ async fn write_readings(
             .await
             .map_err(|e| AgentError::Writer(e.to_string()))?;
             match result {
-                Ok(_) => {
+                Ok(seqs) => {
                     crate::metrics::global().readings_committed(&chunk);
+                    if let (Some(live), Some((first, _))) = (&live, seqs) {
+                        live.push(first, &chunk);
+                    }
                     pending = chunk;
                     pending.clear();
                     break;

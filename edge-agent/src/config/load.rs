@@ -131,6 +131,11 @@ pub fn load_str(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
             *file = base.join(&*file);
         }
     }
+    for drop in &mut config.file_drop {
+        if drop.folder.is_relative() {
+            drop.folder = base.join(&drop.folder);
+        }
+    }
     Ok(config)
 }
 

@@ -31,9 +31,57 @@ pub struct AgentConfig {
     /// MQTT brokers and the subscriptions whose messages become readings.
     #[serde(default)]
     pub mqtt: Vec<MqttBroker>,
+    /// Folders where machines drop CSV or JSON-lines log files whose rows become readings.
+    #[serde(default)]
+    pub file_drop: Vec<FileDrop>,
     /// The `/metrics` and `/health` HTTP endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// An optional live stream of committed readings to Amazon Kinesis, beside the durable
+    /// S3 path. Leave the table out for no live stream.
+    #[serde(default)]
+    pub kinesis: Option<KinesisConfig>,
+}
+
+/// The Kinesis live stream: best effort and low latency, never in the way of the S3 batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisConfig {
+    /// Name of an existing Kinesis data stream (1-128 letters, digits, `_`, `-` and `.`).
+    pub stream: String,
+    /// AWS region of the stream.
+    #[serde(default = "KinesisConfig::default_region")]
+    pub region: String,
+    /// Endpoint URL for a Kinesis-compatible server (a test server, a VPC endpoint). Leave out
+    /// for AWS.
+    pub endpoint: Option<String>,
+    /// How many committed readings may wait for Kinesis. When Kinesis is slow or away the
+    /// oldest waiting readings are dropped (and counted) so the live queue never grows and never
+    /// holds up the buffer; they still reach S3 in the batches.
+    #[serde(default = "KinesisConfig::default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// How long a reading may wait for more readings to share its PutRecords call. Longer
+    /// lingers make fewer, fuller calls; shorter ones make the stream more live.
+    #[serde(default = "KinesisConfig::default_max_linger")]
+    pub max_linger: ConfigDuration,
+    /// How long one PutRecords attempt may take before it is abandoned and retried.
+    #[serde(default = "KinesisConfig::default_timeout")]
+    pub timeout: ConfigDuration,
+}
+
+impl KinesisConfig {
+    fn default_region() -> String {
+        "us-east-1".to_owned()
+    }
+    fn default_queue_capacity() -> usize {
+        10_000
+    }
+    fn default_max_linger() -> ConfigDuration {
+        ConfigDuration::from_millis(500)
+    }
+    fn default_timeout() -> ConfigDuration {
+        ConfigDuration::from_secs(10)
+    }
 }
 
 /// The `/metrics` (Prometheus text) and `/health` HTTP endpoint.
@@ -601,4 +649,91 @@ pub enum TimestampFormat {
     EpochUs,
     /// RFC 3339 text with an offset, for example `2024-05-01T12:00:00.250Z`.
     Rfc3339,
+}
+
+/// A folder where a machine (a test stand, a CNC controller) drops CSV or JSON-lines files.
+/// Each settled file is read once, its readings are committed to the buffer, then it moves to
+/// `done/` (or `failed/`, with a reason file) inside the folder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDrop {
+    /// A name for this source in logs and error messages (for example `test-stand-2`).
+    pub name: String,
+    /// The folder to watch. A relative path is resolved against the config file's folder.
+    pub folder: PathBuf,
+    /// `csv` (a header line names the columns) or `jsonl` (one JSON object per line).
+    pub format: FileFormat,
+    /// The field separator of `csv` files, one character: `,` (the default), `;` or a tab.
+    #[serde(default = "FileDrop::default_delimiter")]
+    pub delimiter: char,
+    /// A pattern the file name must match, where `*` is any text and `{name}` captures a
+    /// non-empty part for `{file.name}` in `device` and `tag` (for example
+    /// `"{station}_*.csv"`). Leave out to take every file. A file that does not match goes to
+    /// `failed/`.
+    pub file_name: Option<String>,
+    /// A file is read only once its size and modification time have not changed for this long,
+    /// so a file still being written is left alone.
+    #[serde(default = "FileDrop::default_settle")]
+    pub settle: ConfigDuration,
+    /// How often the folder is listed.
+    #[serde(default = "FileDrop::default_poll_interval")]
+    pub poll_interval: ConfigDuration,
+    /// The column (CSV header name, or top-level JSON key) holding each row's time.
+    pub timestamp: String,
+    /// How `timestamp` is written: `rfc3339`, `epoch_s`, `epoch_ms`, `epoch_us`, or a pattern
+    /// with `%Y %m %d %H %M %S %f` read as UTC (for example `"%d.%m.%Y %H:%M:%S"`).
+    pub timestamp_format: String,
+    /// The device of the readings: literal text, `{column}` for a column's value in the row,
+    /// `{file.name}` for a part captured by `file_name`.
+    pub device: String,
+    /// The value columns; each gives one reading per row.
+    pub values: Vec<FileValue>,
+}
+
+impl FileDrop {
+    fn default_delimiter() -> char {
+        ','
+    }
+    fn default_settle() -> ConfigDuration {
+        ConfigDuration::from_secs(2)
+    }
+    fn default_poll_interval() -> ConfigDuration {
+        ConfigDuration::from_secs(1)
+    }
+}
+
+/// One value column of a dropped file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileValue {
+    /// The column (CSV header name, or top-level JSON key) holding the number. An empty cell
+    /// (or a JSON `null` or missing key) gives no reading for that row.
+    pub column: String,
+    /// The tag of the readings, with `{column}` and `{file.name}` as in `device`; defaults to
+    /// the column's name.
+    pub tag: Option<String>,
+    /// Engineering unit carried with every reading.
+    pub unit: Option<String>,
+    /// Multiplier applied to the number: value = raw * scale + offset.
+    #[serde(default = "FileValue::default_scale")]
+    pub scale: f64,
+    /// Added after scaling.
+    #[serde(default)]
+    pub offset: f64,
+}
+
+impl FileValue {
+    fn default_scale() -> f64 {
+        1.0
+    }
+}
+
+/// The layout of a dropped file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// Comma-separated values with a header line; fields may be quoted with `"`.
+    Csv,
+    /// One JSON object per line; blank lines are skipped.
+    Jsonl,
 }

@@ -109,7 +109,13 @@ pub fn validate(config: &AgentConfig) -> Vec<Problem> {
         check_device(&mut problems, &key, device);
     }
     check_metrics(&mut problems, &config.metrics);
+    if let Some(kinesis) = &config.kinesis {
+        check_kinesis(&mut problems, kinesis);
+    }
     problems.extend(crate::sources::mqtt::check::check_brokers(&config.mqtt));
+    problems.extend(crate::sources::file_drop::check::check_file_drops(
+        &config.file_drop,
+    ));
     problems
 }
 
@@ -131,6 +137,68 @@ fn check_metrics(problems: &mut Vec<Problem>, metrics: &super::model::MetricsCon
         )),
         Ok(_) => {}
     }
+}
+
+/// Kinesis allows at most this many readings to wait: beyond it a slow stream costs the gateway
+/// more memory than a live view is worth (the readings still reach S3).
+const MAX_KINESIS_QUEUE: usize = 1_000_000;
+
+fn check_kinesis(problems: &mut Vec<Problem>, kinesis: &super::model::KinesisConfig) {
+    let name_ok = (1..=128).contains(&kinesis.stream.len())
+        && kinesis
+            .stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !name_ok {
+        problems.push(Problem::new(
+            "kinesis.stream",
+            format!(
+                "`{}` is not a Kinesis stream name; use 1-128 letters, digits, `_`, `-` and `.`, for example stream = \"plantline-live\"",
+                kinesis.stream
+            ),
+        ));
+    }
+    if kinesis.region.trim().is_empty() {
+        problems.push(Problem::new(
+            "kinesis.region",
+            "the region is empty; name the stream's AWS region, for example region = \"eu-central-1\"",
+        ));
+    }
+    if let Some(endpoint) = &kinesis.endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        problems.push(Problem::new(
+            "kinesis.endpoint",
+            format!(
+                "`{endpoint}` is not an http or https URL; write it like \"https://kinesis.example.com\", or leave it out for AWS"
+            ),
+        ));
+    }
+    if !(1..=MAX_KINESIS_QUEUE).contains(&kinesis.queue_capacity) {
+        problems.push(Problem::new(
+            "kinesis.queue_capacity",
+            format!(
+                "{} readings is outside 1..={MAX_KINESIS_QUEUE}; use for example 10000 (about a minute of 150 readings/s)",
+                kinesis.queue_capacity
+            ),
+        ));
+    }
+    if kinesis.max_linger.0 > Duration::from_mins(1) {
+        problems.push(Problem::new(
+            "kinesis.max_linger",
+            format!(
+                "{} is longer than the maximum of 1m, which is no longer a live stream; use for example \"500ms\"",
+                kinesis.max_linger
+            ),
+        ));
+    }
+    check_interval(
+        problems,
+        "kinesis.timeout",
+        kinesis.timeout,
+        Duration::from_secs(1),
+        "\"10s\"",
+    );
 }
 
 fn check_interval(
@@ -815,6 +883,44 @@ mod tests {
                 "plant.toml:22: modbus[0].tags[1].deadband_percent: deadband_percent -3 is not a finite percentage of at least 0; use for example deadband_percent = 1.0 (1 % of the last sent value)",
                 "plant.toml:23: modbus[0].tags[1].range: range [0, inf] is empty or not finite; write it as [min, max] with min below max, for example range = [0, 100]",
             ]
+        );
+    }
+
+    #[test]
+    fn the_kinesis_stream_settings_must_be_usable() {
+        let t = device("press-3", &tag("a", "holding", 0, "u16"));
+        let text = format!(
+            "{HEAD}[kinesis]\nstream = \"plant live\"\nregion = \"\"\nendpoint = \"localhost:4567\"\nqueue_capacity = 0\nmax_linger = \"2m\"\ntimeout = \"100ms\"\n{t}"
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:6: kinesis.stream: `plant live` is not a Kinesis stream name; use 1-128 letters, digits, `_`, `-` and `.`, for example stream = \"plantline-live\"",
+                "plant.toml:7: kinesis.region: the region is empty; name the stream's AWS region, for example region = \"eu-central-1\"",
+                "plant.toml:8: kinesis.endpoint: `localhost:4567` is not an http or https URL; write it like \"https://kinesis.example.com\", or leave it out for AWS",
+                "plant.toml:9: kinesis.queue_capacity: 0 readings is outside 1..=1000000; use for example 10000 (about a minute of 150 readings/s)",
+                "plant.toml:10: kinesis.max_linger: 2m is longer than the maximum of 1m, which is no longer a live stream; use for example \"500ms\"",
+                "plant.toml:11: kinesis.timeout: 100ms is shorter than the minimum of 1s; use at least that, for example \"10s\"",
+            ]
+        );
+        let ok = format!("{HEAD}[kinesis]\nstream = \"plantline-live\"\n{t}");
+        let config = load_str(&ok, Path::new("plant.toml")).expect("a stream name is enough");
+        let kinesis = config.kinesis.expect("the [kinesis] table is read");
+        assert_eq!(
+            (
+                kinesis.region.as_str(),
+                kinesis.endpoint,
+                kinesis.queue_capacity,
+                kinesis.max_linger.to_string(),
+                kinesis.timeout.to_string()
+            ),
+            (
+                "us-east-1",
+                None,
+                10_000,
+                "500ms".to_owned(),
+                "10s".to_owned()
+            )
         );
     }
 }

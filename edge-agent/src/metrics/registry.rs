@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,11 @@ pub struct Metrics {
     commit_error: Mutex<Option<String>>,
     /// Unix time of the batcher loop's last round in milliseconds; 0 when it is not running.
     batcher_beat_ms: AtomicU64,
+    /// Whether the Kinesis live stream is configured; its metrics are shown only then.
+    kinesis_enabled: AtomicBool,
+    kinesis_sent: AtomicU64,
+    kinesis_dropped: AtomicU64,
+    kinesis_put_failures: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +146,39 @@ impl Metrics {
     pub fn batcher_alive(&self) {
         self.batcher_beat_ms
             .store(unix_ms(SystemTime::now()).max(1), Ordering::Relaxed);
+    }
+
+    /// The Kinesis live stream is configured: its metrics appear from now on.
+    pub fn kinesis_enabled(&self) {
+        self.kinesis_enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts readings Kinesis accepted.
+    pub fn kinesis_sent(&self, readings: usize) {
+        self.kinesis_sent.fetch_add(
+            u64::try_from(readings).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Counts readings the live stream dropped because Kinesis was slow or away.
+    pub fn kinesis_dropped(&self, readings: u64) {
+        self.kinesis_dropped.fetch_add(readings, Ordering::Relaxed);
+    }
+
+    /// Readings Kinesis accepted so far.
+    pub fn kinesis_sent_total(&self) -> u64 {
+        self.kinesis_sent.load(Ordering::Relaxed)
+    }
+
+    /// Readings the live stream dropped so far.
+    pub fn kinesis_dropped_total(&self) -> u64 {
+        self.kinesis_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Counts a PutRecords call that failed or had refused records (each is retried).
+    pub fn kinesis_put_failed(&self) {
+        self.kinesis_put_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The batcher loop has returned (shutdown or a fatal error).
@@ -267,7 +305,37 @@ impl Metrics {
         );
         let last = self.last_upload_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         let _ = writeln!(out, "{p}_last_upload_timestamp_seconds {last}");
+        self.render_kinesis(&mut out);
         out
+    }
+
+    /// The live stream's counters, when it is configured.
+    fn render_kinesis(&self, out: &mut String) {
+        if !self.kinesis_enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let p = "plantline_agent";
+        let counters = [
+            (
+                "kinesis_readings_sent_total",
+                "Readings the Kinesis live stream delivered.",
+                &self.kinesis_sent,
+            ),
+            (
+                "kinesis_dropped_total",
+                "Readings the Kinesis live stream dropped because Kinesis was slow or away (they still go to S3).",
+                &self.kinesis_dropped,
+            ),
+            (
+                "kinesis_put_failures_total",
+                "PutRecords calls that failed or had refused records (each is retried).",
+                &self.kinesis_put_failures,
+            ),
+        ];
+        for (name, help, value) in counters {
+            header(out, &format!("{p}_{name}"), "counter", help);
+            let _ = writeln!(out, "{p}_{name} {}", value.load(Ordering::Relaxed));
+        }
     }
 }
 
@@ -391,5 +459,33 @@ mod tests {
         );
         m.readings_committed(&[]);
         assert_eq!(m.health(now), Health::Ok);
+    }
+
+    #[test]
+    fn kinesis_counters_appear_once_the_live_stream_is_configured() {
+        let m = Metrics::default();
+        let now = UNIX_EPOCH;
+        assert!(!m.render(None, now).contains("kinesis"));
+        m.kinesis_enabled();
+        m.kinesis_sent(7);
+        m.kinesis_dropped(3);
+        m.kinesis_dropped(2);
+        m.kinesis_put_failed();
+        let text = m.render(None, now);
+        let kinesis: Vec<&str> = text.lines().filter(|l| l.contains("kinesis")).collect();
+        assert_eq!(
+            kinesis,
+            [
+                "# HELP plantline_agent_kinesis_readings_sent_total Readings the Kinesis live stream delivered.",
+                "# TYPE plantline_agent_kinesis_readings_sent_total counter",
+                "plantline_agent_kinesis_readings_sent_total 7",
+                "# HELP plantline_agent_kinesis_dropped_total Readings the Kinesis live stream dropped because Kinesis was slow or away (they still go to S3).",
+                "# TYPE plantline_agent_kinesis_dropped_total counter",
+                "plantline_agent_kinesis_dropped_total 5",
+                "# HELP plantline_agent_kinesis_put_failures_total PutRecords calls that failed or had refused records (each is retried).",
+                "# TYPE plantline_agent_kinesis_put_failures_total counter",
+                "plantline_agent_kinesis_put_failures_total 1",
+            ]
+        );
     }
 }

@@ -1,9 +1,11 @@
-//! Upload targets for batches: S3 (or an S3-compatible store) and a local folder.
+//! Upload targets for batches: S3 (or an S3-compatible store) and a local folder; and the
+//! optional Kinesis live stream beside them.
 //!
 //! A target must make a `put` durable before it returns `Ok`: the buffer deletes the batch's
 //! rows as soon as it does. Writing the same key twice with the same bytes must be harmless.
 
 mod dir;
+pub mod kinesis;
 mod s3;
 
 pub use dir::DirSink;

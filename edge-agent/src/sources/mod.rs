@@ -4,6 +4,7 @@
 //! read again at the next poll. Sources whose peer must be told when a reading is safe (MQTT
 //! acknowledges a message only once the buffer has it) send [`Delivery`]s instead.
 
+pub mod file_drop;
 pub mod modbus;
 pub mod mqtt;
 
@@ -43,6 +44,14 @@ pub fn spawn_all(
     for broker in &config.mqtt {
         tracker.spawn(mqtt::run_broker(
             broker.clone(),
+            deliveries.clone(),
+            shutdown.child_token(),
+        ));
+    }
+    for drop in &config.file_drop {
+        tracker.spawn(file_drop::run_file_drop(
+            drop.clone(),
+            config.buffer.path.clone(),
             deliveries.clone(),
             shutdown.child_token(),
         ));

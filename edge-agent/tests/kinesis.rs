@@ -1,0 +1,461 @@
+//! The Kinesis live stream against moto server (`pipeline_e2e::MotoServer`, which serves Kinesis
+//! on the same port as S3): what arrives on the stream, and that a Kinesis that is away never
+//! holds up the batches.
+//!
+//! moto accepts every record of a PutRecords call, so the partial-failure retry (only the refused
+//! records are sent again) is tested on its result-handling function in
+//! `sinks::kinesis::shipper`. The agent runs as its own process here, with test credentials in
+//! its environment, as an operator runs it.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
+use edge_agent::Reading;
+use edge_agent::contract::Quality;
+use edge_agent::sinks::kinesis::{KinesisShipper, LiveQueue};
+use pipeline_e2e::{MotoServer, PyModbusServer, free_port};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn client(endpoint: &str) -> aws_sdk_kinesis::Client {
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .build();
+    aws_sdk_kinesis::Client::from_conf(config)
+}
+
+/// Creates a one-shard stream with a fresh name and waits until it is active.
+async fn create_stream(client: &aws_sdk_kinesis::Client) -> String {
+    let name = format!("plantline-{}", uuid_like());
+    client
+        .create_stream()
+        .stream_name(&name)
+        .shard_count(1)
+        .send()
+        .await
+        .expect("moto creates the stream");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(&name)
+            .send()
+            .await
+            .expect("moto describes the stream");
+        if summary
+            .stream_description_summary()
+            .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
+        {
+            return name;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {name} not active in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A unique suffix from the clock and the process: streams of parallel tests never collide.
+fn uuid_like() -> String {
+    format!("{}-{}", std::process::id(), pipeline_e2e::now_us())
+}
+
+/// Every record on the stream's only shard, as (partition key, data).
+async fn read_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, String)> {
+    let shards = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .expect("moto lists the shards");
+    let shard = shards.shards()[0].shard_id().to_owned();
+    let mut iterator = client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(shard)
+        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .expect("moto hands out a shard iterator")
+        .shard_iterator()
+        .map(str::to_owned);
+    let mut records = Vec::new();
+    while let Some(it) = iterator {
+        let out = client
+            .get_records()
+            .shard_iterator(it)
+            .send()
+            .await
+            .expect("moto returns records");
+        if out.records().is_empty() {
+            break;
+        }
+        for r in out.records() {
+            records.push((
+                r.partition_key().unwrap_or_default().to_owned(),
+                String::from_utf8(r.data().as_ref().to_vec()).expect("records are JSON text"),
+            ));
+        }
+        iterator = out.next_shard_iterator().map(str::to_owned);
+    }
+    records
+}
+
+fn reading(ts_us: i64, device: &str, tag: &str, value: Option<f64>, unit: Option<&str>) -> Reading {
+    Reading {
+        ts_us,
+        device: device.into(),
+        tag: tag.into(),
+        value,
+        quality: if value.is_some() {
+            Quality::Good
+        } else {
+            Quality::Bad
+        },
+        unit: unit.map(str::to_owned),
+    }
+}
+
+#[tokio::test]
+async fn queued_readings_arrive_as_json_lines_per_device() {
+    let moto = MotoServer::start();
+    let kinesis = client(&moto.endpoint());
+    let stream = create_stream(&kinesis).await;
+    let queue = LiveQueue::new(100);
+    let shipper = KinesisShipper::with_client(
+        kinesis.clone(),
+        &stream,
+        "gw-line1",
+        queue.clone(),
+        Duration::from_millis(50),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(shipper.run(stop.clone()));
+    queue.push(
+        41,
+        &[
+            reading(
+                1_700_000_000_000_001,
+                "press-3",
+                "oil_temp",
+                Some(123.5),
+                Some("degC"),
+            ),
+            reading(1_700_000_000_000_002, "press-4", "speed", None, None),
+            reading(
+                1_700_000_000_000_003,
+                "press-3",
+                "pressure",
+                Some(-2.25),
+                Some("bar"),
+            ),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let records = loop {
+        let records = read_stream(&kinesis, &stream).await;
+        if records.len() >= 2 {
+            break records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records within 15 s: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        records,
+        [
+            (
+                "press-3".to_owned(),
+                "{\"gateway\":\"gw-line1\",\"seq\":41,\"device\":\"press-3\",\"tag\":\"oil_temp\",\"ts\":1700000000000001,\"value\":123.5,\"quality\":\"good\",\"unit\":\"degC\"}\n\
+                 {\"gateway\":\"gw-line1\",\"seq\":43,\"device\":\"press-3\",\"tag\":\"pressure\",\"ts\":1700000000000003,\"value\":-2.25,\"quality\":\"good\",\"unit\":\"bar\"}\n"
+                    .to_owned()
+            ),
+            (
+                "press-4".to_owned(),
+                "{\"gateway\":\"gw-line1\",\"seq\":42,\"device\":\"press-4\",\"tag\":\"speed\",\"ts\":1700000000000002,\"value\":null,\"quality\":\"bad\",\"unit\":null}\n"
+                    .to_owned()
+            ),
+        ]
+    );
+}
+
+/// The agent's config: one pymodbus PLC, a local folder as the upload target, and `kinesis`.
+fn agent_config(plc_port: u16, metrics_port: u16, kinesis: &str) -> String {
+    format!(
+        r#"site = "plant-ost"
+gateway = "gw-live"
+
+[batch]
+max_age = "1s"
+
+[upload.dir]
+path = "landing"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[kinesis]
+{kinesis}
+
+[[modbus]]
+name = "press-3"
+host = "127.0.0.1"
+port = {plc_port}
+poll_interval = "100ms"
+
+  [[modbus.tags]]
+  name = "oil_temp"
+  register = "holding"
+  address = 0
+  type = "u16"
+  scale = 0.1
+  unit = "degC"
+
+  [[modbus.tags]]
+  name = "spare"
+  register = "holding"
+  address = 50
+  type = "u16"
+"#
+    )
+}
+
+/// The agent binary with test credentials for moto, and no instance-metadata lookups.
+fn start_agent(dir: &Path, config: &str) -> std::process::Child {
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&file)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Stops the agent with SIGTERM and returns its JSON log lines.
+fn stop_agent(child: std::process::Child) -> Vec<Value> {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+    stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// Every uploaded reading as the JSON line the live stream carries for it, by `seq`.
+fn uploaded_as_lines(dir: &Path) -> BTreeMap<i64, Value> {
+    let mut lines = BTreeMap::new();
+    for file in parquet_files(dir) {
+        for row in edge_agent::batch::read_rows(std::fs::read(&file).unwrap().into()).unwrap() {
+            lines.insert(
+                row.seq,
+                json!({
+                    "gateway": row.gateway,
+                    "seq": row.seq,
+                    "device": row.device,
+                    "tag": row.tag,
+                    "ts": row.ts_us,
+                    "value": row.value,
+                    "quality": row.quality.as_str(),
+                    "unit": row.unit,
+                }),
+            );
+        }
+    }
+    lines
+}
+
+fn stopped_line(log: &[Value]) -> &Value {
+    log.iter()
+        .find(|l| l["message"] == "live stream stopped")
+        .unwrap_or_else(|| panic!("no `live stream stopped` line in {log:#?}"))
+}
+
+/// A plain HTTP/1.1 GET of `/metrics`.
+fn scrape(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .expect("an HTTP response has a head")
+        .1
+        .to_owned()
+}
+
+fn sample(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn the_agent_streams_every_committed_reading_with_its_seq() {
+    let moto = MotoServer::start();
+    let kinesis = client(&moto.endpoint());
+    let stream = create_stream(&kinesis).await;
+    let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": {"0": [421]}}));
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(
+        plc.address().port(),
+        free_port(),
+        &format!(
+            "stream = \"{stream}\"\nendpoint = \"{}\"\nmax_linger = \"100ms\"",
+            moto.endpoint()
+        ),
+    );
+    let agent = start_agent(dir.path(), &config);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = stop_agent(agent);
+
+    let uploaded = uploaded_as_lines(&dir.path().join("landing"));
+    assert!(uploaded.len() >= 10, "{} readings uploaded", uploaded.len());
+    let mut streamed = BTreeMap::new();
+    for (key, data) in read_stream(&kinesis, &stream).await {
+        assert!(data.ends_with('\n'), "{data:?}");
+        for line in data.lines() {
+            let line: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(line["device"], key, "the partition key is the device");
+            let seq = line["seq"].as_i64().unwrap();
+            assert!(streamed.insert(seq, line).is_none(), "seq {seq} twice");
+        }
+    }
+    // Exactly what the batches hold: same seqs, same content, nothing more.
+    assert_eq!(streamed, uploaded);
+    let good = &uploaded.values().find(|l| l["tag"] == "oil_temp").unwrap();
+    assert_eq!(
+        (&good["value"], &good["quality"], &good["unit"]),
+        (&json!(42.1), &json!("good"), &json!("degC"))
+    );
+    let bad = &uploaded.values().find(|l| l["tag"] == "spare").unwrap();
+    assert_eq!(
+        (&bad["value"], &bad["quality"], &bad["unit"]),
+        (&Value::Null, &json!("bad"), &Value::Null)
+    );
+    let stopped = stopped_line(log.as_slice());
+    assert_eq!(
+        (
+            &stopped["sent_total"],
+            &stopped["dropped_total"],
+            &stopped["unsent"]
+        ),
+        (&json!(uploaded.len()), &json!(0), &json!(0)),
+        "{stopped}"
+    );
+}
+
+#[tokio::test]
+async fn an_absent_kinesis_drops_counted_readings_and_never_holds_up_the_batches() {
+    let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": {"0": [421]}}));
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    // Nothing listens on this port: Kinesis is away for the whole run.
+    let closed = free_port();
+    let config = agent_config(
+        plc.address().port(),
+        metrics_port,
+        &format!(
+            "stream = \"plantline-live\"\nendpoint = \"http://127.0.0.1:{closed}\"\nqueue_capacity = 5\nmax_linger = \"50ms\"\ntimeout = \"1s\""
+        ),
+    );
+    let agent = start_agent(dir.path(), &config);
+    let landing = dir.path().join("landing");
+    // Batches are cut every second (`max_age`); with Kinesis away they still are.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let batches_while_running = parquet_files(&landing).len();
+    let metrics = tokio::task::spawn_blocking(move || scrape(metrics_port))
+        .await
+        .unwrap();
+    let log = stop_agent(agent);
+    assert!(
+        batches_while_running >= 3,
+        "{batches_while_running} batches in 5 s with max_age = 1s"
+    );
+    assert_eq!(
+        sample(&metrics, "plantline_agent_kinesis_readings_sent_total"),
+        0
+    );
+    assert!(
+        sample(&metrics, "plantline_agent_kinesis_dropped_total") > 0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "plantline_agent_kinesis_put_failures_total") > 0,
+        "{metrics}"
+    );
+
+    // Every reading reached the batches, and the live stream accounts for each one: dropped
+    // (counted) or still unsent at shutdown.
+    let uploaded = uploaded_as_lines(&landing).len();
+    let stopped = stopped_line(log.as_slice());
+    assert_eq!(stopped["sent_total"], json!(0), "{stopped}");
+    let dropped = stopped["dropped_total"].as_u64().unwrap();
+    let unsent = stopped["unsent"].as_u64().unwrap();
+    assert_eq!(
+        dropped + unsent,
+        u64::try_from(uploaded).unwrap(),
+        "{stopped}"
+    );
+    assert!(
+        unsent <= 10,
+        "at most the queue (5) and one call in flight (5): {stopped}"
+    );
+    assert!(
+        log.iter().any(|l| l["message"]
+            == "live queue full: dropped the oldest readings (they still go to S3)"),
+        "no drop warning in {log:#?}"
+    );
+}
