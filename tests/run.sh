@@ -17,8 +17,8 @@ readonly CACHE="${PLANTLINE_CACHE:-$HOME/.cache/plantline}"
 readonly PYTHON="${PLANTLINE_PYTHON:-python3}"
 readonly AARCH64_TARGET=aarch64-unknown-linux-gnu
 # Debian packages the tests use: the MQTT broker, the pty pair for Modbus RTU, the aarch64 toolchain
-# and user-mode qemu for the cross smoke test.
-readonly DEBIAN_PACKAGES=(mosquitto socat qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+# and user-mode qemu for the cross smoke test, systemd-analyze for the packaged unit.
+readonly DEBIAN_PACKAGES=(mosquitto socat qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross systemd)
 
 mode=all
 for arg in "$@"; do
