@@ -5,9 +5,11 @@
 // Exact float comparisons are the point: every value must arrive with these very bits.
 #![allow(clippy::float_cmp)]
 
+mod common;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use edge_agent::config::load_str;
@@ -81,15 +83,7 @@ impl Setup {
 
     /// Every row of every batch the agent uploaded, in `seq` order.
     fn uploaded(&self) -> Vec<Row> {
-        let mut files = Vec::new();
-        collect_files(&self.dir.path().join("outbox"), &mut files);
-        let mut rows: Vec<Row> = files
-            .into_iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
-            .flat_map(|f| edge_agent::batch::read_rows(std::fs::read(&f).unwrap().into()).unwrap())
-            .collect();
-        rows.sort_by_key(|r| r.seq);
-        rows
+        common::uploaded_rows(&self.dir.path().join("outbox"))
     }
 
     /// The uploaded readings as `(ts_us, device, tag, value, unit)`, in `seq` order.
@@ -102,20 +96,6 @@ impl Setup {
                 (r.ts_us, r.device, r.tag, r.value.unwrap(), r.unit)
             })
             .collect()
-    }
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            collect_files(&path, out);
-        } else {
-            out.push(path);
-        }
     }
 }
 

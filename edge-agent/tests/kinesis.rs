@@ -7,10 +7,12 @@
 //! `sinks::kinesis::shipper`. The agent runs as its own process here, with test credentials in
 //! its environment, as an operator runs it.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -268,29 +270,10 @@ fn stop_agent(child: std::process::Child) -> Vec<Value> {
         .collect()
 }
 
-fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                files.push(path);
-            }
-        }
-    }
-    files
-}
-
 /// Every uploaded reading as the JSON line the live stream carries for it, by `seq`.
 fn uploaded_as_lines(dir: &Path) -> BTreeMap<i64, Value> {
     let mut lines = BTreeMap::new();
-    for file in parquet_files(dir) {
+    for file in common::parquet_files(dir) {
         for row in edge_agent::batch::read_rows(std::fs::read(&file).unwrap().into()).unwrap() {
             lines.insert(
                 row.seq,
@@ -416,7 +399,7 @@ async fn an_absent_kinesis_drops_counted_readings_and_never_holds_up_the_batches
     // Batches are cut every second (`max_age`); with Kinesis away they still are. The margin
     // (8 s for 3 batches) absorbs a busy test machine; a blocked S3 path would give none.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let batches_while_running = parquet_files(&landing).len();
+    let batches_while_running = common::parquet_files(&landing).len();
     let metrics = tokio::task::spawn_blocking(move || scrape(metrics_port))
         .await
         .unwrap();

@@ -5,6 +5,8 @@
 //! The registry is process-wide, so this file runs one agent in-process; the log test runs the
 //! binary in its own process.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -66,25 +68,12 @@ fn declared(text: &str) -> Vec<String> {
 
 /// Every row of every Parquet file under `dir`, counted by (device, quality).
 fn uploaded(dir: &Path) -> (usize, BTreeMap<(String, String), u64>) {
-    let mut files = 0;
+    let files = common::parquet_files(dir).len();
     let mut counts = BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                files += 1;
-                let rows =
-                    edge_agent::batch::read_rows(std::fs::read(&path).unwrap().into()).unwrap();
-                for row in rows {
-                    *counts
-                        .entry((row.device.clone(), row.quality.as_str().to_owned()))
-                        .or_default() += 1;
-                }
-            }
-        }
+    for row in common::uploaded_rows(dir) {
+        *counts
+            .entry((row.device.clone(), row.quality.as_str().to_owned()))
+            .or_default() += 1;
     }
     (files, counts)
 }

@@ -7,6 +7,8 @@
 // Exact float comparisons are the point: every value must arrive with these very bits.
 #![allow(clippy::float_cmp)]
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -103,29 +105,7 @@ impl Setup {
 
     /// Every row of every batch the agent uploaded, in `seq` order.
     fn uploaded(&self) -> Vec<Row> {
-        let mut files = Vec::new();
-        collect_files(&self.dir.path().join("outbox"), &mut files);
-        let mut rows: Vec<Row> = files
-            .into_iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
-            .flat_map(|f| edge_agent::batch::read_rows(std::fs::read(&f).unwrap().into()).unwrap())
-            .collect();
-        rows.sort_by_key(|r| r.seq);
-        rows
-    }
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            collect_files(&path, out);
-        } else {
-            out.push(path);
-        }
+        common::uploaded_rows(&self.dir.path().join("outbox"))
     }
 }
 

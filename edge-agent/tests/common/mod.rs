@@ -1,10 +1,14 @@
 //! Helpers shared by the agent's integration tests.
 
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edge_agent::Reading;
 use edge_agent::config::ModbusDevice;
-use edge_agent::contract::Quality;
+use edge_agent::contract::{Quality, Row};
 use edge_agent::sources::modbus::run_device;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -75,4 +79,39 @@ impl Poller {
         self.stop.cancel();
         self.task.await.expect("the poller ends without panicking");
     }
+}
+
+/// Every Parquet file below `dir` (the upload folder of a `[upload.dir]` agent), sorted.
+pub(crate) fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(folder) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("a listed entry can be read").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Every row of every batch uploaded below `dir`, checked against the contract, in `seq` order.
+pub(crate) fn uploaded_rows(dir: &Path) -> Vec<Row> {
+    let mut rows: Vec<Row> = parquet_files(dir)
+        .into_iter()
+        .flat_map(|f| {
+            let bytes = std::fs::read(&f).expect("an uploaded batch can be read");
+            edge_agent::batch::read_rows(bytes.into())
+                .unwrap_or_else(|e| panic!("{} breaks the batch contract: {e}", f.display()))
+        })
+        .collect();
+    rows.sort_by_key(|r| r.seq);
+    rows
 }
