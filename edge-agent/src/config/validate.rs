@@ -580,7 +580,7 @@ fn describe_registers(tag: &ModbusTag) -> String {
 
 /// Device and tag names end up in Parquet columns, metrics labels and log fields; keeping them
 /// to a plain character set keeps every one of those unambiguous.
-fn is_safe_name(name: &str) -> bool {
+pub(crate) fn is_safe_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name

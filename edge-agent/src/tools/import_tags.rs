@@ -56,7 +56,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::IntoDeserializer;
 
-use crate::config::{DataType, RegisterKind};
+use crate::config::{DataType, RegisterKind, is_safe_name};
 
 /// The export formats `import-tags` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -862,15 +862,6 @@ fn register_width(data_type: &str) -> u16 {
     let parsed: Result<DataType, serde::de::value::Error> =
         DataType::deserialize(data_type.into_deserializer());
     parsed.map_or(1, DataType::register_count)
-}
-
-/// The sensor map's rule for device and tag names (see config validation).
-fn is_safe_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// A TOML basic string.
