@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# The ARM smoke test: cross-builds edge-agent for aarch64, runs `edge-agent --version` under
-# qemu-aarch64-static, then builds the agent's unit tests for aarch64 and runs them under qemu.
+# The ARM smoke test: cross-builds edge-agent for one ARM target, runs `edge-agent --version` under
+# qemu-user, then builds the agent's unit tests for that target and runs them under qemu.
+#
+#   cross/qemu-smoke.sh [TARGET]    TARGET: aarch64-unknown-linux-gnu (default) or
+#                                   armv7-unknown-linux-gnueabihf
+#
 # It uses the dev profile, so the binary and the unit tests share one build of the dependencies
 # (a release build, `cross/build.sh`, compiles them all again with LTO: that is for packaging).
-# Needs: gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user-static (./tests/run.sh installs them)
-# and `rustup target add aarch64-unknown-linux-gnu`.
+# Needs the target's Debian cross gcc and libc (gcc-aarch64-linux-gnu libc6-dev-arm64-cross, or
+# gcc-arm-linux-gnueabihf libc6-dev-armhf-cross), qemu-user-static, and `rustup target add TARGET`;
+# ./tests/run.sh installs all of them.
 set -euo pipefail
 
 readonly REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-readonly TARGET=aarch64-unknown-linux-gnu
-readonly QEMU=(qemu-aarch64-static -L /usr/aarch64-linux-gnu)
+readonly TARGET="${1:-aarch64-unknown-linux-gnu}"
+case "$TARGET" in
+  # e_machine in the ELF header (bytes 18-19, little-endian): 0xb7 aarch64, 0x28 ARM.
+  aarch64-unknown-linux-gnu) gnu=aarch64-linux-gnu qemu=qemu-aarch64-static machine=b700 ;;
+  armv7-unknown-linux-gnueabihf) gnu=arm-linux-gnueabihf qemu=qemu-arm-static machine=2800 ;;
+  *)
+    echo "qemu-smoke.sh: unsupported target '$TARGET': use aarch64-unknown-linux-gnu or armv7-unknown-linux-gnueabihf" >&2
+    exit 64 ;;
+esac
+readonly QEMU=("$qemu" -L "/usr/$gnu")
 target_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 
-if ! command -v qemu-aarch64-static >/dev/null; then
-  echo "qemu-smoke.sh: qemu-aarch64-static not found: apt-get install qemu-user-static (./tests/run.sh installs it)" >&2
+if ! command -v "$qemu" >/dev/null; then
+  echo "qemu-smoke.sh: $qemu not found: apt-get install qemu-user-static (./tests/run.sh installs it)" >&2
   exit 1
 fi
 
@@ -21,8 +34,8 @@ echo "== build for $TARGET"
 "$REPO_ROOT/cross/build.sh" "$TARGET" -- build -p edge-agent --bin edge-agent
 binary="$target_dir/$TARGET/debug/edge-agent"
 file_type="$(od -An -tx1 -j18 -N2 "$binary" | tr -d ' \n')"
-if [[ "$file_type" != b700 ]]; then
-  echo "qemu-smoke.sh: $binary is not an aarch64 ELF (e_machine bytes $file_type, want b7 00)" >&2
+if [[ "$file_type" != "$machine" ]]; then
+  echo "qemu-smoke.sh: $binary is not an ELF for $TARGET (e_machine bytes $file_type, want $machine)" >&2
   exit 1
 fi
 
@@ -38,4 +51,4 @@ fi
 echo "== edge-agent unit tests for $TARGET under qemu"
 # build.sh sets cargo's runner for the target to qemu, so the test binary runs emulated.
 "$REPO_ROOT/cross/build.sh" "$TARGET" -- test -p edge-agent --lib
-echo "qemu-smoke.sh: ok"
+echo "qemu-smoke.sh: $TARGET ok"

@@ -111,7 +111,8 @@ compute_depends() {
   glibc="$(readelf -V -W "$binary" | grep -o 'Name: GLIBC_[0-9.]*' | sed 's/Name: GLIBC_//' | sort -V | tail -n1)"
   [[ -n "$glibc" ]] || die "$binary references no GLIBC_ symbol version: is it a glibc binary?"
   local IFS=','
-  echo "libc6 (>= $glibc)${deps[*]:+, ${deps[*]}}, adduser" | sed 's/,\([^ ]\)/, \1/g'
+  # procps: /bin/kill, which the unit's ExecReload sends SIGHUP with.
+  echo "libc6 (>= $glibc)${deps[*]:+, ${deps[*]}}, adduser, procps" | sed 's/,\([^ ]\)/, \1/g'
 }
 
 # The example sensor map with the buffer in the unit's state directory.

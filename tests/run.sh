@@ -15,10 +15,12 @@ set -euo pipefail
 readonly REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly CACHE="${PLANTLINE_CACHE:-$HOME/.cache/plantline}"
 readonly PYTHON="${PLANTLINE_PYTHON:-python3}"
-readonly AARCH64_TARGET=aarch64-unknown-linux-gnu
-# Debian packages the tests use: the MQTT broker, the pty pair for Modbus RTU, the aarch64 toolchain
-# and user-mode qemu for the cross smoke test, systemd-analyze for the packaged unit.
-readonly DEBIAN_PACKAGES=(mosquitto socat qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross systemd)
+readonly ARM_TARGETS=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+# Debian packages the tests use: the MQTT broker, the pty pair for Modbus RTU, the aarch64 and armhf
+# toolchains and user-mode qemu for the cross smoke tests, systemd-analyze for the packaged unit, headless
+# Chromium for the status page test.
+readonly DEBIAN_PACKAGES=(mosquitto socat qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+  gcc-arm-linux-gnueabihf libc6-dev-armhf-cross systemd chromium)
 
 mode=all
 for arg in "$@"; do
@@ -131,7 +133,7 @@ ensure_venv() {
 install_rust_targets() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then rerun"
   if ! command -v rustup >/dev/null; then
-    echo "rustup not found: assuming clippy, rustfmt and the $AARCH64_TARGET standard library are installed"
+    echo "rustup not found: assuming clippy, rustfmt and the ${ARM_TARGETS[*]} standard libraries are installed"
     return
   fi
   local installed
@@ -140,16 +142,21 @@ install_rust_targets() {
   for component in clippy rustfmt; do
     grep -q "^$component" <<<"$installed" || rustup component add "$component"
   done
-  if rustup target list --installed | grep -qx "$AARCH64_TARGET"; then
-    echo "rust target $AARCH64_TARGET present"
-  else
-    rustup target add "$AARCH64_TARGET"
-  fi
+  local target targets
+  targets="$(rustup target list --installed)"
+  for target in "${ARM_TARGETS[@]}"; do
+    if grep -qx "$target" <<<"$targets"; then
+      echo "rust target $target present"
+    else
+      rustup target add "$target"
+    fi
+  done
 }
 
 check_tools() {
   local tool missing=()
-  for tool in mosquitto socat qemu-aarch64-static aarch64-linux-gnu-gcc cargo; do
+  for tool in mosquitto socat chromium qemu-aarch64-static qemu-arm-static aarch64-linux-gnu-gcc \
+    arm-linux-gnueabihf-gcc cargo; do
     command -v "$tool" >/dev/null || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
   done
   ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]}: run ./tests/run.sh without --skip-install (as root) to install them"
@@ -213,7 +220,9 @@ if [[ "$mode" != install ]]; then
   step "edge-agent dependency tree" check_agent_tree
   step "cargo clippy" cargo clippy --workspace --all-targets --all-features -- -D warnings
   step "cargo test" cargo test --workspace --all-features
-  step "cross: aarch64 build and qemu smoke test" "$REPO_ROOT/cross/qemu-smoke.sh"
+  for target in "${ARM_TARGETS[@]}"; do
+    step "cross: $target build and qemu smoke test" "$REPO_ROOT/cross/qemu-smoke.sh" "$target"
+  done
 fi
 
 section "summary"

@@ -12,6 +12,8 @@
 //!
 //! [delta]
 //! url = "s3://plant-lake/readings" # or a local folder
+//! # gaps_url = "s3://plant-lake/readings_gaps"                         (the default)
+//! # quarantined_rows_url = "s3://plant-lake/readings_quarantined_rows" (the default)
 //!
 //! [s3]
 //! endpoint = "http://127.0.0.1:9000"
@@ -20,6 +22,12 @@
 //! [run]
 //! interval = "30s"
 //! max_files_per_commit = 100
+//!
+//! [[rules]]                          # row-level data-quality rules, see crate::rules
+//! name = "oil-temp-range"
+//! tags = "press-*/oil_temp"
+//! range = [-20.0, 150.0]
+//! action = "quarantine"
 //! ```
 
 use std::collections::HashMap;
@@ -28,6 +36,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use url::Url;
+
+use crate::delta::{GAPS_SUFFIX, QUARANTINED_ROWS_SUFFIX, TableUrls};
+use crate::rules::{RuleConfig, RuleSet};
 
 /// The whole collector configuration, one TOML file.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +56,9 @@ pub struct CollectorConfig {
     pub run: RunConfig,
     /// Loading Snowflake from the Delta table; leave the section out to skip Snowflake.
     pub snowflake: Option<crate::snowflake::SnowflakeConfig>,
+    /// Row-level data-quality rules (`[[rules]]`), applied in file order; none by default.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
 }
 
 /// The raw zone: the bucket (or local folder) the agents write batches into.
@@ -138,13 +152,21 @@ impl RawConfig {
     }
 }
 
-/// The Delta table of readings (the processed zone).
+/// The Delta tables (the processed zone): readings, and the data-quality tables beside it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeltaConfig {
-    /// `s3://bucket/path/to/table` or a local folder. A relative path is resolved against the
-    /// config file's folder. The table is created with the batch contract's schema if missing.
+    /// The readings table: `s3://bucket/path/to/table` or a local folder. A relative path is
+    /// resolved against the config file's folder. The table is created with the batch
+    /// contract's schema plus the nullable `dq_flags` column if missing.
     pub url: String,
+    /// The gaps table (`seq` ranges that will never arrive, with the reason). Defaults to a
+    /// folder beside the readings table named like it plus `_gaps`
+    /// (`s3://lake/readings` → `s3://lake/readings_gaps`).
+    pub gaps_url: Option<String>,
+    /// The table of readings that a `quarantine` rule kept out of the readings table. Defaults
+    /// to a folder beside the readings table named like it plus `_quarantined_rows`.
+    pub quarantined_rows_url: Option<String>,
 }
 
 /// S3 connection settings, shared by the raw zone and the Delta table. Credentials come from the
@@ -410,9 +432,15 @@ impl CollectorConfig {
             toml::from_str(text).map_err(|e| ParseOrInvalid::Parse(e.to_string()))?;
         let mut problems = config.validate(base);
         problems.extend(config.snowflake_problems());
+        problems.extend(config.rule_problems());
         if problems.is_empty() {
             // Store absolute local paths so later stages never depend on the working directory.
-            for url in [&mut config.raw.url, &mut config.delta.url] {
+            let delta = &mut config.delta;
+            for url in [&mut config.raw.url, &mut delta.url]
+                .into_iter()
+                .chain(delta.gaps_url.as_mut())
+                .chain(delta.quarantined_rows_url.as_mut())
+            {
                 if let Ok(StoreLocation::Local(p)) = StoreLocation::parse(url, base) {
                     *url = p.display().to_string();
                 }
@@ -451,6 +479,11 @@ impl CollectorConfig {
                 "delta.url",
                 "is the same location as `raw.url`; give the Delta table its own folder or bucket path, like \"s3://lake/readings\"".to_owned(),
             );
+        }
+        if let Ok(readings) = &delta {
+            for (key, message) in side_table_problems(&self.delta, readings, base) {
+                problem(key, message);
+            }
         }
         if let Some(endpoint) = &self.s3.endpoint {
             match Url::parse(endpoint) {
@@ -503,6 +536,41 @@ impl CollectorConfig {
         problems
     }
 
+    /// The `[[rules]]` problems, keyed like `rules[2].range`.
+    fn rule_problems(&self) -> Vec<Problem> {
+        crate::rules::compile(&self.rules).err().unwrap_or_default()
+    }
+
+    /// The compiled `[[rules]]`. Valid after [`CollectorConfig::load`].
+    pub fn rule_set(&self) -> Result<RuleSet, String> {
+        crate::rules::compile(&self.rules).map_err(|problems| {
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
+    /// Where the readings, gaps and quarantined-rows tables live. Valid after
+    /// [`CollectorConfig::load`].
+    pub fn table_urls(&self) -> Result<TableUrls, String> {
+        let base = Path::new("");
+        let readings = self.delta_location()?;
+        Ok(TableUrls {
+            readings: readings.to_url()?,
+            gaps: side_location(self.delta.gaps_url.as_deref(), &readings, GAPS_SUFFIX, base)?
+                .to_url()?,
+            quarantined_rows: side_location(
+                self.delta.quarantined_rows_url.as_deref(),
+                &readings,
+                QUARANTINED_ROWS_SUFFIX,
+                base,
+            )?
+            .to_url()?,
+        })
+    }
+
     /// The `[snowflake]` section's problems, keyed like the others.
     fn snowflake_problems(&self) -> Vec<Problem> {
         let Some(snowflake) = &self.snowflake else {
@@ -532,6 +600,102 @@ impl CollectorConfig {
     }
 }
 
+/// A data-quality table's location: as configured, or beside the readings table.
+fn side_location(
+    configured: Option<&str>,
+    readings: &StoreLocation,
+    suffix: &str,
+    base: &Path,
+) -> Result<StoreLocation, String> {
+    if let Some(url) = configured {
+        return StoreLocation::parse(url, base);
+    }
+    match readings {
+        StoreLocation::Local(path) => {
+            let name = path.file_name().ok_or_else(|| {
+                format!(
+                    "`{}` has no folder name to put `{suffix}` after",
+                    path.display()
+                )
+            })?;
+            let mut sibling = name.to_os_string();
+            sibling.push(suffix);
+            Ok(StoreLocation::Local(path.with_file_name(sibling)))
+        }
+        StoreLocation::S3 { bucket, root } => {
+            let root = root.trim_end_matches('/');
+            if root.is_empty() {
+                return Err(format!(
+                    "the readings table is the root of bucket `{bucket}`, so there is no folder beside it for the `{suffix}` table"
+                ));
+            }
+            Ok(StoreLocation::S3 {
+                bucket: bucket.clone(),
+                root: format!("{root}{suffix}/"),
+            })
+        }
+    }
+}
+
+/// The problems of `delta.gaps_url` and `delta.quarantined_rows_url`: unparsable, no default
+/// possible, or overlapping another table (a table inside another's folder would have its files
+/// deleted by the other's VACUUM).
+fn side_table_problems(
+    delta: &DeltaConfig,
+    readings: &StoreLocation,
+    base: &Path,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let mut located = vec![("delta.url", readings.clone())];
+    for (key, configured, suffix) in [
+        ("delta.gaps_url", delta.gaps_url.as_deref(), GAPS_SUFFIX),
+        (
+            "delta.quarantined_rows_url",
+            delta.quarantined_rows_url.as_deref(),
+            QUARANTINED_ROWS_SUFFIX,
+        ),
+    ] {
+        match side_location(configured, readings, suffix, base) {
+            Ok(location) => located.push((key, location)),
+            Err(e) if configured.is_some() => problems.push((key, e)),
+            Err(e) => problems.push((
+                key,
+                format!("is not set and {e}; set it, like \"s3://lake/readings{suffix}\""),
+            )),
+        }
+    }
+    for i in 1..located.len() {
+        for j in 0..i {
+            let ((key, a), (other, b)) = (&located[i], &located[j]);
+            if let Some(overlap) = overlap(a, b) {
+                problems.push((
+                    key,
+                    format!(
+                        "`{a}` {overlap} `{other}` `{b}`; every table needs its own folder, side by side, like \"s3://lake/readings\" and \"s3://lake/readings_gaps\""
+                    ),
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// How two table locations collide, if they do.
+fn overlap(a: &StoreLocation, b: &StoreLocation) -> Option<&'static str> {
+    let (a, b) = (a.to_string(), b.to_string());
+    let folder = |s: &str| format!("{}/", s.trim_end_matches('/'));
+    let (a, b) = (folder(&a), folder(&b));
+    if a == b {
+        Some("is the same location as")
+    } else if a.starts_with(&b) {
+        Some("lies inside")
+    } else if b.starts_with(&a) {
+        Some("holds")
+    } else {
+        None
+    }
+}
+
 enum ParseOrInvalid {
     Parse(String),
     Invalid(Vec<Problem>),
@@ -540,6 +704,7 @@ enum ParseOrInvalid {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::{Check, RuleAction};
 
     fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -667,6 +832,162 @@ mod tests {
         assert!(
             err.contains("`5d` has an unknown unit `d`; use ms, s, m or h"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn rules_compile_in_file_order_with_one_check_each() {
+        let (_dir, path) = write(
+            r#"[raw]
+url = "landing"
+[delta]
+url = "lake/readings"
+
+[[rules]]
+name = "oil-temp-range"
+tags = ["press-*/oil_temp", "*_temp"]
+range = [-20, 150.5]
+action = "quarantine"
+
+[[rules]]
+name = "no_future"
+tags = "*"
+max_future_skew = "5m"
+action = "flag"
+
+[[rules]]
+name = "fresh"
+tags = "*"
+max_age = "720h"
+action = "fail"
+"#,
+        );
+        let c = CollectorConfig::load(&path).unwrap();
+        let set = c.rule_set().unwrap();
+        let summary: Vec<(&str, &str, RuleAction)> = set
+            .rules()
+            .iter()
+            .map(|r| (r.name.as_str(), r.check.name(), r.action))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("oil-temp-range", "range", RuleAction::Quarantine),
+                ("no_future", "max_future_skew", RuleAction::Flag),
+                ("fresh", "max_age", RuleAction::Fail),
+            ]
+        );
+        assert_eq!(
+            set.rules()[0].check,
+            Check::Range {
+                min: -20.0,
+                max: 150.5
+            }
+        );
+    }
+
+    #[test]
+    fn every_rule_problem_names_the_rule_key_and_fix() {
+        let (_dir, path) = write(
+            r#"[raw]
+url = "landing"
+[delta]
+url = "lake/readings"
+
+[[rules]]
+name = "Oil Range"
+tags = []
+action = "flag"
+
+[[rules]]
+name = "two"
+tags = "a/b/c"
+not_null = true
+finite = true
+action = "flag"
+
+[[rules]]
+name = "two"
+tags = "*"
+range = [5.0, 1.0]
+action = "quarantine"
+
+[[rules]]
+name = "zero"
+tags = "*"
+max_age = "0s"
+action = "fail"
+"#,
+        );
+        let err = CollectorConfig::load(&path).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "`rules[0].name`: `Oil Range` is not a rule name; use 1-64 characters of lowercase letters, digits, `-` and `_`, like \"oil-temp-range\"",
+                "`rules[0].tags`: rule `Oil Range` lists no tag pattern; write one like \"press-*/oil_temp\", or \"*\" for every tag",
+                "`rules[0]`: rule `Oil Range` has no check; add exactly one of not_null = true, finite = true, range = [min, max], max_future_skew = \"5m\" or max_age = \"720h\"",
+                "`rules[1].tags[0]`: `a/b/c` has more than one `/`; write `<device>/<tag>` like \"press-*/oil_temp\"",
+                "`rules[1]`: rule `two` has 2 checks (not_null, finite); a rule has exactly one, so split it into one rule per check",
+                "`rules[2].name`: `two` is already the name of rules[1]; give each rule its own name",
+                "`rules[2].range`: [5, 1] has its min above its max; write [1, 5]",
+                "`rules[3].max_age`: is zero, which every reading would break; write a duration like \"5m\" (units ms, s, m, h)",
+            ]
+        );
+
+        let (_dir, path) = write(
+            "[raw]\nurl = \"x\"\n[delta]\nurl = \"y\"\n[[rules]]\nname = \"r\"\ntags = \"*\"\nfinite = true\naction = \"drop\"\n",
+        );
+        let err = CollectorConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 9"), "{err}");
+        assert!(
+            err.contains("unknown variant `drop`, expected one of `flag`, `quarantine`, `fail`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_data_quality_tables_sit_beside_the_readings_table_unless_configured() {
+        let (dir, path) = write("[raw]\nurl = \"landing\"\n[delta]\nurl = \"lake/readings\"\n");
+        let urls = CollectorConfig::load(&path).unwrap().table_urls().unwrap();
+        let url = |p: &str| Url::from_directory_path(dir.path().join(p)).unwrap();
+        assert_eq!(urls.readings, url("lake/readings"));
+        assert_eq!(urls.gaps, url("lake/readings_gaps"));
+        assert_eq!(urls.quarantined_rows, url("lake/readings_quarantined_rows"));
+
+        let (_dir, path) = write(
+            "[raw]\nurl = \"s3://landing\"\n[delta]\nurl = \"s3://lake/plant/readings\"\ngaps_url = \"s3://dq/gaps\"\n",
+        );
+        let urls = CollectorConfig::load(&path).unwrap().table_urls().unwrap();
+        assert_eq!(urls.gaps.as_str(), "s3://dq/gaps/");
+        assert_eq!(
+            urls.quarantined_rows.as_str(),
+            "s3://lake/plant/readings_quarantined_rows/"
+        );
+
+        let problems = |delta: &str| match CollectorConfig::load(
+            &write(&format!("[raw]\nurl = \"s3://landing\"\n[delta]\n{delta}")).1,
+        ) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(ToString::to_string).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            problems("url = \"s3://lake\"\nquarantined_rows_url = \"s3://lake/q\"\n"),
+            vec![
+                "`delta.gaps_url`: is not set and the readings table is the root of bucket `lake`, so there is no folder beside it for the `_gaps` table; set it, like \"s3://lake/readings_gaps\"",
+                "`delta.quarantined_rows_url`: `s3://lake/q/` lies inside `delta.url` `s3://lake/`; every table needs its own folder, side by side, like \"s3://lake/readings\" and \"s3://lake/readings_gaps\"",
+            ]
+        );
+        assert_eq!(
+            problems("url = \"s3://lake/readings\"\ngaps_url = \"s3://lake/readings\"\n"),
+            vec![
+                "`delta.gaps_url`: `s3://lake/readings/` is the same location as `delta.url` `s3://lake/readings/`; every table needs its own folder, side by side, like \"s3://lake/readings\" and \"s3://lake/readings_gaps\"",
+            ]
         );
     }
 

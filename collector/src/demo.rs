@@ -184,6 +184,8 @@ fn agent_config(
             path: dir.join("buffer.db"),
             durability: Durability::Full,
             commit_interval: ConfigDuration::from_millis(200),
+            // The agent's own bounds (size, age, what to drop when full) keep their defaults.
+            ..BufferConfig::default()
         },
         batch: BatchConfig {
             max_rows: 200,
@@ -204,6 +206,7 @@ fn agent_config(
                 d
             })
             .collect(),
+        modbus_bus: Vec::new(),
         mqtt: Vec::new(),
         file_drop: Vec::new(),
         // The demo may run next to a real agent (or another demo): no fixed port to collide on.

@@ -1,15 +1,19 @@
-//! Applying the raw zone to the Delta table: per gateway, in `seq` order, exactly once.
+//! Applying the raw zone to the Delta tables: per gateway, in `seq` order, exactly once.
 //!
 //! # The delivery chain, collector side
 //! 1. A gateway's batches are read in key order, which is `seq` order.
 //! 2. Rows with `seq <= watermark` are dropped (replays, overlaps, batches applied by a pass that
-//!    crashed before archiving); the rest go into one Delta commit together with the new
-//!    watermark (`txn` action), at most `max_files_per_commit` files per commit.
+//!    crashed before archiving); the rest are judged by the row-level rules ([`crate::rules`])
+//!    and go into one readings commit together with the new watermark (`txn` action), at most
+//!    `max_files_per_commit` files per commit. Readings a rule quarantines and the gaps the
+//!    chunk reveals are committed to their own tables just before, each with its own watermark
+//!    ([`crate::apply`] has the order and why it is exactly once).
 //! 3. Only after the commit are the files archived. A crash between commit and archive is
 //!    harmless: the next pass finds the files again, drops all their rows and archives them.
-//! 4. A file that fails the contract (or a key under a gateway folder that is not a batch key)
-//!    is moved to the quarantine with a reason object ([`crate::quarantine`]) and the gateway's
-//!    later batches are applied in the same pass: the watermark passes the bad file's `seq`
+//! 4. A file that fails the contract (or a key under a gateway folder that is not a batch key,
+//!    or a batch with a reading that breaks a `fail` rule) is moved to the quarantine with a
+//!    reason object ([`crate::quarantine`]) and the gateway's later batches are applied in the
+//!    same pass: the watermark passes the bad file's `seq`
 //!    range only through the rows of good files. This is safe because a gateway uploads its
 //!    batches one at a time in `seq` order (batch contract, guarantee 4): nothing the bad file
 //!    could have held is still on its way.
@@ -20,9 +24,47 @@
 
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::delta::{DeltaError, ReadingsTable};
+use crate::apply::{ApplyError, apply_chunk};
+use crate::delta::{DeltaError, GapRow, Tables};
 use crate::quarantine::{QuarantineError, QuarantinedFile, Reason, quarantine};
 use crate::raw_zone::{RawZone, RawZoneError, ValidBatch};
+use crate::rules::{Judge, RuleAction, RuleCounts, RuleCountsByName, RuleSet};
+
+/// How a pass works: commit size and the row-level rules.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// At most this many batch files of one gateway per commit.
+    pub max_files_per_commit: usize,
+    /// The row-level data-quality rules (none: every valid reading is kept, unflagged).
+    pub rules: RuleSet,
+    /// How many times a chunk whose commit lost a race is re-read and retried.
+    pub commit_attempts: u32,
+}
+
+impl IngestOptions {
+    /// `max_files_per_commit` files per commit, no rules, 5 commit attempts.
+    pub fn new(max_files_per_commit: usize) -> Self {
+        Self {
+            max_files_per_commit,
+            rules: RuleSet::default(),
+            commit_attempts: 5,
+        }
+    }
+
+    /// The same options with `rules`.
+    #[must_use]
+    pub fn with_rules(mut self, rules: RuleSet) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// The same options with `attempts` commit attempts (at least 1).
+    #[must_use]
+    pub fn with_commit_attempts(mut self, attempts: u32) -> Self {
+        self.commit_attempts = attempts.max(1);
+        self
+    }
+}
 
 /// Errors that stop one gateway's pass (the table and the raw zone are left consistent; the
 /// next pass resumes).
@@ -50,6 +92,16 @@ pub enum IngestError {
     ListGateways(#[source] RawZoneError),
 }
 
+impl IngestError {
+    fn from_apply(gateway: &str, e: ApplyError) -> Self {
+        let gateway = gateway.to_owned();
+        match e {
+            ApplyError::Delta(source) => Self::Delta { gateway, source },
+            ApplyError::Quarantine(source) => Self::Quarantine { gateway, source },
+        }
+    }
+}
+
 /// What one pass did for one gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GatewayReport {
@@ -61,6 +113,14 @@ pub struct GatewayReport {
     pub rows_applied: usize,
     /// Rows dropped because their `seq` was at or below the watermark.
     pub rows_skipped: usize,
+    /// Rows a `quarantine` rule moved to the `quarantined_rows` table.
+    pub rows_quarantined: usize,
+    /// Rows applied with at least one `flag` rule named in `dq_flags`.
+    pub rows_flagged: usize,
+    /// What each rule did, by rule name (rules that did nothing are left out).
+    pub rules: RuleCountsByName,
+    /// Gap rows recorded in this pass, in `seq` order.
+    pub gaps: Vec<GapRow>,
     /// The gateway's watermark after the pass (`None`: nothing ever applied).
     pub watermark: Option<i64>,
     /// The Delta version of the pass's last commit for this gateway (`None`: no commit).
@@ -96,6 +156,27 @@ impl IngestReport {
         self.gateways.iter().map(|g| g.quarantined.len()).sum()
     }
 
+    /// Total rows moved to the `quarantined_rows` table in this pass.
+    pub fn rows_quarantined(&self) -> usize {
+        self.gateways.iter().map(|g| g.rows_quarantined).sum()
+    }
+
+    /// Total gap rows recorded in this pass.
+    pub fn gaps_recorded(&self) -> usize {
+        self.gateways.iter().map(|g| g.gaps.len()).sum()
+    }
+
+    /// What each rule did over all gateways, by rule name.
+    pub fn rule_counts(&self) -> RuleCountsByName {
+        let mut total = RuleCountsByName::new();
+        for gw in &self.gateways {
+            for (rule, counts) in &gw.rules {
+                total.entry(rule.clone()).or_default().add(counts);
+            }
+        }
+        total
+    }
+
     /// The report of one gateway.
     pub fn gateway(&self, id: &str) -> Option<&GatewayReport> {
         self.gateways.iter().find(|g| g.gateway == id)
@@ -106,8 +187,8 @@ impl IngestReport {
 /// not stop the others; only failing to list the raw zone is an error.
 pub async fn ingest_all(
     raw: &RawZone,
-    table: &mut ReadingsTable,
-    max_files_per_commit: usize,
+    tables: &mut Tables,
+    options: &IngestOptions,
 ) -> Result<IngestReport, IngestError> {
     let listing = raw
         .list_gateways()
@@ -125,7 +206,7 @@ pub async fn ingest_all(
             gateway: gateway.clone(),
             ..GatewayReport::default()
         };
-        if let Err(e) = ingest_gateway_into(raw, table, &gateway, max_files_per_commit, &mut gw)
+        if let Err(e) = ingest_gateway_into(raw, tables, &gateway, options, &mut gw)
             .instrument(info_span!("ingest", component = "ingest", gateway = %gateway))
             .await
         {
@@ -141,25 +222,26 @@ pub async fn ingest_all(
 /// folder is drained or a transient failure stops it; bad files are quarantined on the way.
 pub async fn ingest_gateway(
     raw: &RawZone,
-    table: &mut ReadingsTable,
+    tables: &mut Tables,
     gateway: &str,
-    max_files_per_commit: usize,
+    options: &IngestOptions,
 ) -> Result<GatewayReport, IngestError> {
     let mut report = GatewayReport {
         gateway: gateway.to_owned(),
         ..GatewayReport::default()
     };
-    ingest_gateway_into(raw, table, gateway, max_files_per_commit, &mut report)
+    ingest_gateway_into(raw, tables, gateway, options, &mut report)
         .instrument(info_span!("ingest", component = "ingest", gateway = %gateway))
         .await?;
     Ok(report)
 }
 
+#[allow(clippy::too_many_lines)] // the per-gateway loop, read top to bottom
 async fn ingest_gateway_into(
     raw: &RawZone,
-    table: &mut ReadingsTable,
+    tables: &mut Tables,
     gateway: &str,
-    max_files_per_commit: usize,
+    options: &IngestOptions,
     report: &mut GatewayReport,
 ) -> Result<(), IngestError> {
     let raw_err = |source| IngestError::RawZone {
@@ -175,8 +257,12 @@ async fn ingest_gateway_into(
         source,
     };
     // Pick up commits of other collectors before filtering.
-    table.reload().await.map_err(delta_err)?;
-    report.watermark = table.watermark(gateway).await.map_err(delta_err)?;
+    tables.reload().await.map_err(delta_err)?;
+    report.watermark = tables
+        .readings
+        .watermark(gateway)
+        .await
+        .map_err(delta_err)?;
 
     let listing = raw.list_batches(gateway, None).await.map_err(raw_err)?;
     for key in &listing.in_flight {
@@ -190,6 +276,7 @@ async fn ingest_gateway_into(
             gateway,
             &object.object_key,
             object.size,
+            None,
             Reason::foreign_key(),
         )
         .await
@@ -197,42 +284,90 @@ async fn ingest_gateway_into(
         record_quarantined(report, moved);
     }
 
-    for chunk in listing.batches.chunks(max_files_per_commit.max(1)) {
+    for chunk in listing.batches.chunks(options.max_files_per_commit.max(1)) {
+        // One clock reading per chunk: every reading of a commit is judged at the same instant.
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let mut judge = Judge::new(&options.rules, now_us);
+        // Readings at or below this were decided by an earlier attempt; `fail` rules skip them.
+        let decided = if options.rules.has(RuleAction::Fail) {
+            tables
+                .quarantined_rows
+                .watermark(gateway)
+                .await
+                .map_err(delta_err)?
+                .max(report.watermark)
+        } else {
+            report.watermark
+        };
         let mut valid: Vec<ValidBatch> = Vec::with_capacity(chunk.len());
         let mut stop = None;
         for file in chunk {
-            match raw.read_batch(file).await {
-                Ok(batch) => valid.push(batch),
-                Err(RawZoneError::Invalid { key, problem }) => {
-                    match quarantine(
-                        raw,
-                        gateway,
-                        &key,
-                        file.size,
-                        Reason::from_problem(&problem),
-                    )
-                    .await
-                    {
-                        Ok(moved) => record_quarantined(report, moved),
-                        Err(e) => {
-                            stop = Some(quarantine_err(e));
-                            break;
+            let (object_key, last_seq, reason) = match raw.read_batch(file).await {
+                Ok(batch) => {
+                    let failure = batch
+                        .data
+                        .iter()
+                        .find_map(|b| judge.first_failure(b, decided));
+                    match failure {
+                        None => {
+                            valid.push(batch);
+                            continue;
+                        }
+                        Some(failure) => {
+                            let rule = &options.rules.rules()[failure.violation.rule];
+                            report
+                                .rules
+                                .entry(rule.name.clone())
+                                .or_default()
+                                .failed_files += 1;
+                            (
+                                batch.file.object_key.clone(),
+                                Some(batch.last_seq),
+                                Reason::rule_failed(rule, &failure),
+                            )
                         }
                     }
                 }
+                Err(RawZoneError::Invalid {
+                    key,
+                    problem,
+                    last_seq,
+                }) => (key, last_seq, Reason::from_problem(&problem)),
                 Err(e) => {
                     stop = Some(raw_err(e));
+                    break;
+                }
+            };
+            match quarantine(raw, gateway, &object_key, file.size, last_seq, reason).await {
+                Ok(moved) => record_quarantined(report, moved),
+                Err(e) => {
+                    stop = Some(quarantine_err(e));
                     break;
                 }
             }
         }
         // Everything before the first unreadable batch is still applied: it precedes it in seq.
         if !valid.is_empty() {
-            let data: Vec<_> = valid.iter().flat_map(|b| b.data.iter().cloned()).collect();
-            let outcome = table.apply(gateway, &data).await.map_err(delta_err)?;
+            let outcome = apply_chunk(
+                raw,
+                tables,
+                gateway,
+                &valid,
+                &mut judge,
+                now_us,
+                options.commit_attempts,
+            )
+            .await
+            .map_err(|e| IngestError::from_apply(gateway, e))?;
             report.rows_applied += outcome.rows_applied;
             report.rows_skipped += outcome.rows_skipped;
+            report.rows_quarantined += outcome.rows_quarantined;
+            report.rows_flagged += outcome.rows_flagged;
             report.watermark = outcome.watermark_after;
+            for (rule, counts) in &outcome.rules {
+                report.rules.entry(rule.clone()).or_default().add(counts);
+            }
+            report.gaps.extend(outcome.gaps);
             if let Some(version) = outcome.version {
                 report.delta_version = Some(version);
                 report.commits += 1;
@@ -254,6 +389,9 @@ async fn ingest_gateway_into(
             return Err(e);
         }
     }
+    report
+        .rules
+        .retain(|_, counts: &mut RuleCounts| !counts.is_zero());
     Ok(())
 }
 

@@ -1,11 +1,11 @@
-//! One collector pass: raw zone → Delta table → Snowflake.
+//! One collector pass: raw zone → Delta tables (readings, gaps, quarantined rows) → Snowflake.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::CollectorConfig;
-use crate::delta::{DeltaError, ReadingsTable};
-use crate::ingest::{IngestError, IngestReport, ingest_all};
+use crate::config::{CollectorConfig, StoreLocation};
+use crate::delta::{DeltaError, ReadingsTable, Tables};
+use crate::ingest::{IngestError, IngestOptions, IngestReport, ingest_all};
 use crate::raw_zone::{RawZone, RawZoneError};
 use crate::snowflake::{LoadError, LoadReport, SnowflakeClient, SnowflakeError, load};
 
@@ -43,18 +43,12 @@ impl PassReport {
     }
 }
 
-/// Opens the raw zone and the Delta table named by the config.
+/// Opens the raw zone and the readings Delta table named by the config.
 pub async fn open_stores(
     config: &CollectorConfig,
 ) -> Result<(RawZone, ReadingsTable), CollectorError> {
     let raw_location = config.raw_location().map_err(CollectorError::Location)?;
-    let raw = RawZone::open(
-        &raw_location,
-        &config.s3,
-        &config.raw.prefix,
-        &config.raw.archive_prefix,
-    )?
-    .with_quarantine_prefix(&config.raw.quarantine_prefix);
+    let raw = open_raw_zone(config, &raw_location)?;
     let url = config
         .delta_location()
         .and_then(|l| l.to_url())
@@ -65,6 +59,32 @@ pub async fn open_stores(
     Ok((raw, table))
 }
 
+/// Opens the raw zone and all three Delta tables (readings, gaps, quarantined rows) named by
+/// the config, creating the tables that are missing.
+pub async fn open_tables(config: &CollectorConfig) -> Result<(RawZone, Tables), CollectorError> {
+    let raw_location = config.raw_location().map_err(CollectorError::Location)?;
+    let raw = open_raw_zone(config, &raw_location)?;
+    let urls = config.table_urls().map_err(CollectorError::Location)?;
+    let tables = Tables::open_or_create(&urls, config.s3.storage_options())
+        .await?
+        .with_commit_attempts(config.run.commit_attempts);
+    Ok((raw, tables))
+}
+
+fn open_raw_zone(
+    config: &CollectorConfig,
+    raw_location: &StoreLocation,
+) -> Result<RawZone, RawZoneError> {
+    let raw = RawZone::open(
+        raw_location,
+        &config.s3,
+        &config.raw.prefix,
+        &config.raw.archive_prefix,
+    )?
+    .with_quarantine_prefix(&config.raw.quarantine_prefix);
+    Ok(raw)
+}
+
 /// One pass: applies every gateway's pending batches to the Delta table, then loads Snowflake
 /// (when configured) up to the table's latest version.
 ///
@@ -72,8 +92,11 @@ pub async fn open_stores(
 /// or Delta error) is reported in the result and does not stop the others; Snowflake is loaded
 /// with whatever the table holds.
 pub async fn run_once(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
-    let (raw, mut table) = open_stores(config).await?;
-    let ingest = ingest_all(&raw, &mut table, config.run.max_files_per_commit).await?;
+    let (raw, mut tables) = open_tables(config).await?;
+    let options = IngestOptions::new(config.run.max_files_per_commit)
+        .with_rules(config.rule_set().map_err(CollectorError::Location)?)
+        .with_commit_attempts(config.run.commit_attempts);
+    let ingest = ingest_all(&raw, &mut tables, &options).await?;
     for gw in &ingest.gateways {
         info!(
             component = "ingest",
@@ -82,10 +105,24 @@ pub async fn run_once(config: &CollectorConfig) -> Result<PassReport, CollectorE
             rows = gw.rows_applied,
             duplicates_skipped = gw.rows_skipped,
             quarantined = gw.quarantined.len(),
+            rows_quarantined = gw.rows_quarantined,
+            rows_flagged = gw.rows_flagged,
+            gaps = gw.gaps.len(),
             watermark = gw.watermark,
             "gateway applied"
         );
     }
+    for (rule, counts) in ingest.rule_counts() {
+        info!(
+            component = "rules",
+            rule,
+            flagged = counts.flagged,
+            quarantined = counts.quarantined,
+            failed_files = counts.failed_files,
+            "rule counts of this pass"
+        );
+    }
+    let table = tables.readings;
     let snowflake = match &config.snowflake {
         None => None,
         Some(sf) => {

@@ -11,7 +11,10 @@
 //!   itself fails) never quarantine: the gateway stops for this pass and is retried on the next.
 //! - The gateway's later batches are applied in the same pass. Its watermark moves past the
 //!   quarantined file's `seq` range only through the rows of good files; the bad file's rows are
-//!   missing from the table (the gaps table comes later).
+//!   missing from the table, and the gaps table records the range as `quarantined` once the
+//!   next applied reading closes it ([`quarantined_batches`] finds the files for that).
+//! - A batch whose reading breaks a row-level rule with action `fail` is quarantined the same
+//!   way, with kind `rule_failed` and the rule named.
 //!
 //! # Invariants of a move
 //! 1. Copy the object to `<quarantine_prefix>gateway=<id>/<file name>`.
@@ -25,11 +28,14 @@
 
 use chrono::{SecondsFormat, Utc};
 use edge_agent::contract::{BatchKey, ContractError, column};
+use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use crate::gaps::QuarantinedRange;
 use crate::raw_zone::{BatchProblem, RawZone};
+use crate::rules::{Failure, Rule};
 
 /// Suffix of the reason object written beside each quarantined file.
 pub const REASON_SUFFIX: &str = ".reason.json";
@@ -55,6 +61,18 @@ pub enum QuarantineError {
     #[error("cannot delete `{key}` after copying it to the quarantine: {source}")]
     Delete {
         key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot list the quarantine folder `{prefix}`: {source}")]
+    List {
+        prefix: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot read the reason object `{reason_key}`: {source}")]
+    ReadReason {
+        reason_key: String,
         #[source]
         source: object_store::Error,
     },
@@ -88,6 +106,10 @@ pub enum ProblemKind {
     Empty,
     /// An object under a gateway folder whose key is not a batch key.
     ForeignKey,
+    /// The agent's gap records in the footer (`plantline.gaps`) are not valid JSON records.
+    MalformedGaps,
+    /// A reading broke a row-level rule whose action is `fail`.
+    RuleFailed,
 }
 
 impl ProblemKind {
@@ -106,6 +128,8 @@ impl ProblemKind {
             Self::FirstSeqMismatch => "first_seq_mismatch",
             Self::Empty => "empty",
             Self::ForeignKey => "foreign_key",
+            Self::MalformedGaps => "malformed_gaps",
+            Self::RuleFailed => "rule_failed",
         }
     }
 }
@@ -146,6 +170,7 @@ impl From<&BatchProblem> for ProblemKind {
             BatchProblem::NewerContract { .. } | BatchProblem::UnknownContract { .. } => {
                 Self::ContractVersion
             }
+            BatchProblem::MalformedGaps { .. } => Self::MalformedGaps,
         }
     }
 }
@@ -157,6 +182,9 @@ pub struct Reason {
     pub kind: ProblemKind,
     /// What is wrong, for a person.
     pub message: String,
+    /// The rule that failed the batch (kind `rule_failed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 impl Reason {
@@ -165,6 +193,24 @@ impl Reason {
         Self {
             kind: problem.into(),
             message: problem.to_string(),
+            rule: None,
+        }
+    }
+
+    /// The reason for a batch with a reading that broke a row-level rule with action `fail`.
+    pub fn rule_failed(rule: &Rule, failure: &Failure) -> Self {
+        Self {
+            kind: ProblemKind::RuleFailed,
+            message: format!(
+                "reading seq {} ({}/{}) breaks rule `{}` ({} check, action fail): {}",
+                failure.seq,
+                failure.device,
+                failure.tag,
+                rule.name,
+                rule.check.name(),
+                failure.violation.detail
+            ),
+            rule: Some(rule.name.clone()),
         }
     }
 
@@ -175,6 +221,7 @@ impl Reason {
             message:
                 "is not a batch key; expected `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`"
                     .to_owned(),
+            rule: None,
         }
     }
 }
@@ -189,6 +236,9 @@ pub struct ReasonObject {
     /// The first `seq` named by its key (`null` when the key is not a batch key): where the
     /// missing rows start.
     pub first_seq: Option<i64>,
+    /// The last `seq` of the file when its footer or rows tell it (left out when unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<i64>,
     /// Where the file now is.
     pub quarantine_key: String,
     /// Why it was quarantined.
@@ -224,14 +274,15 @@ pub fn quarantine_key(raw: &RawZone, gateway: &str, object_key: &str) -> String 
     )
 }
 
-/// Moves `object_key` (a file of `gateway`'s folder, `size` bytes) into the quarantine with a
-/// reason object beside it: copy, reason, delete. `Ok(None)` when the original vanished before
-/// the copy (another collector moved it).
+/// Moves `object_key` (a file of `gateway`'s folder, `size` bytes, last `seq` when known) into
+/// the quarantine with a reason object beside it: copy, reason, delete. `Ok(None)` when the
+/// original vanished before the copy (another collector moved it).
 pub async fn quarantine(
     raw: &RawZone,
     gateway: &str,
     object_key: &str,
     size: u64,
+    last_seq: Option<i64>,
     reason: Reason,
 ) -> Result<Option<QuarantinedFile>, QuarantineError> {
     let store = raw.store();
@@ -274,6 +325,7 @@ pub async fn quarantine(
             first_seq: BatchKey::parse(raw.prefix(), object_key)
                 .ok()
                 .map(|k| k.first_seq),
+            last_seq,
             quarantine_key: quarantine_key.clone(),
             reason: reason.clone(),
             detected_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
@@ -304,6 +356,69 @@ pub async fn quarantine(
     }))
 }
 
+/// The batch files of `gateway` in the quarantine whose key's first `seq` lies in
+/// `from..=to`, in `seq` order, with their last `seq` when the reason object records it.
+pub async fn quarantined_batches(
+    raw: &RawZone,
+    gateway: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<QuarantinedRange>, QuarantineError> {
+    let store = raw.store();
+    let folder = BatchKey::gateway_prefix(raw.quarantine_prefix(), gateway);
+    let list_err = |source| QuarantineError::List {
+        prefix: folder.clone(),
+        source,
+    };
+    let folder_path = Path::parse(&folder).map_err(|e| list_err(e.into()))?;
+    // Keys sort in seq order: start right before `from`.
+    let mut listing = if from > 0 {
+        let offset = Path::parse(BatchKey::new(gateway, from - 1).to_key(raw.quarantine_prefix()))
+            .map_err(|e| list_err(e.into()))?;
+        store.list_with_offset(Some(&folder_path), &offset)
+    } else {
+        store.list(Some(&folder_path))
+    };
+    let mut keys = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(list_err)?;
+        let Ok(key) = BatchKey::parse(raw.quarantine_prefix(), meta.location.as_ref()) else {
+            continue;
+        };
+        if key.gateway == gateway && (from..=to).contains(&key.first_seq) {
+            keys.push((key.first_seq, meta.location.as_ref().to_owned()));
+        }
+    }
+    keys.sort();
+    let mut out = Vec::with_capacity(keys.len());
+    for (first_seq, quarantine_key) in keys {
+        let reason_key = format!("{quarantine_key}{REASON_SUFFIX}");
+        let read_err = |source| QuarantineError::ReadReason {
+            reason_key: reason_key.clone(),
+            source,
+        };
+        let path = Path::parse(&reason_key).map_err(|e| read_err(e.into()))?;
+        let last_seq = match store.get(&path).await {
+            Ok(got) => {
+                let bytes = got.bytes().await.map_err(read_err)?;
+                serde_json::from_slice::<ReasonObject>(&bytes)
+                    .ok()
+                    .and_then(|r| r.last_seq)
+            }
+            // A move that crashed before writing the reason: the range ends where the next
+            // file or the jump does.
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(read_err(e)),
+        };
+        out.push(QuarantinedRange {
+            first_seq,
+            last_seq: last_seq.filter(|&l| l >= first_seq),
+            quarantine_key,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,7 +438,8 @@ mod tests {
             Reason::from_problem(&quality),
             Reason {
                 kind: ProblemKind::UnknownQuality,
-                message: "column `quality` has an unknown value `meh` at row 2".into()
+                message: "column `quality` has an unknown value `meh` at row 2".into(),
+                rule: None,
             }
         );
         assert_eq!(

@@ -10,7 +10,8 @@
 //!   an in-flight upload (a name starting with `.`, the agent's folder sink renames it into place).
 //! - A batch is handed out only after its bytes passed the contract: Parquet, the contract
 //!   schema, sorted unique `seq`, known quality names, the gateway of its folder, and a first
-//!   `seq` equal to the one in its key.
+//!   `seq` equal to the one in its key. The agent's gap records in the footer
+//!   ([`crate::gaps::agent`]) are parsed with it; a malformed value quarantines the file.
 //! - Archiving copies before it deletes, so a crash in between leaves the batch in the raw zone,
 //!   where the next pass filters it by the watermark and archives it again.
 
@@ -20,6 +21,8 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use bytes::Bytes;
 use edge_agent::contract::{self, BatchKey, ContractError};
+
+use crate::gaps::{self, AgentGap};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
@@ -63,6 +66,11 @@ pub enum BatchProblem {
         contract::CONTRACT_VERSION
     )]
     UnknownContract { found: String },
+    #[error(
+        "has a malformed `{key}` footer entry: {detail}; the agent writes a JSON array of gap records (docs/data-quality.md)",
+        key = crate::gaps::METADATA_KEY
+    )]
+    MalformedGaps { detail: String },
 }
 
 /// Errors of the raw zone; each names the object key or prefix involved.
@@ -93,7 +101,12 @@ pub enum RawZoneError {
         source: object_store::Error,
     },
     #[error("batch `{key}` is rejected: {problem}")]
-    Invalid { key: String, problem: BatchProblem },
+    Invalid {
+        key: String,
+        problem: Box<BatchProblem>,
+        /// The file's last `seq` when its footer or rows tell it, for the gaps table.
+        last_seq: Option<i64>,
+    },
     #[error("cannot archive batch `{key}` to `{archive_key}`: {source}")]
     Archive {
         key: String,
@@ -156,6 +169,8 @@ pub struct ValidBatch {
     pub last_seq: i64,
     /// Number of rows.
     pub rows: usize,
+    /// The agent's gap records from the footer (`plantline.gaps`), in file order.
+    pub gaps: Vec<AgentGap>,
 }
 
 /// The raw zone, opened.
@@ -370,18 +385,20 @@ impl RawZone {
         // caused by the bytes, so it is as permanent as any other decoding failure.
         let decoded = tokio::task::spawn_blocking(move || decode(&key, bytes))
             .await
-            .unwrap_or_else(|join| Err(BatchProblem::Unreadable(join.to_string())));
+            .unwrap_or_else(|join| Err((BatchProblem::Unreadable(join.to_string()), None)));
         match decoded {
-            Ok((data, first_seq, last_seq, rows)) => Ok(ValidBatch {
+            Ok(decoded) => Ok(ValidBatch {
                 file: file.clone(),
-                data,
-                first_seq,
-                last_seq,
-                rows,
+                data: decoded.data,
+                first_seq: decoded.first_seq,
+                last_seq: decoded.last_seq,
+                rows: decoded.rows,
+                gaps: decoded.gaps,
             }),
-            Err(problem) => Err(RawZoneError::Invalid {
+            Err((problem, last_seq)) => Err(RawZoneError::Invalid {
                 key: file.object_key.clone(),
-                problem,
+                problem: Box::new(problem),
+                last_seq,
             }),
         }
     }
@@ -436,15 +453,38 @@ fn unreadable(bytes: &[u8], detail: &dyn std::fmt::Display) -> BatchProblem {
     }
 }
 
-/// Parquet bytes to contract-checked record batches, with first/last seq and row count.
-fn decode(
+/// A decoded, contract-checked batch.
+struct Decoded {
+    data: Vec<RecordBatch>,
+    first_seq: i64,
+    last_seq: i64,
+    rows: usize,
+    gaps: Vec<AgentGap>,
+}
+
+/// Parquet bytes to contract-checked record batches, with first/last seq, row count and the
+/// agent's gap records. A problem comes with the file's last `seq` when the footer names one
+/// (at or above the key's first `seq`), so the gaps table can bound the quarantined range.
+fn decode(key: &BatchKey, bytes: Bytes) -> Result<Decoded, (BatchProblem, Option<i64>)> {
+    let mut footer_last_seq = None;
+    decode_checked(key, bytes, &mut footer_last_seq).map_err(|p| (p, footer_last_seq))
+}
+
+fn decode_checked(
     key: &BatchKey,
     bytes: Bytes,
-) -> Result<(Vec<RecordBatch>, i64, i64, usize), BatchProblem> {
+    footer_last_seq: &mut Option<i64>,
+) -> Result<Decoded, BatchProblem> {
     let raw = bytes.clone();
     let not_parquet = |e: &dyn std::fmt::Display| unreadable(&raw, e);
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(&e))?;
+    let mut gaps = Vec::new();
     if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
+        *footer_last_seq = kv
+            .iter()
+            .find(|e| e.key == contract::metadata::LAST_SEQ)
+            .and_then(|e| e.value.as_deref()?.parse::<i64>().ok())
+            .filter(|&last| last >= key.first_seq);
         for entry in kv {
             let Some(value) = entry.value.as_deref() else {
                 continue;
@@ -469,6 +509,10 @@ fn decode(
                     folder: key.gateway.clone(),
                     found: value.to_owned(),
                 });
+            }
+            if entry.key == gaps::METADATA_KEY {
+                gaps = gaps::agent::parse(value)
+                    .map_err(|detail| BatchProblem::MalformedGaps { detail })?;
             }
         }
     }
@@ -516,5 +560,11 @@ fn decode(
             file_seq: first_seq,
         });
     }
-    Ok((data, first_seq, last_seq, rows))
+    Ok(Decoded {
+        data,
+        first_seq,
+        last_seq,
+        rows,
+        gaps,
+    })
 }

@@ -7,8 +7,8 @@ use edge_agent::contract::{Quality, Row};
 
 use crate::PassReport;
 
-/// One line per gateway, one per quarantined file below its gateway, and one for Snowflake,
-/// for `collector run-once`.
+/// One line per gateway, one per quarantined file and per recorded gap below its gateway, one
+/// per data-quality rule that did something, and one for Snowflake, for `collector run-once`.
 pub fn pass_summary(report: &PassReport) -> String {
     let mut out = String::new();
     if report.ingest.gateways.is_empty() {
@@ -28,6 +28,15 @@ pub fn pass_summary(report: &PassReport) -> String {
         if !gw.quarantined.is_empty() {
             let _ = write!(out, ", {} quarantined", gw.quarantined.len());
         }
+        if gw.rows_quarantined > 0 {
+            let _ = write!(out, ", {} rows quarantined by rules", gw.rows_quarantined);
+        }
+        if gw.rows_flagged > 0 {
+            let _ = write!(out, ", {} rows flagged", gw.rows_flagged);
+        }
+        if !gw.gaps.is_empty() {
+            let _ = write!(out, ", {} gaps recorded", gw.gaps.len());
+        }
         if let Some(error) = &gw.error {
             let _ = write!(out, "; ERROR {error}");
         }
@@ -39,6 +48,20 @@ pub fn pass_summary(report: &PassReport) -> String {
                 file.key, file.quarantine_key, file.reason.kind, file.reason.message
             );
         }
+        for gap in &gw.gaps {
+            let _ = writeln!(
+                out,
+                "  gap seq {}..={} ({} readings): {} ({})",
+                gap.first_seq, gap.last_seq, gap.readings, gap.reason, gap.file_key
+            );
+        }
+    }
+    for (rule, counts) in report.ingest.rule_counts() {
+        let _ = writeln!(
+            out,
+            "rule {rule}: {} rows flagged, {} rows quarantined, {} files failed",
+            counts.flagged, counts.quarantined, counts.failed_files
+        );
     }
     match &report.snowflake {
         None => out.push_str("snowflake: not configured\n"),

@@ -99,9 +99,10 @@ fn run_once_exits_0_and_lists_the_files_it_quarantined() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "gateway gw-a: 2 files, 5 rows applied, 0 duplicate rows skipped, watermark 6, 1 quarantined\n  \
+        "gateway gw-a: 2 files, 5 rows applied, 0 duplicate rows skipped, watermark 6, 1 quarantined, 1 gaps recorded\n  \
          quarantined raw/gateway=gw-a/00000000000000000004.parquet -> quarantine/gateway=gw-a/00000000000000000004.parquet: \
-         not_parquet: is not a Parquet file: it does not start with the `PAR1` magic bytes (11 bytes)\n\
+         not_parquet: is not a Parquet file: it does not start with the `PAR1` magic bytes (11 bytes)\n  \
+         gap seq 4..=4 (1 readings): quarantined (quarantine/gateway=gw-a/00000000000000000004.parquet)\n\
          snowflake: not configured\n"
     );
     let moved = dir

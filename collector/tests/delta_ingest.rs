@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use collector::config::{CollectorConfig, S3Credentials};
-use collector::delta::{ReadingsTable, app_id};
-use collector::ingest::{GatewayReport, IngestReport, ingest_all, ingest_gateway};
+use collector::delta::{ReadingsTable, TableUrls, Tables, app_id};
+use collector::ingest::{GatewayReport, IngestOptions, IngestReport, ingest_all, ingest_gateway};
 use collector::quarantine::{ProblemKind, Reason, ReasonObject};
 use collector::raw_zone::RawZone;
 use edge_agent::contract::{self, BatchKey, Quality, Row};
@@ -107,7 +107,7 @@ struct LocalSetup {
     raw_store: Arc<dyn ObjectStore>,
     raw: RawZone,
     table_path: PathBuf,
-    table: ReadingsTable,
+    tables: Tables,
 }
 
 async fn local_setup() -> LocalSetup {
@@ -119,22 +119,25 @@ async fn local_setup() -> LocalSetup {
     let raw = RawZone::local(&raw_dir, "raw/", "archive/").unwrap();
     let table_path = dir.path().join("lake").join("readings");
     let url = url::Url::from_directory_path(&table_path).unwrap();
-    let table = ReadingsTable::open_or_create(&url, std::collections::HashMap::default())
-        .await
-        .unwrap();
+    let tables = Tables::open_or_create(
+        &TableUrls::beside(&url).unwrap(),
+        std::collections::HashMap::default(),
+    )
+    .await
+    .unwrap();
     LocalSetup {
         _dir: dir,
         raw_store,
         raw,
         table_path,
-        table,
+        tables,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applies_batches_in_seq_order_with_the_watermark_and_archives_them() {
     let mut s = local_setup().await;
-    assert_eq!(s.table.version(), Some(0));
+    assert_eq!(s.tables.readings.version(), Some(0));
     let (a, b, c) = (
         rows("gw-1", 1..=3),
         rows("gw-1", 4..=6),
@@ -145,7 +148,9 @@ async fn applies_batches_in_seq_order_with_the_watermark_and_archives_them() {
     let key_a = put_batch(s.raw_store.as_ref(), &a).await;
     let key_b = put_batch(s.raw_store.as_ref(), &b).await;
 
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
 
     let gw = report.gateway("gw-1").unwrap();
     assert_eq!(gw.files_applied, 3);
@@ -156,8 +161,11 @@ async fn applies_batches_in_seq_order_with_the_watermark_and_archives_them() {
     assert_eq!(gw.commits, 1);
     assert!(gw.quarantined.is_empty());
     assert_eq!(gw.error, None);
-    assert_eq!(s.table.watermark("gw-1").await.unwrap(), Some(10));
-    assert_eq!(table_rows(&mut s.table).await, rows("gw-1", 1..=10));
+    assert_eq!(s.tables.readings.watermark("gw-1").await.unwrap(), Some(10));
+    assert_eq!(
+        table_rows(&mut s.tables.readings).await,
+        rows("gw-1", 1..=10)
+    );
     assert!(keys_under(s.raw_store.as_ref(), "raw/").await.is_empty());
     assert_eq!(
         keys_under(s.raw_store.as_ref(), "archive/").await,
@@ -175,12 +183,16 @@ async fn applies_batches_in_seq_order_with_the_watermark_and_archives_them() {
 async fn replayed_and_overlapping_batches_add_nothing_twice() {
     let mut s = local_setup().await;
     put_batch(s.raw_store.as_ref(), &rows("gw-1", 1..=5)).await;
-    ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
 
     // The agent retried an upload that had in fact succeeded, and cut an overlapping batch.
     put_batch(s.raw_store.as_ref(), &rows("gw-1", 1..=5)).await;
     put_batch(s.raw_store.as_ref(), &rows("gw-1", 4..=8)).await;
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
 
     let gw = report.gateway("gw-1").unwrap();
     assert_eq!(gw.files_applied, 2);
@@ -188,19 +200,24 @@ async fn replayed_and_overlapping_batches_add_nothing_twice() {
     assert_eq!(gw.rows_skipped, 5 + 2);
     assert_eq!(gw.watermark, Some(8));
     assert_eq!(gw.delta_version, Some(2));
-    assert_eq!(table_rows(&mut s.table).await, rows("gw-1", 1..=8));
+    assert_eq!(
+        table_rows(&mut s.tables.readings).await,
+        rows("gw-1", 1..=8)
+    );
     assert!(keys_under(s.raw_store.as_ref(), "raw/").await.is_empty());
 
     // A replay that is entirely below the watermark is archived without a commit.
     put_batch(s.raw_store.as_ref(), &rows("gw-1", 6..=8)).await;
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
     let gw = report.gateway("gw-1").unwrap();
     assert_eq!(
         (gw.files_applied, gw.rows_applied, gw.rows_skipped),
         (1, 0, 3)
     );
     assert_eq!((gw.delta_version, gw.commits), (None, 0));
-    assert_eq!(s.table.version(), Some(2));
+    assert_eq!(s.tables.readings.version(), Some(2));
     assert!(keys_under(s.raw_store.as_ref(), "raw/").await.is_empty());
 }
 
@@ -208,16 +225,23 @@ async fn replayed_and_overlapping_batches_add_nothing_twice() {
 async fn running_ingest_twice_adds_nothing() {
     let mut s = local_setup().await;
     put_batch(s.raw_store.as_ref(), &rows("gw-1", 1..=4)).await;
-    ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
-    let version = s.table.version();
+    ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
+    let version = s.tables.readings.version();
 
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
 
     let gw = report.gateway("gw-1").unwrap();
     assert_eq!((gw.files_applied, gw.rows_applied, gw.commits), (0, 0, 0));
     assert_eq!(gw.watermark, Some(4));
-    assert_eq!(s.table.version(), version);
-    assert_eq!(table_rows(&mut s.table).await, rows("gw-1", 1..=4));
+    assert_eq!(s.tables.readings.version(), version);
+    assert_eq!(
+        table_rows(&mut s.tables.readings).await,
+        rows("gw-1", 1..=4)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,20 +251,23 @@ async fn a_crash_between_commit_and_archive_is_harmless() {
     put_batch(s.raw_store.as_ref(), &batch).await;
     // The commit landed, the process died before archiving.
     let outcome = s
-        .table
+        .tables
+        .readings
         .apply("gw-1", &[contract::to_record_batch(&batch)])
         .await
         .unwrap();
     assert_eq!(outcome.version, Some(1));
 
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
 
     let gw = report.gateway("gw-1").unwrap();
     assert_eq!(
         (gw.files_applied, gw.rows_applied, gw.rows_skipped),
         (1, 0, 4)
     );
-    assert_eq!(table_rows(&mut s.table).await, batch);
+    assert_eq!(table_rows(&mut s.tables.readings).await, batch);
     assert!(keys_under(s.raw_store.as_ref(), "raw/").await.is_empty());
 }
 
@@ -337,7 +364,9 @@ async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_onc
     put_batch(store, &rows("gw-b", 1..=4)).await;
 
     // Three files per commit, so bad files sit at the start, middle and end of commits.
-    let report = ingest_all(&s.raw, &mut s.table, 3).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(3))
+        .await
+        .unwrap();
 
     let a = report.gateway("gw-a").unwrap();
     assert_eq!(
@@ -392,7 +421,7 @@ async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_onc
 
     let mut want = seqs("gw-a", &[1..=3, 5..=6, 9..=10, 12..=13, 16..=17, 19..=20]);
     want.extend(rows("gw-b", 1..=4));
-    assert_eq!(table_rows(&mut s.table).await, want);
+    assert_eq!(table_rows(&mut s.tables.readings).await, want);
     assert_eq!(duckdb_count_and_sum_seq(&s.table_path), (17, 143));
 
     // Only the upload in flight is left in the raw zone; each bad file sits in the quarantine
@@ -424,6 +453,7 @@ async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_onc
             key: key(7),
             gateway: "gw-a".into(),
             first_seq: Some(7),
+            last_seq: None,
             quarantine_key: "quarantine/gateway=gw-a/00000000000000000007.parquet".into(),
             reason: a.quarantined[2].reason.clone(),
             detected_at: reason.detected_at.clone(),
@@ -439,15 +469,17 @@ async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_onc
     assert_eq!(json["size"], 2);
 
     // The next pass finds nothing new and commits nothing.
-    let version = s.table.version();
-    let report = ingest_all(&s.raw, &mut s.table, 3).await.unwrap();
+    let version = s.tables.readings.version();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(3))
+        .await
+        .unwrap();
     let a = report.gateway("gw-a").unwrap();
     assert_eq!(
         (a.files_applied, a.rows_applied, a.watermark),
         (0, 0, Some(20))
     );
     assert_eq!(report.files_quarantined(), 0);
-    assert_eq!(s.table.version(), version);
+    assert_eq!(s.tables.readings.version(), version);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,12 +490,14 @@ async fn a_crash_between_the_quarantine_copy_and_the_delete_is_finished_on_the_n
         key: "raw/gateway=gw-b/00000000000000000003.parquet".into(),
         gateway: "gw-b".into(),
         first_seq: Some(3),
+        last_seq: None,
         quarantine_key: "quarantine/gateway=gw-b/00000000000000000003.parquet".into(),
         reason: Reason {
             kind: ProblemKind::NotParquet,
             message:
                 "is not a Parquet file: it does not start with the `PAR1` magic bytes (64 bytes)"
                     .into(),
+            rule: None,
         },
         detected_at: "2026-01-01T00:00:00.000Z".into(),
         collector_version: "0.0.9".into(),
@@ -489,7 +523,9 @@ async fn a_crash_between_the_quarantine_copy_and_the_delete_is_finished_on_the_n
     )
     .await;
 
-    let report = ingest_all(&s.raw, &mut s.table, 100).await.unwrap();
+    let report = ingest_all(&s.raw, &mut s.tables, &IngestOptions::new(100))
+        .await
+        .unwrap();
 
     for gateway in ["gw-a", "gw-b"] {
         let gw = report.gateway(gateway).unwrap();
@@ -530,7 +566,7 @@ async fn a_crash_between_the_quarantine_copy_and_the_delete_is_finished_on_the_n
     );
     let mut want = seqs("gw-a", &[1..=2, 4..=5]);
     want.extend(seqs("gw-b", &[1..=2, 4..=5]));
-    assert_eq!(table_rows(&mut s.table).await, want);
+    assert_eq!(table_rows(&mut s.tables.readings).await, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,7 +576,7 @@ async fn max_files_per_commit_splits_a_backlog_into_several_commits() {
         put_batch(s.raw_store.as_ref(), &rows("gw-1", first..=first + 1)).await;
     }
 
-    let report = ingest_gateway(&s.raw, &mut s.table, "gw-1", 2)
+    let report = ingest_gateway(&s.raw, &mut s.tables, "gw-1", &IngestOptions::new(2))
         .await
         .unwrap();
 
@@ -550,7 +586,10 @@ async fn max_files_per_commit_splits_a_backlog_into_several_commits() {
     );
     assert_eq!(report.delta_version, Some(3));
     assert_eq!(report.watermark, Some(10));
-    assert_eq!(table_rows(&mut s.table).await, rows("gw-1", 1..=10));
+    assert_eq!(
+        table_rows(&mut s.tables.readings).await,
+        rows("gw-1", 1..=10)
+    );
 }
 
 // ---- S3 (moto server) ----
@@ -625,13 +664,12 @@ async fn applies_exactly_once_on_s3() {
         &config.raw.archive_prefix,
     )
     .unwrap();
-    let mut table = open_s3_table(&config).await;
+    let (_, mut tables) = collector::open_tables(&config).await.unwrap();
+    let options = IngestOptions::new(config.run.max_files_per_commit);
 
     put_batch(raw_store.as_ref(), &rows("gw-1", 1..=4)).await;
     put_batch(raw_store.as_ref(), &rows("gw-2", 10..=12)).await;
-    let report: IngestReport = ingest_all(&raw, &mut table, config.run.max_files_per_commit)
-        .await
-        .unwrap();
+    let report: IngestReport = ingest_all(&raw, &mut tables, &options).await.unwrap();
     assert_eq!(report.rows_applied(), 7);
     assert_eq!(report.gateway("gw-1").unwrap().watermark, Some(4));
     assert_eq!(report.gateway("gw-2").unwrap().watermark, Some(12));
@@ -639,7 +677,7 @@ async fn applies_exactly_once_on_s3() {
     // A retried upload plus a new batch: only the new rows land.
     put_batch(raw_store.as_ref(), &rows("gw-1", 1..=4)).await;
     put_batch(raw_store.as_ref(), &rows("gw-1", 5..=6)).await;
-    let report = ingest_all(&raw, &mut table, 100).await.unwrap();
+    let report = ingest_all(&raw, &mut tables, &options).await.unwrap();
     let gw = report.gateway("gw-1").unwrap();
     assert_eq!(
         (gw.files_applied, gw.rows_applied, gw.rows_skipped),
@@ -649,7 +687,7 @@ async fn applies_exactly_once_on_s3() {
 
     let mut want = rows("gw-1", 1..=6);
     want.extend(rows("gw-2", 10..=12));
-    assert_eq!(table_rows(&mut table).await, want);
+    assert_eq!(table_rows(&mut tables.readings).await, want);
     assert!(keys_under(raw_store.as_ref(), "raw/").await.is_empty());
     // The replay is archived under the key of the original it repeats.
     assert_eq!(keys_under(raw_store.as_ref(), "archive/").await.len(), 3);

@@ -14,8 +14,13 @@
 //! - The object key depends only on the gateway and the batch's first `seq`, and keys sort in
 //!   `seq` order as plain strings. A retried upload writes the same key with the same bytes.
 //! - `value` is null exactly when the reading carries no usable number (`quality` is `bad`).
+//! - A `seq` the gateway handed out but will never deliver is either explained by a [`Gap`] in
+//!   the `plantline.gaps` metadata of a later batch of the same gateway, or (only after a loss
+//!   of the buffer together with its high-water file) not explained at all. A gap never covers a
+//!   `seq` that is in a batch, except a `damaged_buffer` gap whose start the gateway could not
+//!   know (see [`GapReason::DamagedBuffer`]).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use arrow_array::{
@@ -36,6 +41,12 @@ pub mod metadata {
     pub const FIRST_SEQ: &str = "plantline.first_seq";
     /// Last `seq` in the batch.
     pub const LAST_SEQ: &str = "plantline.last_seq";
+    /// Readings the gateway knows it lost before this batch, as a JSON array of [`Gap`]s
+    /// (see [`gaps_to_json`]). Optional: written only when there are gaps to report.
+    ///
+    /// [`Gap`]: super::Gap
+    /// [`gaps_to_json`]: super::gaps_to_json
+    pub const GAPS: &str = "plantline.gaps";
 }
 
 /// Column names, in schema order.
@@ -212,6 +223,391 @@ impl BatchKey {
         }
         let first_seq = digits.parse().map_err(|_| bad())?;
         Ok(Self::new(gateway, first_seq))
+    }
+}
+
+/// Why a gateway lost readings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GapReason {
+    /// The buffer reached its size bound (`buffer.max_bytes`) with `on_full = "drop_oldest"` and
+    /// dropped its oldest readings. The range is exact and `readings` is exact.
+    BufferFull,
+    /// The readings waited longer than `buffer.max_age` in the buffer and were dropped. The
+    /// range is exact and `readings` is exact.
+    MaxAge,
+    /// The buffer file was damaged and these readings could not be read back. `readings` is the
+    /// width of the range (an upper bound: the damaged file cannot tell which `seq` values held
+    /// readings). When the gateway could not know where the lost range started (its buffer and
+    /// its high-water file were both lost), `first_seq` is 1 and the range may include `seq`
+    /// values delivered before: only the values a reader does not have are lost.
+    DamagedBuffer,
+    /// A reason written by a newer producer; kept as written so a reader can still report it.
+    Other(String),
+}
+
+impl GapReason {
+    pub fn as_str(&self) -> &str {
+        match self {
+            GapReason::BufferFull => "buffer_full",
+            GapReason::MaxAge => "max_age",
+            GapReason::DamagedBuffer => "damaged_buffer",
+            GapReason::Other(other) => other,
+        }
+    }
+
+    /// The reason named `s`; a name this version does not know becomes [`GapReason::Other`].
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "buffer_full" => GapReason::BufferFull,
+            "max_age" => GapReason::MaxAge,
+            "damaged_buffer" => GapReason::DamagedBuffer,
+            other => GapReason::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for GapReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A range of `seq` values whose readings the gateway knows it lost, as carried in a batch's
+/// `plantline.gaps` metadata. `seq` stays monotonic per gateway: lost values are simply absent
+/// from every batch, and the gap record says why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Gap {
+    /// First lost `seq` (inclusive).
+    pub first_seq: i64,
+    /// Last lost `seq` (inclusive).
+    pub last_seq: i64,
+    /// How many readings were lost in the range (see [`GapReason`] for how exact it is).
+    pub readings: u64,
+    pub reason: GapReason,
+    /// When the gateway lost them, microseconds since the Unix epoch (UTC, gateway clock).
+    pub detected_at_us: i64,
+}
+
+/// Problems with the `plantline.gaps` metadata of a batch.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "`plantline.gaps` metadata is not a valid gap list: {detail}; see docs/batch-contract.md for its format"
+)]
+pub struct GapsError {
+    pub detail: String,
+}
+
+/// The `plantline.gaps` value for `gaps`: a compact JSON array, fields in a fixed order, so a
+/// batch's bytes depend only on its content.
+///
+/// `[{"first_seq":5,"last_seq":9,"readings":5,"reason":"buffer_full","detected_at_us":1700000000000000}]`
+pub fn gaps_to_json(gaps: &[Gap]) -> String {
+    let mut out = String::from("[");
+    for (i, gap) in gaps.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
+            "{{\"first_seq\":{},\"last_seq\":{},\"readings\":{},\"reason\":",
+            gap.first_seq, gap.last_seq, gap.readings
+        );
+        json::write_string(&mut out, gap.reason.as_str());
+        let _ = write!(out, ",\"detected_at_us\":{}}}", gap.detected_at_us);
+    }
+    out.push(']');
+    out
+}
+
+/// Reads a `plantline.gaps` value. Fields may come in any order and unknown fields are ignored
+/// (a later producer may add some); each gap must have the five fields of [`Gap`], with
+/// `1 <= first_seq <= last_seq` and `readings` at most the width of the range.
+pub fn gaps_from_json(text: &str) -> Result<Vec<Gap>, GapsError> {
+    let err = |detail: String| GapsError { detail };
+    let value = json::parse(text).map_err(err)?;
+    let json::Value::Array(items) = value else {
+        return Err(err("expected a JSON array".to_owned()));
+    };
+    let mut gaps = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let json::Value::Object(fields) = item else {
+            return Err(err(format!("gap {i} is not a JSON object")));
+        };
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v)
+                .ok_or_else(|| err(format!("gap {i} has no `{name}`")))
+        };
+        let int = |name: &str| -> Result<i64, GapsError> {
+            match field(name)? {
+                json::Value::Number(n) => n
+                    .parse::<i64>()
+                    .map_err(|_| err(format!("gap {i}: `{name}` = {n} is not a whole number"))),
+                _ => Err(err(format!("gap {i}: `{name}` is not a number"))),
+            }
+        };
+        let first_seq = int("first_seq")?;
+        let last_seq = int("last_seq")?;
+        let readings = int("readings")?;
+        let detected_at_us = int("detected_at_us")?;
+        let reason = match field("reason")? {
+            json::Value::String(s) => GapReason::parse(s),
+            _ => return Err(err(format!("gap {i}: `reason` is not a string"))),
+        };
+        if first_seq < 1 || first_seq > last_seq {
+            return Err(err(format!(
+                "gap {i}: seq range {first_seq}..={last_seq} is empty or starts below 1"
+            )));
+        }
+        let width = u64::try_from(last_seq - first_seq).unwrap_or(u64::MAX - 1) + 1;
+        let readings = u64::try_from(readings)
+            .ok()
+            .filter(|&n| n <= width)
+            .ok_or_else(|| {
+                err(format!(
+                    "gap {i}: {readings} readings do not fit the seq range {first_seq}..={last_seq}"
+                ))
+            })?;
+        gaps.push(Gap {
+            first_seq,
+            last_seq,
+            readings,
+            reason,
+            detected_at_us,
+        });
+    }
+    Ok(gaps)
+}
+
+/// Just enough JSON for the gap list, without a JSON library in the contract's dependencies.
+mod json {
+    use std::fmt::Write as _;
+
+    /// A parsed JSON value; numbers keep their text so integers are read without going
+    /// through a float.
+    #[derive(Debug, PartialEq)]
+    pub(super) enum Value {
+        Null,
+        Bool(bool),
+        Number(String),
+        String(String),
+        Array(Vec<Value>),
+        Object(Vec<(String, Value)>),
+    }
+
+    /// Deeper nesting than this is refused rather than risking the stack on hostile input.
+    const MAX_DEPTH: usize = 64;
+
+    pub(super) fn write_string(out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if u32::from(c) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", u32::from(c));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+
+    pub(super) fn parse(text: &str) -> Result<Value, String> {
+        let mut p = Parser {
+            bytes: text.as_bytes(),
+            pos: 0,
+        };
+        let value = p.value(0)?;
+        p.skip_ws();
+        if p.pos != p.bytes.len() {
+            return Err(format!("unexpected text after the value at byte {}", p.pos));
+        }
+        Ok(value)
+    }
+
+    struct Parser<'a> {
+        bytes: &'a [u8],
+        pos: usize,
+    }
+
+    impl Parser<'_> {
+        fn skip_ws(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.pos) {
+                self.pos += 1;
+            }
+        }
+
+        fn expect(&mut self, b: u8) -> Result<(), String> {
+            self.skip_ws();
+            if self.bytes.get(self.pos) == Some(&b) {
+                self.pos += 1;
+                Ok(())
+            } else {
+                Err(format!("expected `{}` at byte {}", b as char, self.pos))
+            }
+        }
+
+        fn literal(&mut self, word: &str, value: Value) -> Result<Value, String> {
+            if self.bytes[self.pos..].starts_with(word.as_bytes()) {
+                self.pos += word.len();
+                Ok(value)
+            } else {
+                Err(format!("unexpected character at byte {}", self.pos))
+            }
+        }
+
+        fn value(&mut self, depth: usize) -> Result<Value, String> {
+            if depth > MAX_DEPTH {
+                return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+            }
+            self.skip_ws();
+            match self.bytes.get(self.pos) {
+                None => Err("unexpected end of the text".to_owned()),
+                Some(b'[') => {
+                    self.pos += 1;
+                    let mut items = Vec::new();
+                    self.skip_ws();
+                    if self.bytes.get(self.pos) == Some(&b']') {
+                        self.pos += 1;
+                        return Ok(Value::Array(items));
+                    }
+                    loop {
+                        items.push(self.value(depth + 1)?);
+                        self.skip_ws();
+                        match self.bytes.get(self.pos) {
+                            Some(b',') => self.pos += 1,
+                            Some(b']') => {
+                                self.pos += 1;
+                                return Ok(Value::Array(items));
+                            }
+                            _ => return Err(format!("expected `,` or `]` at byte {}", self.pos)),
+                        }
+                    }
+                }
+                Some(b'{') => {
+                    self.pos += 1;
+                    let mut fields = Vec::new();
+                    self.skip_ws();
+                    if self.bytes.get(self.pos) == Some(&b'}') {
+                        self.pos += 1;
+                        return Ok(Value::Object(fields));
+                    }
+                    loop {
+                        self.skip_ws();
+                        if self.bytes.get(self.pos) != Some(&b'"') {
+                            return Err(format!("expected a field name at byte {}", self.pos));
+                        }
+                        let name = self.string()?;
+                        self.expect(b':')?;
+                        let value = self.value(depth + 1)?;
+                        fields.push((name, value));
+                        self.skip_ws();
+                        match self.bytes.get(self.pos) {
+                            Some(b',') => self.pos += 1,
+                            Some(b'}') => {
+                                self.pos += 1;
+                                return Ok(Value::Object(fields));
+                            }
+                            _ => return Err(format!("expected `,` or `}}` at byte {}", self.pos)),
+                        }
+                    }
+                }
+                Some(b'"') => self.string().map(Value::String),
+                Some(b't') => self.literal("true", Value::Bool(true)),
+                Some(b'f') => self.literal("false", Value::Bool(false)),
+                Some(b'n') => self.literal("null", Value::Null),
+                Some(b'-' | b'0'..=b'9') => {
+                    let start = self.pos;
+                    while let Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') =
+                        self.bytes.get(self.pos)
+                    {
+                        self.pos += 1;
+                    }
+                    let text = std::str::from_utf8(&self.bytes[start..self.pos])
+                        .map_err(|_| format!("bad number at byte {start}"))?;
+                    Ok(Value::Number(text.to_owned()))
+                }
+                Some(_) => Err(format!("unexpected character at byte {}", self.pos)),
+            }
+        }
+
+        /// A string starting at the opening quote.
+        fn string(&mut self) -> Result<String, String> {
+            let start = self.pos;
+            self.pos += 1;
+            let mut out = Vec::new();
+            loop {
+                let Some(&b) = self.bytes.get(self.pos) else {
+                    return Err(format!("the string at byte {start} does not end"));
+                };
+                self.pos += 1;
+                match b {
+                    b'"' => break,
+                    b'\\' => {
+                        let Some(&e) = self.bytes.get(self.pos) else {
+                            return Err(format!("the string at byte {start} does not end"));
+                        };
+                        self.pos += 1;
+                        let c = match e {
+                            b'"' => '"',
+                            b'\\' => '\\',
+                            b'/' => '/',
+                            b'b' => '\u{8}',
+                            b'f' => '\u{c}',
+                            b'n' => '\n',
+                            b'r' => '\r',
+                            b't' => '\t',
+                            b'u' => self.unicode_escape()?,
+                            _ => return Err(format!("bad escape at byte {}", self.pos - 1)),
+                        };
+                        let mut buf = [0; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    }
+                    b if b < 0x20 => {
+                        return Err(format!("control character in the string at byte {start}"));
+                    }
+                    b => out.push(b),
+                }
+            }
+            String::from_utf8(out).map_err(|_| format!("the string at byte {start} is not UTF-8"))
+        }
+
+        fn hex4(&mut self) -> Result<u32, String> {
+            let digits = self
+                .bytes
+                .get(self.pos..self.pos + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u32::from_str_radix(d, 16).ok())
+                .ok_or_else(|| format!("bad \\u escape at byte {}", self.pos))?;
+            self.pos += 4;
+            Ok(digits)
+        }
+
+        /// The character of a `\uXXXX` escape (after the `u`), joining a surrogate pair.
+        fn unicode_escape(&mut self) -> Result<char, String> {
+            let high = self.hex4()?;
+            let code = if (0xD800..0xDC00).contains(&high) {
+                if !self.bytes[self.pos..].starts_with(b"\\u") {
+                    return Err(format!("lone surrogate at byte {}", self.pos));
+                }
+                self.pos += 2;
+                let low = self.hex4()?;
+                if !(0xDC00..0xE000).contains(&low) {
+                    return Err(format!("bad surrogate pair at byte {}", self.pos));
+                }
+                0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)
+            } else {
+                high
+            };
+            char::from_u32(code).ok_or_else(|| format!("bad \\u escape at byte {}", self.pos))
+        }
     }
 }
 
@@ -458,6 +854,103 @@ mod tests {
             rows_from_batch(&batch),
             Err(ContractError::MixedGateway { .. })
         ));
+    }
+
+    fn gap(first_seq: i64, last_seq: i64, readings: u64, reason: GapReason) -> Gap {
+        Gap {
+            first_seq,
+            last_seq,
+            readings,
+            reason,
+            detected_at_us: 1_700_000_000_123_456,
+        }
+    }
+
+    #[test]
+    fn gaps_are_written_in_the_documented_form_and_read_back() {
+        let gaps = vec![
+            gap(5, 9, 5, GapReason::BufferFull),
+            gap(12, 12, 1, GapReason::MaxAge),
+            gap(20, 29, 10, GapReason::DamagedBuffer),
+        ];
+        let text = gaps_to_json(&gaps);
+        assert_eq!(
+            text,
+            "[{\"first_seq\":5,\"last_seq\":9,\"readings\":5,\"reason\":\"buffer_full\",\"detected_at_us\":1700000000123456},\
+             {\"first_seq\":12,\"last_seq\":12,\"readings\":1,\"reason\":\"max_age\",\"detected_at_us\":1700000000123456},\
+             {\"first_seq\":20,\"last_seq\":29,\"readings\":10,\"reason\":\"damaged_buffer\",\"detected_at_us\":1700000000123456}]"
+        );
+        assert_eq!(gaps_from_json(&text).unwrap(), gaps);
+        assert_eq!(gaps_to_json(&[]), "[]");
+        assert_eq!(gaps_from_json("[]").unwrap(), []);
+    }
+
+    #[test]
+    fn gap_readers_accept_any_field_order_spacing_and_unknown_fields_and_reasons() {
+        let text = r#" [ { "reason" : "sensor_\u0066ault\n", "detected_at_us": -1,
+            "extra": {"nested": [1, 2.5e3, null, true]}, "readings": 2, "last_seq": 7,
+            "first_seq": 3 } ] "#;
+        assert_eq!(
+            gaps_from_json(text).unwrap(),
+            vec![Gap {
+                first_seq: 3,
+                last_seq: 7,
+                readings: 2,
+                reason: GapReason::Other("sensor_fault\n".into()),
+                detected_at_us: -1,
+            }]
+        );
+        // A reason that needs escaping survives the round trip.
+        let odd = vec![gap(1, 1, 1, GapReason::Other("a \"b\"\\\t\u{1}é".into()))];
+        assert_eq!(gaps_from_json(&gaps_to_json(&odd)).unwrap(), odd);
+    }
+
+    #[test]
+    fn malformed_gap_lists_name_the_gap_and_the_field() {
+        let cases = [
+            ("{}", "expected a JSON array"),
+            ("[1]", "gap 0 is not a JSON object"),
+            (
+                r#"[{"first_seq":1,"last_seq":2,"readings":2,"reason":"max_age"}]"#,
+                "gap 0 has no `detected_at_us`",
+            ),
+            (
+                r#"[{"first_seq":1.5,"last_seq":2,"readings":1,"reason":"max_age","detected_at_us":0}]"#,
+                "gap 0: `first_seq` = 1.5 is not a whole number",
+            ),
+            (
+                r#"[{"first_seq":4,"last_seq":2,"readings":1,"reason":"max_age","detected_at_us":0}]"#,
+                "gap 0: seq range 4..=2 is empty or starts below 1",
+            ),
+            (
+                r#"[{"first_seq":1,"last_seq":2,"readings":3,"reason":"max_age","detected_at_us":0}]"#,
+                "gap 0: 3 readings do not fit the seq range 1..=2",
+            ),
+            (
+                r#"[{"first_seq":1,"last_seq":2,"readings":2,"reason":7,"detected_at_us":0}]"#,
+                "gap 0: `reason` is not a string",
+            ),
+            ("[{\"first_seq\":1", "expected `,` or `}` at byte 15"),
+            ("[] x", "unexpected text after the value at byte 3"),
+        ];
+        for (text, detail) in cases {
+            assert_eq!(
+                gaps_from_json(text),
+                Err(GapsError {
+                    detail: detail.to_owned()
+                }),
+                "{text}"
+            );
+        }
+        let deep = "[".repeat(100) + &"]".repeat(100);
+        assert!(gaps_from_json(&deep).is_err());
+        assert_eq!(
+            GapsError {
+                detail: "gap 0 is not a JSON object".into()
+            }
+            .to_string(),
+            "`plantline.gaps` metadata is not a valid gap list: gap 0 is not a JSON object; see docs/batch-contract.md for its format"
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod config;
 pub mod metrics;
 #[cfg(feature = "runtime")]
 mod reading;
+#[cfg(feature = "runtime")]
+pub mod sd_notify;
 // Unit tests use it too: the dev-dependency on tokio-modbus turns on its server there.
 #[cfg(any(feature = "simulator", all(test, feature = "runtime")))]
 pub mod simulator;
@@ -33,7 +35,7 @@ pub mod sources;
 pub mod tools;
 
 #[cfg(feature = "runtime")]
-pub use agent::{AgentError, run};
+pub use agent::{AgentError, ReloadOptions, run, run_with_reload};
 #[cfg(feature = "runtime")]
 pub use reading::Reading;
 

@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent until SIGINT or SIGTERM.
+    /// Run the agent until SIGINT or SIGTERM. Edits of the config file are applied while it
+    /// runs (checked every --reload-interval, and on SIGHUP).
     Run {
         /// The agent's config file (sensor map, buffer, upload target).
         #[arg(short, long, default_value = "/etc/edge-agent/agent.toml")]
@@ -36,14 +37,23 @@ enum Command {
         /// or a log shipper.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// How often the config file is checked for edits, which are applied without a
+        /// restart (the sensor map: devices, brokers, folders; see the README). `off`: only
+        /// when the agent gets SIGHUP (`systemctl reload edge-agent`), which always works.
+        #[arg(long, default_value = "3s", value_parser = parse_reload_interval)]
+        reload_interval: ReloadInterval,
     },
     /// Show what the buffer holds: readings waiting, seq range, oldest and newest reading, the
-    /// pending batch and the file size. Read-only, safe while the agent runs. Exit code 78 for a
-    /// bad config, 1 when the buffer file is missing or unreadable.
+    /// pending batch, the file size, and the dead letters (bad MQTT payloads) with the latest
+    /// few. Read-only, safe while the agent runs. Exit code 78 for a bad config, 1 when the
+    /// buffer file is missing or unreadable.
     Buffer {
         /// The agent's config file; its `[buffer]` section names the file.
         #[arg(short, long, default_value = "/etc/edge-agent/agent.toml")]
         config: PathBuf,
+        /// How many of the latest dead letters to show.
+        #[arg(long, default_value_t = 5)]
+        dead_letters: usize,
     },
     /// Check config files and report every problem with its key and the fix. Exit code 78 when
     /// any file is invalid.
@@ -53,9 +63,11 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Read a device now and print what the agent would record: with --config and --device,
-    /// the device's tags from the sensor map; with --host, a raw register range. Exit code 1
-    /// when the device did not answer or refused, 78 for a bad config or bad arguments.
-    Probe(ProbeArgs),
+    /// the device's tags from the sensor map; with --host, a raw register range; with --config
+    /// and --mqtt, the messages of a broker for a few seconds and their mapping. Exit code 1
+    /// when the device or broker did not answer or refused, 78 for a bad config or bad
+    /// arguments.
+    Probe(Box<ProbeArgs>),
     /// Convert a Kepware or Ignition CSV tag export into sensor-map TOML ([[modbus.tags]]
     /// tables) on stdout. Bad rows are reported on stderr by line; exit code 65 when any row
     /// was left out.
@@ -72,12 +84,28 @@ enum Command {
     },
 }
 
-/// `edge-agent probe` arguments. Two exclusive modes: a sensor map's device, or a raw range.
+/// `edge-agent probe` arguments. Three exclusive modes: a sensor map's device, a sensor map's
+/// MQTT broker, or a raw range.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("map_target").args(["device", "mqtt"])))]
 struct ProbeArgs {
-    /// The sensor map holding the device (tags mode).
-    #[arg(long, requires = "device", conflicts_with = "host")]
+    /// The sensor map holding the device or the broker (tags and MQTT modes).
+    #[arg(long, requires = "map_target", conflicts_with = "host")]
     config: Option<PathBuf>,
+    /// Listen to this MQTT broker, by its name in the sensor map, and show what each message
+    /// maps to (MQTT mode; own client id, clean session, QoS 0: the agent's session is untouched).
+    #[arg(long, requires = "config")]
+    mqtt: Option<String>,
+    /// Listen only to this subscription, by its topic filter as written in the map (MQTT mode;
+    /// default: every subscription of the broker).
+    #[arg(long, requires = "mqtt")]
+    subscription: Option<String>,
+    /// How long to listen once subscribed (MQTT mode).
+    #[arg(long, requires = "mqtt", default_value = "5s", value_parser = config::ConfigDuration::parse)]
+    listen: config::ConfigDuration,
+    /// Stop after this many messages, if that comes before --listen is over (MQTT mode).
+    #[arg(long, requires = "mqtt")]
+    messages: Option<usize>,
     /// The device to read, by its name in the sensor map.
     #[arg(long, requires = "config")]
     device: Option<String>,
@@ -120,6 +148,27 @@ struct ProbeArgs {
     timeout: config::ConfigDuration,
 }
 
+/// `--reload-interval`: a duration, or `off` for SIGHUP only.
+#[derive(Clone, Copy, Debug)]
+struct ReloadInterval(Option<std::time::Duration>);
+
+/// The shortest `--reload-interval`: a look costs a `stat`, but a busy loop helps no one.
+const MIN_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn parse_reload_interval(text: &str) -> Result<ReloadInterval, String> {
+    if text.trim() == "off" {
+        return Ok(ReloadInterval(None));
+    }
+    let interval = config::ConfigDuration::parse(text)?.0;
+    if interval < MIN_RELOAD_INTERVAL {
+        return Err(format!(
+            "`{text}` is shorter than {}ms; give a longer interval, or `off` to reload on SIGHUP only",
+            MIN_RELOAD_INTERVAL.as_millis()
+        ));
+    }
+    Ok(ReloadInterval(Some(interval)))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -144,14 +193,21 @@ fn main() -> ExitCode {
     edge_agent::process::init_logging("warn,edge_agent=info", log_format == LogFormat::Json);
     match cli.command {
         Command::Validate { files } => validate(&files),
-        Command::Probe(args) => probe(args),
+        Command::Probe(args) => probe(*args),
         Command::ImportTags {
             file,
             format,
             device,
         } => import_tags(&file, format, device.as_deref()),
-        Command::Run { config, .. } => run(&config),
-        Command::Buffer { config } => show_buffer(&config),
+        Command::Run {
+            config,
+            reload_interval,
+            ..
+        } => run(&config, reload_interval),
+        Command::Buffer {
+            config,
+            dead_letters,
+        } => show_buffer(&config, dead_letters),
     }
 }
 
@@ -198,14 +254,18 @@ fn load_config(path: &std::path::Path) -> Result<config::AgentConfig, ExitCode> 
     })
 }
 
-fn show_buffer(path: &std::path::Path) -> ExitCode {
+fn show_buffer(path: &std::path::Path, dead_letters: usize) -> ExitCode {
     let cfg = match load_config(path) {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    match edge_agent::buffer::inspect(&cfg.buffer.path) {
-        Ok(report) => {
-            print!("{report}");
+    let reports = edge_agent::buffer::inspect(&cfg.buffer.path).and_then(|report| {
+        let letters = edge_agent::buffer::dead_letter::inspect(&cfg.buffer.path, dead_letters)?;
+        Ok((report, letters))
+    });
+    match reports {
+        Ok((report, letters)) => {
+            print!("{report}{letters}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -215,7 +275,7 @@ fn show_buffer(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, reload_interval: ReloadInterval) -> ExitCode {
     let cfg = match load_config(path) {
         Ok(cfg) => cfg,
         Err(code) => return code,
@@ -237,7 +297,11 @@ fn run(path: &std::path::Path) -> ExitCode {
             shutdown.clone(),
             "agent",
         ));
-        match edge_agent::run(cfg, shutdown).await {
+        let reload = edge_agent::ReloadOptions {
+            watch_interval: reload_interval.0,
+            ..edge_agent::ReloadOptions::new(path)
+        };
+        match edge_agent::run_with_reload(cfg, reload, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(component = "agent", "{e}");
@@ -269,6 +333,25 @@ fn probe(args: ProbeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let (Some(file), Some(broker)) = (&args.config, &args.mqtt) {
+        let cfg = match load_config(file) {
+            Ok(cfg) => cfg,
+            Err(code) => return code,
+        };
+        let mqtt = probe::MqttProbeArgs {
+            broker: broker.clone(),
+            subscription: args.subscription,
+            listen: args.listen,
+            max_messages: args.messages,
+        };
+        // Lines are printed as messages arrive; stdout flushes at every line end.
+        return match runtime.block_on(probe::probe_mqtt(&cfg, file, &mqtt, |line| {
+            println!("{line}");
+        })) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => probe_failed(&e),
+        };
+    }
     let outcome = if let (Some(file), Some(device)) = (&args.config, &args.device) {
         let cfg = match load_config(file) {
             Ok(cfg) => cfg,
@@ -302,13 +385,15 @@ fn probe(args: ProbeArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Err(e) => {
-            for line in e.to_string().lines() {
-                eprintln!("edge-agent probe: {line}");
-            }
-            ExitCode::from(e.exit_code())
-        }
+        Err(e) => probe_failed(&e),
     }
+}
+
+fn probe_failed(e: &probe::ProbeError) -> ExitCode {
+    for line in e.to_string().lines() {
+        eprintln!("edge-agent probe: {line}");
+    }
+    ExitCode::from(e.exit_code())
 }
 
 fn import_tags(file: &std::path::Path, format: ImportFormat, device: Option<&str>) -> ExitCode {

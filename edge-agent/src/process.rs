@@ -1,4 +1,5 @@
-//! What both binaries do the same way as processes: where logs go and how a shutdown is asked for.
+//! What both binaries do the same way as processes: where logs go, how a shutdown is asked for
+//! and how a config reload is asked for.
 
 use tokio_util::sync::CancellationToken;
 
@@ -45,4 +46,15 @@ pub async fn cancel_on_signal(token: CancellationToken, component: &'static str)
     }
     tracing::info!(component, "shutdown requested");
     token.cancel();
+}
+
+/// Listens for SIGHUP, the conventional "reload your configuration" request (`kill -HUP`,
+/// `systemctl reload` with `ExecReload=/bin/kill -HUP $MAINPID`).
+///
+/// Once this returns, SIGHUP no longer ends the process (its default action): call it before
+/// announcing that the process reloads on SIGHUP. The listener stays installed for the life of
+/// the process.
+pub fn listen_for_reload() -> std::io::Result<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    signal(SignalKind::hangup())
 }

@@ -102,6 +102,8 @@ impl SimulatedPlc {
             host: self.addr.ip().to_string(),
             port: self.addr.port(),
             unit_id: 1,
+            bus: None,
+            inter_frame_delay: None,
             poll_interval: ConfigDuration::from_secs(1),
             timeout: ConfigDuration::from_secs(1),
             addressing: Addressing::ZeroBased,

@@ -163,6 +163,7 @@ timeout = "200ms"
             "plantline_agent_modbus_errors_total counter",
             "plantline_agent_buffer_readings gauge",
             "plantline_agent_buffer_oldest_reading_age_seconds gauge",
+            "plantline_agent_buffer_dropped_total counter",
             "plantline_agent_batches_uploaded_total counter",
             "plantline_agent_rows_uploaded_total counter",
             "plantline_agent_upload_failures_total counter",

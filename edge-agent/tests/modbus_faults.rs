@@ -229,6 +229,8 @@ fn device(name: &str, addr: SocketAddr, tags: Vec<ModbusTag>) -> ModbusDevice {
         host: addr.ip().to_string(),
         port: addr.port(),
         unit_id: 1,
+        bus: None,
+        inter_frame_delay: None,
         // Long enough that a whole tick's requests are in before the next tick starts, so the
         // requests of one tick can be counted exactly.
         poll_interval: ConfigDuration::from_millis(400),

@@ -41,6 +41,8 @@ fn device(plc: &PyModbusServer, tags: Vec<ModbusTag>) -> ModbusDevice {
         host: "127.0.0.1".to_owned(),
         port: plc.address().port(),
         unit_id: 1,
+        bus: None,
+        inter_frame_delay: None,
         poll_interval: ConfigDuration::from_millis(100),
         timeout: ConfigDuration::from_millis(500),
         addressing: Addressing::ZeroBased,

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use edge_agent::buffer::dead_letter::{self, DeadLetterReport};
 use edge_agent::config::{AgentConfig, load_str};
 use edge_agent::contract::{Quality, Row};
 use pipeline_e2e::{Mosquitto, now_us};
@@ -404,10 +405,10 @@ async fn malformed_payloads_are_counted_acknowledged_and_do_not_block_the_stream
     assert_eq!(
         bad,
         vec![
-            "bad payload: topic `plant/press-3/oil_temp/telemetry`: payload is not JSON: key must be a string at line 1 column 2 subscription=plant/+/+/telemetry bad_payloads=1 payload={oops",
-            "bad payload: topic `meters/m-1/kwh`: payload `n/a` is not a number subscription=meters/+/kwh bad_payloads=1 payload=n/a",
-            "bad payload: topic `plant/press-3/oil_temp/telemetry`: the value at `/value` is `\"hot\"`, not a number subscription=plant/+/+/telemetry bad_payloads=2 payload={\"value\": \"hot\", \"ts\": 1}",
-            "bad payload: topic `rooms/4/climate`: no value at JSON pointer `/h` subscription=rooms/+/climate bad_payloads=1 payload={\"t\": 19.0, \"time\": \"2024-05-01T12:00:00Z\"}",
+            "bad payload: topic `plant/press-3/oil_temp/telemetry`: payload is not JSON: key must be a string at line 1 column 2 subscription=plant/+/+/telemetry reason=not_json bad_payloads=1 payload={oops",
+            "bad payload: topic `meters/m-1/kwh`: payload `n/a` is not a number subscription=meters/+/kwh reason=not_a_number bad_payloads=1 payload=n/a",
+            "bad payload: topic `plant/press-3/oil_temp/telemetry`: the value at `/value` is `\"hot\"`, not a number subscription=plant/+/+/telemetry reason=not_numeric bad_payloads=2 payload={\"value\": \"hot\", \"ts\": 1}",
+            "bad payload: topic `rooms/4/climate`: no value at JSON pointer `/h` subscription=rooms/+/climate reason=missing_field bad_payloads=1 payload={\"t\": 19.0, \"time\": \"2024-05-01T12:00:00Z\"}",
         ]
     );
 
@@ -565,4 +566,571 @@ async fn retained_values_replayed_on_subscribe_are_not_recorded_again() {
         setup.uploaded().iter().map(|r| r.value).collect::<Vec<_>>(),
         vec![Some(10.0)]
     );
+}
+
+// ---- Dead letters, bad-payload metrics and `probe --mqtt` -------------------------------------
+
+impl Setup {
+    /// Serves the agent's `/metrics` on `port` of the loopback.
+    fn with_metrics(mut self, port: u16) -> Self {
+        self.mqtt = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}", self.mqtt);
+        self
+    }
+
+    fn buffer_path(&self) -> PathBuf {
+        self.dir.path().join("buffer.db")
+    }
+
+    /// The dead-letter table: count, dropped, and every row kept, oldest first.
+    fn dead_letters(&self) -> DeadLetterReport {
+        match dead_letter::inspect(&self.buffer_path(), 100_000) {
+            Ok(report) => report,
+            Err(edge_agent::buffer::BufferError::Missing { .. }) => DeadLetterReport::default(),
+            Err(e) => panic!("the dead-letter table is readable: {e}"),
+        }
+    }
+}
+
+async fn wait_dead_letters(setup: &Setup, kept: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while setup.dead_letters().kept < kept {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {kept} dead letters after 20 s",
+            setup.dead_letters().kept
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a test compares of a dead letter: subscription, topic, reason, payload kept, length.
+fn letter_summary(report: &DeadLetterReport) -> Vec<(String, String, String, Vec<u8>, u64)> {
+    report
+        .recent
+        .iter()
+        .map(|s| {
+            let l = &s.letter;
+            (
+                l.subscription.clone(),
+                l.topic.clone(),
+                l.reason.clone(),
+                l.payload.clone(),
+                l.payload_len,
+            )
+        })
+        .collect()
+}
+
+fn letter(
+    subscription: &str,
+    topic: &str,
+    reason: &str,
+    payload: &[u8],
+) -> (String, String, String, Vec<u8>, u64) {
+    (
+        subscription.to_owned(),
+        topic.to_owned(),
+        reason.to_owned(),
+        payload.to_vec(),
+        payload.len() as u64,
+    )
+}
+
+/// A plain HTTP/1.1 GET of the agent's metrics endpoint; returns the body.
+async fn scrape(port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// The bad-payload counters of the `deadletters` broker in a scrape of `/metrics`.
+fn assert_bad_payload_counters(metrics: &str) {
+    let mut counted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("broker=\"deadletters\""))
+        .collect();
+    counted.sort_unstable();
+    assert_eq!(
+        counted,
+        vec![
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"meters/+/kwh\",reason=\"not_a_number\"} 1",
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"meters/+/kwh\",reason=\"not_text\"} 1",
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"plant/+/+/telemetry\",reason=\"bad_timestamp\"} 1",
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"plant/+/+/telemetry\",reason=\"missing_field\"} 1",
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"plant/+/+/telemetry\",reason=\"not_json\"} 2",
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"plant/+/+/telemetry\",reason=\"not_numeric\"} 1",
+            "plantline_mqtt_bad_payloads_total{broker=\"deadletters\",subscription=\"rooms/+/climate\",reason=\"missing_field\"} 1",
+            "plantline_mqtt_dead_letters_dropped_total{broker=\"deadletters\"} 0",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_of_every_kind_are_dead_lettered_with_reason_and_bytes_and_counted() {
+    let broker = Mosquitto::start();
+    let metrics_port = pipeline_e2e::free_port();
+    let setup = Setup::new("deadletters", broker.port(), SUBSCRIPTIONS).with_metrics(metrics_port);
+    let agent = Agent::start(&setup).await;
+    let long = format!("<{}>", "x".repeat(298));
+    let messages: Vec<(&str, &[u8])> = vec![
+        ("plant/press-3/oil_temp/telemetry", b"{oops"),
+        ("meters/m-1/kwh", b"n/a"),
+        ("meters/m-1/kwh", b"\xff\xfe\x00"),
+        (
+            "plant/press-3/oil_temp/telemetry",
+            br#"{"value": "hot", "ts": 1}"#,
+        ),
+        ("plant/press-3/oil_temp/telemetry", br#"{"ts": 1}"#),
+        (
+            "plant/press-3/oil_temp/telemetry",
+            br#"{"value": 1, "ts": "yesterday"}"#,
+        ),
+        // Half of a multi-field message is still recorded; the message is a dead letter too.
+        (
+            "rooms/4/climate",
+            br#"{"t": 19.0, "time": "2024-05-01T12:00:00Z"}"#,
+        ),
+        ("plant/press-3/oil_temp/telemetry", long.as_bytes()),
+        ("meters/m-1/kwh", b"5"),
+    ];
+    publish(broker.port(), &messages).await;
+    wait_buffered(&setup, 2).await;
+    wait_dead_letters(&setup, 8).await;
+    let metrics = scrape(metrics_port).await;
+    agent.stop().await;
+
+    // The good readings still flowed, in order.
+    assert_eq!(
+        setup
+            .uploaded()
+            .iter()
+            .map(|r| (r.device.as_str(), r.tag.as_str(), r.value))
+            .collect::<Vec<_>>(),
+        vec![("room-4", "temp", Some(19.0)), ("m-1", "energy", Some(5.0))]
+    );
+    let report = setup.dead_letters();
+    let plant = "plant/+/+/telemetry";
+    let press = "plant/press-3/oil_temp/telemetry";
+    let mut cut = letter(plant, press, "not_json", &long.as_bytes()[..256]);
+    cut.4 = 300;
+    assert_eq!(
+        letter_summary(&report),
+        vec![
+            letter(plant, press, "not_json", b"{oops"),
+            letter("meters/+/kwh", "meters/m-1/kwh", "not_a_number", b"n/a"),
+            letter(
+                "meters/+/kwh",
+                "meters/m-1/kwh",
+                "not_text",
+                b"\xff\xfe\x00"
+            ),
+            letter(plant, press, "not_numeric", br#"{"value": "hot", "ts": 1}"#),
+            letter(plant, press, "missing_field", br#"{"ts": 1}"#),
+            letter(
+                plant,
+                press,
+                "bad_timestamp",
+                br#"{"value": 1, "ts": "yesterday"}"#
+            ),
+            letter(
+                "rooms/+/climate",
+                "rooms/4/climate",
+                "missing_field",
+                br#"{"t": 19.0, "time": "2024-05-01T12:00:00Z"}"#
+            ),
+            cut,
+        ]
+    );
+    assert_eq!((report.kept, report.dropped), (8, 0));
+    let first = &report.recent[0].letter;
+    assert_eq!(first.broker, "deadletters");
+    assert_eq!(
+        first.detail,
+        "topic `plant/press-3/oil_temp/telemetry`: payload is not JSON: key must be a string at line 1 column 2"
+    );
+    assert_eq!(
+        report.recent[5].letter.detail,
+        "topic `plant/press-3/oil_temp/telemetry`: the timestamp at `/ts` (`\"yesterday\"`) is not epoch milliseconds"
+    );
+
+    assert_bad_payload_counters(&metrics);
+
+    // Acknowledged once their rows were committed: a restart brings none of them back.
+    let agent = Agent::start(&setup).await;
+    publish(broker.port(), &[("meters/m-1/kwh", b"6")]).await;
+    wait_buffered(&setup, 1).await;
+    agent.stop().await;
+    assert_eq!(setup.dead_letters().kept, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_bound_drops_the_oldest_and_counts_them() {
+    let broker = Mosquitto::start();
+    let subscriptions = format!("max_dead_letters = 3\n{SUBSCRIPTIONS}");
+    let setup = Setup::new("bounded", broker.port(), &subscriptions);
+    let agent = Agent::start(&setup).await;
+    let bad: Vec<String> = (1..=5).map(|i| format!("bad-{i}")).collect();
+    let mut messages: Vec<(&str, &[u8])> = bad
+        .iter()
+        .map(|p| ("meters/m-2/kwh", p.as_bytes()))
+        .collect();
+    messages.push(("meters/m-2/kwh", b"42"));
+    publish(broker.port(), &messages).await;
+    wait_buffered(&setup, 1).await;
+    // The good message came after every bad one, and acknowledgements go in order: all five
+    // dead letters were committed by the time the reading was.
+    let report = setup.dead_letters();
+    assert_eq!((report.kept, report.dropped), (3, 2));
+    assert_eq!(
+        report
+            .recent
+            .iter()
+            .map(|s| String::from_utf8_lossy(&s.letter.payload).into_owned())
+            .collect::<Vec<_>>(),
+        vec!["bad-3", "bad-4", "bad-5"]
+    );
+    let metrics = edge_agent::metrics::global().render(None, std::time::SystemTime::now());
+    assert!(
+        metrics.contains("plantline_mqtt_dead_letters_dropped_total{broker=\"bounded\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "plantline_mqtt_bad_payloads_total{broker=\"bounded\",subscription=\"meters/+/kwh\",reason=\"not_a_number\"} 5\n"
+    ));
+
+    // `edge-agent buffer` shows the count and the latest dead letters, while the agent runs.
+    std::fs::write(setup.config_path(), setup.config_text("50ms")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["buffer", "--dead-letters", "2", "--config"])
+        .arg(setup.config_path())
+        .output()
+        .unwrap();
+    agent.stop().await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let letters = &stdout[stdout.find("dead letters").expect("a dead-letter section")..];
+    let letters: Vec<&str> = letters.lines().collect();
+    assert_eq!(letters.len(), 10, "{stdout}");
+    assert_eq!(
+        letters[0],
+        "dead letters    3 kept, 2 dropped by max_dead_letters"
+    );
+    assert_eq!(letters[1], "latest dead letters, oldest first:");
+    assert!(
+        letters[2].ends_with("Z  broker bounded  subscription meters/+/kwh"),
+        "{}",
+        letters[2]
+    );
+    assert_eq!(
+        &letters[3..6],
+        [
+            "    topic    meters/m-2/kwh",
+            "    reason   not_a_number: topic `meters/m-2/kwh`: payload `bad-4` is not a number",
+            "    payload  5 bytes: bad-4",
+        ]
+    );
+    assert_eq!(letters[9], "    payload  5 bytes: bad-5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_message_is_dead_lettered_or_sent_again_when_the_agent_is_killed() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new("killedbad", broker.port(), SUBSCRIPTIONS);
+    std::fs::write(setup.config_path(), setup.config_text("50ms")).unwrap();
+    let press = "plant/press-3/oil_temp/telemetry";
+
+    // 1. Killed before the dead letter could be committed: the test holds the buffer's write
+    //    lock, so the agent's commit waits. The broker must send the message again.
+    let binary = AgentBinary::start(&setup, "1").await;
+    let lock = rusqlite::Connection::open(setup.buffer_path()).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    publish(broker.port(), &[(press, b"{killed-before-commit")]).await;
+    binary.wait_log("message received", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(setup.dead_letters().kept, 0, "the commit is still waiting");
+    binary.kill();
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+
+    let agent = Agent::start(&setup).await;
+    wait_dead_letters(&setup, 1).await;
+    agent.stop().await;
+    assert_eq!(
+        letter_summary(&setup.dead_letters()),
+        vec![letter(
+            "plant/+/+/telemetry",
+            press,
+            "not_json",
+            b"{killed-before-commit"
+        )],
+        "sent again after the kill and dead-lettered once"
+    );
+
+    // 2. Killed right after the dead letter was committed: it is kept, and comes at most once
+    //    more if the acknowledgement had not left yet. Never lost.
+    let binary = AgentBinary::start(&setup, "2").await;
+    publish(broker.port(), &[(press, b"{killed-after-commit")]).await;
+    wait_dead_letters(&setup, 2).await;
+    binary.kill();
+    let agent = Agent::start(&setup).await;
+    publish(broker.port(), &[("meters/m-1/kwh", b"1")]).await;
+    wait_buffered(&setup, 1).await;
+    agent.stop().await;
+    let after: Vec<_> = letter_summary(&setup.dead_letters())
+        .into_iter()
+        .filter(|l| l.3 == b"{killed-after-commit")
+        .collect();
+    assert!(
+        (1..=2).contains(&after.len()),
+        "kept once, or twice when the acknowledgement was lost: {after:?}"
+    );
+}
+
+/// The agent binary with debug logs in a file, killed with SIGKILL by the test.
+struct AgentBinary {
+    child: KillOnDrop,
+    log: PathBuf,
+}
+
+impl AgentBinary {
+    /// Starts `edge-agent run` and waits until its subscriptions are confirmed.
+    async fn start(setup: &Setup, run: &str) -> Self {
+        let log = setup.dir.path().join(format!("agent-{run}.log"));
+        let child = KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+                .args(["run", "--config"])
+                .arg(setup.config_path())
+                .env("RUST_LOG", "warn,edge_agent=debug")
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let binary = Self { child, log };
+        binary.wait_log("subscribed", 1).await;
+        binary
+    }
+
+    async fn wait_log(&self, text: &'static str, times: usize) {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for(text, || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .matches(text)
+                    .count()
+                    >= times
+            });
+        })
+        .await
+        .unwrap();
+    }
+
+    fn kill(mut self) {
+        self.child.0.kill().unwrap(); // SIGKILL
+        self.child.0.wait().unwrap();
+    }
+}
+
+/// Runs `edge-agent probe` with `args`; returns its stdout lines as they come, and the child.
+fn spawn_probe(args: &[&str]) -> (std::sync::mpsc::Receiver<String>, KillOnDrop) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("probe")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, KillOnDrop(child))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_prints_what_the_mapping_makes_of_each_message_without_disturbing_the_agent() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new("probe", broker.port(), SUBSCRIPTIONS);
+    std::fs::write(setup.config_path(), setup.config_text("50ms")).unwrap();
+    // A retained last value: the probe shows it (marked), the agent skips it.
+    publish_with(broker.port(), true, &[("meters/m-9/kwh", b"7")]).await;
+    let agent = Agent::start(&setup).await;
+
+    let config = setup.config_path();
+    let (lines, mut child) = spawn_probe(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--mqtt",
+        "probe",
+        "--listen",
+        "30s",
+        "--messages",
+        "4",
+    ]);
+    let header = tokio::task::spawn_blocking(move || {
+        let header = lines.recv_timeout(Duration::from_secs(20)).unwrap();
+        (header, lines)
+    })
+    .await
+    .unwrap();
+    let (header, lines) = header;
+    assert!(
+        header.starts_with(&format!(
+            "listening to broker probe at 127.0.0.1:{} as gw-probe-probe-",
+            broker.port()
+        )),
+        "{header}"
+    );
+    assert!(
+        header.ends_with(
+            " (clean session, QoS 0) for 30s: plant/+/+/telemetry, meters/+/kwh, rooms/+/climate"
+        ),
+        "{header}"
+    );
+    publish(
+        broker.port(),
+        &[
+            (
+                "plant/press-3/oil_temp/telemetry",
+                br#"{"value": 215, "ts": 1700000000001}"#,
+            ),
+            (
+                "rooms/12/climate",
+                br#"{"t": 21.5, "time": "2024-05-01T12:00:00.250Z"}"#,
+            ),
+            ("meters/m-7/kwh", b"n/a\n"),
+        ],
+    )
+    .await;
+    let (status, out) = tokio::task::spawn_blocking(move || {
+        let status = child.0.wait().unwrap();
+        // The reader ends at the pipe's end, after the last line.
+        let out: Vec<String> = lines.iter().collect();
+        (status, out)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{out:#?}");
+    assert_eq!(out.len(), 11, "{out:#?}");
+    // The retained value comes first, mapped at its arrival time.
+    assert_eq!(out[0], "meters/m-9/kwh  1 bytes: 7");
+    assert!(
+        out[1].starts_with("  -> m-9 energy = 7 kWh at ") && out[1].ends_with("Z (arrival time)"),
+        "{}",
+        out[1]
+    );
+    assert_eq!(
+        &out[2..],
+        [
+            "  (retained: the broker replays this last value on subscribe; the agent skips it)",
+            "plant/press-3/oil_temp/telemetry  35 bytes: {\"value\": 215, \"ts\": 1700000000001}",
+            "  -> press-3 oil_temp = 21.5 degC at 2023-11-14T22:13:20.001000Z",
+            "rooms/12/climate  47 bytes: {\"t\": 21.5, \"time\": \"2024-05-01T12:00:00.250Z\"}",
+            "  -> room-12 temp = 21.5 degC at 2024-05-01T12:00:00.250000Z",
+            "  -> bad payload (missing_field): topic `rooms/12/climate`: no value at JSON pointer `/h`",
+            "meters/m-7/kwh  4 bytes: n/a\\n",
+            "  -> bad payload (not_a_number): topic `meters/m-7/kwh`: payload `n/a` is not a number",
+            "4 messages, 2 with a bad payload",
+        ]
+        .map(str::to_owned)
+    );
+
+    // The agent's own session got every message: the probe took nothing from it.
+    wait_buffered(&setup, 2).await;
+    wait_dead_letters(&setup, 2).await;
+    agent.stop().await;
+    assert_eq!(
+        setup
+            .uploaded()
+            .iter()
+            .map(|r| (r.device.as_str(), r.tag.as_str(), r.value))
+            .collect::<Vec<_>>(),
+        vec![
+            ("press-3", "oil_temp", Some(21.5)),
+            ("room-12", "temp", Some(21.5))
+        ]
+    );
+}
+
+#[test]
+fn probe_names_the_brokers_and_subscriptions_of_the_map_when_asked_for_another() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config-examples/agent/line3-mqtt-sensors.toml");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .arg("probe")
+            .arg("--config")
+            .arg(&example)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        run(&["--mqtt", "line9"]),
+        (
+            Some(78),
+            format!(
+                "edge-agent probe: {}: no MQTT broker `line9` in the sensor map; use one of: line3-broker\n",
+                example.display()
+            )
+        )
+    );
+    assert_eq!(
+        run(&["--mqtt", "line3-broker", "--subscription", "plant/#"]),
+        (
+            Some(78),
+            format!(
+                "edge-agent probe: {}: broker `line3-broker` has no subscription `plant/#`; use one of: plant/+/+/telemetry, meters/+/kwh, rooms/+/climate\n",
+                example.display()
+            )
+        )
+    );
+}
+
+#[test]
+fn probe_of_a_broker_that_is_not_there_exits_1_naming_it() {
+    let port = pipeline_e2e::free_port();
+    let setup = Setup::new("absent", port, SUBSCRIPTIONS);
+    std::fs::write(setup.config_path(), setup.config_text("50ms")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["probe", "--mqtt", "absent", "--config"])
+        .arg(setup.config_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "edge-agent probe: cannot reach MQTT broker `absent` at 127.0.0.1:{port}: "
+        )),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
 }

@@ -20,9 +20,14 @@ Telegraf does: CDAB and DCBA reverse the word order, BADC and DCBA swap the byte
 Addresses that the map does not define answer with Modbus exception 2 (illegal data address), as a
 real PLC does for registers it does not have.
 
+Several slaves on one server (an RTU bus, or a serial gateway): {"devices": [map, map, ...]}, each
+map as above with its own device_id of 1 or more. A unit id that none of them has gets no answer at
+all, as on a real serial bus where nobody owns that address, so the master times out.
+
 Usage:
     modbus_server.py --map JSON --port PORT [--host 127.0.0.1]     Modbus TCP
     modbus_server.py --map JSON --serial /dev/pts/N [--baudrate B]  Modbus RTU (e.g. a socat pty)
+    modbus_server.py --map JSON --port PORT --framer rtu            RTU frames over TCP (a serial gateway)
 
 The line "modbus_server ready" on stdout tells the harness that the server accepts requests.
 """
@@ -36,6 +41,7 @@ import signal
 import struct
 import sys
 
+from pymodbus import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -113,12 +119,51 @@ def build_device(register_map: dict) -> SimDevice:
     )
 
 
+def build_devices(register_map: dict) -> tuple[SimDevice | list[SimDevice], bool]:
+    """The server's device(s), and whether unknown unit ids go unanswered (several slaves)."""
+    if "devices" not in register_map:
+        return build_device(register_map), False
+    if set(register_map) != {"devices"}:
+        raise SystemExit("a map with `devices` holds nothing else; put each slave's tables in its own map")
+    maps = register_map["devices"]
+    if not isinstance(maps, list) or not maps:
+        raise SystemExit("`devices` must be a non-empty list of register maps")
+    ids = [int(m.get("device_id", 0)) for m in maps]
+    if any(i < 1 for i in ids) or len(set(ids)) != len(ids):
+        raise SystemExit(f"every slave in `devices` needs its own device_id of 1 or more, got {ids}")
+    return [build_device(m) for m in maps], True
+
+
+def silent_for_unknown_units(devices: list[SimDevice], unit_offset: int):
+    """A packet tracer that drops the answers to unit ids no slave has.
+
+    pymodbus's simulator answers such requests with exception 4 (its `ignore_missing_devices`
+    does not cover the simulator's devices); on a serial bus nobody would answer at all.
+    `unit_offset` is where the unit id sits in a frame: 0 for RTU, 6 for Modbus TCP.
+    """
+    known = {device.id for device in devices}
+
+    def trace(sending: bool, packet: bytes) -> bytes:
+        if sending and len(packet) > unit_offset and packet[unit_offset] not in known:
+            return b""
+        return packet
+
+    return trace
+
+
 async def serve(args: argparse.Namespace) -> None:
-    device = build_device(json.loads(args.map))
+    devices, several = build_devices(json.loads(args.map))
+    rtu = bool(args.serial) or args.framer == "rtu"
+    trace = silent_for_unknown_units(devices, 0 if rtu else 6) if several else None
     if args.serial:
-        server = ModbusSerialServer(device, port=args.serial, baudrate=args.baudrate)
+        server = ModbusSerialServer(
+            devices, port=args.serial, baudrate=args.baudrate, trace_packet=trace
+        )
     else:
-        server = ModbusTcpServer(device, address=(args.host, args.port))
+        framer = FramerType.RTU if rtu else FramerType.SOCKET
+        server = ModbusTcpServer(
+            devices, address=(args.host, args.port), framer=framer, trace_packet=trace
+        )
     await server.serve_forever(background=True)
     print("modbus_server ready", flush=True)
 
@@ -137,6 +182,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--serial", help="serial device for Modbus RTU instead of TCP")
     parser.add_argument("--baudrate", type=int, default=19200)
+    parser.add_argument(
+        "--framer", choices=("socket", "rtu"), default="socket",
+        help="framing over TCP: socket (Modbus TCP, the default) or rtu (RTU over TCP)",
+    )
     args = parser.parse_args()
     if not args.serial and not args.port:
         parser.error("give --port for Modbus TCP or --serial for Modbus RTU")

@@ -497,6 +497,10 @@ impl FakeSnow {
 /// ```
 ///
 /// `device_id` 0 (the default) answers every unit id.
+///
+/// Several slaves behind one server (an RTU bus, a serial gateway): `{"devices": [map, map]}`,
+/// each map as above with its own `device_id` of 1 or more. A unit id none of them has gets no
+/// answer at all, as on a serial bus where no device owns that address.
 #[derive(Debug)]
 pub struct PyModbusServer {
     server: ChildPeer,
@@ -522,6 +526,33 @@ impl PyModbusServer {
                 peer_script("modbus_server.py").into_os_string(),
                 "--port".into(),
                 port.to_string().into(),
+                "--map".into(),
+                register_map.to_string().into(),
+            ],
+            &Readiness::Port(port),
+            Some(&venv),
+        );
+        Self {
+            server,
+            _socat: None,
+            serial_path: None,
+        }
+    }
+
+    /// Serves RTU frames (slave address, PDU, CRC) over TCP on `127.0.0.1:<free port>`, as a
+    /// serial device server in transparent mode does for the slaves behind it.
+    pub fn start_rtu_over_tcp(register_map: &Value) -> Self {
+        let venv = PeerVenv::peers();
+        let port = free_port();
+        let server = ChildPeer::spawn(
+            "pymodbus-rtu-over-tcp",
+            venv.python(),
+            [
+                peer_script("modbus_server.py").into_os_string(),
+                "--port".into(),
+                port.to_string().into(),
+                "--framer".into(),
+                "rtu".into(),
                 "--map".into(),
                 register_map.to_string().into(),
             ],
@@ -577,7 +608,8 @@ impl PyModbusServer {
         }
     }
 
-    /// The TCP address of a server started with [`PyModbusServer::start`].
+    /// The TCP address of a server started with [`PyModbusServer::start`] or
+    /// [`PyModbusServer::start_rtu_over_tcp`].
     pub fn address(&self) -> SocketAddr {
         let port = self
             .server
@@ -725,4 +757,68 @@ fn find_system_program(program: &str, debian_package: &str) -> PathBuf {
                 "{program} was not found on PATH (Debian package {debian_package}): {SETUP_HINT}"
             )
         })
+}
+
+/// What headless Chromium made of a page: the DOM after its scripts ran.
+#[derive(Debug)]
+pub struct RenderedPage {
+    /// The serialised DOM (`--dump-dom`).
+    pub dom: String,
+}
+
+/// Loads `url` in headless Chromium (Debian package `chromium`), lets its scripts run for up to
+/// `script_time` of virtual time, and returns the DOM; with `screenshot`, also saves a PNG of the
+/// page there. Each call uses a fresh profile and the flags that keep Chromium off the network,
+/// so only the page's own loopback requests leave the browser.
+pub fn headless_chromium(
+    url: &str,
+    script_time: Duration,
+    screenshot: Option<&Path>,
+) -> RenderedPage {
+    let chromium = find_system_program("chromium", "chromium");
+    let profile = tempfile::Builder::new()
+        .prefix("plantline-chromium-")
+        .tempdir()
+        .expect("creating a temporary folder cannot fail on a writable /tmp");
+    let run = |extra: &[String]| {
+        let mut command = Command::new(&chromium);
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--window-size=1280,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--virtual-time-budget={}", script_time.as_millis()))
+            .args(extra)
+            .arg(url)
+            .stdin(Stdio::null());
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}: {SETUP_HINT}", chromium.display()));
+        assert!(
+            output.status.success(),
+            "chromium failed on {url}: {}\n{}",
+            output.status,
+            tail(&String::from_utf8_lossy(&output.stderr), 20)
+        );
+        output
+    };
+    let dom = String::from_utf8_lossy(&run(&["--dump-dom".to_owned()]).stdout).into_owned();
+    if let Some(path) = screenshot {
+        run(&[format!("--screenshot={}", path.display())]);
+        assert!(
+            path.is_file(),
+            "chromium did not write the screenshot {}",
+            path.display()
+        );
+    }
+    RenderedPage { dom }
 }

@@ -135,7 +135,7 @@ fn control_names_the_package_its_libc_and_its_conffiles() {
     let depends = field("Depends");
     let glibc = depends
         .strip_prefix("libc6 (>= ")
-        .and_then(|rest| rest.strip_suffix("), libgcc-s1, adduser"))
+        .and_then(|rest| rest.strip_suffix("), libgcc-s1, adduser, procps"))
         .unwrap_or_else(|| panic!("Depends: {depends}"));
     let (major, minor) = glibc.split_once('.').expect("glibc version is MAJOR.MINOR");
     assert_eq!(major, "2", "Depends: {depends}");
@@ -216,7 +216,7 @@ fn installed_binary_validates_the_installed_sensor_map() {
 
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {
-    // verify checks that ExecStart's binary exists and that the units it is ordered against
+    // verify checks that the Exec binaries exist and that the units it is ordered against
     // load: `--root` resolves both inside a copy of the unpacked package, with this machine's
     // own system units (sysinit.target, network-online.target, ...) added.
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packaging/verify-root");
@@ -225,6 +225,11 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     run(Command::new("cp")
         .args(["-rn", "/usr/lib/systemd/system/."])
         .arg(root.join("usr/lib/systemd/system")));
+    // ExecReload's /bin/kill comes from procps, a dependency of the package.
+    fs::create_dir_all(root.join("bin")).unwrap();
+    run(Command::new("cp")
+        .arg("/bin/kill")
+        .arg(root.join("bin/kill")));
     let unit = root.join("usr/lib/systemd/system/edge-agent.service");
     let verify = Command::new("systemd-analyze")
         .arg("verify")
@@ -266,6 +271,13 @@ fn systemd_unit_runs_the_agent_hardened_and_restarts_it() {
         "KillSignal=SIGTERM",
         // The agent's shutdown: 5 s to stop sources plus 10 s to flush.
         "TimeoutStopSec=30s",
+        // Readiness and the watchdog over sd_notify; reload is SIGHUP.
+        "Type=notify",
+        "WatchdogSec=60s",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        // Serial ports for Modbus RTU, nothing else of /dev.
+        "DevicePolicy=closed",
+        "SupplementaryGroups=dialout",
         "WantedBy=multi-user.target",
     ] {
         assert!(keys.contains(&expected), "{expected} missing from:\n{unit}");

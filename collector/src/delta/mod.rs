@@ -1,17 +1,34 @@
-//! The readings table in Delta Lake (the processed zone).
+//! The Delta tables the collector writes (the processed zone): readings, gaps and quarantined
+//! rows.
 //!
 //! # Invariants
-//! - The table's schema is the batch contract's schema ([`edge_agent::contract::schema`]).
-//! - Each gateway's watermark is the Delta `txn` action of app id `plantline-gateway-<id>`; its
-//!   version is the highest `seq` of that gateway present in the table.
+//! - The readings table's schema is the batch contract's ([`edge_agent::contract::schema`]) plus
+//!   the nullable `dq_flags` column ([`readings_schema`]); a table without `dq_flags` gets it
+//!   added on open, never by rewriting data.
+//! - Each gateway's watermark is the Delta `txn` action of app id `plantline-gateway-<id>`; in
+//!   the readings table its version is the highest `seq` of that gateway applied (to the table
+//!   or, for rows a rule quarantined, to the quarantined-rows table).
 //! - Rows and the watermark that covers them land in the same commit, so a reader never sees rows
 //!   without their watermark or the reverse; a row with `seq <= watermark` is never appended again.
+//!   The gaps and quarantined-rows tables carry their own watermark per gateway and are committed
+//!   before the readings commit of the same rows (see [`crate::ingest`]).
 //! - Two collectors applying the same gateway conflict on its app id; the loser re-reads the
-//!   watermark and re-filters, so the Delta protocol (conditional PUT of the commit file) decides,
-//!   not a home-made lock.
+//!   watermarks and re-filters, so the Delta protocol (conditional PUT of the commit file)
+//!   decides, not a home-made lock.
 
+mod commit;
+mod gaps;
+mod open;
+mod quarantined_rows;
+mod side_table;
 mod table;
+mod tables;
 mod watermark;
 
-pub use table::{ApplyOutcome, DeltaError, ReadingsTable};
+pub(crate) use commit::{CommitFailure, backoff};
+pub use gaps::{GapRow, GapsTable, REASON_QUARANTINED, REASON_SEQ_JUMP, gaps_schema};
+pub use quarantined_rows::{QuarantinedRow, QuarantinedRowsTable, quarantined_rows_schema};
+pub use table::{ApplyOutcome, DQ_FLAGS_COLUMN, DeltaError, ReadingsTable, readings_schema};
+pub(crate) use table::{filter_above, seq_column, with_flags};
+pub use tables::{GAPS_SUFFIX, QUARANTINED_ROWS_SUFFIX, TableUrls, Tables, sibling};
 pub use watermark::{APP_ID_PREFIX, app_id};

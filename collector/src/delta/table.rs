@@ -1,28 +1,46 @@
-//! Opening (or creating) the readings table and appending one gateway's rows together with its
-//! new watermark in a single commit.
+//! The readings table: opening (or creating, or evolving) it and appending one gateway's rows
+//! together with its new watermark in a single commit.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock};
 
-use arrow_array::{Array, Int64Array, RecordBatch};
-use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
-use deltalake::kernel::transaction::{CommitBuilder, TransactionError};
-use deltalake::kernel::{Action, StructType, Version};
-use deltalake::parquet::basic::{Compression, ZstdLevel};
-use deltalake::parquet::file::properties::WriterProperties;
-use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use deltalake::kernel::{StructField, Version};
+use deltalake::{DeltaTable, DeltaTableError};
 use edge_agent::contract;
 use tracing::{debug, info, warn};
 use url::Url;
 
+use super::commit::{self, CommitFailure};
+use super::open::{self, TableSpec, column_names};
 use super::watermark;
 
-/// Name recorded in the table's metadata when the collector creates it.
-const TABLE_NAME: &str = "readings";
+/// The nullable column the row-level `flag` rules write: the names of the rules a kept row
+/// broke, comma-separated in config order; null when it broke none.
+pub const DQ_FLAGS_COLUMN: &str = "dq_flags";
 
-/// What went wrong with the Delta table. Every variant names the table URL or the gateway (and
+/// The readings table's columns: the batch contract's, then [`DQ_FLAGS_COLUMN`].
+pub fn readings_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let mut fields: Vec<Field> = contract::schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(DQ_FLAGS_COLUMN, DataType::Utf8, true));
+        Arc::new(Schema::new(fields))
+    });
+    SCHEMA.clone()
+}
+
+const READINGS: TableSpec = TableSpec {
+    name: "readings",
+    comment: "plantline readings: the batch contract's columns plus dq_flags",
+    schema: readings_schema,
+};
+
+/// What went wrong with a Delta table. Every variant names the table URL or the gateway (and
 /// the table version where one is known).
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
@@ -32,23 +50,32 @@ pub enum DeltaError {
         #[source]
         source: Box<DeltaTableError>,
     },
-    #[error("cannot create Delta table {url} with the batch contract's schema: {source}")]
+    #[error("cannot create Delta table {url} with the collector's schema: {source}")]
     Create {
         url: Url,
         #[source]
         source: Box<DeltaTableError>,
     },
-    #[error("cannot create the local folder {path} for the Delta table: {source}")]
+    #[error("cannot create the local folder {path} for a Delta table: {source}")]
     CreateFolder {
         path: String,
         #[source]
         source: std::io::Error,
     },
+    /// `detail` starts with the table's role (`readings`, `gaps`, `quarantined_rows`).
     #[error(
-        "Delta table {url} has a schema that differs from batch contract v{}: {detail}; point `delta.url` at a table written by this collector",
+        "Delta table {url} has a schema that differs from the collector's: {detail}; point the setting at a table written by this collector (readings: batch contract v{} plus `dq_flags`)",
         contract::CONTRACT_VERSION
     )]
     Schema { url: Url, detail: String },
+    #[error(
+        "cannot add the nullable column `{DQ_FLAGS_COLUMN}` to the readings table {url}: {source}"
+    )]
+    Evolve {
+        url: Url,
+        #[source]
+        source: Box<DeltaTableError>,
+    },
     #[error("cannot reload Delta table {url}: {source}")]
     Reload {
         url: Url,
@@ -56,22 +83,27 @@ pub enum DeltaError {
         source: Box<DeltaTableError>,
     },
     #[error(
-        "cannot read the watermark of gateway `{gateway}` at table version {version}: {source}"
+        "cannot read the watermark of gateway `{gateway}` in {table} at table version {version}: {source}"
     )]
     Watermark {
+        table: String,
         gateway: String,
         version: Version,
         #[source]
         source: Box<DeltaTableError>,
     },
-    #[error("cannot write data files for gateway `{gateway}`: {source}")]
+    #[error("cannot write data files to {table} for gateway `{gateway}`: {source}")]
     Write {
+        table: String,
         gateway: String,
         #[source]
         source: Box<DeltaTableError>,
     },
-    #[error("cannot commit gateway `{gateway}` on top of table version {base_version}: {source}")]
+    #[error(
+        "cannot commit gateway `{gateway}` to {table} on top of table version {base_version}: {source}"
+    )]
     Commit {
+        table: String,
         gateway: String,
         base_version: Version,
         #[source]
@@ -115,79 +147,21 @@ pub struct ReadingsTable {
 }
 
 impl ReadingsTable {
-    /// Opens the table at `url`, creating it with the contract schema if nothing is there yet.
-    /// A local folder is created if missing. Works when another collector creates the table at
-    /// the same moment.
+    /// Opens the table at `url`, creating it if nothing is there yet. A table written before the
+    /// `dq_flags` column existed gets it added (a metadata-only commit; no data file is
+    /// rewritten, old rows read it as null). A local folder is created if missing. Works when
+    /// another collector creates or evolves the table at the same moment.
     pub async fn open_or_create(
         url: &Url,
         storage_options: HashMap<String, String>,
     ) -> Result<Self, DeltaError> {
-        if url.scheme() == "file"
-            && let Ok(path) = url.to_file_path()
-        {
-            std::fs::create_dir_all(&path).map_err(|source| DeltaError::CreateFolder {
-                path: path.display().to_string(),
-                source,
-            })?;
-        }
-        let open = |url: &Url| {
-            DeltaTableBuilder::from_url(url.clone())
-                .and_then(|b| b.with_storage_options(storage_options.clone()).build())
-                .map_err(|source| DeltaError::Open {
-                    url: url.clone(),
-                    source: Box::new(source),
-                })
-        };
-        let mut table = open(url)?;
-        match table.load().await {
-            Ok(()) => {}
-            Err(DeltaTableError::NotATable(_)) => {
-                let schema =
-                    StructType::try_from_arrow(contract::schema().as_ref()).map_err(|e| {
-                        DeltaError::Create {
-                            url: url.clone(),
-                            source: Box::new(DeltaTableError::Generic(e.to_string())),
-                        }
-                    })?;
-                let created = table
-                    .create()
-                    .with_table_name(TABLE_NAME)
-                    .with_comment(format!(
-                        "plantline readings, batch contract v{}",
-                        contract::CONTRACT_VERSION
-                    ))
-                    .with_columns(schema.fields().cloned())
-                    .with_save_mode(SaveMode::Ignore)
-                    .await;
-                table = match created {
-                    Ok(t) => {
-                        info!(component = "delta", table = %url, "created the readings table");
-                        t
-                    }
-                    Err(create_err) => {
-                        // Another collector may have won the race to version 0: use its table.
-                        let mut t = open(url)?;
-                        t.load().await.map_err(|_| DeltaError::Create {
-                            url: url.clone(),
-                            source: Box::new(create_err),
-                        })?;
-                        t
-                    }
-                };
-            }
-            Err(source) => {
-                return Err(DeltaError::Open {
-                    url: url.clone(),
-                    source: Box::new(source),
-                });
-            }
-        }
-        let this = Self {
+        let table = open::open_or_create(url, &storage_options, &READINGS).await?;
+        let mut this = Self {
             table,
             url: url.clone(),
             commit_attempts: 5,
         };
-        this.check_schema()?;
+        this.evolve_schema().await?;
         Ok(this)
     }
 
@@ -196,6 +170,11 @@ impl ReadingsTable {
     pub fn with_commit_attempts(mut self, attempts: u32) -> Self {
         self.commit_attempts = attempts.max(1);
         self
+    }
+
+    /// How many times a lost commit race is retried.
+    pub fn commit_attempts(&self) -> u32 {
+        self.commit_attempts
     }
 
     /// The loaded table version.
@@ -215,24 +194,19 @@ impl ReadingsTable {
 
     /// Loads the newest version of the table.
     pub async fn reload(&mut self) -> Result<(), DeltaError> {
-        self.table
-            .update_state()
-            .await
-            .map_err(|source| DeltaError::Reload {
-                url: self.url.clone(),
-                source: Box::new(source),
-            })
+        commit::reload(&mut self.table, &self.url).await
     }
 
     /// The last `seq` of `gateway` in the loaded version, `None` if it never had rows applied.
     pub async fn watermark(&self, gateway: &str) -> Result<Option<i64>, DeltaError> {
-        watermark::read(&self.table, gateway).await
+        watermark::read(&self.table, &self.url, gateway).await
     }
 
-    /// Appends the rows of `batches` (one gateway's batches, each sorted by `seq`, given in
-    /// `seq` order of their first row) whose `seq` is above the gateway's watermark and above
-    /// every `seq` taken from an earlier batch, and moves the watermark to the last appended
-    /// `seq`, all in one commit.
+    /// Appends the rows of `batches` (one gateway's batches in the contract's schema, each
+    /// sorted by `seq`, given in `seq` order of their first row) whose `seq` is above the
+    /// gateway's watermark and above every `seq` taken from an earlier batch, and moves the
+    /// watermark to the last appended `seq`, all in one commit. No data-quality rule is applied
+    /// and no gap is recorded: the pass ([`crate::ingest`]) does that.
     ///
     /// If another writer commits rows of the same gateway first, the table is reloaded, the
     /// watermark re-read and the rows re-filtered, with backoff, up to the configured attempts.
@@ -246,7 +220,7 @@ impl ReadingsTable {
         loop {
             let watermark_before = self.watermark(gateway).await?;
             let (fresh, watermark_after, rows_skipped) = filter_above(batches, watermark_before);
-            let rows_applied: usize = fresh.iter().map(RecordBatch::num_rows).sum();
+            let rows_applied: usize = fresh.iter().map(|(_, b)| b.num_rows()).sum();
             if rows_applied == 0 {
                 return Ok(ApplyOutcome {
                     version: None,
@@ -258,12 +232,9 @@ impl ReadingsTable {
                 });
             }
             let last_seq = watermark_after.expect("rows were kept, so a last seq exists");
-            match self.commit(gateway, fresh, last_seq).await {
+            let data = fresh.iter().map(|(_, b)| with_flags(b, None)).collect();
+            match self.commit_rows(gateway, data, last_seq).await {
                 Ok(version) => {
-                    debug!(
-                        component = "delta",
-                        gateway, version, rows_applied, last_seq, "committed"
-                    );
                     return Ok(ApplyOutcome {
                         version: Some(version),
                         rows_applied,
@@ -281,7 +252,7 @@ impl ReadingsTable {
                             attempts: conflicts,
                         });
                     }
-                    let pause = backoff(conflicts);
+                    let pause = commit::backoff(conflicts);
                     warn!(
                         component = "delta",
                         gateway,
@@ -298,187 +269,191 @@ impl ReadingsTable {
         }
     }
 
-    async fn commit(
+    /// Commits `batches` (in [`readings_schema`]) with the gateway's watermark moved to
+    /// `last_seq`; with no batches, only the watermark moves.
+    pub(crate) async fn commit_rows(
         &mut self,
         gateway: &str,
         batches: Vec<RecordBatch>,
         last_seq: i64,
     ) -> Result<Version, CommitFailure> {
-        let write_err = |source| {
-            CommitFailure::Other(DeltaError::Write {
-                gateway: gateway.to_owned(),
-                source: Box::new(source),
-            })
-        };
-        let mut writer = RecordBatchWriter::for_table(&self.table)
-            .map_err(write_err)?
-            .with_writer_properties(writer_properties());
-        for batch in batches {
-            writer.write(batch).await.map_err(write_err)?;
-        }
-        let adds = writer.flush().await.map_err(write_err)?;
-
-        let snapshot = self.table.snapshot().map_err(write_err)?;
-        let base_version = snapshot.version();
-        let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
-        actions.push(Action::Txn(watermark::action(gateway, last_seq)));
-        let app_metadata = HashMap::from([
-            ("plantline.gateway".to_owned(), gateway.into()),
-            ("plantline.last_seq".to_owned(), last_seq.into()),
-        ]);
-        let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
-            partition_by: None,
-            predicate: None,
-        };
-        let committed = CommitBuilder::default()
-            .with_actions(actions)
-            .with_app_metadata(app_metadata)
-            .build(Some(snapshot), self.table.log_store(), operation)
-            .await;
-        match committed {
-            Ok(finalized) => {
-                let version = finalized.version();
-                self.table.state = Some(finalized.snapshot());
-                Ok(version)
-            }
-            Err(source) if is_conflict(&source) => Err(CommitFailure::Conflict(Box::new(source))),
-            Err(source) => Err(CommitFailure::Other(DeltaError::Commit {
-                gateway: gateway.to_owned(),
-                base_version,
-                source: Box::new(source),
-            })),
-        }
+        let version =
+            commit::commit_with_watermark(&mut self.table, &self.url, gateway, batches, last_seq)
+                .await?;
+        debug!(
+            component = "delta",
+            gateway, version, last_seq, "committed readings"
+        );
+        Ok(version)
     }
 
     /// Every row of the table's latest version, read from its data files and sorted by
-    /// gateway and `seq`. Meant for summaries and checks of small tables (the demo, tests), not
-    /// for analytics: it holds the whole table in memory.
+    /// gateway and `seq`, in the contract's columns. Meant for summaries and checks of small
+    /// tables (the demo, tests), not for analytics: it holds the whole table in memory.
     pub async fn current_rows(&mut self) -> Result<Vec<contract::Row>, DeltaError> {
-        use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        use object_store::ObjectStoreExt;
+        Ok(self
+            .current_rows_with_flags()
+            .await?
+            .into_iter()
+            .map(|(row, _)| row)
+            .collect())
+    }
+
+    /// [`ReadingsTable::current_rows`] with each row's `dq_flags`.
+    pub async fn current_rows_with_flags(
+        &mut self,
+    ) -> Result<Vec<(contract::Row, Option<String>)>, DeltaError> {
         self.reload().await?;
-        let Ok(snapshot) = self.table.snapshot() else {
-            return Ok(Vec::new());
-        };
-        let store = self.table.object_store();
+        let batches = commit::read_files(&self.table, &self.url, |_| true).await?;
         let mut rows = Vec::new();
-        for file in snapshot.log_data() {
-            let path = file.object_store_path();
+        for batch in batches {
             let read_err = |message: String| DeltaError::ReadFile {
                 table: self.url.to_string(),
-                file: path.to_string(),
+                file: "(a data file)".to_owned(),
                 message,
             };
-            let bytes = store
-                .get(&path)
-                .await
-                .map_err(|e| read_err(e.to_string()))?
-                .bytes()
-                .await
-                .map_err(|e| read_err(e.to_string()))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .and_then(
-                    deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::build,
-                )
-                .map_err(|e| read_err(e.to_string()))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| read_err(e.to_string()))?;
-                rows.extend(
-                    contract::rows_from_batch(&batch).map_err(|e| read_err(e.to_string()))?,
-                );
+            let contract_batch = contract_columns(&batch).map_err(read_err)?;
+            let parsed =
+                contract::rows_from_batch(&contract_batch).map_err(|e| read_err(e.to_string()))?;
+            let flags = batch
+                .column_by_name(DQ_FLAGS_COLUMN)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+            for (i, row) in parsed.into_iter().enumerate() {
+                let flag = flags
+                    .as_ref()
+                    .filter(|f| !f.is_null(i))
+                    .map(|f| f.value(i).to_owned());
+                rows.push((row, flag));
             }
         }
-        rows.sort_by(|a, b| (&a.gateway, a.seq).cmp(&(&b.gateway, b.seq)));
+        rows.sort_by(|(a, _), (b, _)| (&a.gateway, a.seq).cmp(&(&b.gateway, b.seq)));
         Ok(rows)
     }
 
-    fn check_schema(&self) -> Result<(), DeltaError> {
-        let schema_err = |detail: String| DeltaError::Schema {
-            url: self.url.clone(),
-            detail,
-        };
-        let snapshot = self
-            .table
-            .snapshot()
-            .map_err(|e| schema_err(e.to_string()))?;
-        let want = StructType::try_from_arrow(contract::schema().as_ref())
-            .map_err(|e| schema_err(e.to_string()))?;
-        let found = snapshot.schema();
-        let names = |s: &StructType| {
-            s.fields()
-                .map(|f| format!("{} {}", f.name(), f.data_type()))
-                .collect::<Vec<_>>()
-        };
-        if names(found.as_ref()) == names(&want) {
+    /// Accepts the collector's schema; adds `dq_flags` to a table that has exactly the contract's
+    /// columns (written by an earlier collector); refuses anything else.
+    async fn evolve_schema(&mut self) -> Result<(), DeltaError> {
+        let want = column_names(&READINGS.delta_schema(&self.url)?);
+        let contract_only =
+            column_names(&open::delta_schema(&self.url, contract::schema().as_ref())?);
+        for _ in 0..self.commit_attempts.max(3) {
+            let found = self.found_columns()?;
+            if found == want {
+                return Ok(());
+            }
+            if found != contract_only {
+                return Err(self.schema_mismatch(&found, &want));
+            }
+            let added = self
+                .table
+                .clone()
+                .add_columns()
+                .with_fields([StructField::new(
+                    DQ_FLAGS_COLUMN,
+                    deltalake::kernel::DataType::STRING,
+                    true,
+                )])
+                .await;
+            match added {
+                Ok(table) => {
+                    info!(component = "delta", table = %self.url, column = DQ_FLAGS_COLUMN, "added a nullable column to the readings table");
+                    self.table = table;
+                    return Ok(());
+                }
+                // Another collector evolved it (or committed) first: look again.
+                Err(e) if commit::is_conflict(&e) => self.reload().await?,
+                Err(source) => {
+                    return Err(DeltaError::Evolve {
+                        url: self.url.clone(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        let found = self.found_columns()?;
+        if found == want {
             Ok(())
         } else {
-            Err(schema_err(format!(
-                "found columns [{}], expected [{}]",
-                names(found.as_ref()).join(", "),
-                names(&want).join(", ")
-            )))
+            Err(self.schema_mismatch(&found, &want))
+        }
+    }
+
+    fn found_columns(&self) -> Result<Vec<String>, DeltaError> {
+        let snapshot = self.table.snapshot().map_err(|e| DeltaError::Schema {
+            url: self.url.clone(),
+            detail: format!("{} table: {e}", READINGS.name),
+        })?;
+        Ok(column_names(snapshot.schema().as_ref()))
+    }
+
+    fn schema_mismatch(&self, found: &[String], want: &[String]) -> DeltaError {
+        DeltaError::Schema {
+            url: self.url.clone(),
+            detail: format!(
+                "{} table: found columns [{}], expected [{}]",
+                READINGS.name,
+                found.join(", "),
+                want.join(", ")
+            ),
         }
     }
 }
 
-enum CommitFailure {
-    Conflict(Box<DeltaTableError>),
-    Other(DeltaError),
+/// `batch` (in the contract's schema) with a `dq_flags` column: `flags`, or all null.
+pub(crate) fn with_flags(batch: &RecordBatch, flags: Option<StringArray>) -> RecordBatch {
+    let flags = flags.unwrap_or_else(|| StringArray::new_null(batch.num_rows()));
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    columns.push(Arc::new(flags));
+    RecordBatch::try_new(readings_schema(), columns)
+        .expect("a contract batch plus one nullable string column is the readings schema")
 }
 
-/// A lost race: another writer committed the same version or touched this gateway's app id.
-fn is_conflict(e: &DeltaTableError) -> bool {
-    matches!(
-        e,
-        DeltaTableError::VersionAlreadyExists(_)
-            | DeltaTableError::Transaction {
-                source: TransactionError::CommitConflict(_)
-                    | TransactionError::MaxCommitAttempts(_)
-            }
-    )
+/// The contract's columns of a readings data file, by name.
+fn contract_columns(batch: &RecordBatch) -> Result<RecordBatch, String> {
+    let schema = contract::schema();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            batch
+                .column_by_name(f.name())
+                .cloned()
+                .ok_or_else(|| format!("column `{}` is missing", f.name()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema, columns).map_err(|e| e.to_string())
 }
 
-/// Capped exponential backoff with jitter, so racing collectors spread out.
-fn backoff(attempt: u32) -> Duration {
-    let base_ms = 100u64 << attempt.min(5);
-    let jitter_ms = u64::try_from(uuid::Uuid::new_v4().as_u128() % u128::from(base_ms))
-        .expect("the remainder is below base_ms, which fits in u64");
-    Duration::from_millis(base_ms + jitter_ms)
-}
-
-/// zstd like the raw zone; statistics stay on so readers can skip files by `seq` and `ts`.
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build()
+/// The `seq` column of a batch in the contract's (or readings) schema.
+pub(crate) fn seq_column(batch: &RecordBatch) -> &Int64Array {
+    batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .expect("batches are validated against the contract, whose first column is seq: Int64")
 }
 
 /// Keeps the rows of each batch whose `seq` is above `watermark` and above every `seq` already
-/// kept, so overlapping batches contribute each `seq` once. Returns the kept slices, the new
-/// watermark and the number of rows dropped.
+/// kept, so overlapping batches contribute each `seq` once. Returns the kept slices with the
+/// index of the batch each came from, the new watermark and the number of rows dropped.
 ///
 /// Every batch must be sorted by `seq` (checked by the raw zone before it gets here).
-fn filter_above(
+pub(crate) fn filter_above(
     batches: &[RecordBatch],
     watermark: Option<i64>,
-) -> (Vec<RecordBatch>, Option<i64>, usize) {
+) -> (Vec<(usize, RecordBatch)>, Option<i64>, usize) {
     let mut high = watermark;
     let mut kept = Vec::with_capacity(batches.len());
     let mut skipped = 0;
-    for batch in batches {
-        let seq = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("batches are validated against the contract, whose first column is seq: Int64");
+    for (index, batch) in batches.iter().enumerate() {
+        let seq = seq_column(batch);
         let start = match high {
             None => 0,
             Some(h) => seq.values().partition_point(|&s| s <= h),
         };
         skipped += start;
         if start < batch.num_rows() {
-            kept.push(batch.slice(start, batch.num_rows() - start));
+            kept.push((index, batch.slice(start, batch.num_rows() - start)));
             high = Some(seq.value(seq.len() - 1));
         }
     }
@@ -507,13 +482,10 @@ mod tests {
         contract::to_record_batch(&rows)
     }
 
-    fn seqs(batches: &[RecordBatch]) -> Vec<i64> {
+    fn seqs(batches: &[(usize, RecordBatch)]) -> Vec<i64> {
         batches
             .iter()
-            .flat_map(|b| {
-                let a = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-                a.values().to_vec()
-            })
+            .flat_map(|(_, b)| seq_column(b).values().to_vec())
             .collect()
     }
 
@@ -522,6 +494,10 @@ mod tests {
         let input = [batch(1..=4), batch(3..=6), batch(5..=5), batch(9..=10)];
         let (kept, high, skipped) = filter_above(&input, Some(1));
         assert_eq!(seqs(&kept), vec![2, 3, 4, 5, 6, 9, 10]);
+        assert_eq!(
+            kept.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![0, 1, 3]
+        );
         assert_eq!(high, Some(10));
         assert_eq!(skipped, 1 + 2 + 1);
     }
@@ -538,11 +514,16 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 0..10 {
-            let d = backoff(attempt).as_millis();
-            let base = 100u128 << attempt.min(5);
-            assert!((base..2 * base).contains(&d), "{attempt}: {d}");
-        }
+    fn readings_rows_carry_a_nullable_flags_column_after_the_contract_columns() {
+        let schema = readings_schema();
+        assert_eq!(schema.fields().len(), contract::schema().fields().len() + 1);
+        let last = schema.field(schema.fields().len() - 1);
+        assert_eq!(
+            (last.name().as_str(), last.is_nullable()),
+            (DQ_FLAGS_COLUMN, true)
+        );
+        let b = with_flags(&batch(1..=2), None);
+        assert_eq!(b.column(9).null_count(), 2);
+        assert_eq!(contract_columns(&b).unwrap(), batch(1..=2));
     }
 }

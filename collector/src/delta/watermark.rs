@@ -1,8 +1,10 @@
 //! Per-gateway watermarks, stored as Delta `txn` actions (app id + version), the way
-//! kafka-delta-ingest stores Kafka offsets per partition.
+//! kafka-delta-ingest stores Kafka offsets per partition. Every table the collector writes
+//! (readings, gaps, quarantined rows) carries its own.
 
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
+use url::Url;
 
 use super::table::DeltaError;
 
@@ -16,7 +18,11 @@ pub fn app_id(gateway: &str) -> String {
 
 /// The last `seq` of `gateway` applied to the loaded snapshot of `table`, or `None` if the
 /// gateway never had a row applied (or the table has no snapshot yet).
-pub(super) async fn read(table: &DeltaTable, gateway: &str) -> Result<Option<i64>, DeltaError> {
+pub(super) async fn read(
+    table: &DeltaTable,
+    url: &Url,
+    gateway: &str,
+) -> Result<Option<i64>, DeltaError> {
     let Some(state) = table.state.as_ref() else {
         return Ok(None);
     };
@@ -24,6 +30,7 @@ pub(super) async fn read(table: &DeltaTable, gateway: &str) -> Result<Option<i64
         .transaction_version(table.log_store().as_ref(), app_id(gateway))
         .await
         .map_err(|source| DeltaError::Watermark {
+            table: url.to_string(),
             gateway: gateway.to_owned(),
             version: state.version(),
             source: Box::new(source),

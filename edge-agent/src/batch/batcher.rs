@@ -121,6 +121,9 @@ impl Batcher {
     /// One round: uploads the pending batch, or cuts one when it is due. Returns whether a batch
     /// was uploaded (so the caller can go on at once while a backlog drains).
     async fn step(&mut self, force: bool) -> Result<bool, StepError> {
+        // Readings age out here too, so they go while no source commits (an idle gateway, a
+        // long outage with the sources stopped).
+        self.blocking(Buffer::expire).await?;
         let pending = self.blocking(Buffer::pending_batch).await?;
         let batch = if let Some(batch) = pending {
             batch
@@ -157,8 +160,10 @@ impl Batcher {
 
     async fn upload(&self, batch: &PendingBatch) -> Result<(), StepError> {
         let for_rows = batch.clone();
-        let rows = self.blocking(move |b| b.batch_rows(&for_rows)).await?;
-        let body = super::encode(&rows).map_err(|e| {
+        let (rows, gaps) = self
+            .blocking(move |b| Ok((b.batch_rows(&for_rows)?, b.batch_gaps(&for_rows)?)))
+            .await?;
+        let body = super::encode(&rows, &gaps).map_err(|e| {
             StepError::Fatal(BatcherError::Encode {
                 first_seq: batch.first_seq,
                 last_seq: batch.last_seq,
@@ -182,6 +187,7 @@ impl Batcher {
             bytes = body.len(),
             first_seq = batch.first_seq,
             last_seq = batch.last_seq,
+            gaps = gaps.len(),
             upload_ms = crate::millis(started.elapsed()),
             "batch uploaded"
         );
@@ -271,7 +277,7 @@ mod tests {
         // forget the rows.
         let batch = buffer.cut_batch(4, "plant-a").unwrap().unwrap();
         let rows = buffer.batch_rows(&batch).unwrap();
-        let first_upload = crate::batch::encode(&rows).unwrap();
+        let first_upload = crate::batch::encode(&rows, &[]).unwrap();
         std::fs::create_dir_all(key_path(dir.path(), 1).parent().unwrap()).unwrap();
         std::fs::write(key_path(dir.path(), 1), &first_upload).unwrap();
         drop(buffer);

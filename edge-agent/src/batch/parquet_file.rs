@@ -7,11 +7,13 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use crate::contract::{self, CONTRACT_VERSION, Row, metadata};
+use crate::contract::{self, CONTRACT_VERSION, Gap, Row, metadata};
 
-/// Encodes rows (sorted by `seq`, one gateway) as a Parquet file. The bytes depend only on the
-/// rows and this binary's version, so re-encoding a retried batch gives identical bytes.
-pub fn encode(rows: &[Row]) -> Result<Bytes, parquet::errors::ParquetError> {
+/// Encodes rows (sorted by `seq`, one gateway) as a Parquet file, with the gap records the
+/// batch carries in its `plantline.gaps` metadata (left out when there are none). The bytes
+/// depend only on the rows, the gaps and this binary's version, so re-encoding a retried batch
+/// gives identical bytes.
+pub fn encode(rows: &[Row], gaps: &[Gap]) -> Result<Bytes, parquet::errors::ParquetError> {
     let batch = contract::to_record_batch(rows);
     let mut kv = vec![KeyValue::new(
         metadata::CONTRACT_VERSION.to_owned(),
@@ -29,6 +31,12 @@ pub fn encode(rows: &[Row]) -> Result<Bytes, parquet::errors::ParquetError> {
         kv.push(KeyValue::new(
             metadata::LAST_SEQ.to_owned(),
             last.seq.to_string(),
+        ));
+    }
+    if !gaps.is_empty() {
+        kv.push(KeyValue::new(
+            metadata::GAPS.to_owned(),
+            contract::gaps_to_json(gaps),
         ));
     }
     let props = WriterProperties::builder()
@@ -49,6 +57,21 @@ pub fn encode(rows: &[Row]) -> Result<Bytes, parquet::errors::ParquetError> {
     writer.write(&batch)?;
     writer.close()?;
     Ok(Bytes::from(out))
+}
+
+/// Reads the gap records of a batch file (empty when it has no `plantline.gaps` metadata).
+pub fn read_gaps(bytes: Bytes) -> Result<Vec<Gap>, String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
+    let value = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == metadata::GAPS))
+        .and_then(|kv| kv.value.clone());
+    match value {
+        Some(text) => contract::gaps_from_json(&text).map_err(|e| e.to_string()),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Reads a batch file back into rows, checking it against the contract.
@@ -90,18 +113,30 @@ mod tests {
             .collect()
     }
 
+    fn gaps() -> Vec<Gap> {
+        vec![Gap {
+            first_seq: 101,
+            last_seq: 250,
+            readings: 150,
+            reason: crate::contract::GapReason::BufferFull,
+            detected_at_us: 1_700_000_100_000_000,
+        }]
+    }
+
     #[test]
     fn encoding_is_deterministic_and_round_trips() {
         let rows = rows();
-        let a = encode(&rows).unwrap();
-        let b = encode(&rows).unwrap();
+        let a = encode(&rows, &gaps()).unwrap();
+        let b = encode(&rows, &gaps()).unwrap();
         assert_eq!(a, b, "a retried batch must have identical bytes");
-        assert_eq!(read_rows(a).unwrap(), rows);
+        assert_eq!(read_rows(a.clone()).unwrap(), rows);
+        assert_eq!(read_gaps(a).unwrap(), gaps());
+        assert_eq!(read_gaps(encode(&rows, &[]).unwrap()).unwrap(), []);
     }
 
     #[test]
     fn file_carries_contract_metadata_and_zstd() {
-        let bytes = encode(&rows()).unwrap();
+        let bytes = encode(&rows(), &gaps()).unwrap();
         let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
         let meta = builder.metadata().file_metadata();
         let kv: std::collections::HashMap<_, _> = meta
@@ -114,6 +149,10 @@ mod tests {
         assert_eq!(kv[metadata::GATEWAY], "gw-1");
         assert_eq!(kv[metadata::FIRST_SEQ], "1");
         assert_eq!(kv[metadata::LAST_SEQ], "100");
+        assert_eq!(
+            kv[metadata::GAPS],
+            r#"[{"first_seq":101,"last_seq":250,"readings":150,"reason":"buffer_full","detected_at_us":1700000100000000}]"#
+        );
         let col = builder.metadata().row_group(0).column(0);
         assert!(matches!(col.compression(), Compression::ZSTD(_)));
     }

@@ -6,10 +6,24 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
-use super::sqlite::{BufferError, PendingBatch, read_pending};
+use super::sqlite::{
+    BufferError, DROP_REASONS, PendingBatch, dropped_key, read_gaps, read_pending, used_bytes,
+};
+use crate::contract::Gap;
+
+/// The bounds the agent last started with, as it recorded them in the buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecordedBounds {
+    /// `buffer.max_bytes`; `None` when unbounded.
+    pub max_bytes: Option<u64>,
+    /// `buffer.max_age` in milliseconds; `None` when unbounded.
+    pub max_age_ms: Option<u64>,
+    /// `buffer.on_full`: `drop_oldest` or `backpressure`.
+    pub on_full: String,
+}
 
 /// What a buffer file holds, as `edge-agent buffer` prints it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BufferReport {
     pub path: PathBuf,
     /// The gateway the buffer belongs to (none before the agent's first start completed).
@@ -26,6 +40,17 @@ pub struct BufferReport {
     pub file_bytes: u64,
     /// Size of its write-ahead log in bytes (commits not yet checkpointed into the file).
     pub wal_bytes: u64,
+    /// Bytes in the pages in use: the figure `buffer.max_bytes` bounds.
+    pub used_bytes: u64,
+    /// The bounds in force, as the agent recorded them when it started (`None` before that).
+    pub bounds: Option<RecordedBounds>,
+    /// Readings this buffer file ever dropped, per reason (`buffer_full`, `max_age`,
+    /// `damaged_buffer`).
+    pub dropped: Vec<(String, u64)>,
+    /// Gap records given to the pending batch: they go out with it.
+    pub pending_gaps: Vec<Gap>,
+    /// Gap records waiting for the next batch to be cut.
+    pub waiting_gaps: Vec<Gap>,
 }
 
 /// Reads the report from the buffer at `path` without changing anything.
@@ -90,6 +115,7 @@ pub fn inspect(path: &Path) -> Result<BufferReport, BufferError> {
         )
         .map_err(err)?;
     let pending = read_pending(&tx).map_err(err)?;
+    let limits = read_limits(&tx, pending.as_ref()).map_err(err)?;
     drop(tx);
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
@@ -103,6 +129,61 @@ pub fn inspect(path: &Path) -> Result<BufferReport, BufferError> {
         pending,
         file_bytes,
         wal_bytes,
+        used_bytes: limits.used_bytes,
+        bounds: limits.bounds,
+        dropped: limits.dropped,
+        pending_gaps: limits.pending_gaps,
+        waiting_gaps: limits.waiting_gaps,
+    })
+}
+
+/// The bounds part of the report.
+struct Limits {
+    used_bytes: u64,
+    bounds: Option<RecordedBounds>,
+    dropped: Vec<(String, u64)>,
+    pending_gaps: Vec<Gap>,
+    waiting_gaps: Vec<Gap>,
+}
+
+/// Reads the size in use, the recorded bounds, the drop counters and the unshipped gaps.
+fn read_limits(conn: &Connection, pending: Option<&PendingBatch>) -> rusqlite::Result<Limits> {
+    let used_bytes = used_bytes(conn)?;
+    let meta = |key: &str| -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+    };
+    let number = |value: Option<String>| value.and_then(|v| v.parse::<u64>().ok());
+    let bounds = match meta("on_full")? {
+        Some(on_full) => Some(RecordedBounds {
+            max_bytes: number(meta("max_bytes")?),
+            max_age_ms: number(meta("max_age_ms")?),
+            on_full,
+        }),
+        None => None,
+    };
+    let mut dropped = Vec::new();
+    for reason in &DROP_REASONS {
+        let n = number(meta(&dropped_key(reason))?).unwrap_or(0);
+        dropped.push((reason.as_str().to_owned(), n));
+    }
+    // A buffer written before gap records existed has no such table: it has no gaps either.
+    let has_gaps: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'gaps')",
+        [],
+        |r| r.get(0),
+    )?;
+    let (pending_gaps, waiting_gaps) = match (pending, has_gaps) {
+        (_, false) => (Vec::new(), Vec::new()),
+        (Some(p), true) => (read_gaps(conn, Some(p.first_seq))?, read_gaps(conn, None)?),
+        (None, true) => (Vec::new(), read_gaps(conn, None)?),
+    };
+    Ok(Limits {
+        used_bytes,
+        bounds,
+        dropped,
+        pending_gaps,
+        waiting_gaps,
     })
 }
 
@@ -139,6 +220,68 @@ impl fmt::Display for BufferReport {
             f,
             "file size       {} bytes + {} bytes write-ahead log",
             self.file_bytes, self.wal_bytes
-        )
+        )?;
+        let (bound, age, policy) = match &self.bounds {
+            Some(b) => (
+                b.max_bytes.map_or_else(
+                    || "no bound".to_owned(),
+                    |m| {
+                        format!(
+                            "{} ({} %)",
+                            crate::config::ByteSize(m),
+                            self.used_bytes.saturating_mul(100) / m.max(1)
+                        )
+                    },
+                ),
+                b.max_age_ms.map_or_else(
+                    || "no bound".to_owned(),
+                    |ms| crate::config::ConfigDuration::from_millis(ms).to_string(),
+                ),
+                b.on_full.clone(),
+            ),
+            None => (
+                "not recorded (the agent has not started on this file)".to_owned(),
+                none(),
+                none(),
+            ),
+        };
+        writeln!(
+            f,
+            "in use          {} bytes of max_bytes {bound}",
+            self.used_bytes
+        )?;
+        writeln!(f, "max age         {age}")?;
+        writeln!(f, "when full       {policy}")?;
+        let dropped: Vec<String> = self
+            .dropped
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        writeln!(f, "dropped         {}", dropped.join(", "))?;
+        let gaps: Vec<String> = self
+            .pending_gaps
+            .iter()
+            .map(|g| (g, "goes with the pending batch"))
+            .chain(
+                self.waiting_gaps
+                    .iter()
+                    .map(|g| (g, "waits for the next batch")),
+            )
+            .map(|(g, when)| {
+                format!(
+                    "seq {}..={}: {} readings, {} at {}, {when}",
+                    g.first_seq,
+                    g.last_seq,
+                    g.readings,
+                    g.reason,
+                    super::utc::format_micros(g.detected_at_us)
+                )
+            })
+            .collect();
+        if gaps.is_empty() {
+            writeln!(f, "unshipped gaps  none")
+        } else {
+            writeln!(f, "unshipped gaps  {}", gaps.join("\n                "))
+        }
     }
 }

@@ -14,6 +14,35 @@
 //!   upload writes the same key with the same bytes.
 //! - Rows leave the buffer only in [`Buffer::complete_batch`], after the upload target confirmed
 //!   the batch, in the same transaction that clears the pending record.
+//! - Bounds (`[buffer]` `max_bytes`, `max_age`, `on_full`; see [`Bounds`]). Size is the pages
+//!   in use (`page_count - freelist_count`, two header reads, no scan), checked inside every
+//!   commit's transaction:
+//!   - `drop_oldest`: when a commit takes the pages in use over `max_bytes`, the same
+//!     transaction deletes the oldest readings *after* the pending batch until they are a
+//!     little below the bound (`max_bytes / 32`, 64 KiB to 4 MiB), so the bound holds at every
+//!     commit. The pending batch is never cut into: a bound smaller than the batch in flight
+//!     drops every new reading until it is confirmed.
+//!   - `backpressure`: nothing is dropped for size; the buffer writer takes no readings while
+//!     the pages in use are at or over `max_bytes`, so the bound is exceeded by at most one
+//!     commit (and at shutdown by what the sources had already handed over).
+//!   - `max_age`: a reading whose *commit* (not its timestamp) is older than `max_age` is
+//!     deleted, in any policy, at the next commit or batcher round, at most `max_age / 100`
+//!     (10 ms to 60 s) late; the pending batch again excepted. Commit times are kept as coarse
+//!     marks in the `arrivals` table. A large forward jump of the gateway clock ages readings.
+//!   - On disk the database file stays within about `max_bytes` plus one commit (freed pages
+//!     are reused, not returned), and the write-ahead log is checkpointed after a sixteenth of
+//!     the bound (64 to 1000 pages) and cut back to that size after each checkpoint. Lowering
+//!     `max_bytes` does not shrink an existing file.
+//! - Every dropped reading is counted (`plantline_agent_buffer_dropped_total{reason}` and a
+//!   lifetime counter in `meta`) and recorded in the `gaps` table, in the same transaction as
+//!   the delete: `(first_seq, last_seq, readings, reason, detected_at_us)` with reason
+//!   `buffer_full`, `max_age` or `damaged_buffer` (losses found by recovery). A drop that
+//!   continues the last record (same reason, not yet given to a batch, no reading between)
+//!   extends it, so an outage gives one record, not one per commit.
+//! - Cutting a batch gives it every gap record not yet given to one, in the same transaction,
+//!   and the records never change afterwards: a retried upload carries the same gaps (the
+//!   batch's bytes stay deterministic). They are deleted in [`Buffer::complete_batch`], with
+//!   the batch's rows. A gap with no reading after it waits for the next reading's batch.
 //! - `seq` never goes backwards, even when the database is lost: the high-water file
 //!   `<buffer>.seq` (written atomically and fsynced) records the highest `seq` reserved (in
 //!   blocks of 100 000, before the rows are inserted), cut into a batch (before its upload) and
@@ -46,12 +75,14 @@
 //! garbled inside an intact page) is not detected; the ends of a lost range are reported as
 //! unknown where neither the damaged file nor the high-water file tells them.
 
+pub mod dead_letter;
 mod high_water;
 mod inspect;
 mod recovery;
 mod sqlite;
 mod utc;
 
-pub use inspect::{BufferReport, inspect};
+pub use inspect::{BufferReport, RecordedBounds, inspect};
 pub use recovery::{LostSeqs, RecoveryReport};
-pub use sqlite::{Buffer, BufferError, BufferStats, PendingBatch};
+pub use sqlite::{Bounds, Buffer, BufferError, BufferStats, PendingBatch};
+pub(crate) use utc::format_micros;

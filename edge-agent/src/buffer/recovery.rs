@@ -14,10 +14,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::high_water::HighWater;
 use super::sqlite::{
-    BufferError, PendingBatch, open_connection, raise_sequence, read_pending, read_sequence,
+    BufferError, PendingBatch, add_to_meta_counter, dropped_key, now_us, open_connection,
+    raise_sequence, read_pending, read_sequence, record_gap,
 };
 use crate::config::Durability;
-use crate::contract::Quality;
+use crate::contract::{GapReason, Quality};
 
 /// Rows copied per transaction into the fresh buffer.
 const CHUNK: i64 = 2_000;
@@ -42,6 +43,10 @@ pub struct RecoveryReport {
     /// The `seq` the next reading gets: above every value handed out before, as far as the
     /// damaged file and the high-water file tell.
     pub next_seq: i64,
+    /// Readings counted as lost in the `damaged_buffer` gap records written for [`Self::lost`]:
+    /// the width of each range, with an unknown start taken as seq 1 and an unknown end as
+    /// `next_seq - 1`.
+    pub lost_readings: u64,
 }
 
 /// A range of lost `seq` values; `None` where the bound is not knowable.
@@ -169,6 +174,10 @@ pub(crate) fn recover(
     .max()
     .unwrap_or(0);
     raise_sequence(&fresh, floor).map_err(err)?;
+    let lost_readings = record_losses(&fresh, &scan.lost, floor).map_err(err)?;
+    if let Some(src) = open_damaged(&damaged_file) {
+        carry_gaps(&src, &fresh, pending_batch.as_ref());
+    }
     Ok(RecoveryReport {
         path: path.to_owned(),
         damaged_file,
@@ -178,7 +187,69 @@ pub(crate) fn recover(
         lost: scan.lost,
         pending_batch,
         next_seq: floor + 1,
+        lost_readings,
     })
+}
+
+/// Writes a `damaged_buffer` gap record for every lost range, so the loss travels to the cloud
+/// with the next batch, and counts the readings. Returns how many were counted.
+fn record_losses(fresh: &Connection, lost: &[LostSeqs], highest: i64) -> rusqlite::Result<u64> {
+    let now = now_us();
+    let mut total = 0;
+    for range in lost {
+        // An unknown start: nothing tells where the shipped readings ended, so the record
+        // starts at 1 (documented in the batch contract); an unknown end runs to the last seq
+        // that can have been handed out.
+        let from = range.first.unwrap_or(1).max(1);
+        let to = range.last.unwrap_or(highest);
+        if from > to {
+            continue;
+        }
+        let width = u64::try_from(to - from).unwrap_or(0) + 1;
+        record_gap(fresh, from, to, width, &GapReason::DamagedBuffer, now)?;
+        total += width;
+    }
+    if total > 0 {
+        add_to_meta_counter(fresh, &dropped_key(&GapReason::DamagedBuffer), total)?;
+    }
+    Ok(total)
+}
+
+/// Copies the gap records the damaged file still had (drops not yet reported to the cloud).
+/// Records given to the pending batch stay with it when the batch was carried over. Best
+/// effort: a gaps table that cannot be read is left behind, and the readings' own losses are
+/// reported anyway.
+fn carry_gaps(src: &Connection, fresh: &Connection, pending: Option<&PendingBatch>) {
+    let old_pending = read_pending(src).ok().flatten();
+    let Ok(mut stmt) = src.prepare(
+        "SELECT first_seq, last_seq, readings, reason, detected_at_us, batch_first_seq
+         FROM gaps ORDER BY id",
+    ) else {
+        return;
+    };
+    let Ok(rows) = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+        ))
+    }) else {
+        return;
+    };
+    for (first, last, readings, reason, at, batch) in rows.flatten() {
+        let batch = match (batch, &old_pending, pending) {
+            (Some(b), Some(old), Some(new)) if b == old.first_seq => Some(new.first_seq),
+            _ => None,
+        };
+        let _ = fresh.execute(
+            "INSERT INTO gaps (first_seq, last_seq, readings, reason, detected_at_us, batch_first_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![first, last, readings, reason, at, batch],
+        );
+    }
 }
 
 /// A read-only connection to a damaged file, if SQLite accepts it at all. Read-only so that

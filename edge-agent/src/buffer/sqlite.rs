@@ -1,14 +1,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use tracing::warn;
 
 use super::high_water::{self, HighWater, RESERVE_BLOCK};
 use super::recovery::{self, RecoveryReport};
 use crate::Reading;
-use crate::config::Durability;
-use crate::contract::{Quality, Row};
+use crate::config::{BufferConfig, Durability, FullPolicy};
+use crate::contract::{Gap, GapReason, Quality, Row};
 
 /// Problems with the buffer database.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,73 @@ pub struct BufferStats {
     pub last_seq: Option<i64>,
 }
 
+/// The limits the buffer keeps: `[buffer]` `max_bytes`, `max_age` and `on_full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The most the database's pages in use may take, in bytes.
+    pub max_bytes: u64,
+    /// How long a reading may wait after its commit before it is dropped.
+    pub max_age: Duration,
+    /// What happens at `max_bytes`.
+    pub on_full: FullPolicy,
+}
+
+impl Bounds {
+    /// No limit at all: what [`Buffer::open`] starts with, for tools and tests that look at a
+    /// buffer rather than run one.
+    pub const UNBOUNDED: Bounds = Bounds {
+        max_bytes: u64::MAX,
+        max_age: Duration::MAX,
+        on_full: FullPolicy::DropOldest,
+    };
+
+    pub fn from_config(config: &BufferConfig) -> Self {
+        Self {
+            max_bytes: config.max_bytes.0,
+            max_age: config.max_age.0,
+            on_full: config.on_full,
+        }
+    }
+
+    fn max_age_us(&self) -> Option<i64> {
+        (self.max_age != Duration::MAX)
+            .then(|| i64::try_from(self.max_age.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    /// How far apart the commit-time marks of `arrivals` may lie: readings are dropped for age
+    /// at most this late.
+    fn arrival_granularity_us(&self) -> i64 {
+        self.max_age_us()
+            .map_or(60_000_000, |age| (age / 100).clamp(10_000, 60_000_000))
+    }
+
+    /// How far below `max_bytes` a drop for size goes, so the buffer does not drop a few rows
+    /// at every commit once it is full.
+    fn slack(&self) -> u64 {
+        (self.max_bytes / 32).clamp(64 << 10, 4 << 20)
+    }
+}
+
+/// Readings the buffer dropped in one go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dropped {
+    first_seq: i64,
+    last_seq: i64,
+    readings: u64,
+}
+
+/// The reason names of the drop counters, in the order `edge-agent buffer` shows them.
+pub(crate) const DROP_REASONS: [GapReason; 3] = [
+    GapReason::BufferFull,
+    GapReason::MaxAge,
+    GapReason::DamagedBuffer,
+];
+
+/// The `meta` key of the lifetime drop counter for `reason`.
+pub(crate) fn dropped_key(reason: &GapReason) -> String {
+    format!("dropped_{}", reason.as_str())
+}
+
 /// A batch that has been cut but not yet confirmed by the upload target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingBatch {
@@ -93,6 +161,9 @@ struct Inner {
     marks: HighWater,
     /// The highest `seq` assigned so far (`sqlite_sequence`).
     last_seq: i64,
+    /// Readings in the table, kept here so no commit has to count them.
+    rows: u64,
+    bounds: Bounds,
 }
 
 pub(crate) const SCHEMA: &str = "
@@ -115,7 +186,287 @@ CREATE TABLE IF NOT EXISTS pending_batch (
     last_seq  INTEGER NOT NULL,
     site      TEXT NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS gaps (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    first_seq       INTEGER NOT NULL,
+    last_seq        INTEGER NOT NULL,
+    readings        INTEGER NOT NULL,
+    reason          TEXT NOT NULL,
+    detected_at_us  INTEGER NOT NULL,
+    batch_first_seq INTEGER
+) STRICT;
+CREATE TABLE IF NOT EXISTS arrivals (
+    last_seq    INTEGER PRIMARY KEY,
+    first_at_us INTEGER NOT NULL,
+    last_at_us  INTEGER NOT NULL
+) STRICT;
 ";
+
+/// Microseconds since the Unix epoch on the gateway's clock.
+pub(crate) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Bytes in the database's pages that are in use (all pages minus the free list). Two header
+/// reads, no scan; inside a write transaction it includes that transaction's changes.
+pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pragma = |name: &str| -> rusqlite::Result<u64> {
+        conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))
+            .map(|v| u64::try_from(v).unwrap_or(0))
+    };
+    let pages = pragma("page_count")?;
+    let free = pragma("freelist_count")?;
+    Ok(pages.saturating_sub(free) * pragma("page_size")?)
+}
+
+/// Adds `n` to the lifetime counter `key` in `meta`.
+pub(crate) fn add_to_meta_counter(conn: &Connection, key: &str, n: u64) -> rusqlite::Result<()> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, CAST(?2 AS TEXT))
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?2 AS TEXT)",
+        params![key, n],
+    )?;
+    Ok(())
+}
+
+/// Records a gap, or extends the last one when it is of the same reason, not yet given to a
+/// batch and no reading lies between the two (one long outage gives one record, not one per
+/// commit).
+pub(crate) fn record_gap(
+    conn: &Connection,
+    first_seq: i64,
+    last_seq: i64,
+    readings: u64,
+    reason: &GapReason,
+    detected_at_us: i64,
+) -> rusqlite::Result<()> {
+    let n = i64::try_from(readings).unwrap_or(i64::MAX);
+    let last: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT id, last_seq FROM gaps WHERE batch_first_seq IS NULL AND reason = ?1
+             ORDER BY id DESC LIMIT 1",
+            [reason.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((id, prev_last)) = last
+        && prev_last < first_seq
+    {
+        let between: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM readings WHERE seq > ?1 AND seq < ?2)",
+            [prev_last, first_seq],
+            |r| r.get(0),
+        )?;
+        if !between {
+            conn.execute(
+                "UPDATE gaps SET last_seq = ?2, readings = readings + ?3 WHERE id = ?1",
+                params![id, last_seq, n],
+            )?;
+            return Ok(());
+        }
+    }
+    conn.execute(
+        "INSERT INTO gaps (first_seq, last_seq, readings, reason, detected_at_us)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![first_seq, last_seq, n, reason.as_str(), detected_at_us],
+    )?;
+    Ok(())
+}
+
+/// Deletes the readings with `after < seq <= upto`, records them as a gap and counts them.
+fn drop_range(
+    tx: &Transaction<'_>,
+    after: i64,
+    upto: i64,
+    reason: &GapReason,
+    now: i64,
+) -> rusqlite::Result<Option<Dropped>> {
+    let range: (Option<i64>, Option<i64>) = tx.query_row(
+        "SELECT (SELECT min(seq) FROM readings WHERE seq > ?1 AND seq <= ?2),
+                (SELECT max(seq) FROM readings WHERE seq > ?1 AND seq <= ?2)",
+        [after, upto],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let (Some(first_seq), Some(last_seq)) = range else {
+        return Ok(None);
+    };
+    let deleted = tx.execute(
+        "DELETE FROM readings WHERE seq >= ?1 AND seq <= ?2",
+        [first_seq, last_seq],
+    )?;
+    let readings = u64::try_from(deleted).unwrap_or(0);
+    // Marks at or below the range now cover only readings that are gone or pinned in the
+    // pending batch, which is never dropped for age.
+    tx.execute("DELETE FROM arrivals WHERE last_seq <= ?1", [last_seq])?;
+    record_gap(tx, first_seq, last_seq, readings, reason, now)?;
+    add_to_meta_counter(tx, &dropped_key(reason), readings)?;
+    Ok(Some(Dropped {
+        first_seq,
+        last_seq,
+        readings,
+    }))
+}
+
+/// The readings of the pending batch are in flight and never dropped: the highest such `seq`.
+fn pinned_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    Ok(read_pending(conn)?.map_or(0, |p| p.last_seq))
+}
+
+/// The highest `seq` above `pinned` whose commit mark is older than `cutoff_us`, if any.
+fn aged_upto(conn: &Connection, pinned: i64, cutoff_us: i64) -> rusqlite::Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT last_seq, last_at_us FROM arrivals WHERE last_seq > ?1 ORDER BY last_seq",
+    )?;
+    let mut rows = stmt.query([pinned])?;
+    let mut upto = None;
+    // Marks are in commit order, so the walk stops at the first one young enough.
+    while let Some(row) = rows.next()? {
+        let (last_seq, at): (i64, i64) = (row.get(0)?, row.get(1)?);
+        if at >= cutoff_us {
+            break;
+        }
+        upto = Some(last_seq);
+    }
+    Ok(upto)
+}
+
+/// Drops the readings older than `max_age` that are not in the pending batch.
+fn enforce_age(
+    tx: &Transaction<'_>,
+    bounds: &Bounds,
+    now: i64,
+) -> rusqlite::Result<Option<Dropped>> {
+    let Some(age) = bounds.max_age_us() else {
+        return Ok(None);
+    };
+    let pinned = pinned_seq(tx)?;
+    match aged_upto(tx, pinned, now.saturating_sub(age))? {
+        Some(upto) => drop_range(tx, pinned, upto, &GapReason::MaxAge, now),
+        None => Ok(None),
+    }
+}
+
+/// With `drop_oldest`, drops the oldest readings outside the pending batch until the pages in
+/// use are a little below `max_bytes`. `rows` is the number of readings in the table.
+fn enforce_size(
+    tx: &Transaction<'_>,
+    bounds: &Bounds,
+    mut rows: u64,
+    now: i64,
+) -> rusqlite::Result<Option<Dropped>> {
+    let mut dropped: Option<Dropped> = None;
+    if bounds.max_bytes == u64::MAX || bounds.on_full != FullPolicy::DropOldest {
+        return Ok(dropped);
+    }
+    let mut used = used_bytes(tx)?;
+    if used <= bounds.max_bytes {
+        return Ok(dropped);
+    }
+    let target = bounds.max_bytes.saturating_sub(bounds.slack());
+    let pinned = pinned_seq(tx)?;
+    // Each round estimates how many rows free the excess from the average row size; pages
+    // that do not empty completely can leave a little over, which the next round takes.
+    for _ in 0..16 {
+        let per_row = (used / rows.max(1)).max(1);
+        let count = (used - target).div_ceil(per_row).max(1);
+        let upto: Option<i64> = tx
+            .query_row(
+                "SELECT seq FROM readings WHERE seq > ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
+                params![pinned, i64::try_from(count - 1).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        // Fewer rows than that after the pending batch: all of them.
+        let upto = upto.unwrap_or(i64::MAX);
+        let Some(d) = drop_range(tx, pinned, upto, &GapReason::BufferFull, now)? else {
+            // Only the pending batch is left: nothing more may go.
+            break;
+        };
+        rows = rows.saturating_sub(d.readings);
+        // Each round starts right after the pending batch, where the last one ended.
+        dropped = Some(match dropped {
+            Some(before) => Dropped {
+                first_seq: before.first_seq,
+                last_seq: d.last_seq,
+                readings: before.readings + d.readings,
+            },
+            None => d,
+        });
+        used = used_bytes(tx)?;
+        if used <= target {
+            break;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Notes that the readings up to `last_seq` were committed at `now`: extends the newest mark
+/// while it is younger than the granularity, otherwise starts a new one.
+fn record_arrival(
+    tx: &Transaction<'_>,
+    last_seq: i64,
+    now: i64,
+    granularity_us: i64,
+) -> rusqlite::Result<()> {
+    let newest: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT last_seq, first_at_us FROM arrivals ORDER BY last_seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match newest {
+        Some((prev, first_at))
+            if prev < last_seq && (first_at..first_at + granularity_us).contains(&now) =>
+        {
+            tx.execute(
+                "UPDATE arrivals SET last_seq = ?2, last_at_us = ?3 WHERE last_seq = ?1",
+                params![prev, last_seq, now],
+            )?;
+        }
+        Some((prev, _)) if prev >= last_seq => {}
+        _ => {
+            tx.execute(
+                "INSERT INTO arrivals (last_seq, first_at_us, last_at_us) VALUES (?1, ?2, ?2)",
+                params![last_seq, now],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Logs and counts what a commit dropped (after the commit, so only drops that happened are
+/// reported).
+fn report_dropped(path: &Path, reason: &GapReason, dropped: Option<Dropped>, bounds: &Bounds) {
+    if let Some(d) = dropped {
+        crate::metrics::global().buffer_dropped(reason.as_str(), d.readings);
+        let why = match reason {
+            GapReason::MaxAge => format!(
+                "they waited longer than buffer.max_age ({})",
+                crate::config::ConfigDuration(bounds.max_age)
+            ),
+            _ => format!(
+                "the buffer reached buffer.max_bytes ({})",
+                crate::config::ByteSize(bounds.max_bytes)
+            ),
+        };
+        warn!(
+            component = "buffer",
+            buffer = %path.display(),
+            reason = reason.as_str(),
+            readings = d.readings,
+            first_seq = d.first_seq,
+            last_seq = d.last_seq,
+            "dropped {} readings (seq {}..={}) because {why}; a gap record goes to the cloud with the next batch",
+            d.readings,
+            d.first_seq,
+            d.last_seq
+        );
+    }
+}
 
 /// Opens (or creates) the database with the buffer's settings and schema.
 pub(crate) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
@@ -214,6 +565,26 @@ impl Buffer {
     /// agent carries on. Errors are left for conditions a new file would not cure: a folder that
     /// cannot be created, a busy or read-only file, another gateway's buffer.
     pub fn open(path: &Path, durability: Durability, gateway: &str) -> Result<Self, BufferError> {
+        Self::open_bounded(path, durability, gateway, Bounds::UNBOUNDED)
+    }
+
+    /// [`Buffer::open`], then [`Buffer::set_bounds`]: what the agent does at start-up.
+    pub fn open_bounded(
+        path: &Path,
+        durability: Durability,
+        gateway: &str,
+        bounds: Bounds,
+    ) -> Result<Self, BufferError> {
+        let buffer = Self::open_unbounded(path, durability, gateway)?;
+        buffer.set_bounds(bounds)?;
+        Ok(buffer)
+    }
+
+    fn open_unbounded(
+        path: &Path,
+        durability: Durability,
+        gateway: &str,
+    ) -> Result<Self, BufferError> {
         let err = |source| BufferError::Sqlite {
             path: path.to_owned(),
             source,
@@ -259,6 +630,7 @@ impl Buffer {
             other => other?,
         };
         let (conn, mut last_seq) = opened;
+        let rows = prepare_bounds_state(&conn).map_err(err)?;
         // Whatever the database says, seq must not fall back below what may have left the
         // gateway (a power cut with durability = "normal" can roll back the last commits); a
         // buffer that was deleted or lost starts above every seq ever handed out.
@@ -281,6 +653,10 @@ impl Buffer {
         }
         if let Some(report) = &recovery {
             warn!(component = "buffer", "{report}");
+            if report.lost_readings > 0 {
+                crate::metrics::global()
+                    .buffer_dropped(GapReason::DamagedBuffer.as_str(), report.lost_readings);
+            }
         }
         Ok(Self {
             path: path.to_owned(),
@@ -289,9 +665,123 @@ impl Buffer {
                 conn,
                 marks: marks.unwrap_or_default(),
                 last_seq,
+                rows,
+                bounds: Bounds::UNBOUNDED,
             }),
             recovery,
         })
+    }
+
+    /// Applies `bounds` from now on and records them in the database, where `edge-agent buffer`
+    /// shows them. A smaller bound takes effect at the next commit (and the next
+    /// [`Buffer::expire`] for the age).
+    pub fn set_bounds(&self, bounds: Bounds) -> Result<(), BufferError> {
+        let mut inner = self.lock();
+        let policy = match bounds.on_full {
+            FullPolicy::DropOldest => "drop_oldest",
+            FullPolicy::Backpressure => "backpressure",
+        };
+        let age_ms = bounds
+            .max_age_us()
+            .map_or_else(|| "none".to_owned(), |us| (us / 1000).to_string());
+        let max_bytes = if bounds.max_bytes == u64::MAX {
+            "none".to_owned()
+        } else {
+            bounds.max_bytes.to_string()
+        };
+        let tx = inner.conn.transaction().map_err(|e| self.err(e))?;
+        for (key, value) in [
+            ("max_bytes", max_bytes),
+            ("max_age_ms", age_ms),
+            ("on_full", policy.to_owned()),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2",
+                [key, &value],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        if bounds.max_bytes != u64::MAX {
+            // Keep the write-ahead log small next to a small bound: checkpoint after about a
+            // sixteenth of the bound (at most SQLite's default of 1000 pages) and cut the log
+            // file back to that size after each checkpoint.
+            let page_size: u64 = inner
+                .conn
+                .pragma_query_value(None, "page_size", |r| r.get::<_, i64>(0))
+                .map(|v| u64::try_from(v).unwrap_or(4096))
+                .map_err(|e| self.err(e))?;
+            let pages = i64::try_from((bounds.max_bytes / 16 / page_size.max(1)).clamp(64, 1000))
+                .unwrap_or(1000);
+            inner
+                .conn
+                .pragma_update_and_check(None, "wal_autocheckpoint", pages, |_| Ok(()))
+                .map_err(|e| self.err(e))?;
+            let limit = pages * i64::try_from(page_size).unwrap_or(4096);
+            inner
+                .conn
+                .pragma_update_and_check(None, "journal_size_limit", limit, |_| Ok(()))
+                .map_err(|e| self.err(e))?;
+        }
+        inner.bounds = bounds;
+        Ok(())
+    }
+
+    /// The bounds in force.
+    pub fn bounds(&self) -> Bounds {
+        self.lock().bounds
+    }
+
+    /// Bytes in the database's pages that are in use (the figure `max_bytes` bounds).
+    pub fn used_bytes(&self) -> Result<u64, BufferError> {
+        used_bytes(&self.lock().conn).map_err(|e| self.err(e))
+    }
+
+    /// Whether the pages in use are below `max_bytes`: with `on_full = "backpressure"` the
+    /// buffer writer takes readings only while this holds.
+    pub fn has_room(&self) -> Result<bool, BufferError> {
+        let inner = self.lock();
+        if inner.bounds.max_bytes == u64::MAX {
+            return Ok(true);
+        }
+        used_bytes(&inner.conn)
+            .map(|used| used < inner.bounds.max_bytes)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Drops the readings that waited longer than `max_age` (outside the pending batch) and
+    /// returns how many went. Commits do this too; the batcher calls it on every round so
+    /// readings age out while no source commits. Cheap when nothing is due: one index seek.
+    pub fn expire(&self) -> Result<u64, BufferError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(age) = inner.bounds.max_age_us() else {
+            return Ok(0);
+        };
+        let now = now_us();
+        let due = pinned_seq(&inner.conn)
+            .and_then(|pinned| aged_upto(&inner.conn, pinned, now.saturating_sub(age)))
+            .map_err(|e| self.err(e))?;
+        if due.is_none() {
+            return Ok(0);
+        }
+        let tx = inner
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let dropped = enforce_age(&tx, &inner.bounds, now).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        let n = dropped.map_or(0, |d| d.readings);
+        inner.rows = inner.rows.saturating_sub(n);
+        report_dropped(&self.path, &GapReason::MaxAge, dropped, &inner.bounds);
+        Ok(n)
+    }
+
+    /// The gap records that travel with `batch` (given to it when it was cut), in `seq` order.
+    pub fn batch_gaps(&self, batch: &PendingBatch) -> Result<Vec<Gap>, BufferError> {
+        let inner = self.lock();
+        read_gaps(&inner.conn, Some(batch.first_seq)).map_err(|e| self.err(e))
     }
 
     /// Opens the database and checks that it belongs to `gateway`; returns the last `seq`.
@@ -417,27 +907,41 @@ impl Buffer {
                 first.get_or_insert(last);
             }
         }
+        // The bounds are kept in the same transaction as the insert: a crash never leaves the
+        // buffer over them, and a drop is on disk together with its gap record and count.
+        let now = now_us();
+        let bounds = inner.bounds;
+        record_arrival(&tx, last, now, bounds.arrival_granularity_us()).map_err(|e| self.err(e))?;
+        let aged = enforce_age(&tx, &bounds, now).map_err(|e| self.err(e))?;
+        let rows = inner.rows + readings.len() as u64 - aged.map_or(0, |d| d.readings);
+        let full = enforce_size(&tx, &bounds, rows, now).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
+        inner.rows = rows - full.map_or(0, |d| d.readings);
         inner.last_seq = inner.last_seq.max(last);
+        report_dropped(&self.path, &GapReason::MaxAge, aged, &bounds);
+        report_dropped(&self.path, &GapReason::BufferFull, full, &bounds);
         Ok(first.map(|f| (f, last)))
     }
 
+    /// Depth and `seq` range; the row count is kept in memory and the ends are two index
+    /// seeks, so this is cheap enough for every round of the batcher.
     pub fn stats(&self) -> Result<BufferStats, BufferError> {
         let inner = self.lock();
-        inner
+        // Two subqueries: SQLite answers a lone min() or max() of the key with one seek, but
+        // both in one SELECT with a scan.
+        let (first_seq, last_seq) = inner
             .conn
             .query_row(
-                "SELECT count(*), min(seq), max(seq) FROM readings",
+                "SELECT (SELECT min(seq) FROM readings), (SELECT max(seq) FROM readings)",
                 [],
-                |r| {
-                    Ok(BufferStats {
-                        rows: r.get::<_, i64>(0)?.try_into().unwrap_or(0),
-                        first_seq: r.get(1)?,
-                        last_seq: r.get(2)?,
-                    })
-                },
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        Ok(BufferStats {
+            rows: inner.rows,
+            first_seq,
+            last_seq,
+        })
     }
 
     /// The batch that was cut but not confirmed, if any (for example before a crash).
@@ -483,6 +987,13 @@ impl Buffer {
         tx.execute(
             "INSERT INTO pending_batch (id, first_seq, last_seq, site) VALUES (1, ?1, ?2, ?3)",
             params![first_seq, last_seq, site],
+        )
+        .map_err(|e| self.err(e))?;
+        // Every gap not yet shipped rides with this batch, fixed now, so a retried upload
+        // carries exactly the same records.
+        tx.execute(
+            "UPDATE gaps SET batch_first_seq = ?1 WHERE batch_first_seq IS NULL",
+            [first_seq],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
@@ -560,12 +1071,68 @@ impl Buffer {
         };
         self.store_marks(inner, marks)?;
         let tx = inner.conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute("DELETE FROM readings WHERE seq <= ?1", [batch.last_seq])
+        let deleted = tx
+            .execute("DELETE FROM readings WHERE seq <= ?1", [batch.last_seq])
             .map_err(|e| self.err(e))?;
         tx.execute("DELETE FROM pending_batch WHERE id = 1", [])
             .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        // The gap records went out with the batch; the commit marks of its rows are no longer
+        // needed.
+        tx.execute(
+            "DELETE FROM gaps WHERE batch_first_seq = ?1",
+            [batch.first_seq],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM arrivals WHERE last_seq <= ?1",
+            [batch.last_seq],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        inner.rows = inner.rows.saturating_sub(deleted as u64);
+        Ok(())
     }
+}
+
+/// Counts the readings and makes sure every one is covered by a commit mark (a buffer written
+/// before marks existed, or one filled by recovery, gets a mark of now). Returns the count.
+fn prepare_bounds_state(conn: &Connection) -> rusqlite::Result<u64> {
+    let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+    let newest: Option<i64> = conn.query_row("SELECT max(seq) FROM readings", [], |r| r.get(0))?;
+    let marked: Option<i64> =
+        conn.query_row("SELECT max(last_seq) FROM arrivals", [], |r| r.get(0))?;
+    if let Some(newest) = newest
+        && marked.is_none_or(|m| m < newest)
+    {
+        let now = now_us();
+        conn.execute(
+            "INSERT INTO arrivals (last_seq, first_at_us, last_at_us) VALUES (?1, ?2, ?2)",
+            params![newest, now],
+        )?;
+    }
+    Ok(u64::try_from(rows).unwrap_or(0))
+}
+
+/// Gap records: those given to the batch starting at `batch_first_seq`, or with `None` those
+/// not yet given to any batch; in `seq` order.
+pub(crate) fn read_gaps(
+    conn: &Connection,
+    batch_first_seq: Option<i64>,
+) -> rusqlite::Result<Vec<Gap>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT first_seq, last_seq, readings, reason, detected_at_us FROM gaps
+         WHERE batch_first_seq IS ?1 ORDER BY first_seq, id",
+    )?;
+    stmt.query_map([batch_first_seq], |r| {
+        Ok(Gap {
+            first_seq: r.get(0)?,
+            last_seq: r.get(1)?,
+            readings: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+            reason: GapReason::parse(&r.get::<_, String>(3)?),
+            detected_at_us: r.get(4)?,
+        })
+    })?
+    .collect()
 }
 
 pub(crate) fn read_pending(conn: &Connection) -> rusqlite::Result<Option<PendingBatch>> {
@@ -661,6 +1228,242 @@ mod tests {
                 .contains("belongs to gateway `gw-1`, but the config says `gw-2`"),
             "{err}"
         );
+    }
+
+    fn bounded(dir: &Path, bounds: Bounds) -> Buffer {
+        Buffer::open_bounded(&dir.join("b.db"), Durability::Full, "gw-1", bounds).unwrap()
+    }
+
+    fn chunk(from: i64, n: i64) -> Vec<Reading> {
+        (from..from + n).map(reading).collect()
+    }
+
+    fn meta_counter(buf: &Buffer, reason: &GapReason) -> u64 {
+        buf.lock()
+            .conn
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1",
+                [dropped_key(reason)],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .unwrap()
+            .map_or(0, |n| u64::try_from(n).unwrap())
+    }
+
+    fn unshipped_gaps(buf: &Buffer) -> Vec<Gap> {
+        read_gaps(&buf.lock().conn, None).unwrap()
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn drop_oldest_stays_within_max_bytes_keeps_the_pending_batch_and_records_one_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = bounded(
+            dir.path(),
+            Bounds {
+                max_bytes: MIB,
+                ..Bounds::UNBOUNDED
+            },
+        );
+        buf.append(&chunk(1, 1000)).unwrap();
+        let pending = buf.cut_batch(600, "plant-a").unwrap().unwrap();
+        let pending_rows = buf.batch_rows(&pending).unwrap();
+        let mut appended = 1000;
+        // About ten times what fits, in commits of 500.
+        while appended < 100_000 {
+            buf.append(&chunk(appended + 1, 500)).unwrap();
+            appended += 500;
+            let used = buf.used_bytes().unwrap();
+            assert!(used <= MIB, "{used} bytes in use after seq {appended}");
+        }
+        // The pending batch is untouched: a retry reads the same rows.
+        assert_eq!(buf.batch_rows(&pending).unwrap(), pending_rows);
+        let stats = buf.stats().unwrap();
+        let counted: i64 = buf
+            .lock()
+            .conn
+            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stats.rows, u64::try_from(counted).unwrap());
+        assert_eq!(stats.last_seq, Some(100_000));
+        // Every drop was taken right after the pending batch, so one long record tells it all.
+        let first_kept = buf
+            .lock()
+            .conn
+            .query_row("SELECT min(seq) FROM readings WHERE seq > 600", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        let dropped = u64::try_from(first_kept - 601).unwrap();
+        assert_eq!(stats.rows, 100_000 - dropped);
+        let gaps = unshipped_gaps(&buf);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert_eq!(
+            (gaps[0].first_seq, gaps[0].last_seq, gaps[0].readings),
+            (601, first_kept - 1, dropped)
+        );
+        assert_eq!(gaps[0].reason, GapReason::BufferFull);
+        assert_eq!(meta_counter(&buf, &GapReason::BufferFull), dropped);
+        // It still fills most of the bound: drops go a little below it, not far.
+        assert!(buf.used_bytes().unwrap() > MIB / 2);
+
+        // The gap rides with the next batch and leaves with it.
+        buf.complete_batch(&pending).unwrap();
+        let next = buf.cut_batch(1000, "plant-a").unwrap().unwrap();
+        assert_eq!(next.first_seq, first_kept);
+        assert_eq!(buf.batch_gaps(&next).unwrap(), gaps);
+        assert_eq!(unshipped_gaps(&buf), []);
+        buf.complete_batch(&next).unwrap();
+        assert_eq!(buf.batch_gaps(&next).unwrap(), []);
+        let left: i64 = buf
+            .lock()
+            .conn
+            .query_row("SELECT count(*) FROM gaps", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn gaps_given_to_a_pending_batch_stay_fixed_and_later_drops_wait_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = bounded(
+            dir.path(),
+            Bounds {
+                max_bytes: MIB,
+                ..Bounds::UNBOUNDED
+            },
+        );
+        // Fill past the bound with no batch pending: the oldest readings go first.
+        let mut next_seq = 1;
+        while meta_counter(&buf, &GapReason::BufferFull) == 0 {
+            buf.append(&chunk(next_seq, 500)).unwrap();
+            next_seq += 500;
+        }
+        let first_gaps = unshipped_gaps(&buf);
+        assert_eq!(first_gaps.len(), 1);
+        assert_eq!(first_gaps[0].first_seq, 1);
+        let batch = buf.cut_batch(100, "plant-a").unwrap().unwrap();
+        assert_eq!(batch.first_seq, first_gaps[0].last_seq + 1);
+        assert_eq!(buf.batch_gaps(&batch).unwrap(), first_gaps);
+        let before = buf.batch_gaps(&batch).unwrap();
+        // More drops while the batch is pending: a new record, not an extension of the one
+        // already given to the batch, so a retried upload carries the same gaps.
+        for _ in 0..40 {
+            buf.append(&chunk(next_seq, 500)).unwrap();
+            next_seq += 500;
+        }
+        assert_eq!(buf.batch_gaps(&batch).unwrap(), before);
+        let later = unshipped_gaps(&buf);
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert_eq!(later[0].first_seq, batch.last_seq + 1);
+        drop(buf);
+        // Both survive a restart with their assignment.
+        let buf = bounded(
+            dir.path(),
+            Bounds {
+                max_bytes: MIB,
+                ..Bounds::UNBOUNDED
+            },
+        );
+        assert_eq!(buf.batch_gaps(&batch).unwrap(), before);
+        assert_eq!(unshipped_gaps(&buf), later);
+        assert_eq!(
+            meta_counter(&buf, &GapReason::BufferFull),
+            before[0].readings + later[0].readings
+        );
+    }
+
+    #[test]
+    fn readings_older_than_max_age_are_dropped_except_the_pending_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = bounded(
+            dir.path(),
+            Bounds {
+                max_age: Duration::from_millis(300),
+                ..Bounds::UNBOUNDED
+            },
+        );
+        buf.append(&chunk(1, 10)).unwrap();
+        let pending = buf.cut_batch(3, "plant-a").unwrap().unwrap();
+        assert_eq!(buf.expire().unwrap(), 0, "nothing is old yet");
+        std::thread::sleep(Duration::from_millis(400));
+        // The next commit finds 4..=10 too old; the pending 1..=3 stays.
+        buf.append(&chunk(11, 2)).unwrap();
+        let stats = buf.stats().unwrap();
+        assert_eq!((stats.rows, stats.first_seq), (5, Some(1)));
+        assert_eq!(buf.batch_rows(&pending).unwrap().len(), 3);
+        let gaps = unshipped_gaps(&buf);
+        assert_eq!(
+            gaps.iter()
+                .map(|g| (g.first_seq, g.last_seq, g.readings, g.reason.clone()))
+                .collect::<Vec<_>>(),
+            [(4, 10, 7, GapReason::MaxAge)]
+        );
+        // Without any commit, expire() finds 11..=12 once they are old; the record grows.
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(buf.expire().unwrap(), 2);
+        assert_eq!(buf.stats().unwrap().rows, 3);
+        let gaps = unshipped_gaps(&buf);
+        assert_eq!(
+            gaps.iter()
+                .map(|g| (g.first_seq, g.last_seq, g.readings))
+                .collect::<Vec<_>>(),
+            [(4, 12, 9)]
+        );
+        assert_eq!(meta_counter(&buf, &GapReason::MaxAge), 9);
+        assert_eq!(buf.expire().unwrap(), 0);
+    }
+
+    #[test]
+    fn age_counts_from_the_commit_not_from_the_reading_timestamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = bounded(
+            dir.path(),
+            Bounds {
+                max_age: Duration::from_mins(1),
+                ..Bounds::UNBOUNDED
+            },
+        );
+        // A log file of last year, imported now, is not old for the buffer.
+        let mut old = chunk(1, 5);
+        for r in &mut old {
+            r.ts_us -= 365 * 24 * 3600 * 1_000_000;
+        }
+        buf.append(&old).unwrap();
+        assert_eq!(buf.expire().unwrap(), 0);
+        assert_eq!(buf.stats().unwrap().rows, 5);
+    }
+
+    #[test]
+    fn backpressure_drops_nothing_and_reports_when_room_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = bounded(
+            dir.path(),
+            Bounds {
+                max_bytes: MIB,
+                on_full: FullPolicy::Backpressure,
+                ..Bounds::UNBOUNDED
+            },
+        );
+        let mut next_seq = 1;
+        while buf.has_room().unwrap() {
+            buf.append(&chunk(next_seq, 500)).unwrap();
+            next_seq += 500;
+        }
+        // The writer stops at the first commit over the bound, so it overshoots by one commit.
+        let used = buf.used_bytes().unwrap();
+        assert!((MIB..MIB + 128 * 1024).contains(&used), "{used}");
+        assert_eq!(
+            buf.stats().unwrap().rows,
+            u64::try_from(next_seq - 1).unwrap()
+        );
+        assert_eq!(unshipped_gaps(&buf), []);
+        assert_eq!(meta_counter(&buf, &GapReason::BufferFull), 0);
+        let batch = buf.cut_batch(5000, "plant-a").unwrap().unwrap();
+        buf.complete_batch(&batch).unwrap();
+        assert!(buf.has_room().unwrap());
     }
 
     #[test]

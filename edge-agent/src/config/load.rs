@@ -136,6 +136,11 @@ pub fn load_str(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
             drop.folder = base.join(&drop.folder);
         }
     }
+    if let Some(file) = &mut config.metrics.token_file
+        && file.is_relative()
+    {
+        *file = base.join(&*file);
+    }
     Ok(config)
 }
 
@@ -356,10 +361,10 @@ unit = "degC"
 
     #[test]
     fn a_missing_key_names_its_table() {
-        let text = VALID.replace("host = \"127.0.0.1\"\n", "");
+        let text = VALID.replace("name = \"press-3\"\n", "");
         assert_eq!(
             parse_error(&text),
-            "plant.toml:7:1: modbus[0]: missing field `host`; add `host` to this table"
+            "plant.toml:7:1: modbus[0]: missing field `name`; add `name` to this table"
         );
     }
 

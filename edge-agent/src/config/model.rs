@@ -25,9 +25,14 @@ pub struct AgentConfig {
     pub batch: BatchConfig,
     /// Where batches go.
     pub upload: UploadConfig,
-    /// Modbus TCP devices and the tags read from them.
+    /// Modbus devices and the tags read from them: Modbus TCP devices, and slaves on a
+    /// `[[modbus_bus]]` (those name their bus with `bus`).
     #[serde(default)]
     pub modbus: Vec<ModbusDevice>,
+    /// Modbus RTU buses: a serial port, or a serial gateway reached over TCP, shared by the
+    /// `[[modbus]]` devices that name it with `bus`.
+    #[serde(default)]
+    pub modbus_bus: Vec<ModbusBus>,
     /// MQTT brokers and the subscriptions whose messages become readings.
     #[serde(default)]
     pub mqtt: Vec<MqttBroker>,
@@ -44,7 +49,7 @@ pub struct AgentConfig {
 }
 
 /// The Kinesis live stream: best effort and low latency, never in the way of the S3 batches.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KinesisConfig {
     /// Name of an existing Kinesis data stream (1-128 letters, digits, `_`, `-` and `.`).
@@ -85,7 +90,7 @@ impl KinesisConfig {
 }
 
 /// The `/metrics` (Prometheus text) and `/health` HTTP endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Serve the endpoint. On by default; it listens on loopback only unless `listen` says
@@ -97,6 +102,14 @@ pub struct MetricsConfig {
     /// plant network. The endpoint has no authentication: expose it only on a trusted network.
     #[serde(default = "MetricsConfig::default_listen")]
     pub listen: String,
+    /// Name of an environment variable holding a token that `/status`, `/status.json` and
+    /// `/metrics` then require (`Authorization: Bearer <token>`, or `?token=<token>` in a
+    /// browser). Set a token before exposing the endpoint beyond loopback. `/health` stays open
+    /// for supervisors and load balancers.
+    pub token_env: Option<String>,
+    /// Like `token_env`, but the token is the first line of this file (readable by the agent's
+    /// user only). Use one of the two.
+    pub token_file: Option<PathBuf>,
 }
 
 impl MetricsConfig {
@@ -118,12 +131,14 @@ impl Default for MetricsConfig {
         Self {
             enabled: Self::default_enabled(),
             listen: Self::default_listen(),
+            token_env: None,
+            token_file: None,
         }
     }
 }
 
 /// The SQLite buffer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BufferConfig {
     /// Path of the SQLite database. A relative path is resolved against the config file's folder.
@@ -137,6 +152,23 @@ pub struct BufferConfig {
     /// How often buffered readings are committed to SQLite in one transaction.
     #[serde(default = "BufferConfig::default_commit_interval")]
     pub commit_interval: ConfigDuration,
+    /// The most the buffer's readings may take: a size like `"512 MiB"`, `"16MiB"`, `"2 GiB"`
+    /// (binary units `KiB`, `MiB`, `GiB`; decimal `kB`, `MB`, `GB`; or `B`), or a whole number
+    /// of bytes. At least 1 MiB. A reading takes about 60 to 100 bytes. What happens at the
+    /// bound is `on_full`.
+    #[serde(default = "BufferConfig::default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Readings that waited in the buffer longer than this (counted from their commit, not
+    /// from their timestamp) are dropped even when there is room, and reported as a gap. It
+    /// must be longer than `batch.max_age`.
+    #[serde(default = "BufferConfig::default_max_age")]
+    pub max_age: ConfigDuration,
+    /// What the buffer does at `max_bytes`: `drop_oldest` (the default: the oldest readings not
+    /// being uploaded make room and are reported as a gap) or `backpressure` (the agent stops
+    /// taking readings from the sources until an upload frees room; nothing is dropped for
+    /// size, but sources lose or delay readings, see the README).
+    #[serde(default)]
+    pub on_full: FullPolicy,
 }
 
 impl BufferConfig {
@@ -146,6 +178,12 @@ impl BufferConfig {
     fn default_commit_interval() -> ConfigDuration {
         ConfigDuration::from_millis(200)
     }
+    fn default_max_bytes() -> ByteSize {
+        ByteSize(1 << 30)
+    }
+    fn default_max_age() -> ConfigDuration {
+        ConfigDuration::from_secs(7 * 24 * 3600)
+    }
 }
 
 impl Default for BufferConfig {
@@ -154,7 +192,103 @@ impl Default for BufferConfig {
             path: Self::default_path(),
             durability: Durability::default(),
             commit_interval: Self::default_commit_interval(),
+            max_bytes: Self::default_max_bytes(),
+            max_age: Self::default_max_age(),
+            on_full: FullPolicy::default(),
         }
+    }
+}
+
+/// What the buffer does when it reaches `buffer.max_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Drop the oldest readings that are not part of the batch being uploaded, count them and
+    /// send a gap record with the next batch.
+    #[default]
+    DropOldest,
+    /// Stop taking readings from the sources until the batcher frees room.
+    Backpressure,
+}
+
+/// A size in bytes, written in a config file as a whole number of bytes or as text with a unit
+/// (`"512 MiB"`, `"16MiB"`, `"500 MB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Reads `"<whole number>[ ]<unit>"`; the unit is one of B, kB, KiB, MB, MiB, GB, GiB, TB,
+    /// TiB (case does not matter) and may be left out for bytes.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().map_err(|_| {
+            format!("`{s}` does not start with a whole number; write a size like \"512 MiB\"")
+        })?;
+        let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "kib" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "`{s}` has an unknown unit `{}`; use B, kB, KiB, MB, MiB, GB or GiB, for example \"512 MiB\"",
+                    unit.trim()
+                ));
+            }
+        };
+        n.checked_mul(factor)
+            .map(Self)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// The largest binary unit that shows the size exactly (`512 MiB`, `1536 KiB`, `1000 B`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{} {unit}", self.0 / size);
+            }
+        }
+        write!(f, "{} B", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size like \"512 MiB\" or a whole number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| {
+                    E::custom(format!("{v} is negative; write a size like \"512 MiB\""))
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -171,7 +305,7 @@ pub enum Durability {
 }
 
 /// Batch cutting.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// A batch is cut as soon as this many readings wait in the buffer.
@@ -201,7 +335,7 @@ impl Default for BatchConfig {
 }
 
 /// The upload target: exactly one of `s3` or `dir`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UploadConfig {
     /// An S3 bucket (AWS, or any S3-compatible endpoint).
@@ -212,7 +346,7 @@ pub struct UploadConfig {
 
 /// S3 upload settings. Credentials come from the AWS default chain (environment, profile,
 /// instance or container role).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Upload {
     /// Bucket name.
@@ -243,7 +377,7 @@ impl S3Upload {
 }
 
 /// Local folder upload settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirUpload {
     /// The folder that plays the bucket. A relative path is resolved against the config file's folder.
@@ -257,20 +391,30 @@ fn default_prefix() -> String {
     "raw/".to_owned()
 }
 
-/// One Modbus TCP device (a PLC, a power meter, a gateway to a serial bus).
-#[derive(Debug, Clone, Deserialize)]
+/// One Modbus device: a Modbus TCP device (a PLC, a power meter) reached at `host`, or a slave
+/// on a `[[modbus_bus]]` named by `bus`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusDevice {
     /// The device name used in every reading (for example `press-3`).
     pub name: String,
-    /// Host name or IP address.
+    /// Host name or IP address of a Modbus TCP device. Leave out for a slave on a bus.
+    #[serde(default)]
     pub host: String,
-    /// TCP port.
+    /// TCP port of a Modbus TCP device. Not used for a slave on a bus (the bus has the port).
     #[serde(default = "ModbusDevice::default_port")]
     pub port: u16,
-    /// Modbus unit id (slave id); 1 for most PLCs, 255 for some TCP-only devices.
+    /// Modbus unit id (slave id); 1 for most PLCs, 255 for some TCP-only devices. On a bus,
+    /// the slave address set on the device, 1 to 247, unique on its bus.
     #[serde(default = "ModbusDevice::default_unit_id")]
     pub unit_id: u8,
+    /// The `[[modbus_bus]]` this device is a slave on, by its `name`; leave out (and give
+    /// `host`) for a Modbus TCP device.
+    pub bus: Option<String>,
+    /// On a bus: how long the line stays silent before a request to this device, when it
+    /// needs more than the bus's `inter_frame_delay` (slow devices that need time between
+    /// frames). Leave out to use the bus's.
+    pub inter_frame_delay: Option<ConfigDuration>,
     /// How often every tag of this device is read.
     #[serde(default = "ModbusDevice::default_poll_interval")]
     pub poll_interval: ConfigDuration,
@@ -294,8 +438,10 @@ pub struct ModbusDevice {
 }
 
 impl ModbusDevice {
+    /// The `port` when the sensor map leaves it out: Modbus TCP's registered port.
+    pub const DEFAULT_PORT: u16 = 502;
     fn default_port() -> u16 {
-        502
+        Self::DEFAULT_PORT
     }
     fn default_unit_id() -> u8 {
         1
@@ -310,6 +456,146 @@ impl ModbusDevice {
     pub const DEFAULT_MAX_GAP: u16 = 10;
     fn default_max_gap() -> u16 {
         Self::DEFAULT_MAX_GAP
+    }
+}
+
+/// A Modbus RTU bus: one serial line (or one serial gateway reached over TCP) and the slaves
+/// on it. One task owns the line and sends one request at a time; each slave keeps its own
+/// poll interval, timeout and backoff.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusBus {
+    /// The bus name that devices give as `bus` (for example `line5-rs485`).
+    pub name: String,
+    /// `rtu` (a serial port on the gateway: an RS-485 or RS-232 adapter) or `rtu_over_tcp`
+    /// (RTU frames with their CRC sent over TCP to a serial device server in transparent mode).
+    pub transport: BusTransport,
+    /// For `rtu`: the serial port, for example `/dev/ttyUSB0` or `/dev/ttyAMA0`.
+    pub serial_port: Option<String>,
+    /// For `rtu_over_tcp`: host name or IP address of the serial gateway.
+    pub host: Option<String>,
+    /// For `rtu_over_tcp`: the gateway's TCP port for this serial line (often 4001 or 502;
+    /// see the gateway's settings).
+    pub port: Option<u16>,
+    /// Bits per second on the serial line. For `rtu_over_tcp` it is the line behind the
+    /// gateway and only sets the default `inter_frame_delay`.
+    #[serde(default = "ModbusBus::default_baud_rate")]
+    pub baud_rate: u32,
+    /// `none`, `even` (the default of the Modbus serial line specification) or `odd`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// Data bits per character: 8 (the default; what Modbus RTU uses) or 7.
+    #[serde(default = "ModbusBus::default_data_bits")]
+    pub data_bits: u8,
+    /// Stop bits per character: 1 (the default) or 2 (what the specification asks for
+    /// without parity; many devices use 1 all the same).
+    #[serde(default = "ModbusBus::default_stop_bits")]
+    pub stop_bits: u8,
+    /// How long the line stays silent between the end of one frame and the next request.
+    /// Leave out for the Modbus specification's 3.5 character times at `baud_rate` (1.75 ms
+    /// above 19200 baud). A device may ask for more with its own `inter_frame_delay`.
+    pub inter_frame_delay: Option<ConfigDuration>,
+}
+
+impl ModbusBus {
+    fn default_baud_rate() -> u32 {
+        19_200
+    }
+    fn default_data_bits() -> u8 {
+        8
+    }
+    fn default_stop_bits() -> u8 {
+        1
+    }
+
+    /// Bits on the line per character: start bit, data bits, parity bit, stop bits.
+    pub fn character_bits(&self) -> u32 {
+        let parity = u32::from(self.parity != Parity::None);
+        1 + u32::from(self.data_bits) + parity + u32::from(self.stop_bits)
+    }
+
+    /// The silent interval between frames when the map gives none: 3.5 character times at
+    /// the baud rate, and a fixed 1.75 ms above 19200 baud (Modbus over serial line
+    /// specification, 2.5.1.1: timers that fine are impractical at high rates).
+    pub fn default_inter_frame_delay(&self) -> std::time::Duration {
+        const ABOVE_19200: std::time::Duration = std::time::Duration::from_micros(1750);
+        if self.baud_rate == 0 || self.baud_rate > 19_200 {
+            return ABOVE_19200;
+        }
+        // 3.5 characters are 7 half characters; in microseconds, rounded up.
+        let bits_in_7_halves = u64::from(self.character_bits()) * 7;
+        let micros = (bits_in_7_halves * 1_000_000).div_ceil(2 * u64::from(self.baud_rate));
+        std::time::Duration::from_micros(micros)
+    }
+
+    /// The bus's inter-frame delay: the configured one, else the specification's.
+    pub fn inter_frame_delay(&self) -> std::time::Duration {
+        self.inter_frame_delay
+            .map_or_else(|| self.default_inter_frame_delay(), |delay| delay.0)
+    }
+
+    /// The line as a plant engineer writes it: `/dev/ttyUSB0 19200 8E1`, or
+    /// `rtu over tcp 10.0.0.9:4001`.
+    pub fn describe(&self) -> String {
+        match self.transport {
+            BusTransport::Rtu => format!(
+                "{} {} {}{}{}",
+                self.serial_port.as_deref().unwrap_or_default(),
+                self.baud_rate,
+                self.data_bits,
+                self.parity.letter(),
+                self.stop_bits
+            ),
+            BusTransport::RtuOverTcp => format!(
+                "rtu over tcp {}:{}",
+                self.host.as_deref().unwrap_or_default(),
+                self.port.unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// How a bus reaches its serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusTransport {
+    /// A serial port on the gateway.
+    Rtu,
+    /// RTU frames over a TCP connection to a serial device server.
+    RtuOverTcp,
+}
+
+impl BusTransport {
+    /// The name as written in the sensor map.
+    pub fn name(self) -> &'static str {
+        match self {
+            BusTransport::Rtu => "rtu",
+            BusTransport::RtuOverTcp => "rtu_over_tcp",
+        }
+    }
+}
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    /// No parity bit.
+    None,
+    /// Even parity: the Modbus serial line specification's default.
+    #[default]
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+impl Parity {
+    /// The letter of the usual `8E1` notation.
+    pub fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
     }
 }
 
@@ -344,7 +630,7 @@ impl Addressing {
 }
 
 /// One value read from a device.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusTag {
     /// Tag name, unique within the device (for example `oil_temp`).
@@ -513,7 +799,7 @@ pub enum ByteOrder {
 }
 
 /// One MQTT broker (MQTT 3.1.1 over plain TCP) and what to subscribe to on it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttBroker {
     /// A name for this broker in logs and error messages (for example `line2-broker`).
@@ -544,11 +830,19 @@ pub struct MqttBroker {
     pub password_file: Option<PathBuf>,
     /// The topic filters to subscribe to and how their messages become readings.
     pub subscriptions: Vec<MqttSubscription>,
+    /// How many bad payloads of this broker the buffer keeps in its dead-letter table (time,
+    /// subscription, topic, reason and the first 256 bytes each; `edge-agent buffer` shows the
+    /// latest). Past this the oldest are dropped, and counted. 1 to 100000.
+    #[serde(default = "MqttBroker::default_max_dead_letters")]
+    pub max_dead_letters: u32,
 }
 
 impl MqttBroker {
     fn default_port() -> u16 {
         1883
+    }
+    fn default_max_dead_letters() -> u32 {
+        crate::buffer::dead_letter::DEFAULT_MAX_DEAD_LETTERS
     }
     fn default_keep_alive() -> ConfigDuration {
         ConfigDuration::from_secs(30)
@@ -556,7 +850,7 @@ impl MqttBroker {
 }
 
 /// One topic filter and the mapping of its messages to readings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSubscription {
     /// Topic filter, with `+` for one topic level and a trailing `#` for any number of levels
@@ -610,7 +904,7 @@ impl MqttSubscription {
 }
 
 /// One of several values in a JSON message.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttField {
     /// The tag of this value's readings, with `{N}` for topic levels as in `device`.
@@ -654,7 +948,7 @@ pub enum TimestampFormat {
 /// A folder where a machine (a test stand, a CNC controller) drops CSV or JSON-lines files.
 /// Each settled file is read once, its readings are committed to the buffer, then it moves to
 /// `done/` (or `failed/`, with a reason file) inside the folder.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileDrop {
     /// A name for this source in logs and error messages (for example `test-stand-2`).
@@ -703,7 +997,7 @@ impl FileDrop {
 }
 
 /// One value column of a dropped file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileValue {
     /// The column (CSV header name, or top-level JSON key) holding the number. An empty cell

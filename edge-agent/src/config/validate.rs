@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use super::ConfigDuration;
 use super::model::{
-    Addressing, AgentConfig, DataType, ModbusDevice, ModbusTag, RegisterKind, UploadConfig,
+    Addressing, AgentConfig, BusTransport, DataType, ModbusBus, ModbusDevice, ModbusTag,
+    RegisterKind, UploadConfig,
 };
 use crate::contract;
 use crate::sources::modbus::plan::MAX_BITS;
@@ -90,6 +91,7 @@ pub fn validate(config: &AgentConfig) -> Vec<Problem> {
         MIN_BATCH_AGE,
         "\"60s\"",
     );
+    check_buffer_bounds(&mut problems, config);
     check_upload(&mut problems, &config.upload);
 
     let mut first_use: HashMap<&str, usize> = HashMap::new();
@@ -108,6 +110,7 @@ pub fn validate(config: &AgentConfig) -> Vec<Problem> {
         }
         check_device(&mut problems, &key, device);
     }
+    check_buses(&mut problems, &config.modbus_bus, &config.modbus);
     check_metrics(&mut problems, &config.metrics);
     if let Some(kinesis) = &config.kinesis {
         check_kinesis(&mut problems, kinesis);
@@ -136,6 +139,22 @@ fn check_metrics(problems: &mut Vec<Problem>, metrics: &super::model::MetricsCon
             ),
         )),
         Ok(_) => {}
+    }
+    if metrics.token_env.is_some() && metrics.token_file.is_some() {
+        problems.push(Problem::new(
+            "metrics.token_file",
+            "both token_env and token_file are set; keep one of them".to_owned(),
+        ));
+    }
+    if metrics
+        .token_env
+        .as_deref()
+        .is_some_and(|name| name.is_empty() || name.contains('=') || name.contains('\0'))
+    {
+        problems.push(Problem::new(
+            "metrics.token_env",
+            "is not an environment variable name; write the variable's name, for example token_env = \"PLANTLINE_STATUS_TOKEN\"".to_owned(),
+        ));
     }
 }
 
@@ -199,6 +218,48 @@ fn check_kinesis(problems: &mut Vec<Problem>, kinesis: &super::model::KinesisCon
         Duration::from_secs(1),
         "\"10s\"",
     );
+}
+
+/// The smallest `buffer.max_bytes` accepted: below it the buffer's own tables and one small
+/// batch already fill it.
+const MIN_BUFFER_BYTES: u64 = 1 << 20;
+
+/// Room per reading of a batch that `buffer.max_bytes` must leave: a reading takes 60 to 100
+/// bytes in SQLite, and the batch being uploaded should fill at most about half the buffer so
+/// new readings still have room while it goes out.
+const BYTES_PER_BATCH_ROW: u64 = 200;
+
+fn check_buffer_bounds(problems: &mut Vec<Problem>, config: &AgentConfig) {
+    let max_bytes = config.buffer.max_bytes;
+    if max_bytes.0 < MIN_BUFFER_BYTES {
+        problems.push(Problem::new(
+            "buffer.max_bytes",
+            format!(
+                "{max_bytes} is below the minimum of 1 MiB; use at least that, for example max_bytes = \"16 MiB\""
+            ),
+        ));
+    } else {
+        let rows = u64::try_from(config.batch.max_rows).unwrap_or(u64::MAX);
+        let needed = rows.saturating_mul(BYTES_PER_BATCH_ROW);
+        if max_bytes.0 < needed {
+            problems.push(Problem::new(
+                "buffer.max_bytes",
+                format!(
+                    "{max_bytes} leaves too little room for a batch of batch.max_rows = {rows} readings (about {} with room to keep recording while it uploads); raise max_bytes to at least that or lower batch.max_rows",
+                    super::ByteSize(needed.div_ceil(1 << 20) << 20)
+                ),
+            ));
+        }
+    }
+    if config.buffer.max_age <= config.batch.max_age {
+        problems.push(Problem::new(
+            "buffer.max_age",
+            format!(
+                "{} is not longer than batch.max_age ({}), so readings would be dropped before their batch is due; use a longer age, for example max_age = \"168h\"",
+                config.buffer.max_age, config.batch.max_age
+            ),
+        ));
+    }
 }
 
 fn check_interval(
@@ -302,18 +363,7 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
             ),
         ));
     }
-    if device.host.trim().is_empty() {
-        problems.push(Problem::new(
-            format!("{key}.host"),
-            "the host is empty; give the device's IP address or host name",
-        ));
-    }
-    if device.port == 0 {
-        problems.push(Problem::new(
-            format!("{key}.port"),
-            "port 0 cannot be connected to; use the device's Modbus TCP port, usually 502",
-        ));
-    }
+    check_device_link(problems, key, device);
     check_interval(
         problems,
         &format!("{key}.poll_interval"),
@@ -378,6 +428,302 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
         }
     }
 }
+
+/// How the device is reached: `host` and `port` for Modbus TCP, or `bus` (checked against the
+/// buses in [`check_buses`]) for a slave on a serial line.
+fn check_device_link(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
+    let Some(bus) = &device.bus else {
+        if device.host.trim().is_empty() {
+            problems.push(Problem::new(
+                format!("{key}.host"),
+                "the host is empty; give the device's IP address or host name, or bus = \"<name>\" for a slave on a [[modbus_bus]]",
+            ));
+        }
+        if device.port == 0 {
+            problems.push(Problem::new(
+                format!("{key}.port"),
+                "port 0 cannot be connected to; use the device's Modbus TCP port, usually 502",
+            ));
+        }
+        if device.inter_frame_delay.is_some() {
+            problems.push(Problem::new(
+                format!("{key}.inter_frame_delay"),
+                "inter_frame_delay only applies to slaves on a serial bus; remove it, or add bus = \"<name>\"",
+            ));
+        }
+        return;
+    };
+    if !device.host.is_empty() {
+        problems.push(Problem::new(
+            format!("{key}.host"),
+            format!(
+                "both host and bus = \"{bus}\" are set; a device is either Modbus TCP (host) or a slave on a bus (bus): remove one of them (a serial gateway's address belongs in its [[modbus_bus]])"
+            ),
+        ));
+    }
+    if device.port != ModbusDevice::DEFAULT_PORT {
+        problems.push(Problem::new(
+            format!("{key}.port"),
+            format!(
+                "port only applies to Modbus TCP devices; remove it (a serial gateway's port belongs in the [[modbus_bus]] named `{bus}`)"
+            ),
+        ));
+    }
+    if let Some(delay) = device.inter_frame_delay
+        && delay.0 > MAX_INTER_FRAME_DELAY
+    {
+        problems.push(Problem::new(
+            format!("{key}.inter_frame_delay"),
+            format!(
+                "{delay} between frames is longer than the maximum of {}; leave it out for the bus's, or use a few milliseconds, for example \"5ms\"",
+                ConfigDuration(MAX_INTER_FRAME_DELAY)
+            ),
+        ));
+    }
+    match device.unit_id {
+        0 => problems.push(Problem::new(
+            format!("{key}.unit_id"),
+            "unit id 0 is the broadcast address, which no slave answers; use the slave address set on the device, 1 to 247",
+        )),
+        248..=255 => problems.push(Problem::new(
+            format!("{key}.unit_id"),
+            format!(
+                "unit id {} is reserved on a serial bus; use the slave address set on the device, 1 to 247",
+                device.unit_id
+            ),
+        )),
+        _ => {}
+    }
+}
+
+/// The most slaves one bus table can hold by address (1 to 247).
+const MAX_SLAVE_ADDRESS: u8 = 247;
+
+/// The buses, and the devices that name them.
+fn check_buses(problems: &mut Vec<Problem>, buses: &[ModbusBus], devices: &[ModbusDevice]) {
+    let mut first_use: HashMap<&str, usize> = HashMap::new();
+    // Which bus first used a serial port or a gateway address.
+    let mut lines: HashMap<String, &str> = HashMap::new();
+    for (k, bus) in buses.iter().enumerate() {
+        let key = format!("modbus_bus[{k}]");
+        // The devices naming a repeated bus name are checked with the first bus of that name.
+        let mut repeated = false;
+        if bus.name.is_empty() || !is_safe_name(&bus.name) {
+            problems.push(Problem::new(
+                format!("{key}.name"),
+                format!(
+                    "bus name `{}` is not allowed; use 1-64 letters, digits, `-`, `_` and `.`, starting with a letter or digit, for example name = \"line5-rs485\"",
+                    bus.name
+                ),
+            ));
+        } else if let Some(first) = first_use.get(bus.name.as_str()) {
+            repeated = true;
+            problems.push(Problem::new(
+                format!("{key}.name"),
+                format!(
+                    "duplicate bus name `{}` (first used by modbus_bus[{first}]); bus names must be unique within a gateway",
+                    bus.name
+                ),
+            ));
+        } else {
+            first_use.insert(&bus.name, k);
+        }
+        if let Some(line) = check_bus_line(problems, &key, bus) {
+            if let Some(other) = lines.get(&line) {
+                problems.push(Problem::new(
+                    format!("{key}.name"),
+                    format!(
+                        "bus `{}` uses {line}, which bus `{other}` uses already; one line is one bus: put all the slaves on that line under one [[modbus_bus]]",
+                        bus.name
+                    ),
+                ));
+            } else {
+                lines.insert(line, &bus.name);
+            }
+        }
+        check_bus_framing(problems, &key, bus);
+        if repeated {
+            continue;
+        }
+        let mut slaves = devices
+            .iter()
+            .enumerate()
+            .filter(|(_, device)| device.bus.as_ref() == Some(&bus.name))
+            .peekable();
+        if slaves.peek().is_none() {
+            problems.push(Problem::new(
+                format!("{key}.name"),
+                format!(
+                    "no [[modbus]] device is on bus `{}`; add bus = \"{}\" to the devices on this line, or remove the bus",
+                    bus.name, bus.name
+                ),
+            ));
+        }
+        let mut unit_ids: HashMap<u8, (usize, &str)> = HashMap::new();
+        for (i, device) in slaves {
+            if let Some((first, name)) = unit_ids.get(&device.unit_id) {
+                problems.push(Problem::new(
+                    format!("modbus[{i}].unit_id"),
+                    format!(
+                        "unit id {} is already used on bus `{}` by device `{name}` (modbus[{first}]); every slave on a bus needs its own address, 1 to {MAX_SLAVE_ADDRESS}",
+                        device.unit_id, bus.name
+                    ),
+                ));
+            } else {
+                unit_ids.insert(device.unit_id, (i, &device.name));
+            }
+        }
+    }
+    for (i, device) in devices.iter().enumerate() {
+        let Some(name) = &device.bus else {
+            continue;
+        };
+        if buses.iter().any(|bus| &bus.name == name) {
+            continue;
+        }
+        let fix = if buses.is_empty() {
+            format!(
+                "add a [[modbus_bus]] table with name = \"{name}\" and its serial_port (or host and port of a serial gateway)"
+            )
+        } else {
+            let mut known: Vec<String> = Vec::new();
+            for bus in buses {
+                let name = format!("`{}`", bus.name);
+                if !known.contains(&name) {
+                    known.push(name);
+                }
+            }
+            format!(
+                "use one of {}, or add a [[modbus_bus]] named `{name}`",
+                known.join(", ")
+            )
+        };
+        problems.push(Problem::new(
+            format!("modbus[{i}].bus"),
+            format!("no [[modbus_bus]] is named `{name}`; {fix}"),
+        ));
+    }
+}
+
+/// Where the bus's line is: the serial port or the gateway's address, as a text that is equal
+/// for two buses on one line; `None` when the keys for the transport are missing.
+fn check_bus_line(problems: &mut Vec<Problem>, key: &str, bus: &ModbusBus) -> Option<String> {
+    let transport = bus.transport.name();
+    match bus.transport {
+        BusTransport::Rtu => {
+            for (name, set) in [("host", bus.host.is_some()), ("port", bus.port.is_some())] {
+                if set {
+                    problems.push(Problem::new(
+                        format!("{key}.{name}"),
+                        format!(
+                            "{name} only applies to transport = \"rtu_over_tcp\"; an rtu bus is on the gateway's own serial_port: remove {name}, or set transport = \"rtu_over_tcp\""
+                        ),
+                    ));
+                }
+            }
+            match bus.serial_port.as_deref().map(str::trim) {
+                None => problems.push(Problem::new(
+                    format!("{key}.serial_port"),
+                    format!(
+                        "transport = \"{transport}\" needs the serial port; add serial_port = \"/dev/ttyUSB0\" (the RS-485 adapter's device)"
+                    ),
+                )),
+                Some("") => problems.push(Problem::new(
+                    format!("{key}.serial_port"),
+                    "the serial port is empty; name the device, for example serial_port = \"/dev/ttyUSB0\"",
+                )),
+                Some(port) => return Some(format!("serial port {port}")),
+            }
+            None
+        }
+        BusTransport::RtuOverTcp => {
+            if bus.serial_port.is_some() {
+                problems.push(Problem::new(
+                    format!("{key}.serial_port"),
+                    "serial_port only applies to transport = \"rtu\"; an rtu_over_tcp bus is reached at host and port: remove serial_port, or set transport = \"rtu\"",
+                ));
+            }
+            let host = bus.host.as_deref().map(str::trim);
+            match host {
+                None => problems.push(Problem::new(
+                    format!("{key}.host"),
+                    format!(
+                        "transport = \"{transport}\" needs the serial gateway's address; add host = \"10.0.0.9\" (its IP address or host name)"
+                    ),
+                )),
+                Some("") => problems.push(Problem::new(
+                    format!("{key}.host"),
+                    "the host is empty; give the serial gateway's IP address or host name",
+                )),
+                Some(_) => {}
+            }
+            match bus.port {
+                None => problems.push(Problem::new(
+                    format!("{key}.port"),
+                    format!(
+                        "transport = \"{transport}\" needs the gateway's TCP port for this serial line; add it from the gateway's settings, for example port = 4001"
+                    ),
+                )),
+                Some(0) => problems.push(Problem::new(
+                    format!("{key}.port"),
+                    "port 0 cannot be connected to; use the gateway's TCP port for this serial line, for example 4001",
+                )),
+                Some(_) => {}
+            }
+            match (host, bus.port) {
+                (Some(host), Some(port)) if !host.is_empty() && port != 0 => {
+                    Some(format!("gateway {host}:{port}"))
+                }
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Baud rate and character framing.
+fn check_bus_framing(problems: &mut Vec<Problem>, key: &str, bus: &ModbusBus) {
+    if bus.baud_rate == 0 {
+        problems.push(Problem::new(
+            format!("{key}.baud_rate"),
+            "baud rate 0 carries no data; use the rate set on the slaves, for example baud_rate = 9600 or 19200",
+        ));
+    }
+    match bus.data_bits {
+        8 => {}
+        7 => problems.push(Problem::new(
+            format!("{key}.data_bits"),
+            "RTU frames are 8-bit bytes, which 7 data bits cannot carry (7 data bits is Modbus ASCII, which the agent does not speak); set the slaves to RTU with 8 data bits and use data_bits = 8",
+        )),
+        other => problems.push(Problem::new(
+            format!("{key}.data_bits"),
+            format!("data_bits = {other} is not a Modbus setting; use 8"),
+        )),
+    }
+    if !matches!(bus.stop_bits, 1 | 2) {
+        problems.push(Problem::new(
+            format!("{key}.stop_bits"),
+            format!(
+                "stop_bits = {} does not exist on a serial line; use 1 or 2",
+                bus.stop_bits
+            ),
+        ));
+    }
+    if let Some(delay) = bus.inter_frame_delay
+        && delay.0 > MAX_INTER_FRAME_DELAY
+    {
+        problems.push(Problem::new(
+            format!("{key}.inter_frame_delay"),
+            format!(
+                "{delay} between frames is longer than the maximum of {}; leave it out for the Modbus default (3.5 characters), or use a few milliseconds, for example \"5ms\"",
+                ConfigDuration(MAX_INTER_FRAME_DELAY)
+            ),
+        ));
+    }
+}
+
+/// The longest silence between frames accepted: beyond it a bus with a few slaves could not
+/// keep a one-second poll rate, and no device needs that much.
+const MAX_INTER_FRAME_DELAY: Duration = Duration::from_secs(1);
 
 fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, device: &ModbusDevice) {
     if tag.name.is_empty() {
@@ -603,6 +949,9 @@ fn is_bucket_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
+
+    use super::super::{ModbusBus, Parity};
 
     use super::super::{ConfigError, load_str};
 
@@ -659,6 +1008,77 @@ mod tests {
                 "plant.toml:14: modbus[0].max_gap: max_gap 2000 is more than one request can span (2000 bits, 125 registers); use 0 (contiguous tags only) to 1999, for example max_gap = 10",
             ]
         );
+    }
+
+    #[test]
+    fn buffer_bounds_must_be_usable() {
+        let base = "site = \"plant-ost\"\ngateway = \"gw-1\"\n[upload.dir]\npath = \"out\"\n";
+        assert_eq!(
+            problems(&format!(
+                "{base}[buffer]\nmax_bytes = \"512 KiB\"\nmax_age = \"30s\"\n[batch]\nmax_age = \"60s\"\n"
+            )),
+            vec![
+                "plant.toml:6: buffer.max_bytes: 512 KiB is below the minimum of 1 MiB; use at least that, for example max_bytes = \"16 MiB\"",
+                "plant.toml:7: buffer.max_age: 30s is not longer than batch.max_age (1m), so readings would be dropped before their batch is due; use a longer age, for example max_age = \"168h\"",
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "{base}[buffer]\nmax_bytes = 4000000\n[batch]\nmax_rows = 50000\n"
+            )),
+            vec![
+                "plant.toml:6: buffer.max_bytes: 4000000 B leaves too little room for a batch of batch.max_rows = 50000 readings (about 10 MiB with room to keep recording while it uploads); raise max_bytes to at least that or lower batch.max_rows",
+            ]
+        );
+        let config = super::super::load_str(
+            &format!(
+                "{base}[buffer]\nmax_bytes = \"16MiB\"\nmax_age = \"2h\"\non_full = \"backpressure\"\n[batch]\nmax_rows = 10000\n"
+            ),
+            Path::new("plant.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.buffer.max_bytes, super::super::ByteSize(16 << 20));
+        assert_eq!(
+            config.buffer.on_full,
+            super::super::FullPolicy::Backpressure
+        );
+        let defaults = super::super::load_str(base, Path::new("plant.toml")).unwrap();
+        assert_eq!(defaults.buffer.max_bytes.to_string(), "1 GiB");
+        assert_eq!(defaults.buffer.max_age.to_string(), "168h");
+        assert_eq!(
+            defaults.buffer.on_full,
+            super::super::FullPolicy::DropOldest
+        );
+    }
+
+    #[test]
+    fn sizes_are_read_with_their_units_or_as_bytes() {
+        use super::super::ByteSize;
+        for (text, bytes) in [
+            ("512 MiB", 512 << 20),
+            ("16MiB", 16 << 20),
+            ("2 gib", 2 << 30),
+            ("500 MB", 500_000_000),
+            ("64 kB", 64_000),
+            ("1048576", 1 << 20),
+            (" 3 B ", 3),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+        assert_eq!(
+            ByteSize::parse("12 parsecs"),
+            Err("`12 parsecs` has an unknown unit `parsecs`; use B, kB, KiB, MB, MiB, GB or GiB, for example \"512 MiB\"".to_owned())
+        );
+        assert_eq!(
+            ByteSize::parse("MiB"),
+            Err(
+                "`MiB` does not start with a whole number; write a size like \"512 MiB\""
+                    .to_owned()
+            )
+        );
+        assert!(ByteSize::parse("99999999999 TiB").is_err());
+        assert_eq!(ByteSize(1536 << 10).to_string(), "1536 KiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000 B");
     }
 
     #[test]
@@ -921,6 +1341,128 @@ mod tests {
                 "500ms".to_owned(),
                 "10s".to_owned()
             )
+        );
+    }
+
+    fn slave(name: &str, bus: &str, unit_id: u8, extra: &str) -> String {
+        format!(
+            "[[modbus]]\nname = \"{name}\"\nbus = \"{bus}\"\nunit_id = {unit_id}\n{extra}{}",
+            tag("t", "holding", 0, "u16")
+        )
+    }
+
+    #[test]
+    fn buses_and_their_slaves_are_checked() {
+        let text = format!(
+            "{HEAD}[[modbus_bus]]\nname = \"line5\"\ntransport = \"rtu\"\nbaud_rate = 0\ndata_bits = 7\nstop_bits = 3\nhost = \"10.0.0.9\"\n\
+             [[modbus_bus]]\nname = \"gw\"\ntransport = \"rtu_over_tcp\"\nserial_port = \"/dev/ttyUSB1\"\n\
+             [[modbus_bus]]\nname = \"line5\"\ntransport = \"rtu_over_tcp\"\nhost = \"10.0.0.9\"\nport = 0\ninter_frame_delay = \"2s\"\n\
+             {}{}{}[[modbus]]\nname = \"press-3\"\nhost = \"10.0.0.8\"\ninter_frame_delay = \"5ms\"\n{}[[modbus]]\nname = \"oven\"\n{}",
+            slave("meter", "line5", 1, ""),
+            slave("tt-101", "line5", 1, "host = \"10.0.0.7\"\n"),
+            slave("tt-102", "line6", 0, "port = 4001\n"),
+            tag("t", "holding", 0, "u16"),
+            tag("t", "holding", 0, "u16"),
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:5: modbus_bus[0].serial_port: transport = \"rtu\" needs the serial port; add serial_port = \"/dev/ttyUSB0\" (the RS-485 adapter's device)",
+                "plant.toml:8: modbus_bus[0].baud_rate: baud rate 0 carries no data; use the rate set on the slaves, for example baud_rate = 9600 or 19200",
+                "plant.toml:9: modbus_bus[0].data_bits: RTU frames are 8-bit bytes, which 7 data bits cannot carry (7 data bits is Modbus ASCII, which the agent does not speak); set the slaves to RTU with 8 data bits and use data_bits = 8",
+                "plant.toml:10: modbus_bus[0].stop_bits: stop_bits = 3 does not exist on a serial line; use 1 or 2",
+                "plant.toml:11: modbus_bus[0].host: host only applies to transport = \"rtu_over_tcp\"; an rtu bus is on the gateway's own serial_port: remove host, or set transport = \"rtu_over_tcp\"",
+                "plant.toml:12: modbus_bus[1].host: transport = \"rtu_over_tcp\" needs the serial gateway's address; add host = \"10.0.0.9\" (its IP address or host name)",
+                "plant.toml:12: modbus_bus[1].port: transport = \"rtu_over_tcp\" needs the gateway's TCP port for this serial line; add it from the gateway's settings, for example port = 4001",
+                "plant.toml:13: modbus_bus[1].name: no [[modbus]] device is on bus `gw`; add bus = \"gw\" to the devices on this line, or remove the bus",
+                "plant.toml:15: modbus_bus[1].serial_port: serial_port only applies to transport = \"rtu\"; an rtu_over_tcp bus is reached at host and port: remove serial_port, or set transport = \"rtu\"",
+                "plant.toml:17: modbus_bus[2].name: duplicate bus name `line5` (first used by modbus_bus[0]); bus names must be unique within a gateway",
+                "plant.toml:20: modbus_bus[2].port: port 0 cannot be connected to; use the gateway's TCP port for this serial line, for example 4001",
+                "plant.toml:21: modbus_bus[2].inter_frame_delay: 2s between frames is longer than the maximum of 1s; leave it out for the Modbus default (3.5 characters), or use a few milliseconds, for example \"5ms\"",
+                "plant.toml:34: modbus[1].unit_id: unit id 1 is already used on bus `line5` by device `meter` (modbus[0]); every slave on a bus needs its own address, 1 to 247",
+                "plant.toml:35: modbus[1].host: both host and bus = \"line5\" are set; a device is either Modbus TCP (host) or a slave on a bus (bus): remove one of them (a serial gateway's address belongs in its [[modbus_bus]])",
+                "plant.toml:43: modbus[2].bus: no [[modbus_bus]] is named `line6`; use one of `line5`, `gw`, or add a [[modbus_bus]] named `line6`",
+                "plant.toml:44: modbus[2].unit_id: unit id 0 is the broadcast address, which no slave answers; use the slave address set on the device, 1 to 247",
+                "plant.toml:45: modbus[2].port: port only applies to Modbus TCP devices; remove it (a serial gateway's port belongs in the [[modbus_bus]] named `line6`)",
+                "plant.toml:54: modbus[3].inter_frame_delay: inter_frame_delay only applies to slaves on a serial bus; remove it, or add bus = \"<name>\"",
+                "plant.toml:60: modbus[4].host: the host is empty; give the device's IP address or host name, or bus = \"<name>\" for a slave on a [[modbus_bus]]",
+            ]
+        );
+    }
+
+    #[test]
+    fn unit_ids_on_a_bus_are_slave_addresses_and_one_port_is_one_bus() {
+        let bus = |name: &str| {
+            format!(
+                "[[modbus_bus]]\nname = \"{name}\"\ntransport = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\n"
+            )
+        };
+        let text = format!(
+            "{HEAD}{}{}{}{}{}",
+            bus("line5"),
+            bus("line6"),
+            slave("meter", "line5", 248, ""),
+            slave("tt-101", "line6", 3, ""),
+            slave("tt-102", "line6", 3, "")
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:10: modbus_bus[1].name: bus `line6` uses serial port /dev/ttyUSB0, which bus `line5` uses already; one line is one bus: put all the slaves on that line under one [[modbus_bus]]",
+                "plant.toml:16: modbus[0].unit_id: unit id 248 is reserved on a serial bus; use the slave address set on the device, 1 to 247",
+                "plant.toml:34: modbus[2].unit_id: unit id 3 is already used on bus `line6` by device `tt-101` (modbus[1]); every slave on a bus needs its own address, 1 to 247",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bus_with_its_slaves_is_valid_and_defaults_to_the_specifications_framing() {
+        let text = format!(
+            "{HEAD}[[modbus_bus]]\nname = \"line5\"\ntransport = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\n{}{}",
+            slave("meter", "line5", 1, "inter_frame_delay = \"10ms\"\n"),
+            slave("tt-101", "line5", 2, "")
+        );
+        let config = load_str(&text, Path::new("plant.toml")).expect("a valid bus");
+        let bus = &config.modbus_bus[0];
+        assert_eq!(bus.describe(), "/dev/ttyUSB0 19200 8E1");
+        // 3.5 characters of 11 bits at 19200 baud.
+        assert_eq!(bus.inter_frame_delay(), Duration::from_micros(2006));
+        let fast = ModbusBus {
+            baud_rate: 115_200,
+            ..bus.clone()
+        };
+        assert_eq!(fast.inter_frame_delay(), Duration::from_micros(1750));
+        let slow = ModbusBus {
+            baud_rate: 9600,
+            parity: Parity::None,
+            stop_bits: 2,
+            ..bus.clone()
+        };
+        assert_eq!(slow.inter_frame_delay(), Duration::from_micros(4011));
+    }
+
+    #[test]
+    fn a_parity_or_transport_that_does_not_exist_is_named_with_the_ones_that_do() {
+        let text = format!(
+            "{HEAD}[[modbus_bus]]\nname = \"line5\"\ntransport = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\nparity = \"E\"\n{}",
+            slave("meter", "line5", 1, "")
+        );
+        let err = load_str(&text, Path::new("plant.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "plant.toml:9:10: modbus_bus[0].parity: unknown variant `E`, expected one of `none`, `even`, `odd`"
+        );
+        let text = text
+            .replace("parity = \"E\"", "transport = \"ascii\"")
+            .replace("transport = \"rtu\"\n", "");
+        let err = load_str(&text, Path::new("plant.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "plant.toml:8:13: modbus_bus[0].transport: unknown variant `ascii`, expected `rtu` or `rtu_over_tcp`"
         );
     }
 }

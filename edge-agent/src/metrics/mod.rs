@@ -1,8 +1,12 @@
-//! Metrics and health: a process-wide registry the agent counts into, and the HTTP endpoint
-//! that serves it as Prometheus text (`/metrics`) and a readiness answer (`/health`).
+//! Metrics, health and the status page: a process-wide registry the agent counts into, the live
+//! picture of tags and devices, and the HTTP endpoint that serves them as Prometheus text
+//! (`/metrics`), a readiness answer (`/health`) and a page for the plant engineer (`/status`).
 
+mod live;
 mod registry;
 mod server;
+mod status;
 
-pub use registry::{BATCHER_STALL, Health, Metrics, UPLOAD_BUCKETS, global};
-pub use server::{MetricsError, serve, start};
+pub use live::{DeviceState, Live, LiveSnapshot, MapState, TagState, live};
+pub use registry::{BATCHER_STALL, Health, Metrics, UPLOAD_BUCKETS, UploadSummary, global};
+pub use server::{MetricsError, serve, serve_with_token, start};

@@ -51,6 +51,16 @@ pub struct Metrics {
     kinesis_sent: AtomicU64,
     kinesis_dropped: AtomicU64,
     kinesis_put_failures: AtomicU64,
+    /// Readings the buffer dropped, by reason (`buffer_full`, `max_age`, `damaged_buffer`).
+    buffer_dropped: Mutex<BTreeMap<String, u64>>,
+    /// Whether the agent watches its config file; the reload counters are shown only then.
+    config_reload_enabled: AtomicBool,
+    config_reloads_applied: AtomicU64,
+    config_reloads_rejected: AtomicU64,
+    /// MQTT messages with a bad payload, by (broker, subscription, reason of the first problem).
+    mqtt_bad_payloads: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    /// Dead letters dropped by a broker's `max_dead_letters`, by broker.
+    mqtt_dead_letters_dropped: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +69,16 @@ struct Histogram {
     buckets: [u64; UPLOAD_BUCKETS.len()],
     count: u64,
     sum: f64,
+}
+
+/// Uploads since the agent started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UploadSummary {
+    pub batches: u64,
+    pub rows: u64,
+    pub failures: u64,
+    /// When the target last confirmed a batch (ms since the epoch).
+    pub last_upload_ms: Option<u64>,
 }
 
 /// Whether the agent can do its job, as `/health` reports it.
@@ -95,6 +115,7 @@ impl Metrics {
         }
         drop(map);
         *lock(&self.commit_error) = None;
+        super::live::live().committed(readings);
     }
 
     /// Records that a commit to the buffer failed, for `/health`.
@@ -115,6 +136,7 @@ impl Metrics {
             PollError::Transport { .. } => "transport",
             PollError::Decode { .. } => "decode",
         };
+        super::live::live().device_error(device, error);
         *lock(&self.modbus_errors)
             .entry((device.to_owned(), kind))
             .or_default() += 1;
@@ -135,6 +157,19 @@ impl Metrics {
         drop(h);
         self.last_upload_ms
             .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    /// Uploads so far, for the status page.
+    pub fn uploads(&self) -> UploadSummary {
+        UploadSummary {
+            batches: self.batches_uploaded.load(Ordering::Relaxed),
+            rows: self.rows_uploaded.load(Ordering::Relaxed),
+            failures: self.upload_failures.load(Ordering::Relaxed),
+            last_upload_ms: match self.last_upload_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => Some(ms),
+            },
+        }
     }
 
     /// Counts an upload attempt the target refused or did not answer.
@@ -181,7 +216,44 @@ impl Metrics {
         self.kinesis_put_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts readings the buffer dropped (each drop also goes out as a gap record).
+    pub fn buffer_dropped(&self, reason: &str, readings: u64) {
+        *lock(&self.buffer_dropped)
+            .entry(reason.to_owned())
+            .or_default() += readings;
+    }
+
+    /// Readings the buffer dropped for `reason` since the process started.
+    pub fn buffer_dropped_total(&self, reason: &str) -> u64 {
+        lock(&self.buffer_dropped).get(reason).copied().unwrap_or(0)
+    }
+
     /// The batcher loop has returned (shutdown or a fatal error).
+    /// The agent applies edits of its config file while it runs: the reload counters appear
+    /// from now on.
+    pub fn config_reload_enabled(&self) {
+        self.config_reload_enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts one attempt to apply an edited config file: `applied`, or rejected (invalid, or
+    /// a change that cannot be made while the agent runs) with the running map kept.
+    pub fn config_reloaded(&self, applied: bool) {
+        let counter = if applied {
+            &self.config_reloads_applied
+        } else {
+            &self.config_reloads_rejected
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Config reloads so far: (applied, rejected).
+    pub fn config_reloads(&self) -> (u64, u64) {
+        (
+            self.config_reloads_applied.load(Ordering::Relaxed),
+            self.config_reloads_rejected.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn batcher_stopped(&self) {
         self.batcher_beat_ms.store(0, Ordering::Relaxed);
     }
@@ -208,6 +280,8 @@ impl Metrics {
 
     /// Every metric in the Prometheus text exposition format (version 0.0.4). `buffer` is the
     /// buffer as read for this scrape; without it the buffer gauges are left out.
+    // One exposition read top to bottom; its sections are split out where they stand alone.
+    #[allow(clippy::too_many_lines)]
     pub fn render(&self, buffer: Option<&BufferReport>, now: SystemTime) -> String {
         let mut out = String::with_capacity(4096);
         let p = "plantline_agent";
@@ -259,6 +333,7 @@ impl Metrics {
                 .map_or(0.0, |(oldest, _)| (now_us - oldest).max(0) as f64 / 1e6);
             let _ = writeln!(out, "{p}_buffer_oldest_reading_age_seconds {age}");
         }
+        self.render_buffer_dropped(&mut out);
         let counters = [
             (
                 "batches_uploaded_total",
@@ -306,7 +381,40 @@ impl Metrics {
         let last = self.last_upload_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         let _ = writeln!(out, "{p}_last_upload_timestamp_seconds {last}");
         self.render_kinesis(&mut out);
+        self.render_reloads(&mut out);
+        self.render_mqtt(&mut out);
         out
+    }
+
+    /// The config reload counters, when the agent watches its config file.
+    fn render_reloads(&self, out: &mut String) {
+        if !self.config_reload_enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let name = "plantline_agent_config_reloads_total";
+        header(
+            out,
+            name,
+            "counter",
+            "Edits of the config file the running agent applied, or rejected (invalid, or a gateway change) and kept the running map.",
+        );
+        let (applied, rejected) = self.config_reloads();
+        let _ = writeln!(out, "{name}{{result=\"applied\"}} {applied}");
+        let _ = writeln!(out, "{name}{{result=\"rejected\"}} {rejected}");
+    }
+
+    /// Readings the buffer dropped, by reason.
+    fn render_buffer_dropped(&self, out: &mut String) {
+        let name = "plantline_agent_buffer_dropped_total";
+        header(
+            out,
+            name,
+            "counter",
+            "Readings the buffer dropped, by reason (buffer_full, max_age, damaged_buffer); each drop is also sent to the cloud as a gap record.",
+        );
+        for (reason, n) in lock(&self.buffer_dropped).iter() {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", escape(reason));
+        }
     }
 
     /// The live stream's counters, when it is configured.
@@ -335,6 +443,66 @@ impl Metrics {
         for (name, help, value) in counters {
             header(out, &format!("{p}_{name}"), "counter", help);
             let _ = writeln!(out, "{p}_{name} {}", value.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// The MQTT source's bad payloads and dead letters.
+impl Metrics {
+    /// An MQTT source started on `broker`: its dead-letter counter is shown (at 0) from now on,
+    /// so an alert on its rate has a series before the first drop.
+    pub fn mqtt_broker_started(&self, broker: &str) {
+        lock(&self.mqtt_dead_letters_dropped)
+            .entry(broker.to_owned())
+            .or_default();
+    }
+
+    /// Counts one message of `subscription` whose payload had a problem of kind `reason`.
+    pub fn mqtt_bad_payload(&self, broker: &str, subscription: &str, reason: &'static str) {
+        *lock(&self.mqtt_bad_payloads)
+            .entry((broker.to_owned(), subscription.to_owned(), reason))
+            .or_default() += 1;
+    }
+
+    /// Counts dead letters of `broker` that its bound dropped.
+    pub fn mqtt_dead_letters_dropped(&self, broker: &str, dropped: u64) {
+        *lock(&self.mqtt_dead_letters_dropped)
+            .entry(broker.to_owned())
+            .or_default() += dropped;
+    }
+
+    /// The MQTT counters, once an MQTT source has started.
+    fn render_mqtt(&self, out: &mut String) {
+        let dropped = lock(&self.mqtt_dead_letters_dropped);
+        if dropped.is_empty() {
+            return;
+        }
+        header(
+            out,
+            "plantline_mqtt_bad_payloads_total",
+            "counter",
+            "MQTT messages whose payload gave no reading or not all of them, by broker, subscription (topic filter) and reason (not_json, not_text, not_a_number, missing_field, not_numeric, not_finite, bad_timestamp, empty_name, topic_level).",
+        );
+        for ((broker, subscription, reason), n) in lock(&self.mqtt_bad_payloads).iter() {
+            let _ = writeln!(
+                out,
+                "plantline_mqtt_bad_payloads_total{{broker=\"{}\",subscription=\"{}\",reason=\"{reason}\"}} {n}",
+                escape(broker),
+                escape(subscription)
+            );
+        }
+        header(
+            out,
+            "plantline_mqtt_dead_letters_dropped_total",
+            "counter",
+            "Dead letters deleted from the buffer's dead-letter table to stay within the broker's max_dead_letters (oldest first).",
+        );
+        for (broker, n) in dropped.iter() {
+            let _ = writeln!(
+                out,
+                "plantline_mqtt_dead_letters_dropped_total{{broker=\"{}\"}} {n}",
+                escape(broker)
+            );
         }
     }
 }
@@ -403,6 +571,7 @@ mod tests {
             pending: None,
             file_bytes: 0,
             wal_bytes: 0,
+            ..BufferReport::default()
         };
         let text = m.render(Some(&buffer), now);
         let samples: Vec<&str> = text
@@ -487,5 +656,56 @@ mod tests {
                 "plantline_agent_kinesis_put_failures_total 1",
             ]
         );
+    }
+
+    #[test]
+    fn mqtt_counters_appear_once_a_broker_started() {
+        let m = Metrics::default();
+        let now = UNIX_EPOCH;
+        assert!(!m.render(None, now).contains("plantline_mqtt"));
+        m.mqtt_broker_started("line3");
+        m.mqtt_bad_payload("line3", "meters/+/kwh", "not_a_number");
+        m.mqtt_bad_payload("line3", "meters/+/kwh", "not_a_number");
+        m.mqtt_bad_payload("line3", "plant/\"x\"/#", "not_json");
+        m.mqtt_dead_letters_dropped("line3", 4);
+        let text = m.render(None, now);
+        let mqtt: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("plantline_mqtt"))
+            .collect();
+        assert_eq!(
+            mqtt,
+            [
+                "plantline_mqtt_bad_payloads_total{broker=\"line3\",subscription=\"meters/+/kwh\",reason=\"not_a_number\"} 2",
+                "plantline_mqtt_bad_payloads_total{broker=\"line3\",subscription=\"plant/\\\"x\\\"/#\",reason=\"not_json\"} 1",
+                "plantline_mqtt_dead_letters_dropped_total{broker=\"line3\"} 4",
+            ]
+        );
+        assert!(text.contains("# TYPE plantline_mqtt_bad_payloads_total counter\n"));
+        assert!(text.contains("# TYPE plantline_mqtt_dead_letters_dropped_total counter\n"));
+    }
+
+    #[test]
+    fn config_reload_counters_appear_once_reloads_are_enabled() {
+        let m = Metrics::default();
+        assert!(!m.render(None, UNIX_EPOCH).contains("config_reloads"));
+        m.config_reload_enabled();
+        m.config_reloaded(true);
+        m.config_reloaded(false);
+        m.config_reloaded(true);
+        assert_eq!(m.config_reloads(), (2, 1));
+        let text = m.render(None, UNIX_EPOCH);
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("plantline_agent_config_reloads_total"))
+            .collect();
+        assert_eq!(
+            samples,
+            [
+                "plantline_agent_config_reloads_total{result=\"applied\"} 2",
+                "plantline_agent_config_reloads_total{result=\"rejected\"} 1",
+            ]
+        );
+        assert!(text.contains("# TYPE plantline_agent_config_reloads_total counter\n"));
     }
 }

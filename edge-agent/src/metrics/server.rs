@@ -1,8 +1,11 @@
-//! The HTTP endpoint: `GET /metrics` (Prometheus text) and `GET /health` (JSON, 200 or 503).
+//! The HTTP endpoint: `GET /metrics` (Prometheus text), `GET /health` (JSON, 200 or 503) and
+//! the status page `GET /status` with its data `GET /status.json` ([`super::status`]).
 //!
 //! # What always holds
-//! - It binds only the configured address (loopback by default); nothing here authenticates, so
-//!   exposing it is a deliberate `listen` change.
+//! - It binds only the configured address (loopback by default), so exposing it is a
+//!   deliberate `listen` change. With a token configured, everything but `/health` answers
+//!   401 without it; a token that is configured but cannot be read keeps the endpoint closed
+//!   (fail closed), logged with the fix.
 //! - A metrics endpoint that cannot bind never stops the agent: reading and buffering data
 //!   matters more than watching it. The failure is logged once with the address and the fix.
 //! - Every connection ends when the agent's shutdown token is cancelled; a client that sends
@@ -26,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::registry::{Health, global};
+use super::status;
 use crate::config::MetricsConfig;
 
 /// How long a client may take to send its request headers.
@@ -41,6 +45,41 @@ pub enum MetricsError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "metrics.token_env names `{name}`, which is not set or empty in the agent's environment; set it (for systemd: Environment= or EnvironmentFile= in a drop-in) or remove token_env"
+    )]
+    TokenEnv { name: String },
+    #[error(
+        "cannot read metrics.token_file {path}: {source}; create it with the token on its first line, readable by the agent's user"
+    )]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics.token_file {path} is empty; put the token on its first line")]
+    TokenFileEmpty { path: PathBuf },
+}
+
+/// The token the endpoint requires, if one is configured.
+fn configured_token(config: &MetricsConfig) -> Result<Option<String>, MetricsError> {
+    if let Some(name) = &config.token_env {
+        return match std::env::var(name) {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
+            _ => Err(MetricsError::TokenEnv { name: name.clone() }),
+        };
+    }
+    if let Some(path) = &config.token_file {
+        let text = std::fs::read_to_string(path).map_err(|source| MetricsError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.is_empty() {
+            return Err(MetricsError::TokenFileEmpty { path: path.clone() });
+        }
+        return Ok(Some(token.to_owned()));
+    }
+    Ok(None)
 }
 
 /// Starts the endpoint when `[metrics]` is enabled. Returns the server task, or `None` when it
@@ -62,6 +101,13 @@ pub async fn start(
             return None;
         }
     };
+    let token = match configured_token(config) {
+        Ok(token) => token,
+        Err(e) => {
+            span.in_scope(|| error!("metrics endpoint not started: {e}"));
+            return None;
+        }
+    };
     let listener = match TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(source) => {
@@ -70,15 +116,33 @@ pub async fn start(
             return None;
         }
     };
-    span.in_scope(|| info!(listen = %addr, "serving /metrics and /health"));
+    span.in_scope(|| {
+        info!(
+            listen = %addr,
+            token = token.is_some(),
+            "serving /status, /metrics and /health"
+        );
+    });
     Some(tokio::spawn(
-        serve(listener, buffer_path, shutdown).instrument(span),
+        serve_with_token(listener, buffer_path, token, shutdown).instrument(span),
     ))
 }
 
-/// Answers connections on `listener` until `shutdown` is cancelled.
+/// Answers connections on `listener` until `shutdown` is cancelled, without a token.
 pub async fn serve(listener: TcpListener, buffer_path: PathBuf, shutdown: CancellationToken) {
+    serve_with_token(listener, buffer_path, None, shutdown).await;
+}
+
+/// Answers connections on `listener` until `shutdown` is cancelled; with `token`, every page
+/// but `/health` requires it.
+pub async fn serve_with_token(
+    listener: TcpListener,
+    buffer_path: PathBuf,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) {
     let buffer_path = Arc::new(buffer_path);
+    let token = Arc::new(token);
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -93,7 +157,10 @@ pub async fn serve(listener: TcpListener, buffer_path: PathBuf, shutdown: Cancel
             },
         };
         let path = Arc::clone(&buffer_path);
-        let service = hyper::service::service_fn(move |req| respond(req, Arc::clone(&path)));
+        let token = Arc::clone(&token);
+        let service = hyper::service::service_fn(move |req| {
+            respond(req, Arc::clone(&path), Arc::clone(&token))
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
@@ -116,6 +183,7 @@ pub async fn serve(listener: TcpListener, buffer_path: PathBuf, shutdown: Cancel
 async fn respond(
     req: Request<Incoming>,
     buffer_path: Arc<PathBuf>,
+    token: Arc<Option<String>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".to_owned());
@@ -123,7 +191,46 @@ async fn respond(
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(resp);
     }
+    if let Some(expected) = token.as_ref()
+        && req.uri().path() != "/health"
+        && !status::presented_token(&req).is_some_and(|t| status::token_matches(&t, expected))
+    {
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs the token from [metrics] token_env or token_file: send `Authorization: Bearer <token>` or open /status?token=<token>\n".to_owned(),
+        );
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"plantline\""),
+        );
+        return Ok(resp);
+    }
     Ok(match req.uri().path() {
+        "/" | "/status" => {
+            let mut resp = text(StatusCode::OK, status::PAGE.to_owned());
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                ),
+            );
+            resp
+        }
+        "/status.json" => {
+            let body = status::snapshot(&buffer_path).await;
+            let mut resp = text(StatusCode::OK, format!("{body}\n"));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+            resp
+        }
         "/metrics" => {
             let path = Arc::clone(&buffer_path);
             // A read-only look as one more WAL reader; it never blocks the writer.
@@ -161,7 +268,7 @@ async fn respond(
         }
         other => text(
             StatusCode::NOT_FOUND,
-            format!("no such page: {other}; try /metrics or /health\n"),
+            format!("no such page: {other}; try /status, /metrics or /health\n"),
         ),
     })
 }

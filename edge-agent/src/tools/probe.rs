@@ -1,12 +1,14 @@
 //! `edge-agent probe`: reads a device now and shows what the agent would record, so a plant
 //! engineer can check a sensor-map line (or a register from the PLC's manual) before deploying.
 //!
-//! Two modes:
+//! Three modes:
 //! - **Tags** ([`probe_tags`]): the device and its tags come from a sensor map; each selected tag
 //!   is read once with the device's host, port, unit id and timeout, and printed as one line with
 //!   the raw words, the decoded and scaled value with its unit, and the quality.
 //! - **Raw** ([`probe_raw`]): a register range read without a config; prints every word, and the
 //!   decoded values when a type is given.
+//! - **MQTT** ([`probe_mqtt`]): listens to a broker of the sensor map for a few seconds on its own
+//!   clean session and prints what the mapping makes of every message (see [`mqtt`]).
 //!
 //! # What always holds
 //! - Every network call runs under a timeout; a probe never hangs on a silent device.
@@ -17,7 +19,9 @@
 //! - After a timeout or a broken answer the connection is reopened before the next tag, as the
 //!   agent does, so a late answer is never taken for the next tag's.
 //! - [`ProbeError::exit_code`] is 78 for a bad config or bad arguments and 1 when the device
-//!   did not answer or refused a request.
+//!   (or the MQTT broker) did not answer or refused a request.
+
+pub mod mqtt;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -31,6 +35,8 @@ use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use crate::config::{AgentConfig, ByteOrder, ConfigDuration, DataType, ModbusTag, RegisterKind};
 use crate::sources::modbus::decode::{decode_bits, decode_scaled, decode_words, type_name};
 use crate::sources::modbus::transform;
+
+pub use mqtt::{MqttProbeArgs, MqttProbeSummary, probe_mqtt};
 
 /// The largest register count one read request may ask for (Modbus application protocol, 6.3).
 pub const MAX_REGISTERS_PER_READ: u16 = 125;
@@ -60,6 +66,37 @@ pub enum ProbeError {
         tag: String,
         known: Vec<String>,
     },
+    /// The sensor map has no MQTT broker of that name.
+    #[error("{}: no MQTT broker `{broker}` in the sensor map; use one of: {}", file.display(), one_of(known))]
+    UnknownBroker {
+        file: PathBuf,
+        broker: String,
+        known: Vec<String>,
+    },
+    /// The broker has no subscription with that topic filter.
+    #[error("{}: broker `{broker}` has no subscription `{subscription}`; use one of: {}", file.display(), one_of(known))]
+    UnknownSubscription {
+        file: PathBuf,
+        broker: String,
+        subscription: String,
+        known: Vec<String>,
+    },
+    /// The broker's section cannot be used as it is (a password that cannot be read).
+    #[error("{}: {reason}", file.display())]
+    MqttConfig { file: PathBuf, reason: String },
+    /// The MQTT broker could not be reached or broke off.
+    #[error("cannot reach MQTT broker `{broker}` at {host}:{port}: {reason}")]
+    BrokerUnreachable {
+        broker: String,
+        host: String,
+        port: u16,
+        reason: String,
+    },
+    /// The broker refused a subscription (an ACL, a broker limit).
+    #[error(
+        "broker `{broker}` refused the subscription to `{filter}`; check the broker's ACL for this user"
+    )]
+    SubscriptionRefused { broker: String, filter: String },
     /// The command-line arguments of a raw probe do not describe a valid read; every problem is
     /// listed.
     #[error("{}", problems.join("\n"))]
@@ -104,8 +141,13 @@ impl ProbeError {
         match self {
             Self::UnknownDevice { .. }
             | Self::UnknownTag { .. }
+            | Self::UnknownBroker { .. }
+            | Self::UnknownSubscription { .. }
+            | Self::MqttConfig { .. }
             | Self::InvalidArguments { .. } => EXIT_CONFIG,
             Self::Resolve { .. }
+            | Self::BrokerUnreachable { .. }
+            | Self::SubscriptionRefused { .. }
             | Self::Connect { .. }
             | Self::Timeout { .. }
             | Self::Exception { .. }
@@ -116,6 +158,15 @@ impl ProbeError {
     /// Whether the connection must be reopened before the next request.
     fn breaks_connection(&self) -> bool {
         matches!(self, Self::Timeout { .. } | Self::Transport { .. })
+    }
+}
+
+/// The names a user can choose from, for an error message.
+fn one_of(known: &[String]) -> String {
+    if known.is_empty() {
+        "(none configured)".to_owned()
+    } else {
+        known.join(", ")
     }
 }
 

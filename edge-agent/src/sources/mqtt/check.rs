@@ -5,11 +5,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::topic::{self, Template};
+use crate::buffer::dead_letter;
 use crate::config::{MqttBroker, MqttSubscription, PayloadFormat, Problem};
 
 /// The shortest keep-alive accepted (rumqttc's minimum); the protocol's longest is 65535 s.
 const MIN_KEEP_ALIVE: Duration = Duration::from_secs(1);
 const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
+/// The most dead letters one broker may keep: about 40 MB of the buffer file at most.
+const MAX_DEAD_LETTERS: u32 = 100_000;
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
     Problem {
@@ -110,6 +113,17 @@ fn check_broker(problems: &mut Vec<Problem>, key: &str, broker: &MqttBroker) {
             ));
         }
         _ => {}
+    }
+    if broker.max_dead_letters == 0 || broker.max_dead_letters > MAX_DEAD_LETTERS {
+        problems.push(problem(
+            format!("{key}.max_dead_letters"),
+            format!(
+                "max_dead_letters {} is outside 1 to {MAX_DEAD_LETTERS}; each dead letter keeps up to {} bytes of payload in the buffer file, use for example max_dead_letters = {}",
+                broker.max_dead_letters,
+                dead_letter::PAYLOAD_BYTES,
+                dead_letter::DEFAULT_MAX_DEAD_LETTERS
+            ),
+        ));
     }
     if broker.subscriptions.is_empty() {
         problems.push(problem(
@@ -380,11 +394,12 @@ mod tests {
             Some(Path::new("/etc/plantline/secret"))
         );
         assert_eq!(broker.subscriptions[0].qos, 1);
+        assert_eq!(broker.max_dead_letters, 1000);
     }
 
     #[test]
     fn broker_problems_name_line_key_and_fix() {
-        let text = "[[mqtt]]\nname = \"b\"\nhost = \" \"\nport = 0\nclient_id = \"\"\nkeep_alive = \"0s\"\npassword_env = \"A=B\"\nsubscriptions = []\n";
+        let text = "[[mqtt]]\nname = \"b\"\nhost = \" \"\nport = 0\nclient_id = \"\"\nkeep_alive = \"0s\"\npassword_env = \"A=B\"\nmax_dead_letters = 0\nsubscriptions = []\n";
         assert_eq!(
             problems(text),
             vec![
@@ -393,7 +408,8 @@ mod tests {
                 "plant.toml:9: mqtt[0].client_id: the client id is empty; the broker keeps the session under it, so give one that is unique on the broker and never changes, for example client_id = \"gw-line2\"",
                 "plant.toml:10: mqtt[0].keep_alive: keep_alive 0s is outside 1s to 65535s; use for example keep_alive = \"30s\"",
                 "plant.toml:11: mqtt[0].password_env: `A=B` is not an environment variable name; name the variable that holds the password, for example password_env = \"MQTT_PASSWORD\"",
-                "plant.toml:12: mqtt[0].subscriptions: broker `b` has no subscriptions; add at least one [[mqtt.subscriptions]] table, or remove the broker",
+                "plant.toml:12: mqtt[0].max_dead_letters: max_dead_letters 0 is outside 1 to 100000; each dead letter keeps up to 256 bytes of payload in the buffer file, use for example max_dead_letters = 1000",
+                "plant.toml:13: mqtt[0].subscriptions: broker `b` has no subscriptions; add at least one [[mqtt.subscriptions]] table, or remove the broker",
             ]
         );
     }

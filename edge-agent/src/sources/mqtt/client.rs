@@ -1,20 +1,26 @@
 //! One broker connection: the rumqttc event loop, the mapping of messages to readings, and the
 //! acknowledgements that follow the buffer's commits.
 //!
-//! Three tasks per broker, so no one of them can stall another's work:
+//! Four tasks per broker, so no one of them can stall another's work:
 //! - the *event loop* task polls rumqttc (keep-alive pings, reconnects with capped exponential
 //!   backoff and jitter, resubscribing after every connect) and hands each incoming PUBLISH on;
-//! - the *mapper* turns a message into readings, sends them to the buffer writer together with a
-//!   oneshot that fires when they are committed, and queues the message for acknowledgement;
-//! - the *acker* takes the queue in arrival order, waits for each message's commit and only then
+//! - the *mapper* turns a message into readings (through [`Router`], as `probe` does), sends them
+//!   to the buffer writer together with a oneshot that fires when they are committed, sends a bad
+//!   payload's dead letter to the dead-letter writer the same way, and queues the message with
+//!   both oneshots for acknowledgement;
+//! - the [*dead-letter writer*](super::dead_letters) commits dead letters to the buffer file's
+//!   dead-letter table on its own connection;
+//! - the *acker* takes the queue in arrival order, waits for each message's commits and only then
 //!   sends its PUBACK. In-order acks are what MQTT 3.1.1 (4.6) asks of a client; since the
-//!   writer commits in the order it received, waiting in order costs nothing.
+//!   writers commit in the order they received, waiting in order costs little.
 //!
-//! A message whose payload gives no reading is counted per subscription, logged and acknowledged
-//! at its turn: it will never get better, and an unacknowledged message would come back on
-//! every reconnect.
+//! A message whose payload gives no reading (or not all of them) is counted per subscription and
+//! reason, logged, dead-lettered, and acknowledged at its turn once its dead letter (and its
+//! good readings, if any) are committed: it will never get better, and an unacknowledged message
+//! would come back on every reconnect.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
@@ -25,7 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::payload::{Mapping, shown};
+use super::dead_letters::{DeadLetterWriter, Recording};
+use super::payload::shown;
+use super::route::{Route, Router};
 use super::topic;
 use crate::config::MqttBroker;
 use crate::sources::Delivery;
@@ -39,6 +47,8 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const INCOMING_CAPACITY: usize = 256;
 /// Messages waiting for their commit before the mapper waits too.
 const ACK_QUEUE_CAPACITY: usize = 1024;
+/// Dead letters waiting for their commit before the mapper waits too.
+const DEAD_LETTER_CAPACITY: usize = 256;
 /// Requests (acks, subscribes, disconnect) queued for the event loop.
 const REQUEST_CAPACITY: usize = 64;
 /// How long a stopping source waits for the commits of what it already handed over.
@@ -69,36 +79,50 @@ pub enum MqttError {
 /// A message waiting for its acknowledgement, in arrival order.
 struct PendingAck {
     publish: Publish,
-    /// Fires when the message's readings are committed; `None` when there were none.
-    committed: Option<oneshot::Receiver<()>>,
+    /// Fire when the message's readings and its dead letter are committed; empty when it had
+    /// neither (a retained message, a topic of no subscription).
+    committed: Vec<oneshot::Receiver<()>>,
 }
 
-/// One subscription as the mapper uses it.
-struct Route {
-    filter: String,
-    mapping: Mapping,
-    bad_payloads: u64,
+/// What the mapper needs besides its channels.
+struct Mapper {
+    broker: String,
+    router: Router,
+    /// Bad payloads per subscription (same index as the router's), for the log line.
+    bad_payloads: Vec<u64>,
 }
 
-/// Runs one broker's source until `shutdown` is cancelled.
+/// Runs one broker's source until `shutdown` is cancelled. `buffer` is the buffer file, where
+/// bad payloads go to the dead-letter table.
 pub async fn run_broker(
     broker: MqttBroker,
+    buffer: PathBuf,
     deliveries: mpsc::Sender<Delivery>,
     shutdown: CancellationToken,
 ) {
     let span = info_span!("mqtt", component = "mqtt", broker = %broker.name);
     async move {
-        let routes = match routes(&broker) {
-            Ok(routes) => routes,
+        let router = match Router::new(&broker) {
+            Ok(router) => router,
             Err(e) => {
                 // Validation rejects what could fail here; a config built in code may not.
                 error!("{e}; the source does not start");
                 return;
             }
         };
+        crate::metrics::global().mqtt_broker_started(&broker.name);
         let Some(options) = options_with_retry(&broker, &shutdown).await else {
             return;
         };
+        let dead_letter_writer =
+            DeadLetterWriter::open(buffer, broker.name.clone(), broker.max_dead_letters).await;
+        let (dead_letter_tx, dead_letter_rx) = mpsc::channel(DEAD_LETTER_CAPACITY);
+        let dead_letter_stop = CancellationToken::new();
+        let dead_letter_task = tokio::spawn(
+            dead_letter_writer
+                .run(dead_letter_rx, dead_letter_stop.clone())
+                .in_current_span(),
+        );
         let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
         let filters: Vec<SubscribeFilter> = broker
             .subscriptions
@@ -119,10 +143,25 @@ pub async fn run_broker(
             .in_current_span(),
         );
         let acker = tokio::spawn(ack_in_order(client.clone(), ack_rx).in_current_span());
-        map_messages(routes, incoming_rx, &deliveries, ack_tx, &shutdown).await;
-        // The mapper dropped the ack queue's sender: the acker finishes what is queued.
+        let mapper = Mapper {
+            broker: broker.name.clone(),
+            bad_payloads: vec![0; router.routes().len()],
+            router,
+        };
+        let outputs = Outputs {
+            deliveries: &deliveries,
+            dead_letters: dead_letter_tx,
+            acks: ack_tx,
+        };
+        mapper.run(incoming_rx, outputs, &shutdown).await;
+        // The mapper dropped the ack queue's sender: the acker finishes what is queued, waiting
+        // for the dead letters' commits too; then the dead-letter writer may stop retrying.
         if let Err(e) = acker.await {
             error!("the acknowledgement task failed: {e}");
+        }
+        dead_letter_stop.cancel();
+        if let Err(e) = dead_letter_task.await {
+            error!("the dead-letter task failed: {e}");
         }
         if client.try_disconnect().is_err() {
             debug!("the event loop is gone; nothing to disconnect");
@@ -137,26 +176,6 @@ pub async fn run_broker(
     }
     .instrument(span)
     .await;
-}
-
-fn routes(broker: &MqttBroker) -> Result<Vec<Route>, MqttError> {
-    broker
-        .subscriptions
-        .iter()
-        .enumerate()
-        .map(|(index, s)| {
-            Ok(Route {
-                filter: s.topic.clone(),
-                mapping: Mapping::new(s).map_err(|source| MqttError::Mapping {
-                    broker: broker.name.clone(),
-                    index,
-                    filter: s.topic.clone(),
-                    source: Box::new(source),
-                })?,
-                bad_payloads: 0,
-            })
-        })
-        .collect()
 }
 
 fn qos(level: u8) -> QoS {
@@ -189,7 +208,9 @@ async fn options_with_retry(
     }
 }
 
-fn options(broker: &MqttBroker) -> Result<MqttOptions, MqttError> {
+/// The connection options of the agent's session with `broker`: its client id and session
+/// setting, manual acknowledgements, and the credentials (read now).
+pub(crate) fn options(broker: &MqttBroker) -> Result<MqttOptions, MqttError> {
     let mut options = MqttOptions::new(&broker.client_id, &broker.host, broker.port);
     options
         .set_keep_alive(broker.keep_alive.0)
@@ -295,89 +316,133 @@ fn jittered(backoff: Duration) -> Duration {
     backoff.mul_f64(rand::random_range(0.75..=1.0))
 }
 
-/// Maps messages until `shutdown`, handing readings to the buffer writer and every message to
-/// the acker.
-async fn map_messages(
-    mut routes: Vec<Route>,
-    mut incoming: mpsc::Receiver<Publish>,
-    deliveries: &mpsc::Sender<Delivery>,
+/// Where the mapper sends what it made of a message.
+struct Outputs<'a> {
+    deliveries: &'a mpsc::Sender<Delivery>,
+    dead_letters: mpsc::Sender<Recording>,
     acks: mpsc::Sender<PendingAck>,
-    shutdown: &CancellationToken,
-) {
-    loop {
-        let publish = tokio::select! {
-            () = shutdown.cancelled() => return,
-            got = incoming.recv() => match got {
-                Some(publish) => publish,
-                None => return,
-            },
-        };
-        let arrival_us = now_us();
-        debug!(
-            topic = %publish.topic,
-            pkid = publish.pkid,
-            dup = publish.dup,
-            bytes = publish.payload.len(),
-            "message received"
-        );
-        let route = routes
-            .iter_mut()
-            .find(|r| topic::matches(&r.filter, &publish.topic));
-        let readings = if publish.retain {
-            // The broker replays a topic's retained last value on every subscribe, so on every
-            // reconnect: it is not a new measurement and would be recorded again each time.
-            debug!(topic = %publish.topic, "retained message skipped");
-            Vec::new()
-        } else if let Some(route) = route {
-            map_one(route, &publish, arrival_us)
-        } else {
-            // A subscription of an earlier configuration that the persistent session still
-            // holds: nothing maps it, and keeping it would bring it back forever.
-            warn!(
-                topic = %publish.topic,
-                "message matches no subscription of this configuration; acknowledged and dropped"
-            );
-            Vec::new()
-        };
-        let committed = if readings.is_empty() {
-            None
-        } else {
-            let (tx, rx) = oneshot::channel();
-            let delivery = Delivery {
-                readings,
-                committed: tx,
+}
+
+impl Mapper {
+    /// Maps messages until `shutdown`, handing readings to the buffer writer, bad payloads to
+    /// the dead-letter writer and every message to the acker.
+    async fn run(
+        mut self,
+        mut incoming: mpsc::Receiver<Publish>,
+        out: Outputs<'_>,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            let publish = tokio::select! {
+                () = shutdown.cancelled() => return,
+                got = incoming.recv() => match got {
+                    Some(publish) => publish,
+                    None => return,
+                },
             };
-            if deliveries.send(delivery).await.is_err() {
-                // The writer is gone (the agent is stopping): leave the message
-                // unacknowledged so the broker keeps it.
+            let arrival_us = now_us();
+            debug!(
+                topic = %publish.topic,
+                pkid = publish.pkid,
+                dup = publish.dup,
+                bytes = publish.payload.len(),
+                "message received"
+            );
+            let mut committed = Vec::new();
+            let (readings, dead_letter) = if publish.retain {
+                // The broker replays a topic's retained last value on every subscribe, so on
+                // every reconnect: it is not a new measurement and would be recorded again each
+                // time.
+                debug!(topic = %publish.topic, "retained message skipped");
+                (Vec::new(), None)
+            } else if let Some((index, route)) = self.router.route(&publish.topic) {
+                let mapped = route.map(&publish.topic, &publish.payload, arrival_us);
+                let dead_letter = (!mapped.problems.is_empty()).then(|| {
+                    self.bad_payloads[index] += 1;
+                    count_and_log(
+                        &self.broker,
+                        route,
+                        self.bad_payloads[index],
+                        &publish,
+                        &mapped.problems,
+                    );
+                    route.dead_letter(
+                        &self.broker,
+                        &publish.topic,
+                        &publish.payload,
+                        arrival_us,
+                        &mapped.problems,
+                    )
+                });
+                (mapped.readings, dead_letter)
+            } else {
+                // A subscription of an earlier configuration that the persistent session still
+                // holds: nothing maps it, and keeping it would bring it back forever.
+                warn!(
+                    topic = %publish.topic,
+                    "message matches no subscription of this configuration; acknowledged and dropped"
+                );
+                (Vec::new(), None)
+            };
+            if let Some(letter) = dead_letter {
+                let (tx, rx) = oneshot::channel();
+                let recording = Recording {
+                    letter,
+                    committed: tx,
+                };
+                if out.dead_letters.send(recording).await.is_err() {
+                    // The dead-letter writer is gone: leave the message unacknowledged.
+                    return;
+                }
+                committed.push(rx);
+            }
+            if !readings.is_empty() {
+                let (tx, rx) = oneshot::channel();
+                let delivery = Delivery {
+                    readings,
+                    committed: tx,
+                };
+                if out.deliveries.send(delivery).await.is_err() {
+                    // The writer is gone (the agent is stopping): leave the message
+                    // unacknowledged so the broker keeps it.
+                    return;
+                }
+                committed.push(rx);
+            }
+            if out
+                .acks
+                .send(PendingAck { publish, committed })
+                .await
+                .is_err()
+            {
                 return;
             }
-            Some(rx)
-        };
-        if acks.send(PendingAck { publish, committed }).await.is_err() {
-            return;
         }
     }
 }
 
-/// The readings of one message; its problems are counted on the route and logged, with the
-/// count so far and the first bytes of the payload.
-fn map_one(route: &mut Route, publish: &Publish, arrival_us: i64) -> Vec<crate::Reading> {
-    let mapped = route
-        .mapping
-        .map(&publish.topic, &publish.payload, arrival_us);
-    if !mapped.problems.is_empty() {
-        route.bad_payloads += 1;
-        for problem in &mapped.problems {
-            warn!(
-                subscription = %route.filter,
-                bad_payloads = route.bad_payloads,
-                payload = %shown(&publish.payload),
-                "bad payload: {problem}"
-            );
-        }
+/// Counts a bad payload by (broker, subscription, reason of its first problem) and logs each of
+/// its problems with the subscription's count so far and the first bytes of the payload.
+fn count_and_log(
+    broker: &str,
+    route: &Route,
+    count: u64,
+    publish: &Publish,
+    problems: &[super::payload::PayloadError],
+) {
+    let reason = problems
+        .first()
+        .map_or("unknown", super::payload::PayloadError::reason);
+    crate::metrics::global().mqtt_bad_payload(broker, &route.filter, reason);
+    for problem in problems {
+        warn!(
+            subscription = %route.filter,
+            reason = %problem.reason(),
+            bad_payloads = count,
+            payload = %shown(&publish.payload),
+            "bad payload: {problem}"
+        );
     }
-    mapped.readings
 }
 
 /// Acknowledges messages in arrival order, each after its readings were committed.
@@ -397,7 +462,7 @@ async fn ack_in_order(client: AsyncClient, mut queue: mpsc::Receiver<PendingAck>
         let front = waiting
             .front_mut()
             .expect("a message was queued above or is still waiting");
-        if let Some(committed) = front.committed.take() {
+        while let Some(committed) = front.committed.pop() {
             let outcome = if stopping {
                 // Stopping: the writer commits within its interval; past the deadline the
                 // broker keeps the message and sends it again next time.
@@ -411,7 +476,7 @@ async fn ack_in_order(client: AsyncClient, mut queue: mpsc::Receiver<PendingAck>
             if outcome.is_none() {
                 debug!(
                     waiting = waiting.len(),
-                    "readings were not committed; the broker will send these messages again"
+                    "readings or dead letters were not committed; the broker will send these messages again"
                 );
                 return;
             }
@@ -469,7 +534,7 @@ mod tests {
         ));
         let (first_done, first) = oneshot::channel();
         let (second_done, second) = oneshot::channel();
-        for (pkid, committed) in [(1, Some(first)), (2, Some(second)), (3, None)] {
+        for (pkid, committed) in [(1, vec![first]), (2, vec![second]), (3, vec![])] {
             let pending = PendingAck {
                 publish: publish(pkid),
                 committed,
@@ -500,6 +565,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_message_with_readings_and_a_dead_letter_waits_for_both_commits() {
+        let (requests_tx, requests) = flume::bounded(16);
+        let (queue, queue_rx) = mpsc::channel(16);
+        let acker = tokio::spawn(ack_in_order(
+            AsyncClient::from_senders(requests_tx),
+            queue_rx,
+        ));
+        let (readings_done, readings) = oneshot::channel();
+        let (letter_done, letter) = oneshot::channel();
+        let pending = PendingAck {
+            publish: publish(1),
+            committed: vec![letter, readings],
+        };
+        assert!(queue.send(pending).await.is_ok());
+        readings_done.send(()).unwrap();
+        settle().await;
+        assert_eq!(
+            acked(&requests),
+            Vec::<u16>::new(),
+            "the readings are committed, the dead letter is not"
+        );
+        letter_done.send(()).unwrap();
+        settle().await;
+        assert_eq!(acked(&requests), vec![1]);
+        drop(queue);
+        acker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_message_whose_readings_were_not_committed_is_never_acknowledged() {
         let (requests_tx, requests) = flume::bounded(16);
         let (queue, queue_rx) = mpsc::channel(16);
@@ -509,7 +603,7 @@ mod tests {
         ));
         let (done, committed) = oneshot::channel();
         let (writer_gone, lost) = oneshot::channel::<()>();
-        for (pkid, committed) in [(1, Some(committed)), (2, Some(lost)), (3, None)] {
+        for (pkid, committed) in [(1, vec![committed]), (2, vec![lost]), (3, vec![])] {
             let pending = PendingAck {
                 publish: publish(pkid),
                 committed,
@@ -530,7 +624,7 @@ mod tests {
         let (_never, committed) = oneshot::channel::<()>();
         let pending = PendingAck {
             publish: publish(1),
-            committed: Some(committed),
+            committed: vec![committed],
         };
         assert!(queue.send(pending).await.is_ok());
         drop(queue);

@@ -3,10 +3,34 @@
 //! [`client`] for the tasks and the acknowledgement order, and the agent module for the commit
 //! notification). Delivery is at least once: a message whose commit or acknowledgement is lost
 //! (a crash, a dropped connection) comes again and is buffered again.
+//!
+//! # Bad payloads
+//! A message whose payload gives no reading, or not all of them (not JSON, not UTF-8 text, not a
+//! number, a missing field, a value that is not numeric or not finite, a bad timestamp, an empty
+//! device or tag name), is
+//! - counted in `plantline_mqtt_bad_payloads_total{broker, subscription, reason}`, where
+//!   `reason` is the code of its first problem ([`payload::PayloadError::reason`]: `not_json`,
+//!   `not_text`, `not_a_number`, `missing_field`, `not_numeric`, `not_finite`, `bad_timestamp`,
+//!   `empty_name`, `topic_level`);
+//! - logged as `bad payload`, one line per problem;
+//! - kept as one row in the buffer's dead-letter table ([`crate::buffer::dead_letter`]): time,
+//!   broker, subscription, topic, reason, every problem in words, and the first 256 bytes of the
+//!   payload. Each broker keeps at most `max_dead_letters` rows (1000 by default); older ones are
+//!   dropped and counted in `plantline_mqtt_dead_letters_dropped_total{broker}`;
+//! - acknowledged in its turn, but only after its dead-letter row (and its good readings, for a
+//!   multi-field message) are committed, so a `kill -9` either leaves the row or leaves the
+//!   message with the broker. A bad payload never stops the source; a dead-letter table that
+//!   cannot be written holds the acknowledgements, as a buffer that cannot be written does.
+//!
+//! `edge-agent probe --mqtt` ([`crate::tools::probe`]) takes messages through the same
+//! [`route::Router`] and shows what this source would record or refuse.
 
 pub(crate) mod check;
 mod client;
+mod dead_letters;
 pub mod payload;
+pub mod route;
 pub mod topic;
 
+pub(crate) use client::options;
 pub use client::{BACKOFF_CAP, BACKOFF_START, MqttError, run_broker};

@@ -49,6 +49,24 @@ pub enum PayloadError {
     Topic(#[from] TopicError),
 }
 
+impl PayloadError {
+    /// A short, fixed code for the kind of problem: the `reason` of a dead letter and of
+    /// `plantline_mqtt_bad_payloads_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotJson { .. } => "not_json",
+            Self::NotText { .. } => "not_text",
+            Self::NotANumber { .. } => "not_a_number",
+            Self::Missing { .. } => "missing_field",
+            Self::NotNumeric { .. } => "not_numeric",
+            Self::NotFinite { .. } => "not_finite",
+            Self::BadTimestamp { .. } => "bad_timestamp",
+            Self::EmptyName { .. } => "empty_name",
+            Self::Topic(_) => "topic_level",
+        }
+    }
+}
+
 /// One value of a subscription, ready to apply.
 #[derive(Debug, Clone)]
 struct ValueRule {

@@ -1,0 +1,155 @@
+//! Which subscription a message belongs to and what that subscription's mapping makes of it:
+//! the one path both the source and `edge-agent probe --mqtt` take a message through, so the
+//! probe shows exactly what the agent would record (or refuse).
+
+use super::client::MqttError;
+use super::payload::{Mapped, Mapping, PayloadError};
+use crate::buffer::dead_letter::DeadLetter;
+use crate::config::MqttBroker;
+
+/// One subscription with its mapping.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The subscription's topic filter, as in the config.
+    pub filter: String,
+    pub mapping: Mapping,
+}
+
+/// The subscriptions of one broker, in config order.
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// The mappings of every subscription of `broker`; fails only on a config that did not pass
+    /// validation.
+    pub fn new(broker: &MqttBroker) -> Result<Self, MqttError> {
+        let routes = broker
+            .subscriptions
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                Ok(Route {
+                    filter: s.topic.clone(),
+                    mapping: Mapping::new(s).map_err(|source| MqttError::Mapping {
+                        broker: broker.name.clone(),
+                        index,
+                        filter: s.topic.clone(),
+                        source: Box::new(source),
+                    })?,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { routes })
+    }
+
+    /// The subscriptions, in config order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The subscription a message on `topic` belongs to, with its index. Validation keeps the
+    /// filters of one broker disjoint, so at most one matches.
+    pub fn route(&self, topic: &str) -> Option<(usize, &Route)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| super::topic::matches(&r.filter, topic))
+    }
+}
+
+impl Route {
+    /// The readings of one message that arrived at `arrival_us`, and its problems.
+    pub fn map(&self, topic: &str, payload: &[u8], arrival_us: i64) -> Mapped {
+        self.mapping.map(topic, payload, arrival_us)
+    }
+
+    /// The dead letter of a message whose mapping had `problems` (at least one): its reason is
+    /// the first problem's code, its detail every problem in words.
+    pub fn dead_letter(
+        &self,
+        broker: &str,
+        topic: &str,
+        payload: &[u8],
+        received_us: i64,
+        problems: &[PayloadError],
+    ) -> DeadLetter {
+        let reason = problems.first().map_or("unknown", PayloadError::reason);
+        let detail = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        DeadLetter::new(
+            received_us,
+            broker,
+            &self.filter,
+            topic,
+            reason,
+            detail,
+            payload,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker() -> MqttBroker {
+        toml::from_str(
+            r#"
+name = "b"
+host = "127.0.0.1"
+client_id = "gw"
+[[subscriptions]]
+topic = "meters/+/kwh"
+payload = "number"
+device = "{1}"
+tag = "energy"
+[[subscriptions]]
+topic = "rooms/+/climate"
+device = "room-{1}"
+[[subscriptions.fields]]
+tag = "temp"
+value = "/t"
+[[subscriptions.fields]]
+tag = "rh"
+value = "/h"
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_message_goes_to_the_subscription_whose_filter_matches() {
+        let router = Router::new(&broker()).unwrap();
+        assert_eq!(router.route("rooms/4/climate").unwrap().0, 1);
+        assert_eq!(router.route("meters/m-1/kwh").unwrap().0, 0);
+        assert!(router.route("meters/m-1/kwh/extra").is_none());
+    }
+
+    #[test]
+    fn a_dead_letter_names_the_first_reason_and_every_problem() {
+        let router = Router::new(&broker()).unwrap();
+        let (_, route) = router.route("rooms/4/climate").unwrap();
+        let payload = br#"{"t": "warm"}"#;
+        let mapped = route.map("rooms/4/climate", payload, 7);
+        assert!(mapped.readings.is_empty());
+        let letter = route.dead_letter("b", "rooms/4/climate", payload, 7, &mapped.problems);
+        assert_eq!(
+            letter,
+            DeadLetter {
+                received_us: 7,
+                broker: "b".into(),
+                subscription: "rooms/+/climate".into(),
+                topic: "rooms/4/climate".into(),
+                reason: "not_numeric".into(),
+                detail: "topic `rooms/4/climate`: the value at `/t` is `\"warm\"`, not a number; topic `rooms/4/climate`: no value at JSON pointer `/h`".into(),
+                payload_len: 13,
+                payload: payload.to_vec(),
+            }
+        );
+    }
+}
