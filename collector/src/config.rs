@@ -22,6 +22,16 @@
 //! [run]
 //! interval = "30s"
 //! max_files_per_commit = 100
+//! freshness_alert = "15m"          # per gateway: a log line and a 0/1 gauge when readings stop
+//! optimize_interval = "24h"        # compaction on a schedule (off unless set)
+//! vacuum_interval = "24h"          # VACUUM on a schedule (off unless set)
+//!
+//! [metrics]                        # /metrics and /health, loopback by default
+//! listen = "127.0.0.1:9465"
+//!
+//! [maintenance]                    # checkpoints, log cleanup, OPTIMIZE and VACUUM
+//! checkpoint_interval = 100
+//! vacuum_retention = "168h"
 //!
 //! [[rules]]                          # row-level data-quality rules, see crate::rules
 //! name = "oil-temp-range"
@@ -59,6 +69,12 @@ pub struct CollectorConfig {
     /// Row-level data-quality rules (`[[rules]]`), applied in file order; none by default.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// The Prometheus `/metrics` and `/health` endpoint of `collector run`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Table care: checkpoints, expired-log cleanup, OPTIMIZE and VACUUM.
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
 }
 
 /// The raw zone: the bucket (or local folder) the agents write batches into.
@@ -273,6 +289,16 @@ pub struct RunConfig {
     /// retried before the gateway is left for the next pass.
     #[serde(default = "RunConfig::default_commit_attempts")]
     pub commit_attempts: u32,
+    /// A gateway whose newest reading in the readings table is older than this counts as stale:
+    /// `plantline_collector_gateway_stale{gateway}` turns 1 and one warning is logged when it
+    /// turns stale (one info line when it recovers). Off when left out.
+    pub freshness_alert: Option<ConfigDuration>,
+    /// `collector run` compacts the readings table this often (as `collector optimize` does),
+    /// after a pass. Off when left out.
+    pub optimize_interval: Option<ConfigDuration>,
+    /// `collector run` vacuums the three tables this often (as `collector vacuum` does, with the
+    /// Snowflake check when `[snowflake]` is configured), after a pass. Off when left out.
+    pub vacuum_interval: Option<ConfigDuration>,
 }
 
 impl RunConfig {
@@ -293,6 +319,129 @@ impl Default for RunConfig {
             interval: Self::default_interval(),
             max_files_per_commit: Self::default_max_files_per_commit(),
             commit_attempts: Self::default_commit_attempts(),
+            freshness_alert: None,
+            optimize_interval: None,
+            vacuum_interval: None,
+        }
+    }
+}
+
+/// The `/metrics` (Prometheus text) and `/health` HTTP endpoint of `collector run`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint while `collector run` runs. On by default; it listens on loopback
+    /// only unless `listen` says otherwise.
+    #[serde(default = "MetricsConfig::default_enabled")]
+    pub enabled: bool,
+    /// IP address and port to listen on. The default `127.0.0.1:9465` is reachable from the
+    /// collector's host only (a sidecar or node exporter scrapes it there); `0.0.0.0:9465`
+    /// exposes it to the network. Set a token before exposing it beyond loopback.
+    #[serde(default = "MetricsConfig::default_listen")]
+    pub listen: String,
+    /// Name of an environment variable holding a token that `/metrics` then requires
+    /// (`Authorization: Bearer <token>`). `/health` stays open for supervisors and load
+    /// balancers.
+    pub token_env: Option<String>,
+    /// Like `token_env`, but the token is the first line of this file. Use one of the two. A
+    /// relative path is resolved against the config file's folder.
+    pub token_file: Option<PathBuf>,
+    /// `/health` answers 503 when no pass has completed for this many `run.interval`s (counted
+    /// from the start before the first pass).
+    #[serde(default = "MetricsConfig::default_unhealthy_after_passes")]
+    pub unhealthy_after_passes: u32,
+}
+
+impl MetricsConfig {
+    fn default_enabled() -> bool {
+        true
+    }
+    fn default_listen() -> String {
+        "127.0.0.1:9465".to_owned()
+    }
+    fn default_unhealthy_after_passes() -> u32 {
+        3
+    }
+
+    /// `listen` as a socket address.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: Self::default_enabled(),
+            listen: Self::default_listen(),
+            token_env: None,
+            token_file: None,
+            unhealthy_after_passes: Self::default_unhealthy_after_passes(),
+        }
+    }
+}
+
+/// Table care (see `crate::maintenance`): checkpoints and log cleanup keep opening the tables
+/// and committing to them fast as the log grows; OPTIMIZE compacts small files; VACUUM deletes
+/// the files no version needs any more.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Write a checkpoint every this many commits (of any writer) to each table. Recorded as
+    /// the table property `delta.checkpointInterval`, so every Delta writer follows it.
+    #[serde(default = "MaintenanceConfig::default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// Commit files older than this are deleted once a newer checkpoint covers them (never one
+    /// the Snowflake loader has not read yet). Recorded as `delta.logRetentionDuration`; it is
+    /// also how far back time travel reaches.
+    #[serde(default = "MaintenanceConfig::default_log_retention")]
+    pub log_retention: ConfigDuration,
+    /// OPTIMIZE rewrites a gateway's files smaller than this into files of about this size, in
+    /// MiB.
+    #[serde(default = "MaintenanceConfig::default_target_file_size_mb")]
+    pub target_file_size_mb: u64,
+    /// VACUUM deletes files that left the table longer ago than this. Refused when shorter
+    /// than the Snowflake loader's lag, so a file Snowflake still has to load is never deleted.
+    #[serde(default = "MaintenanceConfig::default_vacuum_retention")]
+    pub vacuum_retention: ConfigDuration,
+    /// Scheduled VACUUM (`run.vacuum_interval`) checks the retention against the Snowflake
+    /// loader's lag, read from `[snowflake]`. Set to false only when no Snowflake loads from this
+    /// table (the same as `collector vacuum --no-snowflake-check`).
+    #[serde(default = "MaintenanceConfig::default_snowflake_check")]
+    pub snowflake_check: bool,
+}
+
+impl MaintenanceConfig {
+    fn default_checkpoint_interval() -> u64 {
+        100
+    }
+    fn default_log_retention() -> ConfigDuration {
+        ConfigDuration::from_secs(30 * 24 * 3600)
+    }
+    fn default_target_file_size_mb() -> u64 {
+        128
+    }
+    fn default_vacuum_retention() -> ConfigDuration {
+        ConfigDuration::from_secs(7 * 24 * 3600)
+    }
+    fn default_snowflake_check() -> bool {
+        true
+    }
+
+    /// The target file size in bytes.
+    pub fn target_file_size(&self) -> u64 {
+        self.target_file_size_mb.saturating_mul(1024 * 1024)
+    }
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: Self::default_checkpoint_interval(),
+            log_retention: Self::default_log_retention(),
+            target_file_size_mb: Self::default_target_file_size_mb(),
+            vacuum_retention: Self::default_vacuum_retention(),
+            snowflake_check: Self::default_snowflake_check(),
         }
     }
 }
@@ -434,6 +583,11 @@ impl CollectorConfig {
         problems.extend(config.snowflake_problems());
         problems.extend(config.rule_problems());
         if problems.is_empty() {
+            if let Some(token_file) = &mut config.metrics.token_file
+                && token_file.is_relative()
+            {
+                *token_file = base.join(&*token_file);
+            }
             // Store absolute local paths so later stages never depend on the working directory.
             let delta = &mut config.delta;
             for url in [&mut config.raw.url, &mut delta.url]
@@ -532,6 +686,95 @@ impl CollectorConfig {
                 "run.commit_attempts",
                 "is 0, so no commit would ever be tried; use at least 1 (default 5)".to_owned(),
             );
+        }
+        for (key, value) in [
+            ("run.freshness_alert", self.run.freshness_alert),
+            ("run.optimize_interval", self.run.optimize_interval),
+            ("run.vacuum_interval", self.run.vacuum_interval),
+        ] {
+            if value.is_some_and(|d| d.0.is_zero()) {
+                problem(
+                    key,
+                    "is zero; write a duration like \"15m\" or \"24h\", or leave the key out to turn it off".to_owned(),
+                );
+            }
+        }
+        for (key, message) in self.metrics_problems() {
+            problem(key, message);
+        }
+        for (key, message) in self.maintenance_problems() {
+            problem(key, message);
+        }
+        problems
+    }
+
+    /// The `[metrics]` problems.
+    fn metrics_problems(&self) -> Vec<(&'static str, String)> {
+        let m = &self.metrics;
+        let mut problems = Vec::new();
+        if let Err(e) = m.listen_addr() {
+            problems.push((
+                "metrics.listen",
+                format!(
+                    "`{}` is not an IP address with a port ({e}); write it like \"127.0.0.1:9465\"",
+                    m.listen
+                ),
+            ));
+        }
+        if m.token_env.is_some() && m.token_file.is_some() {
+            problems.push((
+                "metrics.token_file",
+                "is set together with `metrics.token_env`; keep one of the two".to_owned(),
+            ));
+        }
+        if m.token_env.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            problems.push((
+                "metrics.token_env",
+                "is empty; name the environment variable that holds the token, like \"PLANTLINE_METRICS_TOKEN\"".to_owned(),
+            ));
+        }
+        if m.unhealthy_after_passes == 0 {
+            problems.push((
+                "metrics.unhealthy_after_passes",
+                "is 0, so /health would always fail; use at least 1 (default 3)".to_owned(),
+            ));
+        }
+        problems
+    }
+
+    /// The `[maintenance]` problems.
+    fn maintenance_problems(&self) -> Vec<(&'static str, String)> {
+        let m = &self.maintenance;
+        let mut problems = Vec::new();
+        if m.checkpoint_interval == 0 {
+            problems.push((
+                "maintenance.checkpoint_interval",
+                "is 0; use at least 1 (default 100): without checkpoints opening the table gets slower with every commit".to_owned(),
+            ));
+        }
+        if m.log_retention.0 < std::time::Duration::from_hours(1) {
+            problems.push((
+                "maintenance.log_retention",
+                format!(
+                    "is {}, shorter than 1h, so a reader in the middle of a query could lose the commit it reads; use at least \"1h\" (default \"720h\", 30 days)",
+                    m.log_retention
+                ),
+            ));
+        }
+        if self.run.vacuum_interval.is_some() && m.snowflake_check && self.snowflake.is_none() {
+            problems.push((
+                "run.vacuum_interval",
+                "is set but there is no [snowflake] section, so VACUUM cannot check which files Snowflake still has to load; add [snowflake], or set maintenance.snowflake_check = false if no Snowflake loads from this table".to_owned(),
+            ));
+        }
+        if m.target_file_size_mb == 0 || m.target_file_size_mb > 4096 {
+            problems.push((
+                "maintenance.target_file_size_mb",
+                format!(
+                    "is {}; use 1 to 4096 MiB (default 128)",
+                    m.target_file_size_mb
+                ),
+            ));
         }
         problems
     }

@@ -12,6 +12,8 @@ pub mod delta;
 pub mod demo;
 pub mod gaps;
 pub mod ingest;
+pub mod maintenance;
+pub mod metrics;
 mod pass;
 pub mod quarantine;
 pub mod raw_zone;

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use collector::config::CollectorConfig;
+use collector::config::{CollectorConfig, ConfigDuration};
+use collector::maintenance::VacuumOptions;
 
 /// Exit code for an invalid configuration (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
@@ -32,13 +33,46 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Repeat passes every `run.interval` until SIGINT or SIGTERM.
+    /// Repeat passes every `run.interval` until SIGINT or SIGTERM, serving /metrics and
+    /// /health on `metrics.listen` (127.0.0.1:9465 by default) and running OPTIMIZE and VACUUM
+    /// on the schedule in [run].
     Run {
         #[arg(short, long)]
         config: PathBuf,
     },
     /// Check a config file and report every problem with its key and the fix.
     Validate { config: PathBuf },
+    /// Compact the readings table: each gateway's data files smaller than
+    /// `maintenance.target_file_size_mb` are rewritten into files of about that size, in one
+    /// commit with `dataChange = false` (the Snowflake loader skips it; no row changes).
+    /// Exit codes: 0 done, 1 failed, 78 invalid config.
+    Optimize {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Delete data files that left the readings, gaps and quarantined-rows tables longer ago
+    /// than the retention. Refused when the retention is shorter than the Snowflake loader's lag
+    /// (read from its control table through `[snowflake]`), so a file Snowflake has not loaded
+    /// is never deleted. Exit codes: 0 done, 1 refused or failed, 78 invalid config.
+    Vacuum {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Files removed longer ago than this are deleted, like "168h"; default
+        /// `maintenance.vacuum_retention`.
+        #[arg(long, value_parser = parse_duration)]
+        retention: Option<ConfigDuration>,
+        /// Also delete files no commit references (left by commits that lost a race or
+        /// crashed); needs a retention of at least 1h.
+        #[arg(long)]
+        full: bool,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not check the retention against the Snowflake loader; only for tables no
+        /// Snowflake loads from (required when the config has no [snowflake] section).
+        #[arg(long)]
+        no_snowflake_check: bool,
+    },
     /// Snowflake administration.
     Snowflake {
         #[command(subcommand)]
@@ -112,6 +146,14 @@ fn main() -> ExitCode {
                         skip_grants,
                     },
             } => snowflake_init(&config, apply, skip_grants).await,
+            Command::Optimize { config } => optimize(&config).await,
+            Command::Vacuum {
+                config,
+                retention,
+                full,
+                dry_run,
+                no_snowflake_check,
+            } => vacuum(&config, retention, full, dry_run, !no_snowflake_check).await,
             Command::RunOnce { config } => {
                 let Some(config) = load(&config) else {
                     return ExitCode::from(EXIT_CONFIG);
@@ -206,6 +248,53 @@ async fn snowflake_init(path: &std::path::Path, apply: bool, skip_grants: bool) 
             ExitCode::FAILURE
         }
     }
+}
+
+async fn optimize(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match collector::maintenance::optimize_readings(&config).await {
+        Ok(report) => {
+            print!("{}", collector::summary::optimize_summary(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("collector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn vacuum(
+    path: &std::path::Path,
+    retention: Option<ConfigDuration>,
+    full: bool,
+    dry_run: bool,
+    snowflake_check: bool,
+) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let options = VacuumOptions {
+        retention: retention.unwrap_or(config.maintenance.vacuum_retention).0,
+        full,
+        dry_run,
+    };
+    match collector::maintenance::vacuum_tables(&config, &options, snowflake_check).await {
+        Ok(reports) => {
+            print!("{}", collector::summary::vacuum_summary(&reports));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("collector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<ConfigDuration, String> {
+    ConfigDuration::parse(text)
 }
 
 fn load(path: &std::path::Path) -> Option<CollectorConfig> {

@@ -158,9 +158,12 @@ impl From<&BatchProblem> for ProblemKind {
                 Self::UnknownQuality
             }
             // Only the quality column is checked by value today; any other column's bad value
-            // still means the file does not follow the contract's schema.
+            // (or a row with both a number and a text) still means the file does not follow the
+            // contract's schema.
             BatchProblem::Contract(
-                ContractError::Schema { .. } | ContractError::BadValue { .. },
+                ContractError::Schema { .. }
+                | ContractError::BadValue { .. }
+                | ContractError::ValueAndText { .. },
             ) => Self::ForeignSchema,
             BatchProblem::Contract(ContractError::GatewayId(_) | ContractError::Key(_)) => {
                 Self::ForeignKey

@@ -8,9 +8,12 @@
 //! # Invariants
 //! - A key that does not parse as a batch key is never read or applied: it is quarantined, except
 //!   an in-flight upload (a name starting with `.`, the agent's folder sink renames it into place).
-//! - A batch is handed out only after its bytes passed the contract: Parquet, the contract
-//!   schema, sorted unique `seq`, known quality names, the gateway of its folder, and a first
-//!   `seq` equal to the one in its key. The agent's gap records in the footer
+//! - A batch is handed out only after its bytes passed the contract: Parquet, the schema of a
+//!   contract version this collector reads (v1 or v2; the one its footer names, when it names
+//!   one), sorted unique `seq`, known quality names, no row with both `value` and `value_text`,
+//!   the gateway of its folder, and a first `seq` equal to the one in its key.
+//! - Whatever version a file was written against, its rows are handed out in the current
+//!   contract schema: a v1 file's rows get a null `value_text`. The agent's gap records in the footer
 //!   ([`crate::gaps::agent`]) are parsed with it; a malformed value quarantines the file.
 //! - Archiving copies before it deletes, so a crash in between leaves the batch in the raw zone,
 //!   where the next pass filters it by the watermark and archives it again.
@@ -57,7 +60,8 @@ pub enum BatchProblem {
     #[error("holds no rows; a batch always holds at least one reading")]
     Empty,
     #[error(
-        "was written against batch contract v{found}, this collector reads v{}; upgrade the collector",
+        "was written against batch contract v{found}, this collector reads v{} to v{}; upgrade the collector",
+        contract::OLDEST_READABLE_VERSION,
         contract::CONTRACT_VERSION
     )]
     NewerContract { found: String },
@@ -162,8 +166,11 @@ pub struct GatewayListing {
 pub struct ValidBatch {
     /// Where it came from.
     pub file: BatchFile,
-    /// Its rows, with exactly the contract schema, sorted by `seq`.
+    /// Its rows, in the current contract schema (whatever version the file was written
+    /// against), sorted by `seq`.
     pub data: Vec<RecordBatch>,
+    /// The contract version the file was written against.
+    pub contract_version: u32,
     /// First and last `seq`.
     pub first_seq: i64,
     pub last_seq: i64,
@@ -390,6 +397,7 @@ impl RawZone {
             Ok(decoded) => Ok(ValidBatch {
                 file: file.clone(),
                 data: decoded.data,
+                contract_version: decoded.contract_version,
                 first_seq: decoded.first_seq,
                 last_seq: decoded.last_seq,
                 rows: decoded.rows,
@@ -456,6 +464,7 @@ fn unreadable(bytes: &[u8], detail: &dyn std::fmt::Display) -> BatchProblem {
 /// A decoded, contract-checked batch.
 struct Decoded {
     data: Vec<RecordBatch>,
+    contract_version: u32,
     first_seq: i64,
     last_seq: i64,
     rows: usize,
@@ -479,6 +488,7 @@ fn decode_checked(
     let not_parquet = |e: &dyn std::fmt::Display| unreadable(&raw, e);
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(&e))?;
     let mut gaps = Vec::new();
+    let mut named_version = None;
     if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
         *footer_last_seq = kv
             .iter()
@@ -496,7 +506,7 @@ fn decode_checked(
                             found: value.to_owned(),
                         });
                     }
-                    Ok(v) if v >= 1 => {}
+                    Ok(v) if v >= contract::OLDEST_READABLE_VERSION => named_version = Some(v),
                     _ => {
                         return Err(BatchProblem::UnknownContract {
                             found: value.to_owned(),
@@ -516,7 +526,15 @@ fn decode_checked(
             }
         }
     }
-    contract::check_schema(builder.schema())?;
+    // A footer that names its version must come with that version's columns; a file without
+    // one (written by hand, or by a tool) is taken as the version its columns match.
+    let contract_version = match named_version {
+        Some(version) => {
+            contract::check_schema_of_version(builder.schema(), version)?;
+            version
+        }
+        None => contract::check_schema(builder.schema())?,
+    };
     let reader = builder.build().map_err(|e| not_parquet(&e))?;
     let mut data = Vec::new();
     let mut bounds: Option<(i64, i64)> = None;
@@ -526,9 +544,9 @@ fn decode_checked(
         if batch.num_rows() == 0 {
             continue;
         }
-        // The file may carry extra schema metadata; the Delta writer wants the contract schema.
-        let batch = RecordBatch::try_new(contract::schema(), batch.columns().to_vec())
-            .map_err(|e| not_parquet(&e))?;
+        // The file may carry extra schema metadata, or be of an older version; the Delta writer
+        // wants the current contract schema.
+        let batch = contract::upgrade(&batch)?;
         let parsed = contract::rows_from_batch(&batch)?;
         let (first, last) = (&parsed[0], &parsed[parsed.len() - 1]);
         if first.gateway != key.gateway {
@@ -562,6 +580,7 @@ fn decode_checked(
     }
     Ok(Decoded {
         data,
+        contract_version,
         first_seq,
         last_seq,
         rows,

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use edge_agent::contract::{Quality, Row};
 
 use crate::PassReport;
+use crate::maintenance::{OptimizeReport, VacuumReport};
 
 /// One line per gateway, one per quarantined file and per recorded gap below its gateway, one
 /// per data-quality rule that did something, and one for Snowflake, for `collector run-once`.
@@ -77,6 +78,59 @@ pub fn pass_summary(report: &PassReport) -> String {
         }
     }
     out
+}
+
+/// What `collector optimize` did, in one or two lines.
+pub fn optimize_summary(report: &OptimizeReport) -> String {
+    match report.version {
+        None => format!(
+            "optimize: nothing to compact ({} data files)\n",
+            report.files_after
+        ),
+        Some(version) => format!(
+            "optimize: {} files ({}) rewritten into {} ({}), {} rows, dataChange=false, version {version}; {} data files now\n",
+            report.files_removed,
+            bytes(report.bytes_removed),
+            report.files_added,
+            bytes(report.bytes_added),
+            report.rows,
+            report.files_after,
+        ),
+    }
+}
+
+/// What `collector vacuum` did: one line per table, then the files (a dry run lists them all).
+pub fn vacuum_summary(reports: &[(url::Url, VacuumReport)]) -> String {
+    let mut out = String::new();
+    for (url, report) in reports {
+        let verb = if report.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        let _ = writeln!(out, "vacuum {url}: {verb} {} files", report.files.len());
+        if report.dry_run {
+            for file in &report.files {
+                let _ = writeln!(out, "  {file}");
+            }
+        }
+    }
+    out
+}
+
+/// A byte count for people: `812 B`, `3.4 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Statistics of one tag.
@@ -163,8 +217,42 @@ mod tests {
             } else {
                 Quality::Bad
             },
+            value_text: None,
             unit: Some("bar".into()),
         }
+    }
+
+    #[test]
+    fn maintenance_summaries_name_what_changed() {
+        let report = OptimizeReport {
+            version: Some(7),
+            files_removed: 12,
+            files_added: 2,
+            bytes_removed: 3 * 1024 * 1024 + 512 * 1024,
+            bytes_added: 900,
+            rows: 1200,
+            files_after: 3,
+        };
+        assert_eq!(
+            optimize_summary(&report),
+            "optimize: 12 files (3.5 MiB) rewritten into 2 (900 B), 1200 rows, dataChange=false, version 7; 3 data files now\n"
+        );
+        assert_eq!(
+            optimize_summary(&OptimizeReport {
+                files_after: 4,
+                ..OptimizeReport::default()
+            }),
+            "optimize: nothing to compact (4 data files)\n"
+        );
+        let url = url::Url::parse("file:///lake/readings/").unwrap();
+        let dry = VacuumReport {
+            files: vec!["part-1.parquet".into()],
+            dry_run: true,
+        };
+        assert_eq!(
+            vacuum_summary(&[(url, dry)]),
+            "vacuum file:///lake/readings/: would delete 1 files\n  part-1.parquet\n"
+        );
     }
 
     #[test]

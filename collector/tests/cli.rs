@@ -35,6 +35,7 @@ fn write_batch(dir: &Path, gateway: &str, seqs: std::ops::RangeInclusive<i64>) {
             tag: "oil_temp".into(),
             value: Some(seq as f64),
             quality: Quality::Good,
+            value_text: None,
             unit: Some("degC".into()),
         })
         .collect();

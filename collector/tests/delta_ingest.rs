@@ -36,6 +36,7 @@ fn row(gateway: &str, seq: i64) -> Row {
         } else {
             Quality::Good
         },
+        value_text: None,
         unit: Some("degC".into()),
     }
 }
@@ -393,7 +394,7 @@ async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_onc
             (
                 key(11),
                 ProblemKind::ForeignSchema,
-                "batch schema does not match contract v1: 3 columns found, 9 expected; the producer must write the columns listed in docs/batch-contract.md".to_owned()
+                "batch schema does not match contract v2: 3 columns found, 10 expected (`id` is not a v2 column); the producer must write the columns listed in docs/batch-contract.md".to_owned()
             ),
             (
                 key(14),

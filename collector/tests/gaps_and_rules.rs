@@ -44,6 +44,7 @@ fn row(gateway: &str, seq: i64) -> Row {
         tag: "oil_temp".into(),
         value: Some(40.0 + seq as f64 / 4.0),
         quality: Quality::Good,
+        value_text: None,
         unit: Some("degC".into()),
     }
 }
@@ -589,6 +590,7 @@ async fn each_rule_and_action_acts_on_exactly_the_readings_that_break_it() {
         } else {
             Quality::Bad
         },
+        value_text: None,
         unit: None,
     };
     let batch = vec![
@@ -801,12 +803,13 @@ async fn a_readings_table_from_before_dq_flags_gets_the_column_and_keeps_its_row
     let path = dir.path().join("readings");
     std::fs::create_dir_all(&path).unwrap();
     let url = url::Url::from_directory_path(&path).unwrap();
-    // What an earlier collector wrote: the contract's columns only.
+    // What an earlier collector wrote: the columns of contract v1 only.
     {
         use deltalake::kernel::StructType;
         use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
         use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-        let schema = StructType::try_from_arrow(contract::schema().as_ref()).unwrap();
+        let v1 = contract::schema_of_version(1).unwrap();
+        let schema = StructType::try_from_arrow(v1.as_ref()).unwrap();
         let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())
             .unwrap()
             .build()
@@ -816,10 +819,10 @@ async fn a_readings_table_from_before_dq_flags_gets_the_column_and_keeps_its_row
             .await
             .unwrap();
         let mut writer = RecordBatchWriter::for_table(&table).unwrap();
-        writer
-            .write(contract::to_record_batch(&rows(GW, 1..=2)))
-            .await
-            .unwrap();
+        let current = contract::to_record_batch(&rows(GW, 1..=2));
+        let v1_batch =
+            arrow_array::RecordBatch::try_new(v1.clone(), current.columns()[..9].to_vec()).unwrap();
+        writer.write(v1_batch).await.unwrap();
         writer.flush_and_commit(&mut table).await.unwrap();
     }
     let urls = TableUrls::beside(&url).unwrap();

@@ -227,7 +227,12 @@ async fn init_applies_twice_and_every_view_matches_independent_numbers() {
         format!("table {db}.RAW.PLANTLINE_LOAD_CONTROL"),
         format!("table {db}.RAW.PLANTLINE_TAGS"),
         format!("table {db}.RAW.PLANTLINE_GAPS"),
+        format!("table {db}.RAW.PLANTLINE_QUARANTINED_ROWS"),
         format!("table {db}.RAW.PLANTLINE_QUARANTINE"),
+        format!("column {db}.RAW.READINGS.VALUE_TEXT"),
+        format!("column {db}.RAW.READINGS.DQ_FLAGS"),
+        format!("column {db}.RAW.PLANTLINE_GAPS.READINGS"),
+        format!("column {db}.RAW.PLANTLINE_GAPS.FILE_KEY"),
         format!("view {db}.RAW.READINGS_HOURLY"),
         format!("view {db}.RAW.TAG_LATEST"),
         format!("view {db}.RAW.GATEWAY_FRESHNESS"),
@@ -251,28 +256,78 @@ async fn init_applies_twice_and_every_view_matches_independent_numbers() {
     check_freshness(&mut client, &all).await;
     check_anomalies(&mut client, &all).await;
 
-    client
-        .execute(
-            "INSERT INTO PLANTLINE_GAPS (GATEWAY, FIRST_SEQ, LAST_SEQ, REASON, DETECTED_AT) VALUES ('gw-1', 100, 141, 'buffer damaged', CURRENT_TIMESTAMP())",
-            &[],
-        )
-        .await
-        .unwrap();
+    check_known_gaps(&mut client, &all).await;
+}
+
+/// Two gaps: gw-1 lost seq 18..=19 after its last reading (seq 17), gw-2 lost 100..=141 far
+/// from any reading it has; the view names the readings around each gap.
+async fn check_known_gaps(client: &mut SnowflakeClient, all: &[Reading]) {
+    for (gateway, first, last, reason) in [
+        ("gw-1", 18, 19, "seq_jump"),
+        ("gw-2", 100, 141, "damaged_buffer"),
+    ] {
+        client
+            .execute(
+                "INSERT INTO PLANTLINE_GAPS (GATEWAY, FIRST_SEQ, LAST_SEQ, READINGS, REASON, DETECTED_AT, FILE_KEY) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                &[
+                    BindValue::Text(gateway.into()),
+                    BindValue::Fixed(first),
+                    BindValue::Fixed(last),
+                    BindValue::Fixed(last - first + 1),
+                    BindValue::Text(reason.into()),
+                    BindValue::TimestampTzMicros(BASE_US + 7 * HOUR_US),
+                    BindValue::Text(format!("raw/gateway={gateway}/{:020}.parquet", last + 1)),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    let ts_of = |gateway: &str, seq: i64| {
+        all.iter()
+            .find(|r| r.gateway == gateway && r.seq == seq)
+            .map_or(Cell::Null, |r| Cell::Ts(r.ts_us))
+    };
+    // fakesnow's Arrow encoding of a NULL timestamp does not pass arrow-rs's validation, so
+    // the times are selected where present and the NULLs tested in SQL
     let gaps = query(
-        &mut client,
-        "SELECT GATEWAY, FIRST_SEQ, LAST_SEQ, MISSING_READINGS, REASON FROM KNOWN_GAPS",
+        client,
+        "SELECT GATEWAY, FIRST_SEQ, LAST_SEQ, MISSING_READINGS, REASON, FILE_KEY, DETECTED_AT, LAST_TS_BEFORE IS NULL, FIRST_TS_AFTER IS NULL FROM KNOWN_GAPS ORDER BY GATEWAY",
     )
     .await;
     assert_eq!(
         gaps,
-        [[
-            Cell::Text("gw-1".into()),
-            Cell::Int(100),
-            Cell::Int(141),
-            Cell::Int(42),
-            Cell::Text("buffer damaged".into())
-        ]]
+        [
+            vec![
+                Cell::Text("gw-1".into()),
+                Cell::Int(18),
+                Cell::Int(19),
+                Cell::Int(2),
+                Cell::Text("seq_jump".into()),
+                Cell::Text("raw/gateway=gw-1/00000000000000000020.parquet".into()),
+                Cell::Ts(BASE_US + 7 * HOUR_US),
+                Cell::Bool(ts_of("gw-1", 17) == Cell::Null),
+                Cell::Bool(ts_of("gw-1", 20) == Cell::Null),
+            ],
+            vec![
+                Cell::Text("gw-2".into()),
+                Cell::Int(100),
+                Cell::Int(141),
+                Cell::Int(42),
+                Cell::Text("damaged_buffer".into()),
+                Cell::Text("raw/gateway=gw-2/00000000000000000142.parquet".into()),
+                Cell::Ts(BASE_US + 7 * HOUR_US),
+                Cell::Bool(true),
+                Cell::Bool(true),
+            ],
+        ]
     );
+    let before = query(
+        client,
+        "SELECT LAST_TS_BEFORE FROM KNOWN_GAPS WHERE GATEWAY = 'gw-1'",
+    )
+    .await;
+    assert_eq!(before, [[ts_of("gw-1", 17)]]);
+    assert_ne!(before[0][0], Cell::Null, "seq 17 of gw-1 is a reading");
 }
 
 async fn check_hourly(client: &mut SnowflakeClient, all: &[Reading]) {
@@ -503,11 +558,20 @@ fn printed_script_names_every_object_and_carries_no_secret() {
     for expected in [
         "CREATE DATABASE IF NOT EXISTS PLANT;\n",
         "CREATE SCHEMA IF NOT EXISTS PLANT.RAW;\n",
-        "CREATE TABLE IF NOT EXISTS PLANT.RAW.READINGS (SEQ NUMBER(19,0) NOT NULL, TS TIMESTAMP_TZ NOT NULL, SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, VALUE FLOAT, QUALITY VARCHAR NOT NULL, UNIT VARCHAR) CLUSTER BY (TO_DATE(TS), GATEWAY, TAG);\n",
+        "CREATE TABLE IF NOT EXISTS PLANT.RAW.READINGS (SEQ NUMBER(19,0) NOT NULL, TS TIMESTAMP_TZ NOT NULL, SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, VALUE FLOAT, QUALITY VARCHAR NOT NULL, UNIT VARCHAR, VALUE_TEXT VARCHAR, DQ_FLAGS VARCHAR) CLUSTER BY (TO_DATE(TS), GATEWAY, TAG);\n",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_LOAD_CONTROL (",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_TAGS (",
-        "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_GAPS (",
+        "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_GAPS (GATEWAY VARCHAR NOT NULL, FIRST_SEQ NUMBER(19,0) NOT NULL, LAST_SEQ NUMBER(19,0) NOT NULL, READINGS NUMBER(19,0) NOT NULL, REASON VARCHAR NOT NULL, DETECTED_AT TIMESTAMP_TZ NOT NULL, FILE_KEY VARCHAR NOT NULL);\n",
+        "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_QUARANTINED_ROWS (SEQ NUMBER(19,0) NOT NULL, ",
+        ", RULE VARCHAR NOT NULL, RULE_CHECK VARCHAR NOT NULL, DETAIL VARCHAR NOT NULL, FILE_KEY VARCHAR NOT NULL, QUARANTINED_AT TIMESTAMP_TZ NOT NULL);\n",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_QUARANTINE (",
+        "ALTER TABLE PLANT.RAW.READINGS ADD COLUMN IF NOT EXISTS VALUE_TEXT VARCHAR;\n",
+        "ALTER TABLE PLANT.RAW.READINGS ADD COLUMN IF NOT EXISTS DQ_FLAGS VARCHAR;\n",
+        "ALTER TABLE PLANT.RAW.PLANTLINE_GAPS ADD COLUMN IF NOT EXISTS READINGS NUMBER(19,0);\n",
+        "ALTER TABLE PLANT.RAW.PLANTLINE_GAPS ADD COLUMN IF NOT EXISTS FILE_KEY VARCHAR;\n",
+        "GRANT SELECT, INSERT ON TABLE PLANT.RAW.PLANTLINE_GAPS TO ROLE PLANTLINE_LOADER;\n",
+        "GRANT SELECT, INSERT ON TABLE PLANT.RAW.PLANTLINE_QUARANTINED_ROWS TO ROLE PLANTLINE_LOADER;\n",
+        "GRANT SELECT ON TABLE PLANT.RAW.PLANTLINE_QUARANTINED_ROWS TO ROLE PLANTLINE_REPORTING;\n",
         "CREATE OR REPLACE VIEW PLANT.RAW.READINGS_HOURLY AS\n",
         "CREATE OR REPLACE VIEW PLANT.RAW.TAG_LATEST AS\n",
         "CREATE OR REPLACE VIEW PLANT.RAW.GATEWAY_FRESHNESS AS\n",
@@ -601,7 +665,7 @@ fn apply_through_the_cli_is_idempotent_and_names_a_refused_statement() {
         "{stdout}"
     );
     assert!(
-        stdout.ends_with("snowflake init: 12 statements applied\n"),
+        stdout.ends_with("snowflake init: 17 statements applied\n"),
         "{stdout}"
     );
     assert!(!stdout.contains(PASSWORD) && !stderr.contains(PASSWORD));
@@ -615,7 +679,7 @@ fn apply_through_the_cli_is_idempotent_and_names_a_refused_statement() {
     assert_eq!(with_grants.status.code(), Some(1));
     assert!(
         stderr.contains(
-            "collector: creating role PLANTLINE_LOADER failed (statement 13 of 35): statement failed with code 001003"
+            "collector: creating role PLANTLINE_LOADER failed (statement 18 of 42): statement failed with code 001003"
         ),
         "{stderr}"
     );

@@ -206,6 +206,7 @@ fn reading(gateway: &str, seq: i64, value: Option<f64>) -> Row {
         } else {
             Quality::Bad
         },
+        value_text: None,
         unit: value.map(|_| "degC".to_owned()),
     }
 }
@@ -352,12 +353,14 @@ async fn loader_applies_each_delta_version_exactly_once() {
     assert_eq!(
         report.unwrap(),
         LoadReport {
+            table: "READINGS".into(),
             previous_version: None,
             loaded_version: Some(1),
             versions_loaded: 2,
             transactions: 1,
             rows_read: 4,
             rows_inserted: 4,
+            ..LoadReport::default()
         }
     );
     let mut all: Vec<Row> = first.concat();
@@ -369,6 +372,7 @@ async fn loader_applies_each_delta_version_exactly_once() {
     assert_eq!(
         report,
         LoadReport {
+            table: "READINGS".into(),
             previous_version: Some(1),
             loaded_version: Some(1),
             ..LoadReport::default()
@@ -394,12 +398,14 @@ async fn loader_applies_each_delta_version_exactly_once() {
     assert_eq!(
         report,
         LoadReport {
+            table: "READINGS".into(),
             previous_version: Some(1),
             loaded_version: Some(3),
             versions_loaded: 2,
             transactions: 1,
             rows_read: 4,
             rows_inserted: 3,
+            ..LoadReport::default()
         }
     );
     all.extend([

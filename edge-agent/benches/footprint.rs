@@ -2,11 +2,14 @@
 //! and CPU of the real `edge-agent` binary polling 10,000 tags every second.
 //!
 //!     cargo bench -p edge-agent --bench footprint
-//!     PLANTLINE_BENCH_SECS=120 cargo bench -p edge-agent --bench footprint   # a longer window
+//!     PLANTLINE_BENCH_SECS=300 cargo bench -p edge-agent --bench footprint   # a longer window
+//!     PLANTLINE_BENCH_MAX_ROWS=5000 cargo bench -p edge-agent --bench footprint  # smaller batches
 //!
 //! The PLCs are an in-process Modbus TCP register bank (20 devices of 500 tags: u16, f32 in CDAB
 //! order and bits of status words); the agent runs as its own process, buffers into SQLite and
-//! uploads Parquet batches to a local folder, so its RSS and CPU are its own. The baseline, in the
+//! uploads Parquet batches to a local folder, so its RSS and CPU are its own. It runs with the
+//! environment of the packaged systemd unit (`MALLOC_ARENA_MAX=2`); the window is 60 s by default
+//! because allocator fragmentation takes a minute or two to show. The baseline, in the
 //! same run, is the same binary polling 10 tags: the difference is what the tags cost. Goals from
 //! the gateway issue: <= 15 MB stripped on aarch64, <= 20 MB RSS. Binary sizes of the ARM targets
 //! are read from `cross/build.sh` release builds when they exist.
@@ -28,7 +31,7 @@ fn main() {
     let secs: u64 = std::env::var("PLANTLINE_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(60);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -122,6 +125,8 @@ fn measure(bank: &bank::Bank, devices: usize, tags: usize, secs: u64) -> Measure
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "error")
+            // As the packaged systemd unit runs it (see packaging/edge-agent.service).
+            .env("MALLOC_ARENA_MAX", "2")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -158,13 +163,17 @@ fn measure(bank: &bank::Bank, devices: usize, tags: usize, secs: u64) -> Measure
 }
 
 fn sensor_map(plc: SocketAddr, metrics_port: u16, devices: usize, tags: usize) -> String {
+    // The batch size bounds the batcher's working set; the agent's default unless asked.
+    let max_rows = std::env::var("PLANTLINE_BENCH_MAX_ROWS")
+        .map(|rows| format!("max_rows = {rows}\n"))
+        .unwrap_or_default();
     let mut map = format!(
         r#"site = "bench"
 gateway = "gw-footprint"
 
 [batch]
 max_age = "10s"
-
+{max_rows}
 [upload.dir]
 path = "landing"
 

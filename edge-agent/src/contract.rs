@@ -13,7 +13,12 @@
 //!   `first_seq <= seq <= last_seq` is in the batch.
 //! - The object key depends only on the gateway and the batch's first `seq`, and keys sort in
 //!   `seq` order as plain strings. A retried upload writes the same key with the same bytes.
-//! - `value` is null exactly when the reading carries no usable number (`quality` is `bad`).
+//! - A reading carries at most one of `value` (a number) and `value_text` (the text of a string
+//!   tag, contract v2); both are null exactly when it carries no usable value (`quality` is
+//!   `bad`). A consumer refuses a batch with both set in one row.
+//! - Columns are only ever added at the end, nullable, with a new version: a file of an older
+//!   version is the newer schema with the added columns null ([`upgrade`] does that), so every
+//!   version a consumer accepts reads into the current [`schema`].
 //! - A `seq` the gateway handed out but will never deliver is either explained by a [`Gap`] in
 //!   the `plantline.gaps` metadata of a later batch of the same gateway, or (only after a loss
 //!   of the buffer together with its high-water file) not explained at all. A gap never covers a
@@ -29,7 +34,13 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 /// Version of the batch contract written into every Parquet file's key-value metadata.
-pub const CONTRACT_VERSION: u32 = 1;
+///
+/// - v1: the nine columns `seq` to `unit`.
+/// - v2: adds the nullable `value_text` column at the end, for string tags.
+pub const CONTRACT_VERSION: u32 = 2;
+
+/// The oldest contract version a consumer of this crate still accepts.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Parquet key-value metadata keys written by the producer.
 pub mod metadata {
@@ -60,12 +71,13 @@ pub mod column {
     pub const VALUE: &str = "value";
     pub const QUALITY: &str = "quality";
     pub const UNIT: &str = "unit";
+    /// Contract v2: the text of a string tag (null for numbers and for bad readings).
+    pub const VALUE_TEXT: &str = "value_text";
 }
 
-/// The Arrow schema of a batch. Timestamps are microseconds since the Unix epoch in UTC, which
-/// maps to Delta's `timestamp` type and Snowflake's `TIMESTAMP_TZ` without loss.
-pub fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+/// The columns of contract v1, which every later version starts with.
+fn v1_fields() -> Vec<Field> {
+    vec![
         Field::new(column::SEQ, DataType::Int64, false),
         Field::new(
             column::TS,
@@ -79,7 +91,26 @@ pub fn schema() -> SchemaRef {
         Field::new(column::VALUE, DataType::Float64, true),
         Field::new(column::QUALITY, DataType::Utf8, false),
         Field::new(column::UNIT, DataType::Utf8, true),
-    ]))
+    ]
+}
+
+/// The Arrow schema of a batch ([`CONTRACT_VERSION`]). Timestamps are microseconds since the
+/// Unix epoch in UTC, which maps to Delta's `timestamp` type and Snowflake's `TIMESTAMP_TZ`
+/// without loss.
+pub fn schema() -> SchemaRef {
+    let mut fields = v1_fields();
+    fields.push(Field::new(column::VALUE_TEXT, DataType::Utf8, true));
+    Arc::new(Schema::new(fields))
+}
+
+/// The Arrow schema of contract `version`, or `None` for a version that does not exist or is
+/// newer than this crate.
+pub fn schema_of_version(version: u32) -> Option<SchemaRef> {
+    match version {
+        1 => Some(Arc::new(Schema::new(v1_fields()))),
+        CONTRACT_VERSION => Some(schema()),
+        _ => None,
+    }
 }
 
 /// How trustworthy a reading is. Stored as its lowercase name.
@@ -131,15 +162,17 @@ pub struct Row {
     pub value: Option<f64>,
     pub quality: Quality,
     pub unit: Option<String>,
+    /// The text of a string tag (v2); `None` for numbers and bad readings, and in v1 files.
+    pub value_text: Option<String>,
 }
 
 /// Problems with a batch, as the consumer sees them.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ContractError {
     #[error(
-        "batch schema does not match contract v{CONTRACT_VERSION}: {detail}; the producer must write the columns listed in docs/batch-contract.md"
+        "batch schema does not match contract v{version}: {detail}; the producer must write the columns listed in docs/batch-contract.md"
     )]
-    Schema { detail: String },
+    Schema { version: u32, detail: String },
     #[error("batch is not sorted by seq: seq {next} follows {prev}")]
     Unsorted { prev: i64, next: i64 },
     #[error("batch mixes gateways: expected `{expected}`, found `{found}`")]
@@ -150,6 +183,10 @@ pub enum ContractError {
         value: String,
         row: usize,
     },
+    #[error(
+        "row {row} (seq {seq}) has both a number in `value` and text in `value_text`; a reading carries one or the other"
+    )]
+    ValueAndText { row: usize, seq: i64 },
     #[error(
         "gateway id `{0}` is not allowed: use 1-64 characters of lowercase letters, digits, `-` and `_`, starting with a letter or digit"
     )]
@@ -650,55 +687,110 @@ pub fn to_record_batch(rows: &[Row]) -> RecordBatch {
                 .map(|r| r.unit.as_deref())
                 .collect::<StringArray>(),
         ),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.value_text.as_deref())
+                .collect::<StringArray>(),
+        ),
     ];
     RecordBatch::try_new(schema(), columns)
         .expect("columns are built from the contract schema, in its order and with its types")
 }
 
-/// Checks a batch's schema against the contract: same names, order, types and nullability
-/// (a non-nullable column in the file where the contract allows nulls is accepted).
-pub fn check_schema(found: &Schema) -> Result<(), ContractError> {
-    let want = schema();
+/// Checks a batch's schema against the contract version its column count names (v1 has 9
+/// columns, v2 10) and returns that version. Same names, order, types and nullability are
+/// required (a non-nullable column in the file where the contract allows nulls is accepted).
+pub fn check_schema(found: &Schema) -> Result<u32, ContractError> {
+    let v1_columns = v1_fields().len();
+    let version = if found.fields().len() == v1_columns {
+        1
+    } else {
+        CONTRACT_VERSION
+    };
+    check_schema_of_version(found, version)?;
+    Ok(version)
+}
+
+/// Checks a batch's schema against contract `version` exactly (a file whose footer names its
+/// version must have that version's columns).
+pub fn check_schema_of_version(found: &Schema, version: u32) -> Result<(), ContractError> {
+    let schema_err = |detail: String| ContractError::Schema { version, detail };
+    let want = schema_of_version(version).ok_or_else(|| {
+        schema_err(format!(
+            "this reader knows contract versions {OLDEST_READABLE_VERSION} to {CONTRACT_VERSION}"
+        ))
+    })?;
     if found.fields().len() != want.fields().len() {
-        return Err(ContractError::Schema {
-            detail: format!(
-                "{} columns found, {} expected",
-                found.fields().len(),
-                want.fields().len()
-            ),
-        });
+        let mut detail = format!(
+            "{} columns found, {} expected",
+            found.fields().len(),
+            want.fields().len()
+        );
+        // A column the version does not have, or one it misses, is worth naming.
+        if let Some(extra) = found
+            .fields()
+            .iter()
+            .find(|f| want.field_with_name(f.name()).is_err())
+        {
+            let _ = write!(detail, " (`{}` is not a v{version} column)", extra.name());
+        } else if let Some(missing) = want
+            .fields()
+            .iter()
+            .find(|w| found.field_with_name(w.name()).is_err())
+        {
+            let _ = write!(detail, " (`{}` is missing)", missing.name());
+        }
+        return Err(schema_err(detail));
     }
     for (f, w) in found.fields().iter().zip(want.fields()) {
         if f.name() != w.name() {
-            return Err(ContractError::Schema {
-                detail: format!("column `{}` found where `{}` belongs", f.name(), w.name()),
-            });
+            return Err(schema_err(format!(
+                "column `{}` found where `{}` belongs",
+                f.name(),
+                w.name()
+            )));
         }
         if f.data_type() != w.data_type() {
-            return Err(ContractError::Schema {
-                detail: format!(
-                    "column `{}` has type {}, expected {}",
-                    f.name(),
-                    f.data_type(),
-                    w.data_type()
-                ),
-            });
+            return Err(schema_err(format!(
+                "column `{}` has type {}, expected {}",
+                f.name(),
+                f.data_type(),
+                w.data_type()
+            )));
         }
         if f.is_nullable() && !w.is_nullable() {
-            return Err(ContractError::Schema {
-                detail: format!("column `{}` is nullable, expected non-null", f.name()),
-            });
+            return Err(schema_err(format!(
+                "column `{}` is nullable, expected non-null",
+                f.name()
+            )));
         }
     }
     Ok(())
 }
 
-/// Reads rows back from a batch, checking the schema, the sort order, the gateway and the
-/// quality names on the way.
+/// A batch of any accepted contract version in the current [`schema`]: the columns a later
+/// version added are appended as nulls (a v1 batch gets a null `value_text`), and schema
+/// metadata the file carried is dropped. Checks the schema on the way.
+pub fn upgrade(batch: &RecordBatch) -> Result<RecordBatch, ContractError> {
+    let version = check_schema(&batch.schema())?;
+    let mut columns = batch.columns().to_vec();
+    if version == 1 {
+        columns.push(Arc::new(StringArray::new_null(batch.num_rows())));
+    }
+    RecordBatch::try_new(schema(), columns).map_err(|e| ContractError::Schema {
+        version,
+        detail: e.to_string(),
+    })
+}
+
+/// Reads rows back from a batch of any accepted contract version, checking the schema, the
+/// sort order, the gateway, the quality names and that no row carries both a number and a
+/// text on the way.
 pub fn rows_from_batch(batch: &RecordBatch) -> Result<Vec<Row>, ContractError> {
-    check_schema(&batch.schema())?;
+    let batch = &upgrade(batch)?;
     let col = |i: usize| batch.column(i).as_ref();
     let downcast_err = |name: &str| ContractError::Schema {
+        version: CONTRACT_VERSION,
         detail: format!("column `{name}` could not be read as its contract type"),
     };
     let seq = col(0)
@@ -725,6 +817,7 @@ pub fn rows_from_batch(batch: &RecordBatch) -> Result<Vec<Row>, ContractError> {
         .ok_or_else(|| downcast_err(column::VALUE))?;
     let quality = strings(7, column::QUALITY)?;
     let unit = strings(8, column::UNIT)?;
+    let value_text = strings(9, column::VALUE_TEXT)?;
 
     let mut rows = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
@@ -744,7 +837,14 @@ pub fn rows_from_batch(batch: &RecordBatch) -> Result<Vec<Row>, ContractError> {
             value: (!value.is_null(i)).then(|| value.value(i)),
             quality,
             unit: (!unit.is_null(i)).then(|| unit.value(i).to_owned()),
+            value_text: (!value_text.is_null(i)).then(|| value_text.value(i).to_owned()),
         };
+        if row.value.is_some() && row.value_text.is_some() {
+            return Err(ContractError::ValueAndText {
+                row: i,
+                seq: row.seq,
+            });
+        }
         if let Some(prev) = rows.last() {
             let prev: &Row = prev;
             if row.seq <= prev.seq {
@@ -784,15 +884,114 @@ mod tests {
                 Quality::Bad
             },
             unit: Some("degC".into()),
+            value_text: None,
+        }
+    }
+
+    /// A string tag's reading: text in `value_text`, `value` null.
+    fn text_row(seq: i64, text: &str) -> Row {
+        Row {
+            tag: "recipe".into(),
+            value: None,
+            quality: Quality::Good,
+            unit: None,
+            value_text: Some(text.into()),
+            ..row(seq, "gw-1")
         }
     }
 
     #[test]
     fn rows_survive_a_round_trip_through_arrow() {
-        let rows: Vec<Row> = (1..=5).map(|s| row(s, "gw-1")).collect();
+        let mut rows: Vec<Row> = (1..=5).map(|s| row(s, "gw-1")).collect();
+        rows.push(text_row(6, "PN-4471 rev B"));
+        rows.push(text_row(7, ""));
         let batch = to_record_batch(&rows);
         assert_eq!(batch.schema(), schema());
+        assert_eq!(check_schema(&batch.schema()), Ok(2));
         assert_eq!(rows_from_batch(&batch).unwrap(), rows);
+    }
+
+    #[test]
+    fn v2_adds_value_text_as_the_last_nullable_column() {
+        let v1 = schema_of_version(1).unwrap();
+        let v2 = schema();
+        assert_eq!(v1.fields().len() + 1, v2.fields().len());
+        // Every v1 column keeps its position, so positional v1 readers still find them.
+        for (a, b) in v1.fields().iter().zip(v2.fields()) {
+            assert_eq!(a, b);
+        }
+        let last = v2.field(v2.fields().len() - 1);
+        assert_eq!(
+            (last.name().as_str(), last.data_type(), last.is_nullable()),
+            (column::VALUE_TEXT, &DataType::Utf8, true)
+        );
+        assert_eq!(schema_of_version(CONTRACT_VERSION), Some(schema()));
+        assert_eq!(schema_of_version(0), None);
+        assert_eq!(schema_of_version(3), None);
+    }
+
+    /// A v1 batch as a v1 producer wrote it: the nine columns, no `value_text`.
+    fn v1_batch(rows: &[Row]) -> RecordBatch {
+        let current = to_record_batch(rows);
+        let columns = current.columns()[..9].to_vec();
+        RecordBatch::try_new(schema_of_version(1).unwrap(), columns).unwrap()
+    }
+
+    #[test]
+    fn v1_batches_stay_valid_and_read_with_a_null_value_text() {
+        let rows: Vec<Row> = (1..=4).map(|s| row(s, "gw-1")).collect();
+        let old = v1_batch(&rows);
+        assert_eq!(check_schema(&old.schema()), Ok(1));
+        assert_eq!(rows_from_batch(&old).unwrap(), rows);
+        let upgraded = upgrade(&old).unwrap();
+        assert_eq!(upgraded.schema(), schema());
+        assert_eq!(upgraded.column(9).null_count(), 4);
+        assert_eq!(upgraded, to_record_batch(&rows));
+    }
+
+    #[test]
+    fn a_schema_must_match_the_version_its_footer_names() {
+        let rows = [row(1, "gw-1")];
+        assert_eq!(
+            check_schema_of_version(&v1_batch(&rows).schema(), 1),
+            Ok(())
+        );
+        assert_eq!(
+            check_schema_of_version(&to_record_batch(&rows).schema(), 1)
+                .unwrap_err()
+                .to_string(),
+            "batch schema does not match contract v1: 10 columns found, 9 expected (`value_text` is not a v1 column); the producer must write the columns listed in docs/batch-contract.md"
+        );
+        assert_eq!(
+            check_schema_of_version(&v1_batch(&rows).schema(), 2)
+                .unwrap_err()
+                .to_string(),
+            "batch schema does not match contract v2: 9 columns found, 10 expected (`value_text` is missing); the producer must write the columns listed in docs/batch-contract.md"
+        );
+        // `value_text` in place of `unit`: same count, wrong names.
+        let mut fields: Vec<Field> = schema().fields().iter().map(|f| (**f).clone()).collect();
+        fields.swap(8, 9);
+        assert!(
+            check_schema(&Schema::new(fields))
+                .unwrap_err()
+                .to_string()
+                .contains("column `value_text` found where `unit` belongs")
+        );
+    }
+
+    #[test]
+    fn a_row_with_both_a_number_and_a_text_is_refused() {
+        let both = Row {
+            value: Some(1.0),
+            ..text_row(3, "A")
+        };
+        let batch = to_record_batch(&[row(2, "gw-1"), both]);
+        let err = rows_from_batch(&batch).unwrap_err();
+        assert_eq!(err, ContractError::ValueAndText { row: 1, seq: 3 });
+        assert_eq!(
+            err.to_string(),
+            "row 1 (seq 3) has both a number in `value` and text in `value_text`; a reading carries one or the other"
+        );
     }
 
     #[test]
@@ -959,7 +1158,7 @@ mod tests {
         let err = check_schema(&foreign).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "batch schema does not match contract v1: 1 columns found, 9 expected; the producer must write the columns listed in docs/batch-contract.md"
+            "batch schema does not match contract v2: 1 columns found, 10 expected (`ts` is missing); the producer must write the columns listed in docs/batch-contract.md"
         );
         let mut fields: Vec<Field> = schema().fields().iter().map(|f| (**f).clone()).collect();
         fields[6] = Field::new("value", DataType::Utf8, true);

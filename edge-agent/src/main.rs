@@ -63,10 +63,11 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Read a device now and print what the agent would record: with --config and --device,
-    /// the device's tags from the sensor map; with --host, a raw register range; with --config
-    /// and --mqtt, the messages of a broker for a few seconds and their mapping. Exit code 1
-    /// when the device or broker did not answer or refused, 78 for a bad config or bad
-    /// arguments.
+    /// the device's tags from the sensor map (a slave on a bus over its serial port or serial
+    /// gateway); with --host (Modbus TCP, or RTU over TCP with --rtu-over-tcp) or --serial, a
+    /// raw register range; with --config and --mqtt, the messages of a broker for a few seconds
+    /// and their mapping. Exit code 1 when the device or broker did not answer or refused, 78
+    /// for a bad config or bad arguments.
     Probe(Box<ProbeArgs>),
     /// Convert a Kepware or Ignition CSV tag export into sensor-map TOML ([[modbus.tags]]
     /// tables) on stdout. Bad rows are reported on stderr by line; exit code 65 when any row
@@ -85,12 +86,14 @@ enum Command {
 }
 
 /// `edge-agent probe` arguments. Three exclusive modes: a sensor map's device, a sensor map's
-/// MQTT broker, or a raw range.
+/// MQTT broker, or a raw range (over TCP, RTU over TCP or a serial port).
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("map_target").args(["device", "mqtt"])))]
+#[command(group(clap::ArgGroup::new("raw_target").args(["host", "serial"])))]
+#[command(group(clap::ArgGroup::new("rtu_line").args(["serial", "rtu_over_tcp"]).multiple(true)))]
 struct ProbeArgs {
     /// The sensor map holding the device or the broker (tags and MQTT modes).
-    #[arg(long, requires = "map_target", conflicts_with = "host")]
+    #[arg(long, requires = "map_target", conflicts_with = "raw_target")]
     config: Option<PathBuf>,
     /// Listen to this MQTT broker, by its name in the sensor map, and show what each message
     /// maps to (MQTT mode; own client id, clean session, QoS 0: the agent's session is untouched).
@@ -112,26 +115,45 @@ struct ProbeArgs {
     /// Read only this tag of the device (default: every tag).
     #[arg(long, requires = "device")]
     tag: Option<String>,
-    /// Host name or IP address of the device (raw mode).
-    #[arg(long, required_unless_present = "config", requires_all = ["register", "address"])]
+    /// Host name or IP address of the device, or of the serial gateway with --rtu-over-tcp
+    /// (raw mode).
+    #[arg(long, required_unless_present_any = ["config", "serial"], requires_all = ["register", "address"])]
     host: Option<String>,
     /// TCP port (raw mode).
     #[arg(long, default_value_t = 502)]
     port: u16,
-    /// Modbus unit id (raw mode).
+    /// Send RTU frames over the TCP connection to --host, as to a serial device server in
+    /// transparent mode (raw mode).
+    #[arg(long, requires = "host")]
+    rtu_over_tcp: bool,
+    /// Serial port of an RTU line, for example /dev/ttyUSB0, in place of --host (raw mode).
+    #[arg(long, requires_all = ["register", "address"])]
+    serial: Option<String>,
+    /// Baud rate of the serial line (with --rtu-over-tcp: of the line behind the gateway, which
+    /// only sets the pause between frames).
+    #[arg(long, requires = "rtu_line", default_value_t = 19_200)]
+    baud: u32,
+    /// Parity of the serial line: none, even or odd.
+    #[arg(long, requires = "rtu_line", default_value = "even")]
+    parity: String,
+    /// Stop bits of the serial line: 1 or 2.
+    #[arg(long, requires = "rtu_line", default_value_t = 1)]
+    stop_bits: u8,
+    /// Modbus unit id (raw mode; on a serial line, the slave address 1 to 247).
     #[arg(long, default_value_t = 1)]
     unit: u8,
     /// Table to read: holding, input, coil or discrete (raw mode).
-    #[arg(long, requires = "host")]
+    #[arg(long, requires = "raw_target")]
     register: Option<String>,
     /// First address, zero-based as on the wire (raw mode).
-    #[arg(long, requires = "host")]
+    #[arg(long, requires = "raw_target")]
     address: Option<u16>,
     /// How many registers or bits (default: what one --type value needs, else 1).
-    #[arg(long, requires = "host")]
+    #[arg(long, requires = "raw_target")]
     count: Option<u16>,
-    /// Decode the registers as this type: u16, i16, u32, i32, u64, i64, f32, f64.
-    #[arg(long = "type", requires = "host")]
+    /// Decode the registers as this type: u16, i16, u32, i32, u64, i64, f32, f64, or string
+    /// (the whole --count range as one ASCII text).
+    #[arg(long = "type", requires = "raw_target")]
     data_type: Option<String>,
     /// Byte order of the decoded type: ABCD (default), CDAB, BADC, DCBA.
     #[arg(long, requires = "data_type")]
@@ -217,6 +239,7 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         match config::load_file(file) {
             Ok(cfg) => {
                 let tags: usize = cfg.modbus.iter().map(|d| d.tags.len()).sum();
+                let devices = modbus_summary(&cfg);
                 let subscriptions: usize = cfg.mqtt.iter().map(|b| b.subscriptions.len()).sum();
                 let mqtt = if cfg.mqtt.is_empty() {
                     String::new()
@@ -227,9 +250,8 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                     )
                 };
                 println!(
-                    "{}: ok ({} devices, {tags} tags{mqtt}, gateway `{}`)",
+                    "{}: ok ({devices}, {tags} tags{mqtt}, gateway `{}`)",
                     file.display(),
-                    cfg.modbus.len(),
                     cfg.gateway
                 );
             }
@@ -244,6 +266,28 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The Modbus devices of a map for `validate`'s summary: `3 devices`, and with buses
+/// `3 devices on TCP, 2 buses with 4 slaves`.
+fn modbus_summary(cfg: &config::AgentConfig) -> String {
+    let plural = |n: usize, one: &str, many: &str| {
+        if n == 1 {
+            format!("1 {one}")
+        } else {
+            format!("{n} {many}")
+        }
+    };
+    if cfg.modbus_bus.is_empty() {
+        return format!("{} devices", cfg.modbus.len());
+    }
+    let slaves = cfg.modbus.iter().filter(|d| d.bus.is_some()).count();
+    format!(
+        "{} on TCP, {} with {}",
+        plural(cfg.modbus.len() - slaves, "device", "devices"),
+        plural(cfg.modbus_bus.len(), "bus", "buses"),
+        plural(slaves, "slave", "slaves")
+    )
 }
 
 /// Loads a config file, or prints why not and gives the exit code for an invalid config.
@@ -362,6 +406,11 @@ fn probe(args: ProbeArgs) -> ExitCode {
         probe::RawProbe::new(probe::RawArgs {
             host: args.host.unwrap_or_default(),
             port: args.port,
+            rtu_over_tcp: args.rtu_over_tcp,
+            serial: args.serial,
+            baud_rate: args.baud,
+            parity: args.parity,
+            stop_bits: args.stop_bits,
             unit_id: args.unit,
             register: args.register.unwrap_or_default(),
             address: args.address.unwrap_or_default(),

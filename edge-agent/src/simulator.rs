@@ -108,6 +108,8 @@ impl SimulatedPlc {
             timeout: ConfigDuration::from_secs(1),
             addressing: Addressing::ZeroBased,
             max_gap: ModbusDevice::DEFAULT_MAX_GAP,
+            max_registers_per_request: None,
+            max_bits_per_request: None,
             tags: vec![
                 tag("oil_temp", Holding, 0, F32, ABCD, 1.0, "degC"),
                 tag("coolant_temp", Holding, 2, F32, ABCD, 1.0, "degC"),

@@ -119,6 +119,7 @@ fn reading(ts_us: i64, device: &str, tag: &str, value: Option<f64>, unit: Option
         device: device.into(),
         tag: tag.into(),
         value,
+        value_text: None,
         quality: if value.is_some() {
             Quality::Good
         } else {

@@ -1,8 +1,9 @@
 //! The Modbus poller against an in-process fault server (tokio-modbus's `tcp-server`) for what
 //! pymodbus cannot script: it counts and records every request, refuses addresses it does not
-//! have with exception 2, answers slowly, drops its connections on demand, and a raw TCP server
-//! answers with junk. In every fault test a second device on its own server keeps delivering good
-//! readings at its poll rate.
+//! have with exception 2 and reads longer than its limit with exception 3, answers slowly, drops
+//! its connections on demand, and a raw TCP server answers with junk. In every fault test a
+//! second device on its own server keeps delivering good readings at its poll rate. What the
+//! poller learns is kept in a real buffer file across restarts.
 
 mod common;
 
@@ -18,7 +19,7 @@ use common::Poller;
 use edge_agent::Reading;
 use edge_agent::config::{ConfigDuration, DataType, ModbusDevice, ModbusTag, RegisterKind};
 use edge_agent::contract::Quality;
-use edge_agent::sources::modbus::run_device;
+use edge_agent::sources::modbus::{run_device, run_device_with_memory};
 use pipeline_e2e::now_us;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -39,6 +40,9 @@ struct PlcState {
     delay: Mutex<Duration>,
     /// A read covering this address is answered with this exception.
     refuse: Mutex<Option<(u16, ExceptionCode)>>,
+    /// A read of more registers than this is answered with exception 3 (illegal data value),
+    /// as devices with a limit below the protocol's 125 registers do.
+    max_count: Mutex<Option<u16>>,
     /// Connections accepted.
     connections: AtomicUsize,
 }
@@ -65,6 +69,9 @@ impl tokio_modbus::server::Service for FaultService {
             let delay = *lock(&state.delay);
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
+            }
+            if lock(&state.max_count).is_some_and(|max| count > max) {
+                return Err(ExceptionCode::IllegalDataValue);
             }
             let range = u32::from(start)..u32::from(start) + u32::from(count);
             if let Some((address, code)) = *lock(&state.refuse)
@@ -237,6 +244,8 @@ fn device(name: &str, addr: SocketAddr, tags: Vec<ModbusTag>) -> ModbusDevice {
         timeout: ConfigDuration::from_millis(300),
         addressing: edge_agent::config::Addressing::ZeroBased,
         max_gap: ModbusDevice::DEFAULT_MAX_GAP,
+        max_registers_per_request: None,
+        max_bits_per_request: None,
         tags,
     }
 }
@@ -635,4 +644,284 @@ async fn garbage_answers_read_bad_and_reconnect_while_other_devices_stay_on_time
     poller.stop().await;
     plc.stop().await;
     witness.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_refused_as_too_long_is_split_and_the_device_limit_is_learned() {
+    let witness = Witness::start().await;
+    let since = now_us();
+    let registers: Vec<(u16, u16)> = (0..100).map(|a| (a, a + 1000)).collect();
+    let plc = FaultPlc::start(&registers).await;
+    *lock(&plc.state.max_count) = Some(40);
+    let tags: Vec<ModbusTag> = (0..100)
+        .map(|a| holding(&format!("t{a}"), a, DataType::U16))
+        .collect();
+    let expected: Vec<(String, Quality, Option<f64>)> = (0..100)
+        .map(|a| (format!("t{a}"), Quality::Good, Some(f64::from(a + 1000))))
+        .collect();
+    let mut poller = Poller::start(device("meter", plc.addr, tags.clone()));
+
+    // Every tag reads good in the very first tick: the refused reads are halved until the
+    // device answers them.
+    assert_eq!(triples(poller.round().await), expected);
+    assert_eq!(
+        plc.take_requests(),
+        vec![
+            (0, 100),
+            (0, 50),
+            (0, 25),
+            (25, 25),
+            (50, 50),
+            (50, 25),
+            (75, 25),
+        ]
+    );
+    // From then on no request is longer than the largest one it answered below the refusals.
+    for _ in 0..2 {
+        assert_eq!(triples(poller.round().await), expected);
+        assert_eq!(
+            plc.take_requests(),
+            vec![(0, 25), (25, 25), (50, 25), (75, 25)]
+        );
+    }
+    assert_eq!(plc.connections(), 1, "a refusal never costs the connection");
+    poller.stop().await;
+
+    // The limit from the device's manual: never refused at all.
+    let mut poller = Poller::start(ModbusDevice {
+        max_registers_per_request: Some(40),
+        ..device("meter", plc.addr, tags)
+    });
+    for _ in 0..2 {
+        assert_eq!(triples(poller.round().await), expected);
+        assert_eq!(plc.take_requests(), vec![(0, 40), (40, 40), (80, 20)]);
+    }
+    poller.stop().await;
+
+    witness.assert_on_time(since);
+    plc.stop().await;
+    witness.stop().await;
+}
+
+#[tokio::test]
+async fn a_single_tag_refused_with_illegal_data_value_is_read_alone_and_teaches_no_limit() {
+    let plc = FaultPlc::start(&[(0, 1), (1, 2), (2, 3), (3, 4), (10, 7)]).await;
+    *lock(&plc.state.max_count) = Some(2);
+    let mut poller = Poller::start(device(
+        "meter",
+        plc.addr,
+        vec![
+            holding("wide", 0, DataType::U64),
+            holding("narrow", 10, DataType::U16),
+        ],
+    ));
+    let round = expect(&[
+        ("wide", Quality::Bad, None),
+        ("narrow", Quality::Good, Some(7.0)),
+    ]);
+    assert_eq!(triples(poller.round().await), round);
+    assert_eq!(plc.take_requests(), vec![(0, 11), (0, 4), (10, 1)]);
+    // The tag refused alone is read alone; its refusal was not about the length of the
+    // merged read, so no limit was learned (a limit of one register would split everything).
+    for _ in 0..2 {
+        assert_eq!(triples(poller.round().await), round);
+        assert_eq!(plc.take_requests(), vec![(0, 4), (10, 1)]);
+    }
+    poller.stop().await;
+    let mut poller = Poller::start(device(
+        "meter",
+        plc.addr,
+        vec![
+            holding("narrow", 10, DataType::U16),
+            holding("next", 11, DataType::U16),
+            holding("wide", 0, DataType::U64),
+        ],
+    ));
+    lock(&plc.state.holding).insert(11, 8);
+    poller.round().await;
+    poller.round().await;
+    let _ = plc.take_requests();
+    poller.round().await;
+    assert_eq!(
+        plc.take_requests(),
+        vec![(0, 4), (10, 2)],
+        "two-register reads are still merged"
+    );
+    poller.stop().await;
+    plc.stop().await;
+}
+
+/// One device's poller that keeps what it learns in the buffer file at `buffer`, as the agent
+/// runs it.
+struct Remembering {
+    rx: mpsc::Receiver<Reading>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    tags: usize,
+}
+
+impl Remembering {
+    fn start(device: ModbusDevice, buffer: &std::path::Path) -> Self {
+        let tags = device.tags.len();
+        let (tx, rx) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_device_with_memory(
+            device,
+            buffer.to_owned(),
+            tx,
+            stop.clone(),
+        ));
+        Self {
+            rx,
+            stop,
+            task,
+            tags,
+        }
+    }
+
+    async fn round(&mut self) -> Vec<(String, Quality, Option<f64>)> {
+        let mut round = Vec::new();
+        for _ in 0..self.tags {
+            let reading = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+                .await
+                .expect("a reading within 10 s")
+                .expect("the poller is running");
+            round.push(reading);
+        }
+        triples(round)
+    }
+
+    /// Stops the poller; it has saved what it learned by the time it ends.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("the poller ends without panicking");
+    }
+}
+
+// One device across three starts; the exact request lists of each first tick are the point.
+#[allow(clippy::too_many_lines)]
+#[tokio::test]
+async fn a_learned_plan_survives_a_restart_and_a_changed_map_starts_afresh() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let buffer = dir.path().join("buffer.db");
+    drop(
+        edge_agent::buffer::Buffer::open(
+            &buffer,
+            edge_agent::config::Durability::Full,
+            "gw-faults",
+        )
+        .expect("a fresh buffer"),
+    );
+    let plc = FaultPlc::start(&[
+        (0, 10),
+        (1, 11),
+        // no register 2
+        (3, 13),
+        (4, 14),
+        (5, 15),
+        (100, 100),
+        (104, 104),
+        (200, 200),
+    ])
+    .await;
+    // Reads of more than four registers are refused as too long.
+    *lock(&plc.state.max_count) = Some(4);
+    let tags = vec![
+        holding("a", 0, DataType::U16),
+        holding("b", 1, DataType::U16),
+        holding("hole", 2, DataType::U16),
+        holding("c", 3, DataType::U16),
+        holding("d", 4, DataType::U16),
+        holding("e", 5, DataType::U16),
+        holding("g", 100, DataType::U16),
+        holding("h", 104, DataType::U16),
+    ];
+    let expected = expect(&[
+        ("a", Quality::Good, Some(10.0)),
+        ("b", Quality::Good, Some(11.0)),
+        ("hole", Quality::Bad, None),
+        ("c", Quality::Good, Some(13.0)),
+        ("d", Quality::Good, Some(14.0)),
+        ("e", Quality::Good, Some(15.0)),
+        ("g", Quality::Good, Some(100.0)),
+        ("h", Quality::Good, Some(104.0)),
+    ]);
+    let learned_plan = vec![(0, 2), (2, 1), (3, 3), (100, 1), (104, 1)];
+
+    let mut first = Remembering::start(device("press-3", plc.addr, tags.clone()), &buffer);
+    assert_eq!(first.round().await, expected);
+    assert_eq!(
+        plc.take_requests(),
+        vec![
+            // Six registers: too long. Its first half lacks register 2 ...
+            (0, 6),
+            (0, 3),
+            (0, 1),
+            (1, 2),
+            (1, 1),
+            (2, 1),
+            // ... its second half is answered.
+            (3, 3),
+            // Five registers: too long; the halves are answered.
+            (100, 5),
+            (100, 1),
+            (104, 1),
+        ]
+    );
+    assert_eq!(first.round().await, expected);
+    assert_eq!(plc.take_requests(), learned_plan);
+    first.stop().await;
+
+    // A restart: the first tick already sends the learned plan; nothing refused is asked again.
+    let mut second = Remembering::start(device("press-3", plc.addr, tags.clone()), &buffer);
+    assert_eq!(second.round().await, expected);
+    assert_eq!(plc.take_requests(), learned_plan);
+    second.stop().await;
+
+    // A scale edit does not change which registers are read: the plan is kept.
+    let mut rescaled = tags.clone();
+    rescaled[0].scale = 0.1;
+    let mut third = Remembering::start(device("press-3", plc.addr, rescaled), &buffer);
+    let round = third.round().await;
+    assert_eq!(round[0], ("a".to_owned(), Quality::Good, Some(1.0)));
+    assert_eq!(plc.take_requests(), learned_plan);
+    third.stop().await;
+
+    // A new tag: the map changed, so the device is asked afresh and learns again.
+    let mut grown = tags.clone();
+    grown.push(holding("i", 200, DataType::U16));
+    let mut fourth = Remembering::start(device("press-3", plc.addr, grown.clone()), &buffer);
+    let mut grown_expected = expected.clone();
+    grown_expected.push(("i".to_owned(), Quality::Good, Some(200.0)));
+    assert_eq!(fourth.round().await, grown_expected);
+    let requests = plc.take_requests();
+    assert_eq!(requests[0], (0, 6), "{requests:?}");
+    assert_eq!(requests.last(), Some(&(200, 1)));
+    fourth.stop().await;
+
+    // ... and that new plan is what the next start uses.
+    let mut fifth = Remembering::start(device("press-3", plc.addr, grown), &buffer);
+    assert_eq!(fifth.round().await, grown_expected);
+    let mut grown_plan = learned_plan.clone();
+    grown_plan.push((200, 1));
+    assert_eq!(plc.take_requests(), grown_plan);
+    fifth.stop().await;
+
+    // The same device name at another address is another device: nothing is carried over.
+    let other = FaultPlc::start(&[
+        (0, 10),
+        (1, 11),
+        (3, 13),
+        (4, 14),
+        (5, 15),
+        (100, 100),
+        (104, 104),
+    ])
+    .await;
+    let mut moved = Remembering::start(device("press-3", other.addr, tags), &buffer);
+    assert_eq!(moved.round().await, expected);
+    assert_eq!(other.take_requests()[0], (0, 6));
+    moved.stop().await;
+    other.stop().await;
+    plc.stop().await;
 }

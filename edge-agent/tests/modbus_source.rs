@@ -47,6 +47,8 @@ fn device(plc: &PyModbusServer, tags: Vec<ModbusTag>) -> ModbusDevice {
         timeout: ConfigDuration::from_millis(500),
         addressing: Addressing::ZeroBased,
         max_gap: ModbusDevice::DEFAULT_MAX_GAP,
+        max_registers_per_request: None,
+        max_bits_per_request: None,
         tags,
     }
 }

@@ -8,270 +8,18 @@
 #![allow(clippy::float_cmp)]
 
 mod common;
+mod mqtt_common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use edge_agent::buffer::dead_letter::{self, DeadLetterReport};
-use edge_agent::config::{AgentConfig, load_str};
-use edge_agent::contract::{Quality, Row};
+use mqtt_common::{
+    Agent, AgentBinary, KillOnDrop, SUBSCRIPTIONS, Setup, log_lines, publish, publish_with, row,
+    subscriptions_confirmed, summary, wait_buffered, wait_for, wait_subscribed,
+};
 use pipeline_e2e::{Mosquitto, now_us};
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use tokio_util::sync::CancellationToken;
-
-/// Everything the agent logs, for the assertions on counted bad payloads.
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || LogWriter(Arc::clone(&sink)))
-            .init();
-        logs
-    })
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The log lines of one broker (every test names its broker after itself).
-fn log_lines(broker: &str, containing: &str) -> Vec<String> {
-    let marker = format!("broker={broker}");
-    String::from_utf8_lossy(&logs().lock().unwrap())
-        .lines()
-        .filter(|l| l.contains(&marker) && l.contains(containing))
-        .map(str::to_owned)
-        .collect()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// One agent's files and its configuration text around the `[[mqtt]]` section under test.
-struct Setup {
-    dir: tempfile::TempDir,
-    broker: String,
-    mqtt: String,
-}
-
-impl Setup {
-    fn new(broker: &str, port: u16, subscriptions: &str) -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            broker: broker.to_owned(),
-            mqtt: format!(
-                "[[mqtt]]\nname = \"{broker}\"\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"gw-{broker}\"\nkeep_alive = \"5s\"\n{subscriptions}"
-            ),
-        }
-    }
-
-    fn config(&self) -> AgentConfig {
-        load_str(&self.config_text("50ms"), &self.config_path()).expect("the test config is valid")
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("agent.toml")
-    }
-
-    fn config_text(&self, commit_interval: &str) -> String {
-        // A batch is cut only at shutdown, so the buffer's row count shows what arrived.
-        format!(
-            "site = \"plant-ost\"\ngateway = \"gw-mqtt\"\n[buffer]\npath = \"buffer.db\"\ncommit_interval = \"{commit_interval}\"\n[batch]\nmax_age = \"1h\"\n[upload.dir]\npath = \"outbox\"\n{}",
-            self.mqtt
-        )
-    }
-
-    fn buffered(&self) -> u64 {
-        edge_agent::buffer::inspect(&self.dir.path().join("buffer.db")).map_or(0, |r| r.rows)
-    }
-
-    /// Every row of every batch the agent uploaded, in `seq` order.
-    fn uploaded(&self) -> Vec<Row> {
-        common::uploaded_rows(&self.dir.path().join("outbox"))
-    }
-}
-
-/// A running agent.
-struct Agent {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), edge_agent::AgentError>>,
-}
-
-impl Agent {
-    /// Starts the agent and waits until its subscriptions are confirmed by the broker.
-    async fn start(setup: &Setup) -> Self {
-        let subscribed = subscriptions_confirmed(setup);
-        let agent = Self::spawn(setup);
-        wait_subscribed(setup, subscribed).await;
-        agent
-    }
-
-    /// Starts the agent without waiting for its broker.
-    fn spawn(setup: &Setup) -> Self {
-        logs();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(edge_agent::run(setup.config(), stop.clone()));
-        Self { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task
-            .await
-            .expect("the agent does not panic")
-            .expect("the agent stops cleanly");
-    }
-}
-
-/// How often the broker has confirmed the agent's subscriptions so far.
-fn subscriptions_confirmed(setup: &Setup) -> usize {
-    logs();
-    log_lines(&setup.broker, "subscribed").len()
-}
-
-/// Waits until the broker confirmed the agent's subscriptions more than `before` times.
-async fn wait_subscribed(setup: &Setup, before: usize) {
-    let broker = setup.broker.clone();
-    tokio::task::spawn_blocking(move || {
-        wait_for("the agent's subscriptions", || {
-            log_lines(&broker, "subscribed").len() > before
-        });
-    })
-    .await
-    .unwrap();
-}
-
-/// Publishes each `(topic, payload)` at QoS 1 and returns once the broker acknowledged all.
-async fn publish(port: u16, messages: &[(&str, &[u8])]) {
-    publish_with(port, false, messages).await;
-}
-
-async fn publish_with(port: u16, retain: bool, messages: &[(&str, &[u8])]) {
-    let mut options = MqttOptions::new("test-publisher", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
-    for (topic, payload) in messages {
-        client
-            .publish(*topic, QoS::AtLeastOnce, retain, payload.to_vec())
-            .await
-            .unwrap();
-    }
-    let mut acked = 0;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while acked < messages.len() {
-            if let Event::Incoming(Packet::PubAck(_)) =
-                eventloop.poll().await.expect("the broker is up")
-            {
-                acked += 1;
-            }
-        }
-        client.disconnect().await.unwrap();
-        loop {
-            if let Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) = eventloop.poll().await {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("the broker acknowledges every message within 10 s");
-}
-
-async fn wait_buffered(setup: &Setup, rows: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while setup.buffered() < rows {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {rows} readings buffered after 20 s",
-            setup.buffered()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// What a test compares of a row: `ts_us`, device, tag, value, quality, unit (all but `seq`,
-/// `site` and `gateway`).
-type Compared = (i64, String, String, Option<f64>, Quality, Option<String>);
-
-fn summary(rows: &[Row]) -> Vec<Compared> {
-    rows.iter()
-        .map(|r| {
-            (
-                r.ts_us,
-                r.device.clone(),
-                r.tag.clone(),
-                r.value,
-                r.quality,
-                r.unit.clone(),
-            )
-        })
-        .collect()
-}
-
-fn row(ts_us: i64, device: &str, tag: &str, value: f64, unit: &str) -> Compared {
-    (
-        ts_us,
-        device.to_owned(),
-        tag.to_owned(),
-        Some(value),
-        Quality::Good,
-        Some(unit.to_owned()),
-    )
-}
-
-const SUBSCRIPTIONS: &str = r#"
-[[mqtt.subscriptions]]
-topic = "plant/+/+/telemetry"
-device = "{1}"
-tag = "{2}"
-value = "/value"
-timestamp = "/ts"
-timestamp_format = "epoch_ms"
-unit = "degC"
-scale = 0.1
-
-[[mqtt.subscriptions]]
-topic = "meters/+/kwh"
-payload = "number"
-device = "{1}"
-tag = "energy"
-unit = "kWh"
-
-[[mqtt.subscriptions]]
-topic = "rooms/+/climate"
-device = "room-{1}"
-timestamp = "/time"
-timestamp_format = "rfc3339"
-
-[[mqtt.subscriptions.fields]]
-tag = "temp"
-value = "/t"
-unit = "degC"
-
-[[mqtt.subscriptions.fields]]
-tag = "rh"
-value = "/h"
-unit = "%"
-scale = 100.0
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_plain_number_and_multi_field_messages_become_exact_readings() {
@@ -433,7 +181,7 @@ fn validate_counts_mqtt_brokers_and_subscriptions() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!(
-            "{}: ok (0 devices, 0 tags, 1 mqtt brokers, 3 subscriptions, gateway `gw-line3`)\n",
+            "{}: ok (0 devices, 0 tags, 1 mqtt brokers, 4 subscriptions, gateway `gw-line3`)\n",
             example.display()
         )
     );
@@ -540,16 +288,6 @@ async fn a_message_received_but_not_committed_when_the_agent_is_killed_comes_aga
             "degC"
         )]
     );
-}
-
-/// The agent binary, killed when a test fails before it does.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -902,51 +640,6 @@ async fn a_bad_message_is_dead_lettered_or_sent_again_when_the_agent_is_killed()
     );
 }
 
-/// The agent binary with debug logs in a file, killed with SIGKILL by the test.
-struct AgentBinary {
-    child: KillOnDrop,
-    log: PathBuf,
-}
-
-impl AgentBinary {
-    /// Starts `edge-agent run` and waits until its subscriptions are confirmed.
-    async fn start(setup: &Setup, run: &str) -> Self {
-        let log = setup.dir.path().join(format!("agent-{run}.log"));
-        let child = KillOnDrop(
-            std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
-                .args(["run", "--config"])
-                .arg(setup.config_path())
-                .env("RUST_LOG", "warn,edge_agent=debug")
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        let binary = Self { child, log };
-        binary.wait_log("subscribed", 1).await;
-        binary
-    }
-
-    async fn wait_log(&self, text: &'static str, times: usize) {
-        let log = self.log.clone();
-        tokio::task::spawn_blocking(move || {
-            wait_for(text, || {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .matches(text)
-                    .count()
-                    >= times
-            });
-        })
-        .await
-        .unwrap();
-    }
-
-    fn kill(mut self) {
-        self.child.0.kill().unwrap(); // SIGKILL
-        self.child.0.wait().unwrap();
-    }
-}
-
 /// Runs `edge-agent probe` with `args`; returns its stdout lines as they come, and the child.
 fn spawn_probe(args: &[&str]) -> (std::sync::mpsc::Receiver<String>, KillOnDrop) {
     use std::io::BufRead as _;
@@ -1107,7 +800,7 @@ fn probe_names_the_brokers_and_subscriptions_of_the_map_when_asked_for_another()
         (
             Some(78),
             format!(
-                "edge-agent probe: {}: broker `line3-broker` has no subscription `plant/#`; use one of: plant/+/+/telemetry, meters/+/kwh, rooms/+/climate\n",
+                "edge-agent probe: {}: broker `line3-broker` has no subscription `plant/#`; use one of: plant/+/+/telemetry, meters/+/kwh, rooms/+/climate, spBv1.0/line3/#\n",
                 example.display()
             )
         )
@@ -1133,4 +826,35 @@ fn probe_of_a_broker_that_is_not_there_exits_1_naming_it() {
         "{stderr}"
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+}
+
+/// rumqttc alone drops the connection on a message over 10 KiB; the agent's default allows 1 MiB,
+/// so a large payload (a big JSON document, a Sparkplug birth with hundreds of metrics) arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_hundreds_of_kilobytes_is_read_like_any_other() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new("large", broker.port(), SUBSCRIPTIONS);
+    let agent = Agent::start(&setup).await;
+
+    let padding = "x".repeat(300_000);
+    let payload = format!(r#"{{"value": 215, "ts": 1700000000001, "note": "{padding}"}}"#);
+    publish(
+        broker.port(),
+        &[("plant/press-3/oil_temp/telemetry", payload.as_bytes())],
+    )
+    .await;
+    wait_buffered(&setup, 1).await;
+    agent.stop().await;
+
+    let rows = setup.uploaded();
+    assert_eq!(
+        summary(&rows),
+        vec![row(
+            1_700_000_000_001_000,
+            "press-3",
+            "oil_temp",
+            21.5,
+            "degC"
+        )]
+    );
 }

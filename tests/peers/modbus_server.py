@@ -17,6 +17,12 @@ Typed values: `type` is u16, i16, u32, i32, u64, i64, f32 or f64; `order` (defau
 value's bytes as they appear on the wire, A being the most significant, generalised to 64 bits as
 Telegraf does: CDAB and DCBA reverse the word order, BADC and DCBA swap the bytes in each word.
 
+Strings: {"type": "string", "value": "MIX-7", "length": 4, "order": "BADC", "pad": "space"} puts
+the ASCII text two characters per register, padded to `length` registers (default: just enough for
+the text) with NUL bytes, or spaces with "pad": "space". `order` is ABCD (each register's high
+byte first, the default) or BADC (low byte first). Non-ASCII text is refused here: to send bytes
+that are not ASCII, give the words as a list.
+
 Addresses that the map does not define answer with Modbus exception 2 (illegal data address), as a
 real PLC does for registers it does not have.
 
@@ -55,11 +61,35 @@ _STRUCT_CODES = {
 }
 
 
+def encode_string(entry: dict, where: str) -> list[int]:
+    """Encode an ASCII text into register words, two characters per register."""
+    text = entry.get("value")
+    if not isinstance(text, str) or not text.isascii():
+        raise SystemExit(f"{where}: a string's value must be ASCII text, got {text!r}")
+    raw = text.encode("ascii")
+    length = entry.get("length", (len(raw) + 1) // 2)
+    if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 125 or 2 * length < len(raw):
+        raise SystemExit(f"{where}: length must be 1..125 registers holding the {len(raw)} characters, got {length!r}")
+    pad = {"nul": b"\0", "space": b" "}.get(entry.get("pad", "nul"))
+    if pad is None:
+        raise SystemExit(f"{where}: pad must be nul or space, got {entry.get('pad')!r}")
+    order = entry.get("order", "ABCD")
+    if order not in ("ABCD", "BADC"):
+        raise SystemExit(f"{where}: a string's order must be ABCD or BADC, got {order!r}")
+    raw = raw.ljust(2 * length, pad)
+    words = [raw[i : i + 2] for i in range(0, len(raw), 2)]
+    if order == "BADC":
+        words = [word[::-1] for word in words]
+    return [int.from_bytes(word, "big") for word in words]
+
+
 def encode_typed(entry: dict, where: str) -> list[int]:
     """Encode one typed value into register words in the requested byte order."""
+    if entry.get("type") == "string":
+        return encode_string(entry, where)
     code = _STRUCT_CODES.get(entry.get("type"))
     if code is None:
-        raise SystemExit(f"{where}: type must be one of {sorted(_STRUCT_CODES)}, got {entry.get('type')!r}")
+        raise SystemExit(f"{where}: type must be one of {sorted(_STRUCT_CODES) + ['string']}, got {entry.get('type')!r}")
     order = entry.get("order", "ABCD")
     if order not in ("ABCD", "CDAB", "BADC", "DCBA"):
         raise SystemExit(f"{where}: order must be ABCD, CDAB, BADC or DCBA, got {order!r}")

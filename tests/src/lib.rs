@@ -9,7 +9,7 @@
 //! | `moto_server` | [`MotoServer`] | S3 (and Kinesis) |
 //! | `fakesnow -s` | [`FakeSnow`] | Snowflake's driver protocol |
 //! | `tests/peers/modbus_server.py` (pymodbus simulator) | [`PyModbusServer`] | a PLC over Modbus TCP or RTU |
-//! | `mosquitto` | [`Mosquitto`] | an MQTT broker |
+//! | `mosquitto` | [`Mosquitto`] | an MQTT broker (plain, or TLS with certificates from [`TestPki`]) |
 //! | `DuckDB` + delta extension | [`duckdb_query`] | an independent Delta Lake reader |
 //!
 //! Invariants the tests rely on:
@@ -421,6 +421,24 @@ impl MotoServer {
         self.s3ctl(&["download", bucket, prefix, dir], None);
     }
 
+    /// Creates a bucket with the given name (for a server started again with
+    /// [`StoppedMoto::start_again`], which forgot every bucket).
+    pub fn create_named_bucket(&self, bucket: &str) {
+        self.s3ctl(&["create-bucket", bucket], None);
+    }
+
+    /// Stops the server, as an S3 outage: its port refuses connections until
+    /// [`StoppedMoto::start_again`]. moto keeps everything in memory, so the buckets and objects
+    /// are gone; save what the test needs first.
+    pub fn stop(self) -> StoppedMoto {
+        let port = self.port();
+        drop(self.peer);
+        StoppedMoto {
+            venv: self.venv,
+            port,
+        }
+    }
+
     fn s3ctl(&self, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
         let output = self.s3ctl_output(args, stdin);
         assert!(
@@ -445,25 +463,73 @@ impl MotoServer {
     }
 }
 
+/// A [`MotoServer`] that was stopped; its port stays reserved for [`StoppedMoto::start_again`].
+#[derive(Debug)]
+pub struct StoppedMoto {
+    venv: PeerVenv,
+    port: u16,
+}
+
+impl StoppedMoto {
+    /// The port the server listened on, and will again.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Starts a fresh, empty moto server on the same port (same endpoint URL for the clients).
+    pub fn start_again(self) -> MotoServer {
+        let peer = ChildPeer::spawn(
+            "moto",
+            self.venv.bin("moto_server"),
+            ["-H", "127.0.0.1", "-p", &self.port.to_string()],
+            &Readiness::Port(self.port),
+            Some(&self.venv),
+        );
+        MotoServer {
+            venv: self.venv,
+            peer,
+        }
+    }
+}
+
 /// fakesnow serving Snowflake's driver protocol on `127.0.0.1:<port>`.
+///
+/// fakesnow keeps its databases in memory, so [`FakeSnow::stop`] loses them, unless a session
+/// logged in with the session parameter `FAKESNOW_DB_PATH` = [`FakeSnow::db_path`]: its
+/// database then lives in `<db_path>/<DATABASE>.db` and a [`FakeSnow::restart`] finds it again.
+/// fakesnow attaches such a file once per login and DuckDB refuses a second attachment in the
+/// same process, so only one session per server run may use it.
 #[derive(Debug)]
 pub struct FakeSnow {
-    peer: ChildPeer,
+    peer: Option<ChildPeer>,
+    port: u16,
+    db_dir: TempDir,
 }
 
 impl FakeSnow {
     /// Starts `fakesnow -s --host 127.0.0.1 -p <free port>` with in-memory databases.
     pub fn start() -> Self {
-        let venv = PeerVenv::peers();
         let port = free_port();
-        let peer = ChildPeer::spawn(
+        let db_dir = tempfile::Builder::new()
+            .prefix("plantline-fakesnow-db-")
+            .tempdir()
+            .expect("creating a temporary folder cannot fail on a writable /tmp");
+        Self {
+            peer: Some(Self::spawn(port)),
+            port,
+            db_dir,
+        }
+    }
+
+    fn spawn(port: u16) -> ChildPeer {
+        let venv = PeerVenv::peers();
+        ChildPeer::spawn(
             "fakesnow",
             venv.bin("fakesnow"),
             ["-s", "--host", "127.0.0.1", "-p", &port.to_string()],
             &Readiness::Port(port),
             Some(&venv),
-        );
-        Self { peer }
+        )
     }
 
     /// The base URL: `http://127.0.0.1:<port>` (login at `/session/v1/login-request`).
@@ -471,16 +537,46 @@ impl FakeSnow {
         format!("http://127.0.0.1:{}", self.port())
     }
 
-    /// The port fakesnow listens on.
+    /// The port fakesnow listens on; it stays the same across [`FakeSnow::restart`].
     pub fn port(&self) -> u16 {
-        self.peer
-            .port()
-            .expect("fakesnow is started with Readiness::Port")
+        self.port
     }
 
-    /// The server process guard (stderr, pid).
+    /// A folder for persistent databases (see the type's docs), removed with the guard.
+    pub fn db_path(&self) -> &Path {
+        self.db_dir.path()
+    }
+
+    /// The server process guard (stderr, pid). Panics while the server is stopped.
     pub fn peer(&self) -> &ChildPeer {
-        &self.peer
+        self.peer
+            .as_ref()
+            .expect("fakesnow is running (it was stopped and not restarted)")
+    }
+
+    /// True between [`FakeSnow::stop`] and [`FakeSnow::restart`].
+    pub fn is_stopped(&self) -> bool {
+        self.peer.is_none()
+    }
+
+    /// Kills the server (`SIGKILL` to its process group, like a crash): open sessions and
+    /// uncommitted transactions are gone, the port refuses connections until a restart.
+    pub fn stop(&mut self) {
+        drop(self.peer.take());
+    }
+
+    /// Starts the server again on the same port. Databases in [`FakeSnow::db_path`] are found
+    /// again by the next login that names the folder; sessions are not.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.peer = Some(Self::spawn(self.port));
+    }
+
+    /// How many statements (`/queries/v1/query-request`) the running server has answered.
+    pub fn statements_answered(&self) -> usize {
+        let peer = self.peer();
+        let count = |text: String| text.matches("POST /queries/v1/query-request").count();
+        count(peer.stdout()) + count(peer.stderr())
     }
 }
 
@@ -631,10 +727,132 @@ impl PyModbusServer {
     }
 }
 
-/// A Mosquitto MQTT broker on `127.0.0.1:<port>`, anonymous access, no persistence.
+/// A Mosquitto MQTT broker on `127.0.0.1:<port>`, no persistence: anonymous access on plain
+/// TCP ([`Mosquitto::start`]), or TLS with a password file and optionally required client
+/// certificates ([`Mosquitto::start_tls`]). It speaks MQTT 3.1.1 and 5 on the same listener.
 #[derive(Debug)]
 pub struct Mosquitto {
     peer: ChildPeer,
+}
+
+/// Certificates for TLS tests, made at run time in a temporary folder (never committed): a CA,
+/// a broker certificate it signed for `127.0.0.1`, `localhost` and [`TestPki::BROKER_NAME`], a
+/// client certificate it signed, and a second CA that signed nothing the broker holds. Keys are
+/// ECDSA P-256 in PKCS#8 PEM; every file is PEM.
+#[derive(Debug)]
+pub struct TestPki {
+    dir: TempDir,
+}
+
+impl TestPki {
+    /// The DNS name in the broker's certificate besides `localhost` (for a server name override).
+    pub const BROKER_NAME: &str = "broker.plantline.test";
+
+    /// Generates the CA, the broker's and the client's certificates and keys, and the other CA.
+    pub fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose, SanType,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("plantline-pki-")
+            .tempdir()
+            .expect("creating a temporary folder cannot fail on a writable /tmp");
+        let write = |name: &str, pem: &str| {
+            fs::write(dir.path().join(name), pem).expect("the PKI folder is writable");
+        };
+        let ca = |name: &str| {
+            let key = KeyPair::generate().expect("aws-lc-rs generates P-256 keys");
+            let mut params = CertificateParams::new(Vec::<String>::new())
+                .expect("no subject alternative names to parse");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).expect("a CA certificate signs");
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("Plantline test CA");
+        write("ca.pem", &ca_pem);
+        let (other_ca_pem, _) = ca("Plantline unrelated CA");
+        write("other-ca.pem", &other_ca_pem);
+        let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("aws-lc-rs generates P-256 keys");
+            let mut params =
+                CertificateParams::new(names).expect("the test names are valid DNS names");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            (params, key)
+        };
+        let (mut server, server_key) = leaf(
+            vec!["localhost".to_owned(), Self::BROKER_NAME.to_owned()],
+            "mosquitto",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+        let server_cert = server
+            .signed_by(&server_key, &issuer)
+            .expect("the CA signs the broker's certificate");
+        write("server.pem", &server_cert.pem());
+        write("server.key", &server_key.serialize_pem());
+        let (client, client_key) = leaf(
+            Vec::new(),
+            "edge-agent",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let client_cert = client
+            .signed_by(&client_key, &issuer)
+            .expect("the CA signs the client's certificate");
+        write("client.pem", &client_cert.pem());
+        write("client.key", &client_key.serialize_pem());
+        Self { dir }
+    }
+
+    /// The folder holding every file.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CA that signed the broker's and the client's certificates.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that signed neither certificate.
+    pub fn other_ca_file(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    /// The broker's certificate.
+    pub fn server_cert_file(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    /// The broker's private key.
+    pub fn server_key_file(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+
+    /// The client's certificate (CN `edge-agent`).
+    pub fn client_cert_file(&self) -> PathBuf {
+        self.dir.path().join("client.pem")
+    }
+
+    /// The client's private key.
+    pub fn client_key_file(&self) -> PathBuf {
+        self.dir.path().join("client.key")
+    }
+}
+
+/// How a TLS broker ([`Mosquitto::start_tls`]) lets clients in.
+#[derive(Debug, Clone, Default)]
+pub struct MosquittoTls {
+    /// `(user, password)` pairs of its password file; no anonymous access when not empty.
+    pub users: Vec<(String, String)>,
+    /// Clients must present a certificate signed by the test CA.
+    pub require_client_certificate: bool,
 }
 
 impl Mosquitto {
@@ -674,6 +892,49 @@ impl Mosquitto {
             None,
         );
         Self { peer }
+    }
+
+    /// Starts Mosquitto with one TLS listener on loopback, its certificate from `pki`, and the
+    /// users and client-certificate rule of `tls`. The password file is written with
+    /// `mosquitto_passwd` into the broker's own folder.
+    pub fn start_tls(pki: &TestPki, tls: &MosquittoTls) -> Self {
+        let mut extra = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+            pki.ca_file().display(),
+            pki.server_cert_file().display(),
+            pki.server_key_file().display(),
+            tls.require_client_certificate
+        );
+        if tls.users.is_empty() {
+            extra.push_str("allow_anonymous true\n");
+        } else {
+            let passwords = pki.dir().join(format!("passwd-{}", uuid::Uuid::new_v4()));
+            let tool = find_system_program("mosquitto_passwd", "mosquitto");
+            for (i, (user, password)) in tls.users.iter().enumerate() {
+                let mut command = Command::new(&tool);
+                // -c creates the file for the first user; -b takes the password as an argument.
+                if i == 0 {
+                    command.arg("-c");
+                }
+                let output = command
+                    .arg("-b")
+                    .arg(&passwords)
+                    .args([user, password])
+                    .output()
+                    .expect("mosquitto_passwd runs");
+                assert!(
+                    output.status.success(),
+                    "mosquitto_passwd failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            let _ = writeln!(
+                extra,
+                "allow_anonymous false\npassword_file {}",
+                passwords.display()
+            );
+        }
+        Self::start_with_config(&extra)
     }
 
     /// The broker's address.
@@ -821,4 +1082,61 @@ pub fn headless_chromium(
         );
     }
     RenderedPage { dom }
+}
+
+/// How long the Sparkplug B publisher may take for its whole script.
+const SPARKPLUG_PUBLISHER_DEADLINE: Duration = Duration::from_mins(1);
+
+/// Runs `tests/peers/sparkplug_publisher.py`, a Sparkplug B edge node written with paho-mqtt and
+/// Google's protobuf runtime (an encoder independent of the agent's), against the broker on
+/// `127.0.0.1:port`. `script` is the list of sessions its docstring describes. Returns its output
+/// once it exited 0, which it does only after the broker acknowledged every message (and, for a
+/// session that ends with `"die"`, after it dropped the connection so the broker publishes the
+/// will). Panics with its stderr when it fails or runs past a minute. Blocking: call it from
+/// `spawn_blocking` in async tests.
+pub fn publish_sparkplug(port: u16, script: &Value) -> String {
+    let python = PeerVenv::peers().python();
+    let dir =
+        tempfile::tempdir().expect("creating a temporary folder cannot fail on a writable /tmp");
+    let path = dir.path().join("script.json");
+    fs::write(&path, script.to_string()).expect("the temporary folder is writable");
+    let mut child = Command::new(&python)
+        .arg(peer_script("sparkplug_publisher.py"))
+        .args(["--port", &port.to_string()])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}: {SETUP_HINT}", python.display()));
+    let deadline = Instant::now() + SPARKPLUG_PUBLISHER_DEADLINE;
+    while child
+        .try_wait()
+        .expect("waiting on a child process cannot fail")
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child
+                .wait_with_output()
+                .expect("the killed child is reaped");
+            panic!(
+                "sparkplug_publisher.py did not finish within {}s:\n{}",
+                SPARKPLUG_PUBLISHER_DEADLINE.as_secs(),
+                tail(&String::from_utf8_lossy(&output.stderr), 20)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let output = child
+        .wait_with_output()
+        .expect("the exited child's output is readable");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "sparkplug_publisher.py failed with {}: {}\n(paho-mqtt or protobuf missing? {SETUP_HINT})",
+        output.status,
+        tail(&stderr, 20)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

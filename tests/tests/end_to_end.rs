@@ -36,13 +36,19 @@ fn register_map() -> serde_json::Value {
                 0x3412, 0x7856, // 109: u32 BADC 0x12345678 = 305419896
                 0x0000, 0xC03F, // 111: f32 DCBA 1.5
                 0xFFF6          // 113: i16 -10, x0.5 + 20 -> 15
-            ]
+            ],
+            // 114-121: an ASCII part number, low byte of each register first, NUL-padded.
+            "114": {"type": "string", "value": PART_NUMBER, "length": 8, "order": "BADC"}
         },
         "input": { "0": [0xFFE7] } // i16 -25 x0.1 -> -2.5
     })
 }
 
-/// (tag, expected value) for every tag of the map; `None` marks the tag the PLC does not have.
+/// The text of the string tag `part_number` (contract v2's `value_text`).
+const PART_NUMBER: &str = "PN-4471 rev B";
+
+/// (tag, expected value) for every numeric tag of the map; `None` marks the tag the PLC does not
+/// have. `part_number` is the one string tag: [`PART_NUMBER`].
 const EXPECTED: [(&str, Option<f64>); 10] = [
     ("oil_temp", Some(21.5)),
     ("return_temp", Some(-3.25)),
@@ -167,6 +173,14 @@ timeout = "500ms"
   register = "holding"
   address = 500
   type = "u16"
+
+  [[modbus.tags]]
+  name = "part_number"
+  register = "holding"
+  address = 114
+  type = "string"
+  length = 8
+  byte_order = "BADC"
 "#,
         buffer = dir.join("buffer.db").display(),
         endpoint = moto.endpoint(),
@@ -371,6 +385,20 @@ fn rows_in_s3(moto: &MotoServer, bucket: &str, prefix: &str) -> Vec<Row> {
 fn assert_exact_values(rows: &[Row], stage: &str) {
     let expected: BTreeMap<&str, Option<f64>> = EXPECTED.into_iter().collect();
     for row in rows {
+        if row.tag == "part_number" {
+            assert_eq!(
+                (row.value, row.value_text.as_deref(), row.quality),
+                (None, Some(PART_NUMBER), Quality::Good),
+                "{stage}: part_number at seq {}",
+                row.seq
+            );
+            continue;
+        }
+        assert_eq!(
+            row.value_text, None,
+            "{stage}: {} at seq {}",
+            row.tag, row.seq
+        );
         let want = expected
             .get(row.tag.as_str())
             .unwrap_or_else(|| panic!("{stage}: unexpected tag {}", row.tag));
@@ -473,7 +501,7 @@ fn run_agent_with_a_hard_restart(
         "every committed reading arrives once across the restart, in seq order"
     );
     assert_exact_values(&parquet_rows, "parquet");
-    for (tag, _) in EXPECTED {
+    for tag in EXPECTED.iter().map(|(tag, _)| *tag).chain(["part_number"]) {
         assert!(
             parquet_rows.iter().any(|r| r.tag == tag),
             "no reading of {tag}"
@@ -519,6 +547,17 @@ async fn check_snowflake(client: &mut SnowflakeClient, rows: &[Row]) {
             "snowflake rows of {tag} with the exact value"
         );
     }
+    // The string tag's rows arrive with their number null (its text is in Delta's
+    // `value_text`; this check does not depend on Snowflake having that column).
+    assert_eq!(
+        snowflake_count(
+            client,
+            "SELECT COUNT(*) FROM READINGS WHERE TAG = 'part_number' AND VALUE IS NULL AND QUALITY = 'good'",
+            &[],
+        )
+        .await,
+        count_of("part_number")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,7 +617,9 @@ async fn a_reading_travels_from_plc_register_to_snowflake_exactly_once() {
     let duck = duckdb_query(&format!(
         "SELECT count(*) AS n, count(DISTINCT seq) AS distinct_seq, sum(seq) AS seq_sum, \
          count(*) FILTER (WHERE tag = 'pressure' AND value = 5.12) AS pressure_ok, \
-         count(*) FILTER (WHERE tag = 'missing_register' AND value IS NULL AND quality = 'bad') AS bad_ok \
+         count(*) FILTER (WHERE tag = 'missing_register' AND value IS NULL AND quality = 'bad') AS bad_ok, \
+         count(*) FILTER (WHERE tag = 'part_number' AND value IS NULL AND value_text = '{PART_NUMBER}') AS text_ok, \
+         count(value_text) AS texts \
          FROM delta_scan('{}')",
         local_table.display()
     ));
@@ -591,6 +632,8 @@ async fn a_reading_travels_from_plc_register_to_snowflake_exactly_once() {
             "seq_sum": n * (n + 1) / 2,
             "pressure_ok": count_of("pressure"),
             "bad_ok": count_of("missing_register"),
+            "text_ok": count_of("part_number"),
+            "texts": count_of("part_number"),
         })]
     );
 

@@ -76,6 +76,7 @@ const GAPS: TableSpec = TableSpec {
     name: "gaps",
     comment: "plantline gaps: seq ranges of a gateway that will never arrive, with the reason",
     schema: gaps_schema,
+    added_columns: &[],
 };
 
 /// The gaps Delta table, loaded at its latest version.

@@ -2,9 +2,10 @@
 //! rows.
 //!
 //! # Invariants
-//! - The readings table's schema is the batch contract's ([`edge_agent::contract::schema`]) plus
-//!   the nullable `dq_flags` column ([`readings_schema`]); a table without `dq_flags` gets it
-//!   added on open, never by rewriting data.
+//! - The readings table's schema is batch contract v1's columns, then the nullable `dq_flags`
+//!   and `value_text` (contract v2) columns ([`readings_schema`]); a table without them gets
+//!   what it lacks added on open, never by rewriting data. The quarantined-rows table gains
+//!   `value_text` the same way.
 //! - Each gateway's watermark is the Delta `txn` action of app id `plantline-gateway-<id>`; in
 //!   the readings table its version is the highest `seq` of that gateway applied (to the table
 //!   or, for rows a rule quarantined, to the quarantined-rows table).
@@ -25,10 +26,15 @@ mod table;
 mod tables;
 mod watermark;
 
-pub(crate) use commit::{CommitFailure, backoff};
+pub(crate) use commit::{
+    COMMIT_ID_KEY, CommitFailure, Failure, backoff, checkpoint_if_due, classify, find_commit,
+    table_label,
+};
 pub use gaps::{GapRow, GapsTable, REASON_QUARANTINED, REASON_SEQ_JUMP, gaps_schema};
 pub use quarantined_rows::{QuarantinedRow, QuarantinedRowsTable, quarantined_rows_schema};
-pub use table::{ApplyOutcome, DQ_FLAGS_COLUMN, DeltaError, ReadingsTable, readings_schema};
+pub use table::{
+    ApplyOutcome, DQ_FLAGS_COLUMN, DeltaError, ReadingsTable, VALUE_TEXT_COLUMN, readings_schema,
+};
 pub(crate) use table::{filter_above, seq_column, with_flags};
 pub use tables::{GAPS_SUFFIX, QUARANTINED_ROWS_SUFFIX, TableUrls, Tables, sibling};
 pub use watermark::{APP_ID_PREFIX, app_id};

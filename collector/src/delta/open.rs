@@ -1,16 +1,25 @@
 //! Opening a Delta table the collector owns, creating it with its schema when nothing is there
-//! yet. Shared by the readings table and the data-quality tables (gaps, quarantined rows).
+//! yet, and bringing a table an earlier collector wrote up to the current schema. Shared by the
+//! readings table and the data-quality tables (gaps, quarantined rows).
+//!
+//! # Schema evolution
+//! A table's columns only ever grow at the end, by nullable columns named in
+//! [`TableSpec::added_columns`]. A table that has the spec's columns without a tail of those
+//! gets the tail added by one metadata-only commit (delta-rs `ADD COLUMN`): no data file is
+//! rewritten, and earlier rows read the new columns as null. Any other difference is refused
+//! with both column lists, so a collector never writes into a table it does not understand.
 
 use std::collections::HashMap;
 
 use arrow_schema::Schema;
-use deltalake::kernel::StructType;
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake::kernel::{StructField, StructType};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use tracing::info;
 use url::Url;
 
+use super::commit;
 use super::table::DeltaError;
 
 /// What a table is: its name in the Delta metadata, its comment and its columns.
@@ -22,6 +31,10 @@ pub(crate) struct TableSpec {
     pub(crate) comment: &'static str,
     /// The Arrow schema every data file is written with.
     pub(crate) schema: fn() -> arrow_schema::SchemaRef,
+    /// The nullable columns added after the table's first release, in the order they were
+    /// added; they are the last columns of `schema`. A table missing a tail of them gets it
+    /// added on open.
+    pub(crate) added_columns: &'static [&'static str],
 }
 
 impl TableSpec {
@@ -106,26 +119,135 @@ pub(crate) fn column_names(schema: &StructType) -> Vec<String> {
         .collect()
 }
 
-/// Checks that a data-quality table has exactly `spec`'s columns.
-pub(crate) fn check_exact_schema(
-    table: &DeltaTable,
+/// Accepts a table with exactly `spec`'s columns; adds the missing tail of
+/// [`TableSpec::added_columns`] to a table an earlier collector wrote (see the module doc);
+/// refuses anything else. Works when another collector evolves or writes the table at the same
+/// moment: a lost race reloads and looks again, at most `attempts` times.
+pub(crate) async fn evolve(
+    table: &mut DeltaTable,
     url: &Url,
     spec: &TableSpec,
+    attempts: u32,
 ) -> Result<(), DeltaError> {
-    let schema_err = |detail: String| DeltaError::Schema {
-        url: url.clone(),
-        detail: format!("{} table: {detail}", spec.name),
-    };
-    let snapshot = table.snapshot().map_err(|e| schema_err(e.to_string()))?;
-    let want = column_names(&spec.delta_schema(url)?);
-    let found = column_names(snapshot.schema().as_ref());
+    let want_schema = spec.delta_schema(url)?;
+    let want = column_names(&want_schema);
+    for _ in 0..attempts.max(3) {
+        let found = found_columns(table, url, spec)?;
+        if found == want {
+            return Ok(());
+        }
+        let Some(missing) = missing_tail(&found, &want, spec) else {
+            return Err(schema_mismatch(url, spec, &found, &want));
+        };
+        let fields: Vec<StructField> = want_schema.fields().skip(found.len()).cloned().collect();
+        debug_assert_eq!(fields.len(), missing.len());
+        match table.clone().add_columns().with_fields(fields).await {
+            Ok(evolved) => {
+                info!(component = "delta", table = %url, name = spec.name, columns = %missing.join(", "), "added nullable columns to the table");
+                *table = evolved;
+                return Ok(());
+            }
+            // Another collector evolved it (or committed) first: look again.
+            Err(e) if commit::is_conflict(&e) => commit::reload(table, url).await?,
+            Err(source) => {
+                return Err(DeltaError::Evolve {
+                    url: url.clone(),
+                    columns: format!("{} ({} table)", missing.join(", "), spec.name),
+                    source: Box::new(source),
+                });
+            }
+        }
+    }
+    let found = found_columns(table, url, spec)?;
     if found == want {
         Ok(())
     } else {
-        Err(schema_err(format!(
-            "found columns [{}], expected [{}]",
+        Err(schema_mismatch(url, spec, &found, &want))
+    }
+}
+
+/// The names of the columns `found` lacks when it is `want` without a tail of the spec's added
+/// columns; `None` for any other difference.
+fn missing_tail<'a>(
+    found: &[String],
+    want: &'a [String],
+    spec: &TableSpec,
+) -> Option<Vec<&'a str>> {
+    let tail = want.get(found.len()..).filter(|t| !t.is_empty())?;
+    if want[..found.len()] != *found {
+        return None;
+    }
+    // `want` holds `name type`; the spec lists names.
+    let names: Vec<&str> = tail
+        .iter()
+        .map(|c| c.split_once(' ').map_or(c.as_str(), |(name, _)| name))
+        .collect();
+    let added = spec.added_columns;
+    (names.len() <= added.len() && added[added.len() - names.len()..] == *names).then_some(names)
+}
+
+fn found_columns(
+    table: &DeltaTable,
+    url: &Url,
+    spec: &TableSpec,
+) -> Result<Vec<String>, DeltaError> {
+    let snapshot = table.snapshot().map_err(|e| DeltaError::Schema {
+        url: url.clone(),
+        detail: format!("{} table: {e}", spec.name),
+    })?;
+    Ok(column_names(snapshot.schema().as_ref()))
+}
+
+fn schema_mismatch(url: &Url, spec: &TableSpec, found: &[String], want: &[String]) -> DeltaError {
+    DeltaError::Schema {
+        url: url.clone(),
+        detail: format!(
+            "{} table: found columns [{}], expected [{}]",
+            spec.name,
             found.join(", "),
             want.join(", ")
-        )))
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_schema() -> arrow_schema::SchemaRef {
+        std::sync::Arc::new(Schema::empty())
+    }
+
+    const SPEC: TableSpec = TableSpec {
+        name: "t",
+        comment: "",
+        schema: no_schema,
+        added_columns: &["b", "c"],
+    };
+
+    fn cols(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| format!("{n} string")).collect()
+    }
+
+    #[test]
+    fn only_a_missing_tail_of_added_columns_is_added() {
+        let want = cols(&["seq", "a", "b", "c"]);
+        assert_eq!(
+            missing_tail(&cols(&["seq", "a"]), &want, &SPEC),
+            Some(vec!["b", "c"])
+        );
+        assert_eq!(
+            missing_tail(&cols(&["seq", "a", "b"]), &want, &SPEC),
+            Some(vec!["c"])
+        );
+        // The same columns: nothing to add (the caller accepts it before asking).
+        assert_eq!(missing_tail(&want, &want, &SPEC), None);
+        // A first-release column missing, another order, or a foreign column: refused.
+        assert_eq!(missing_tail(&cols(&["seq"]), &want, &SPEC), None);
+        assert_eq!(missing_tail(&cols(&["a", "seq"]), &want, &SPEC), None);
+        assert_eq!(missing_tail(&cols(&["seq", "x"]), &want, &SPEC), None);
+        // A column of another type is another column.
+        let typed = vec!["seq string".to_owned(), "a long".to_owned()];
+        assert_eq!(missing_tail(&typed, &want, &SPEC), None);
     }
 }

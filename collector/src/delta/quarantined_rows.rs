@@ -46,15 +46,13 @@ pub struct QuarantinedRow {
 /// The extra columns after the contract's.
 const EXTRA: [&str; 5] = ["rule", "check", "detail", "file_key", "quarantined_at"];
 
-/// The `quarantined_rows` table's columns: the batch contract's, then the rule, its check,
-/// the detail, the file key and the time of the decision.
+/// The `quarantined_rows` table's columns: batch contract v1's, then the rule, its check, the
+/// detail, the file key and the time of the decision, then the columns later contract versions
+/// added (`value_text`), in the order a table gets them over its life.
 pub fn quarantined_rows_schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let mut fields: Vec<Field> = contract::schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
+        let v1 = contract::schema_of_version(1).expect("contract v1 exists");
+        let mut fields: Vec<Field> = v1.fields().iter().map(|f| f.as_ref().clone()).collect();
         for name in &EXTRA[..4] {
             fields.push(Field::new(*name, DataType::Utf8, false));
         }
@@ -63,15 +61,26 @@ pub fn quarantined_rows_schema() -> SchemaRef {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ));
+        let current = contract::schema();
+        for name in ADDED {
+            let field = current
+                .field_with_name(name)
+                .expect("added columns are contract columns");
+            fields.push(field.clone());
+        }
         Arc::new(Schema::new(fields))
     });
     SCHEMA.clone()
 }
 
+/// Contract columns added after the table's first release, in order.
+const ADDED: [&str; 1] = [contract::column::VALUE_TEXT];
+
 const QUARANTINED_ROWS: TableSpec = TableSpec {
     name: "quarantined_rows",
     comment: "plantline quarantined rows: readings a data-quality rule kept out of the readings table",
     schema: quarantined_rows_schema,
+    added_columns: &ADDED,
 };
 
 /// The `quarantined_rows` Delta table, loaded at its latest version.
@@ -188,36 +197,44 @@ impl QuarantinedRowsTable {
 
 fn to_batch(rows: &[QuarantinedRow]) -> RecordBatch {
     let readings: Vec<Row> = rows.iter().map(|r| r.row.clone()).collect();
-    let mut columns: Vec<ArrayRef> = contract::to_record_batch(&readings).columns().to_vec();
+    let contract_batch = contract::to_record_batch(&readings);
     let text = |f: fn(&QuarantinedRow) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
     };
-    columns.push(text(|r| &r.rule));
-    columns.push(text(|r| &r.check));
-    columns.push(text(|r| &r.detail));
-    columns.push(text(|r| &r.file_key));
-    columns.push(Arc::new(
-        TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.quarantined_at_us))
-            .with_timezone("UTC"),
-    ));
-    RecordBatch::try_new(quarantined_rows_schema(), columns)
+    let mut extra: HashMap<&str, ArrayRef> = HashMap::from([
+        (EXTRA[0], text(|r| &r.rule)),
+        (EXTRA[1], text(|r| &r.check)),
+        (EXTRA[2], text(|r| &r.detail)),
+        (EXTRA[3], text(|r| &r.file_key)),
+        (
+            EXTRA[4],
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(
+                    rows.iter().map(|r| r.quarantined_at_us),
+                )
+                .with_timezone("UTC"),
+            ) as ArrayRef,
+        ),
+    ]);
+    let schema = quarantined_rows_schema();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            extra.remove(f.name().as_str()).unwrap_or_else(|| {
+                contract_batch
+                    .column_by_name(f.name())
+                    .expect("every other column is a contract column")
+                    .clone()
+            })
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns)
         .expect("columns are built from the quarantined_rows schema, in its order")
 }
 
 fn from_batch(batch: &RecordBatch) -> Result<Vec<QuarantinedRow>, String> {
-    let contract_schema = contract::schema();
-    let contract_columns = contract_schema
-        .fields()
-        .iter()
-        .map(|f| {
-            batch
-                .column_by_name(f.name())
-                .cloned()
-                .ok_or_else(|| format!("column `{}` is missing", f.name()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let readings = RecordBatch::try_new(contract_schema, contract_columns)
-        .map_err(|e| e.to_string())
+    let readings = super::table::contract_columns(batch)
         .and_then(|b| contract::rows_from_batch(&b).map_err(|e| e.to_string()))?;
     let text = |name: &str| -> Result<StringArray, String> {
         batch
@@ -269,6 +286,7 @@ mod tests {
                 value: Some(f64::INFINITY),
                 quality: Quality::Good,
                 unit: Some("degC".into()),
+                value_text: None,
             },
             rule: "finite-temps".into(),
             check: "finite".into(),
@@ -279,5 +297,16 @@ mod tests {
         let batch = to_batch(&rows);
         assert_eq!(batch.schema(), quarantined_rows_schema());
         assert_eq!(from_batch(&batch).unwrap(), rows);
+        // A string reading keeps its text; the column comes last, as evolution adds it.
+        let mut text = rows[0].clone();
+        text.row.value = None;
+        text.row.value_text = Some("MIX-7".into());
+        let batch = to_batch(std::slice::from_ref(&text));
+        let schema = batch.schema();
+        assert_eq!(
+            schema.field(schema.fields().len() - 1).name(),
+            contract::column::VALUE_TEXT
+        );
+        assert_eq!(from_batch(&batch).unwrap(), vec![text]);
     }
 }

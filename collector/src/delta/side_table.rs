@@ -22,14 +22,15 @@ pub(crate) struct SideTable {
 }
 
 impl SideTable {
-    /// Opens (or creates) the table and checks it has exactly `spec`'s columns.
+    /// Opens (or creates) the table and checks it has exactly `spec`'s columns, adding the
+    /// spec's later columns to a table an earlier collector wrote ([`open::evolve`]).
     pub(crate) async fn open_or_create(
         url: &Url,
         storage_options: &HashMap<String, String>,
         spec: TableSpec,
     ) -> Result<Self, DeltaError> {
-        let table = open::open_or_create(url, storage_options, &spec).await?;
-        open::check_exact_schema(&table, url, &spec)?;
+        let mut table = open::open_or_create(url, storage_options, &spec).await?;
+        open::evolve(&mut table, url, &spec, 5).await?;
         Ok(Self {
             table,
             url: url.clone(),

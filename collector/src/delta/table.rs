@@ -4,31 +4,40 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, new_null_array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use deltalake::kernel::{StructField, Version};
+use deltalake::kernel::Version;
 use deltalake::{DeltaTable, DeltaTableError};
 use edge_agent::contract;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use url::Url;
 
 use super::commit::{self, CommitFailure};
-use super::open::{self, TableSpec, column_names};
+use super::open::{self, TableSpec};
 use super::watermark;
 
 /// The nullable column the row-level `flag` rules write: the names of the rules a kept row
 /// broke, comma-separated in config order; null when it broke none.
 pub const DQ_FLAGS_COLUMN: &str = "dq_flags";
 
-/// The readings table's columns: the batch contract's, then [`DQ_FLAGS_COLUMN`].
+/// The nullable column holding a string tag's text: batch contract v2's `value_text`, null for
+/// numbers, for bad readings and for every row that came in a v1 batch.
+pub const VALUE_TEXT_COLUMN: &str = contract::column::VALUE_TEXT;
+
+/// The readings table's columns in the order a table gets them over its life (Delta adds a
+/// column at the end): batch contract v1's, then [`DQ_FLAGS_COLUMN`], then [`VALUE_TEXT_COLUMN`].
+/// A new table is created with the same order, so every readings table looks alike. Readers
+/// go by name.
 pub fn readings_schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let mut fields: Vec<Field> = contract::schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
+        let v1 = contract::schema_of_version(1).expect("contract v1 exists");
+        let mut fields: Vec<Field> = v1.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(DQ_FLAGS_COLUMN, DataType::Utf8, true));
+        let current = contract::schema();
+        let value_text = current
+            .field_with_name(VALUE_TEXT_COLUMN)
+            .expect("the contract has value_text since v2");
+        fields.push(value_text.clone());
         Arc::new(Schema::new(fields))
     });
     SCHEMA.clone()
@@ -38,6 +47,7 @@ const READINGS: TableSpec = TableSpec {
     name: "readings",
     comment: "plantline readings: the batch contract's columns plus dq_flags",
     schema: readings_schema,
+    added_columns: &[DQ_FLAGS_COLUMN, VALUE_TEXT_COLUMN],
 };
 
 /// What went wrong with a Delta table. Every variant names the table URL or the gateway (and
@@ -64,15 +74,15 @@ pub enum DeltaError {
     },
     /// `detail` starts with the table's role (`readings`, `gaps`, `quarantined_rows`).
     #[error(
-        "Delta table {url} has a schema that differs from the collector's: {detail}; point the setting at a table written by this collector (readings: batch contract v{} plus `dq_flags`)",
-        contract::CONTRACT_VERSION
+        "Delta table {url} has a schema that differs from the collector's: {detail}; point the setting at a table written by this collector (readings: the batch contract's columns plus `dq_flags`)"
     )]
     Schema { url: Url, detail: String },
-    #[error(
-        "cannot add the nullable column `{DQ_FLAGS_COLUMN}` to the readings table {url}: {source}"
-    )]
+    #[error("cannot add the nullable column(s) {columns} to Delta table {url}: {source}")]
     Evolve {
         url: Url,
+        /// The columns that were to be added and the table's role:
+        /// `dq_flags, value_text (readings table)`.
+        columns: String,
         #[source]
         source: Box<DeltaTableError>,
     },
@@ -148,9 +158,10 @@ pub struct ReadingsTable {
 
 impl ReadingsTable {
     /// Opens the table at `url`, creating it if nothing is there yet. A table written before the
-    /// `dq_flags` column existed gets it added (a metadata-only commit; no data file is
-    /// rewritten, old rows read it as null). A local folder is created if missing. Works when
-    /// another collector creates or evolves the table at the same moment.
+    /// `dq_flags` or `value_text` column existed gets what it lacks added (a metadata-only
+    /// commit; no data file is rewritten, old rows read them as null). A local folder is
+    /// created if missing. Works when another collector creates or evolves the table at the
+    /// same moment.
     pub async fn open_or_create(
         url: &Url,
         storage_options: HashMap<String, String>,
@@ -330,95 +341,49 @@ impl ReadingsTable {
         Ok(rows)
     }
 
-    /// Accepts the collector's schema; adds `dq_flags` to a table that has exactly the contract's
-    /// columns (written by an earlier collector); refuses anything else.
+    /// Accepts the collector's schema; adds what it lacks of `dq_flags` and `value_text` to a
+    /// table an earlier collector wrote; refuses anything else ([`open::evolve`]).
     async fn evolve_schema(&mut self) -> Result<(), DeltaError> {
-        let want = column_names(&READINGS.delta_schema(&self.url)?);
-        let contract_only =
-            column_names(&open::delta_schema(&self.url, contract::schema().as_ref())?);
-        for _ in 0..self.commit_attempts.max(3) {
-            let found = self.found_columns()?;
-            if found == want {
-                return Ok(());
-            }
-            if found != contract_only {
-                return Err(self.schema_mismatch(&found, &want));
-            }
-            let added = self
-                .table
-                .clone()
-                .add_columns()
-                .with_fields([StructField::new(
-                    DQ_FLAGS_COLUMN,
-                    deltalake::kernel::DataType::STRING,
-                    true,
-                )])
-                .await;
-            match added {
-                Ok(table) => {
-                    info!(component = "delta", table = %self.url, column = DQ_FLAGS_COLUMN, "added a nullable column to the readings table");
-                    self.table = table;
-                    return Ok(());
-                }
-                // Another collector evolved it (or committed) first: look again.
-                Err(e) if commit::is_conflict(&e) => self.reload().await?,
-                Err(source) => {
-                    return Err(DeltaError::Evolve {
-                        url: self.url.clone(),
-                        source: Box::new(source),
-                    });
-                }
-            }
-        }
-        let found = self.found_columns()?;
-        if found == want {
-            Ok(())
-        } else {
-            Err(self.schema_mismatch(&found, &want))
-        }
-    }
-
-    fn found_columns(&self) -> Result<Vec<String>, DeltaError> {
-        let snapshot = self.table.snapshot().map_err(|e| DeltaError::Schema {
-            url: self.url.clone(),
-            detail: format!("{} table: {e}", READINGS.name),
-        })?;
-        Ok(column_names(snapshot.schema().as_ref()))
-    }
-
-    fn schema_mismatch(&self, found: &[String], want: &[String]) -> DeltaError {
-        DeltaError::Schema {
-            url: self.url.clone(),
-            detail: format!(
-                "{} table: found columns [{}], expected [{}]",
-                READINGS.name,
-                found.join(", "),
-                want.join(", ")
-            ),
-        }
+        open::evolve(&mut self.table, &self.url, &READINGS, self.commit_attempts).await
     }
 }
 
-/// `batch` (in the contract's schema) with a `dq_flags` column: `flags`, or all null.
+/// `batch` (in the contract's current schema) as a row of the readings table, with `flags` in
+/// `dq_flags` (all null without).
 pub(crate) fn with_flags(batch: &RecordBatch, flags: Option<StringArray>) -> RecordBatch {
-    let flags = flags.unwrap_or_else(|| StringArray::new_null(batch.num_rows()));
-    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    columns.push(Arc::new(flags));
-    RecordBatch::try_new(readings_schema(), columns)
-        .expect("a contract batch plus one nullable string column is the readings schema")
+    let mut flags: Option<ArrayRef> = Some(Arc::new(
+        flags.unwrap_or_else(|| StringArray::new_null(batch.num_rows())),
+    ));
+    let schema = readings_schema();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == DQ_FLAGS_COLUMN {
+                flags.take().expect("the readings schema has dq_flags once")
+            } else {
+                batch
+                    .column_by_name(f.name())
+                    .expect("every readings column but dq_flags is a contract column")
+                    .clone()
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns)
+        .expect("the contract's columns plus dq_flags, in the readings schema's order")
 }
 
-/// The contract's columns of a readings data file, by name.
-fn contract_columns(batch: &RecordBatch) -> Result<RecordBatch, String> {
+/// The contract's columns of a readings data file, by name. A file written before a nullable
+/// column was added to the table (`value_text`) reads it as null, as Delta readers do.
+pub(crate) fn contract_columns(batch: &RecordBatch) -> Result<RecordBatch, String> {
     let schema = contract::schema();
     let columns = schema
         .fields()
         .iter()
-        .map(|f| {
-            batch
-                .column_by_name(f.name())
-                .cloned()
-                .ok_or_else(|| format!("column `{}` is missing", f.name()))
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(column) => Ok(column.clone()),
+            None if f.is_nullable() => Ok(new_null_array(f.data_type(), batch.num_rows())),
+            None => Err(format!("column `{}` is missing", f.name())),
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(schema, columns).map_err(|e| e.to_string())
@@ -477,6 +442,7 @@ mod tests {
                 value: Some(1.0),
                 quality: Quality::Good,
                 unit: None,
+                value_text: None,
             })
             .collect();
         contract::to_record_batch(&rows)
@@ -517,13 +483,72 @@ mod tests {
     fn readings_rows_carry_a_nullable_flags_column_after_the_contract_columns() {
         let schema = readings_schema();
         assert_eq!(schema.fields().len(), contract::schema().fields().len() + 1);
-        let last = schema.field(schema.fields().len() - 1);
+        let flags = schema.field(9);
         assert_eq!(
-            (last.name().as_str(), last.is_nullable()),
+            (flags.name().as_str(), flags.is_nullable()),
             (DQ_FLAGS_COLUMN, true)
         );
         let b = with_flags(&batch(1..=2), None);
         assert_eq!(b.column(9).null_count(), 2);
         assert_eq!(contract_columns(&b).unwrap(), batch(1..=2));
+    }
+
+    #[test]
+    fn value_text_follows_dq_flags_as_a_table_evolved_from_v1_has_it() {
+        let schema = readings_schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "seq",
+                "ts",
+                "site",
+                "gateway",
+                "device",
+                "tag",
+                "value",
+                "quality",
+                "unit",
+                DQ_FLAGS_COLUMN,
+                VALUE_TEXT_COLUMN
+            ]
+        );
+        let text = Row {
+            seq: 3,
+            ts_us: 3,
+            site: "s".into(),
+            gateway: "gw".into(),
+            device: "d".into(),
+            tag: "recipe".into(),
+            value: None,
+            quality: Quality::Good,
+            unit: None,
+            value_text: Some("MIX-7".into()),
+        };
+        let contract_batch = contract::to_record_batch(std::slice::from_ref(&text));
+        let flags = StringArray::from(vec![Some("f")]);
+        let b = with_flags(&contract_batch, Some(flags));
+        assert_eq!(
+            b.column(9)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .value(0),
+            "f"
+        );
+        assert_eq!(
+            b.column(10)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .value(0),
+            "MIX-7"
+        );
+        assert_eq!(contract_columns(&b).unwrap(), contract_batch);
+        // A data file written before value_text existed reads it as null.
+        let old = b.project(&(0..10).collect::<Vec<_>>()).unwrap();
+        let read = contract_columns(&old).unwrap();
+        assert_eq!(read.column(9).null_count(), 1);
+        assert_eq!(read.column(0), contract_batch.column(0));
     }
 }

@@ -31,14 +31,16 @@ pub struct RuleConfig {
     /// its `dq_flags` column; `quarantine` moves it to the `quarantined_rows` table; `fail`
     /// moves its whole batch file to the file quarantine.
     pub action: RuleAction,
-    /// Check: the value is not null (a null value means the reading has quality `bad`).
+    /// Check: the reading has a value, a number in `value` or a string tag's text in
+    /// `value_text` (neither means the reading has quality `bad`).
     #[serde(default)]
     pub not_null: bool,
-    /// Check: the value is a finite number (not NaN, not infinite); a null value passes.
+    /// Check: the value is a finite number (not NaN, not infinite); a null value and a string
+    /// tag's text pass.
     #[serde(default)]
     pub finite: bool,
     /// Check: `[min, max]`, the value lies within, both ends included; NaN lies outside, a
-    /// null value passes.
+    /// null value and a string tag's text pass.
     pub range: Option<[f64; 2]>,
     /// Check: the reading's timestamp is at most this far ahead of the collector's clock.
     pub max_future_skew: Option<ConfigDuration>,

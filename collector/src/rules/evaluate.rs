@@ -1,25 +1,55 @@
 //! Compiled rules and their evaluation on the rows of a batch.
+//!
+//! A reading carries a number (`value`), the text of a string tag (`value_text`, batch contract
+//! v2) or neither (quality `bad`); see [`Observed`]. `not_null` passes on either; `finite` and
+//! `range` judge numbers and let texts (and nulls) pass; the time checks judge every reading.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, RecordBatch, StringArray};
 use chrono::{DateTime, SecondsFormat};
 use edge_agent::contract::column;
 
 use super::config::RuleAction;
 use super::pattern::TagPattern;
 
+/// The value of one reading as the rules see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observed<'a> {
+    /// Neither a number nor a text: a bad reading.
+    Null,
+    /// A number (`value`).
+    Number(f64),
+    /// The text of a string tag (`value_text`).
+    Text(&'a str),
+}
+
+impl Observed<'_> {
+    fn number(self) -> Option<f64> {
+        match self {
+            Observed::Number(v) => Some(v),
+            Observed::Null | Observed::Text(_) => None,
+        }
+    }
+}
+
+impl From<Option<f64>> for Observed<'_> {
+    fn from(value: Option<f64>) -> Self {
+        value.map_or(Observed::Null, Observed::Number)
+    }
+}
+
 /// What a rule checks.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Check {
-    /// The value is not null.
+    /// The reading has a value: a number or a text.
     NotNull,
-    /// The value is not NaN or infinite (null passes).
+    /// A number is not NaN or infinite (null and text pass).
     Finite,
-    /// `min <= value <= max` (null passes, NaN does not).
+    /// `min <= value <= max` for a number (null and text pass, NaN does not).
     Range { min: f64, max: f64 },
     /// `ts - now <= skew`.
     MaxFutureSkew(Duration),
@@ -40,13 +70,15 @@ impl Check {
     }
 
     /// `None` when the reading passes, otherwise what is wrong with it.
-    pub fn test(&self, value: Option<f64>, ts_us: i64, now_us: i64) -> Option<String> {
+    pub fn test(&self, value: Observed<'_>, ts_us: i64, now_us: i64) -> Option<String> {
         match *self {
-            Self::NotNull => value.is_none().then(|| "value is null".to_owned()),
+            Self::NotNull => (value == Observed::Null).then(|| "value is null".to_owned()),
             Self::Finite => value
+                .number()
                 .filter(|v| !v.is_finite())
                 .map(|v| format!("value {v} is not a finite number")),
             Self::Range { min, max } => value
+                .number()
                 .filter(|v| !(min <= *v && *v <= max))
                 .map(|v| format!("value {v} is outside the range [{min}, {max}]")),
             Self::MaxFutureSkew(skew) => {
@@ -190,7 +222,13 @@ impl<'a> Judge<'a> {
     }
 
     /// The verdict on one reading.
-    pub fn judge(&mut self, device: &str, tag: &str, value: Option<f64>, ts_us: i64) -> RowVerdict {
+    pub fn judge(
+        &mut self,
+        device: &str,
+        tag: &str,
+        value: Observed<'_>,
+        ts_us: i64,
+    ) -> RowVerdict {
         let Self {
             set,
             now_us,
@@ -238,7 +276,7 @@ impl<'a> Judge<'a> {
         let cols = Columns::of(batch);
         (0..batch.num_rows())
             .map(|i| {
-                let value = (!cols.value.is_null(i)).then(|| cols.value.value(i));
+                let value = cols.observed(i);
                 self.judge(
                     cols.device.value(i),
                     cols.tag.value(i),
@@ -261,7 +299,7 @@ impl<'a> Judge<'a> {
                 continue;
             }
             let (device, tag) = (cols.device.value(i), cols.tag.value(i));
-            let value = (!cols.value.is_null(i)).then(|| cols.value.value(i));
+            let value = cols.observed(i);
             if let Some(violation) = self.judge(device, tag, value, cols.ts.value(i)).fail {
                 return Some(Failure {
                     seq,
@@ -282,6 +320,8 @@ struct Columns<'b> {
     device: &'b arrow_array::StringArray,
     tag: &'b arrow_array::StringArray,
     value: &'b arrow_array::PrimitiveArray<Float64Type>,
+    /// Absent in a batch of contract v1 that was not upgraded: no row has a text.
+    value_text: Option<&'b StringArray>,
 }
 
 impl<'b> Columns<'b> {
@@ -297,6 +337,19 @@ impl<'b> Columns<'b> {
             device: col(column::DEVICE).as_string(),
             tag: col(column::TAG).as_string(),
             value: col(column::VALUE).as_primitive(),
+            value_text: batch
+                .column_by_name(column::VALUE_TEXT)
+                .map(AsArray::as_string),
+        }
+    }
+
+    fn observed(&self, i: usize) -> Observed<'b> {
+        if !self.value.is_null(i) {
+            return Observed::Number(self.value.value(i));
+        }
+        match self.value_text {
+            Some(text) if !text.is_null(i) => Observed::Text(text.value(i)),
+            _ => Observed::Null,
         }
     }
 }
@@ -345,7 +398,7 @@ mod tests {
 
     #[test]
     fn each_check_names_what_it_found() {
-        let t = |c: Check, v: Option<f64>, ts: i64| c.test(v, ts, NOW);
+        let t = |c: Check, v: Option<f64>, ts: i64| c.test(v.into(), ts, NOW);
         assert_eq!(t(Check::NotNull, None, NOW).unwrap(), "value is null");
         assert_eq!(t(Check::NotNull, Some(1.0), NOW), None);
         assert_eq!(
@@ -403,13 +456,13 @@ mod tests {
             rule("null-fail", "*", Check::NotNull, RuleAction::Fail),
         ]);
         let mut judge = Judge::new(&set, NOW);
-        let v = judge.judge("press-3", "oil_temp", Some(5.0), NOW);
+        let v = judge.judge("press-3", "oil_temp", Some(5.0).into(), NOW);
         assert_eq!(v.flags, vec![1]);
         assert_eq!(v.quarantine.as_ref().map(|q| q.rule), Some(2));
         assert_eq!(v.fail, None);
-        let v = judge.judge("pump-1", "oil_temp", Some(5.0), NOW);
+        let v = judge.judge("pump-1", "oil_temp", Some(5.0).into(), NOW);
         assert_eq!(v.quarantine.as_ref().map(|q| q.rule), Some(3));
-        let v = judge.judge("pump-1", "flow", None, NOW);
+        let v = judge.judge("pump-1", "flow", Observed::Null, NOW);
         assert_eq!(
             v.fail,
             Some(Violation {
@@ -418,8 +471,70 @@ mod tests {
             })
         );
         assert_eq!(
-            judge.judge("pump-1", "flow", Some(0.5), NOW),
+            judge.judge("pump-1", "flow", Some(0.5).into(), NOW),
             RowVerdict::default()
         );
+    }
+
+    #[test]
+    fn a_string_reading_has_a_value_and_skips_the_number_checks() {
+        let text = Observed::Text("MIX-7");
+        let empty = Observed::Text("");
+        for check in [
+            Check::NotNull,
+            Check::Finite,
+            Check::Range { min: 0.0, max: 1.0 },
+        ] {
+            assert_eq!(check.test(text, NOW, NOW), None, "{check:?}");
+            assert_eq!(check.test(empty, NOW, NOW), None, "{check:?}");
+        }
+        // The time checks judge texts as any reading.
+        let age = Check::MaxAge(Duration::from_hours(1));
+        assert!(age.test(text, NOW - 7_200_000_000, NOW).is_some());
+        assert_eq!(
+            Check::NotNull.test(Observed::Null, NOW, NOW).unwrap(),
+            "value is null"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_numbers_and_texts_is_judged_by_what_each_row_carries() {
+        use edge_agent::contract::{Quality, Row, to_record_batch};
+        let row = |seq: i64, value: Option<f64>, text: Option<&str>| Row {
+            seq,
+            ts_us: NOW,
+            site: "s".into(),
+            gateway: "gw".into(),
+            device: "mixer-1".into(),
+            tag: "t".into(),
+            value,
+            quality: if value.is_some() || text.is_some() {
+                Quality::Good
+            } else {
+                Quality::Bad
+            },
+            unit: None,
+            value_text: text.map(str::to_owned),
+        };
+        let batch = to_record_batch(&[
+            row(1, Some(5.0), None),
+            row(2, None, Some("MIX-7")),
+            row(3, None, None),
+        ]);
+        let set = RuleSet::new(vec![
+            rule("present", "*", Check::NotNull, RuleAction::Flag),
+            rule(
+                "in-range",
+                "*",
+                Check::Range { min: 0.0, max: 1.0 },
+                RuleAction::Flag,
+            ),
+        ]);
+        let flags: Vec<Vec<usize>> = Judge::new(&set, NOW)
+            .judge_batch(&batch)
+            .into_iter()
+            .map(|v| v.flags)
+            .collect();
+        assert_eq!(flags, vec![vec![1], vec![], vec![0]]);
     }
 }

@@ -1,7 +1,8 @@
 //! Row-level data-quality rules: which readings they apply to (a tag pattern), what they check
 //! (`not_null`, `finite`, `range`, `max_future_skew`, `max_age`) and what a broken rule does
 //! (`flag`, `quarantine`, `fail`). The rules are documented for users in
-//! `docs/data-quality.md`.
+//! `docs/data-quality.md`. String readings (`value_text`) count as present for `not_null` and
+//! pass `finite` and `range`, which judge numbers only.
 //!
 //! # Invariants
 //! - A rule has exactly one check and one action; names are unique.
@@ -17,6 +18,7 @@ mod pattern;
 
 pub use config::{Patterns, RuleAction, RuleConfig, compile};
 pub use evaluate::{
-    Check, Failure, Judge, RowVerdict, Rule, RuleCounts, RuleCountsByName, RuleSet, Violation,
+    Check, Failure, Judge, Observed, RowVerdict, Rule, RuleCounts, RuleCountsByName, RuleSet,
+    Violation,
 };
 pub use pattern::TagPattern;

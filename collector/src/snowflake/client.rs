@@ -5,16 +5,21 @@
 //! A session keeps its state on the server between requests, so `BEGIN` ... `COMMIT` sent as
 //! separate statements form one transaction, and temporary tables live as long as the session.
 //!
+//! The login carries the credentials of the configured authenticator (see `auth`): a password,
+//! a key-pair JWT or an OAuth token. The session token it returns is renewed by logging in again
+//! a margin before it expires (Snowflake's `validityInSeconds`), never inside a transaction.
+//!
 //! The HTTP protocol sits behind [`Transport`], so another protocol (the SQL API v2) can be
 //! added without touching callers. [`SnowflakeClient`] adds what every protocol needs on top:
-//! retries with backoff for statements that are safe to repeat, and transaction bookkeeping.
+//! session renewal, retries with capped exponential backoff (timeouts, refused connections,
+//! 5xx and 429 answers) for statements that are safe to repeat, and transaction bookkeeping.
 
 use std::fmt;
 use std::future::Future;
 use std::io::Cursor;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int8Type, Int16Type, Int32Type, Int64Type};
@@ -25,19 +30,20 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use super::config::{Password, SnowflakeConfig};
+use super::auth::{AuthError, Credentials, Secret};
+use super::config::{SessionParameter, SnowflakeConfig};
 
 /// How much of a statement's SQL an error message carries.
 const SQL_IN_ERRORS: usize = 200;
-/// Attempts for a statement that may be repeated (the first try included).
-const MAX_ATTEMPTS: u32 = 5;
+/// The first wait before a retry; later waits double up to the configured maximum.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// How long a session token is valid when the login answer does not say (Snowflake's default).
+const DEFAULT_SESSION_VALIDITY: Duration = Duration::from_hours(1);
 /// Snowflake answers with these codes while a statement is still running; the result is then
 /// fetched from `getResultUrl`.
 const STILL_RUNNING: [&str; 2] = ["333333", "333334"];
 /// Codes meaning the session token is no longer valid and a new login is needed.
-const SESSION_GONE: [&str; 3] = ["390104", "390112", "390114"];
+const SESSION_GONE: [&str; 5] = ["390104", "390110", "390112", "390113", "390114"];
 
 /// Everything that can go wrong talking to Snowflake.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +52,8 @@ pub enum SnowflakeError {
         "the Snowflake password is not set: export it in the environment variable `{env}` (named by snowflake.password_env)"
     )]
     MissingPassword { env: String },
+    #[error("{0}")]
+    Credentials(AuthError),
     #[error("snowflake settings are not usable: {}", problems.join("; "))]
     Config { problems: Vec<String> },
     #[error("request to {endpoint} timed out after {timeout:?}")]
@@ -114,12 +122,34 @@ impl SnowflakeError {
 
     /// True when repeating the same request may succeed: timeouts, broken connections, 5xx and
     /// 429 answers.
-    fn is_transient(&self) -> bool {
+    pub fn is_transient(&self) -> bool {
         match self {
             Self::Timeout { .. } => true,
-            Self::Http { source, .. } => source.is_connect() || source.is_request(),
+            Self::Http { source, .. } => {
+                source.is_connect() || source.is_request() || source.is_body()
+            }
             Self::HttpStatus { status, .. } => *status >= 500 || *status == 429,
             _ => false,
+        }
+    }
+
+    /// True when the request never reached Snowflake (the connection was refused or could not
+    /// be opened), so even a statement that is not safe to repeat may be sent again.
+    pub fn was_not_sent(&self) -> bool {
+        matches!(self, Self::Http { source, .. } if source.is_connect())
+    }
+
+    /// True when the session is gone (expired, or the server forgot it); a new login helps.
+    pub fn is_session_gone(&self) -> bool {
+        matches!(self, Self::SessionExpired { .. })
+    }
+}
+
+impl From<AuthError> for SnowflakeError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::MissingPassword { var } => Self::MissingPassword { env: var },
+            other => Self::Credentials(other),
         }
     }
 }
@@ -246,6 +276,40 @@ impl QueryResult {
         })
     }
 
+    /// The string in row `row`, column `col`, or `None` for SQL `NULL`.
+    pub fn text_at(&self, row: usize, col: usize) -> Result<Option<String>, SnowflakeError> {
+        let bad = |found: String| SnowflakeError::Value {
+            sql: self.sql.clone(),
+            column: col,
+            found,
+            expected: "a string",
+        };
+        match &self.rows {
+            Rowset::Json(rows) => rows
+                .get(row)
+                .and_then(|r| r.get(col))
+                .cloned()
+                .ok_or_else(|| bad(format!("no cell at row {row}"))),
+            Rowset::Arrow(batches) => {
+                let (batch, i) =
+                    locate(batches, row).ok_or_else(|| bad(format!("no row {row}")))?;
+                let array = batch
+                    .columns()
+                    .get(col)
+                    .ok_or_else(|| bad(format!("no column {col}")))?;
+                if array.is_null(i) {
+                    return Ok(None);
+                }
+                match array.data_type() {
+                    DataType::Utf8 => Ok(Some(array.as_string::<i32>().value(i).to_owned())),
+                    DataType::LargeUtf8 => Ok(Some(array.as_string::<i64>().value(i).to_owned())),
+                    DataType::Utf8View => Ok(Some(array.as_string_view().value(i).to_owned())),
+                    other => Err(bad(format!("type {other}"))),
+                }
+            }
+        }
+    }
+
     /// The whole number in row `row`, column `col`, or `None` for SQL `NULL`.
     pub fn i64_at(&self, row: usize, col: usize) -> Result<Option<i64>, SnowflakeError> {
         let bad = |found: String| SnowflakeError::Value {
@@ -327,6 +391,55 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn renew_session(
         &self,
     ) -> Pin<Box<dyn Future<Output = Result<(), SnowflakeError>> + Send + '_>>;
+    /// When the session should be renewed (some time before its token expires); `None` when
+    /// the transport's sessions do not expire.
+    fn renew_at(&self) -> Option<Instant>;
+}
+
+/// Where a transport gets its credentials at each login.
+#[derive(Debug, Clone)]
+enum CredentialSource {
+    /// Read from the `[snowflake]` settings (environment, files) at every login, so rotated
+    /// secrets are picked up.
+    Config(Box<SnowflakeConfig>),
+    /// Given by the caller (a secret manager, a test).
+    Fixed(Credentials),
+}
+
+impl CredentialSource {
+    fn credentials(&self) -> Result<Credentials, SnowflakeError> {
+        match self {
+            Self::Config(cfg) => Ok(cfg.credentials()?),
+            Self::Fixed(credentials) => Ok(credentials.clone()),
+        }
+    }
+}
+
+/// The current session token and when to renew it.
+struct Session {
+    token: Secret,
+    renew_at: Instant,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("token", &self.token)
+            .field("renew_at", &self.renew_at)
+            .finish()
+    }
+}
+
+/// How long before its token expires a session is renewed: a tenth of its validity, at least
+/// 30 s and at most 5 minutes, so a statement never starts on a token about to lapse.
+pub(crate) fn renewal_margin(validity: Duration) -> Duration {
+    (validity / 10).clamp(Duration::from_secs(30), Duration::from_mins(5))
+}
+
+/// True when a session whose renewal time is `renew_at` should be renewed before work that
+/// needs it for `ahead` more, at `now`.
+pub(crate) fn renewal_due(renew_at: Instant, now: Instant, ahead: Duration) -> bool {
+    now + ahead >= renew_at
 }
 
 /// The drivers' REST protocol: `/session/v1/login-request` and `/queries/v1/query-request`.
@@ -336,13 +449,15 @@ pub struct ConnectorTransport {
     base: String,
     account: String,
     user: String,
-    password: Password,
+    credentials: CredentialSource,
     database: String,
     schema: String,
     warehouse: Option<String>,
     role: Option<String>,
+    session_parameters: Vec<(String, SessionParameter)>,
     timeout: Duration,
-    token: Mutex<String>,
+    retry: RetryPolicy,
+    session: Mutex<Session>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -377,11 +492,25 @@ struct QueryData {
 }
 
 impl ConnectorTransport {
-    /// Logs in and returns a transport bound to the new session.
-    ///
-    /// The password comes from `password`, not from [`SnowflakeConfig::password_env`]: use
-    /// this when the secret is fetched from elsewhere (a secret manager).
-    pub async fn login(cfg: &SnowflakeConfig, password: String) -> Result<Self, SnowflakeError> {
+    /// Logs in with the credentials the `[snowflake]` settings name (read now, and again at
+    /// every renewal) and returns a transport bound to the new session.
+    pub async fn login(cfg: &SnowflakeConfig) -> Result<Self, SnowflakeError> {
+        Self::login_from(cfg, CredentialSource::Config(Box::new(cfg.clone()))).await
+    }
+
+    /// Logs in with credentials obtained by the caller (a secret manager, say), used again for
+    /// every renewal.
+    pub async fn login_with(
+        cfg: &SnowflakeConfig,
+        credentials: Credentials,
+    ) -> Result<Self, SnowflakeError> {
+        Self::login_from(cfg, CredentialSource::Fixed(credentials)).await
+    }
+
+    async fn login_from(
+        cfg: &SnowflakeConfig,
+        credentials: CredentialSource,
+    ) -> Result<Self, SnowflakeError> {
         let problems = cfg.problems();
         if !problems.is_empty() {
             return Err(SnowflakeError::Config { problems });
@@ -400,19 +529,48 @@ impl ConnectorTransport {
             base: cfg.url.trim_end_matches('/').to_owned(),
             account: cfg.account.clone(),
             user: cfg.user.clone(),
-            password: Password::new(password),
+            credentials,
             database: cfg.database.clone(),
             schema: cfg.schema.clone(),
             warehouse: cfg.warehouse.clone(),
             role: cfg.role.clone(),
+            session_parameters: cfg
+                .session_parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             timeout: cfg.request_timeout,
-            token: Mutex::new(String::new()),
+            retry: RetryPolicy::from_config(cfg),
+            session: Mutex::new(Session {
+                token: Secret::new(String::new()),
+                renew_at: Instant::now(),
+            }),
         };
         transport.new_session().await?;
         Ok(transport)
     }
 
+    /// Logs in, retrying timeouts, broken connections and 5xx answers (a login changes nothing
+    /// but the session, so repeating it is safe). Credentials are read once per call.
     async fn new_session(&self) -> Result<(), SnowflakeError> {
+        let credentials = self.credentials.credentials()?;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self.login_once(&credentials).await {
+                Err(e) if e.is_transient() && attempt < self.retry.attempts => {
+                    let wait = jittered(backoff);
+                    warn!(component = "snowflake", error = %e, attempt, ?wait, "login failed, retrying");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn login_once(&self, credentials: &Credentials) -> Result<(), SnowflakeError> {
         let endpoint = "/session/v1/login-request";
         let mut query = vec![
             ("databaseName", self.database.clone()),
@@ -425,14 +583,23 @@ impl ConnectorTransport {
         if let Some(r) = &self.role {
             query.push(("roleName", r.clone()));
         }
-        let body = json!({"data": {
-            "CLIENT_APP_ID": "plantline-collector",
-            "CLIENT_APP_VERSION": env!("CARGO_PKG_VERSION"),
-            "ACCOUNT_NAME": self.account,
-            "LOGIN_NAME": self.user,
-            "PASSWORD": self.password.expose(),
-            "SESSION_PARAMETERS": {"AUTOCOMMIT": true, "TIMEZONE": "UTC"},
-        }});
+        let mut parameters = serde_json::Map::new();
+        for (name, value) in &self.session_parameters {
+            parameters.insert(name.clone(), value.to_json());
+        }
+        parameters.insert("AUTOCOMMIT".into(), true.into());
+        parameters.insert("TIMEZONE".into(), "UTC".into());
+        let mut data = serde_json::Map::new();
+        data.insert("CLIENT_APP_ID".into(), "plantline-collector".into());
+        data.insert(
+            "CLIENT_APP_VERSION".into(),
+            env!("CARGO_PKG_VERSION").into(),
+        );
+        data.insert("ACCOUNT_NAME".into(), self.account.clone().into());
+        data.insert("LOGIN_NAME".into(), self.user.clone().into());
+        data.extend(credentials.login_fields(&self.account, &self.user, SystemTime::now())?);
+        data.insert("SESSION_PARAMETERS".into(), Value::Object(parameters));
+        let body = json!({ "data": data });
         let request = self
             .http
             .post(format!("{}{endpoint}", self.base))
@@ -440,21 +607,30 @@ impl ConnectorTransport {
             .header(reqwest::header::ACCEPT, "application/snowflake")
             .json(&body);
         let envelope = self.send(endpoint, request).await?;
-        let token = envelope
-            .data
-            .as_ref()
-            .and_then(|d| d.get("token"))
-            .and_then(Value::as_str)
-            .filter(|_| envelope.success);
+        let data = envelope.data.as_ref().filter(|_| envelope.success);
+        let token = data.and_then(|d| d.get("token")).and_then(Value::as_str);
         match token {
             Some(token) => {
-                token.clone_into(
-                    &mut self
-                        .token
-                        .lock()
-                        .expect("the token lock is never held across a panic"),
+                let validity = data
+                    .and_then(|d| d.get("validityInSeconds"))
+                    .and_then(Value::as_u64)
+                    .filter(|s| *s > 0)
+                    .map_or(DEFAULT_SESSION_VALIDITY, Duration::from_secs);
+                let now = Instant::now();
+                *self
+                    .session
+                    .lock()
+                    .expect("the session lock is never held across a panic") = Session {
+                    token: Secret::new(token),
+                    renew_at: now + validity.saturating_sub(renewal_margin(validity)),
+                };
+                debug!(
+                    component = "snowflake",
+                    account = %self.account,
+                    authenticator = credentials.authenticator().as_str(),
+                    validity_s = validity.as_secs(),
+                    "logged in"
                 );
-                debug!(component = "snowflake", account = %self.account, "logged in");
                 Ok(())
             }
             None => Err(SnowflakeError::Login {
@@ -469,11 +645,11 @@ impl ConnectorTransport {
     }
 
     fn authorization(&self) -> String {
-        let token = self
-            .token
+        let session = self
+            .session
             .lock()
-            .expect("the token lock is never held across a panic");
-        format!("Snowflake Token=\"{token}\"")
+            .expect("the session lock is never held across a panic");
+        format!("Snowflake Token=\"{}\"", session.token.expose())
     }
 
     async fn send(
@@ -672,6 +848,15 @@ impl Transport for ConnectorTransport {
     ) -> Pin<Box<dyn Future<Output = Result<(), SnowflakeError>> + Send + '_>> {
         Box::pin(self.new_session())
     }
+
+    fn renew_at(&self) -> Option<Instant> {
+        Some(
+            self.session
+                .lock()
+                .expect("the session lock is never held across a panic")
+                .renew_at,
+        )
+    }
 }
 
 /// Statements that change nothing when repeated, so a retry after a lost answer is safe.
@@ -685,24 +870,58 @@ fn is_idempotent(sql: &str) -> bool {
     }
 }
 
-/// A Snowflake session with retries and transaction bookkeeping.
+/// How often and how patiently requests are repeated after transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts, the first one included; at least 1.
+    pub attempts: u32,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// `[snowflake] retry_attempts` and `retry_max_backoff`.
+    pub fn from_config(cfg: &SnowflakeConfig) -> Self {
+        Self {
+            attempts: cfg.retry_attempts.max(1),
+            max_backoff: cfg.retry_max_backoff,
+        }
+    }
+
+    /// The wait before attempt `attempt + 1` (attempt counts from 1), before jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(16);
+        (FIRST_BACKOFF * 2u32.pow(doublings)).min(self.max_backoff)
+    }
+
+    /// Sleeps before attempt `attempt + 1`, spreading several collectors' retries apart.
+    pub async fn wait(&self, attempt: u32) {
+        tokio::time::sleep(jittered(self.backoff(attempt))).await;
+    }
+}
+
+/// Renew a session that would expire within this much of starting a statement outside a
+/// transaction.
+const STATEMENT_RENEWAL_AHEAD: Duration = Duration::ZERO;
+
+/// A Snowflake session with retries, session renewal and transaction bookkeeping.
 #[derive(Debug)]
 pub struct SnowflakeClient {
     transport: Box<dyn Transport>,
+    retry: RetryPolicy,
     in_transaction: bool,
 }
 
 impl SnowflakeClient {
-    /// Logs in with the driver protocol, with the password read from the environment
-    /// variable named by [`SnowflakeConfig::password_env`].
+    /// Logs in with the driver protocol and the authenticator the settings name
+    /// (`SNOWFLAKE`, `SNOWFLAKE_JWT` or `OAUTH`); secrets are read from their environment
+    /// variables or files now and at every renewal.
     pub async fn login(cfg: &SnowflakeConfig) -> Result<Self, SnowflakeError> {
-        let password = std::env::var(&cfg.password_env)
-            .ok()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| SnowflakeError::MissingPassword {
-                env: cfg.password_env.clone(),
-            })?;
-        Self::login_with_password(cfg, password).await
+        let transport = ConnectorTransport::login(cfg).await?;
+        Ok(Self::with_transport(
+            Box::new(transport),
+            RetryPolicy::from_config(cfg),
+        ))
     }
 
     /// Logs in with the driver protocol and a password obtained by the caller.
@@ -710,16 +929,33 @@ impl SnowflakeClient {
         cfg: &SnowflakeConfig,
         password: String,
     ) -> Result<Self, SnowflakeError> {
-        let transport = ConnectorTransport::login(cfg, password).await?;
-        Ok(Self::with_transport(Box::new(transport)))
+        Self::login_with(cfg, Credentials::Password(Secret::new(password))).await
+    }
+
+    /// Logs in with the driver protocol and credentials obtained by the caller.
+    pub async fn login_with(
+        cfg: &SnowflakeConfig,
+        credentials: Credentials,
+    ) -> Result<Self, SnowflakeError> {
+        let transport = ConnectorTransport::login_with(cfg, credentials).await?;
+        Ok(Self::with_transport(
+            Box::new(transport),
+            RetryPolicy::from_config(cfg),
+        ))
     }
 
     /// Wraps an already logged-in transport.
-    pub fn with_transport(transport: Box<dyn Transport>) -> Self {
+    pub fn with_transport(transport: Box<dyn Transport>, retry: RetryPolicy) -> Self {
         Self {
             transport,
+            retry,
             in_transaction: false,
         }
+    }
+
+    /// The retry policy of this client.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// True between [`SnowflakeClient::begin`] and [`SnowflakeClient::commit`] or
@@ -728,28 +964,65 @@ impl SnowflakeClient {
         self.in_transaction
     }
 
+    /// Starts a fresh session now. Session state (an open transaction, temporary tables) is
+    /// lost, so callers redo their work from a known point.
+    pub async fn renew_session(&mut self) -> Result<(), SnowflakeError> {
+        self.in_transaction = false;
+        self.transport.renew_session().await
+    }
+
+    /// Renews the session when its token would need renewal within `ahead`. Does nothing
+    /// inside a transaction (a new session would lose it). Returns whether it renewed.
+    pub async fn renew_if_due(&mut self, ahead: Duration) -> Result<bool, SnowflakeError> {
+        if self.in_transaction {
+            return Ok(false);
+        }
+        match self.transport.renew_at() {
+            Some(at) if renewal_due(at, Instant::now(), ahead) => {
+                debug!(
+                    component = "snowflake",
+                    "session token due for renewal, logging in again"
+                );
+                self.transport.renew_session().await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Runs one statement with `?` placeholders bound in order.
     ///
-    /// Statements that are safe to repeat (queries, `CREATE ... IF NOT EXISTS`) are retried
-    /// with capped exponential backoff after timeouts, broken connections and 5xx answers;
-    /// others fail on the first such error, because the first attempt may have been applied.
-    /// An expired session is renewed and the statement re-run, unless a transaction was open.
+    /// Outside a transaction, a session whose token is due is renewed first, and an expired
+    /// session is renewed and the statement re-run once. Statements that are safe to repeat
+    /// (queries, `CREATE ... IF NOT EXISTS`) are retried with capped exponential backoff after
+    /// timeouts, broken connections and 5xx/429 answers, up to the policy's attempts; others
+    /// only when the request provably never reached Snowflake (connection refused), because the
+    /// first attempt may have been applied.
     pub async fn execute(
         &mut self,
         sql: &str,
         bindings: &[BindValue],
     ) -> Result<QueryResult, SnowflakeError> {
+        self.execute_with(sql, bindings, self.retry.attempts).await
+    }
+
+    async fn execute_with(
+        &mut self,
+        sql: &str,
+        bindings: &[BindValue],
+        attempts: u32,
+    ) -> Result<QueryResult, SnowflakeError> {
+        self.renew_if_due(STATEMENT_RENEWAL_AHEAD).await?;
         let idempotent = is_idempotent(sql);
         let request_id = uuid::Uuid::new_v4();
-        let mut backoff = FIRST_BACKOFF;
         let mut renewed = false;
-        let mut attempt = 0;
+        let mut attempt = 1;
         loop {
             let request = StatementRequest {
                 sql,
                 bindings,
                 request_id,
-                retry_count: attempt,
+                retry_count: attempt - 1,
             };
             match self.transport.execute(request).await {
                 Ok(result) => return Ok(result),
@@ -764,12 +1037,20 @@ impl SnowflakeClient {
                     self.in_transaction = false;
                     return Err(SnowflakeError::SessionExpired { code });
                 }
-                Err(e) if idempotent && e.is_transient() && attempt + 1 < MAX_ATTEMPTS => {
+                Err(e)
+                    if (e.was_not_sent() || idempotent && e.is_transient())
+                        && attempt < attempts =>
+                {
+                    warn!(
+                        component = "snowflake",
+                        error = %e,
+                        attempt,
+                        of = attempts,
+                        sql = %truncate_sql(sql),
+                        "statement failed, retrying"
+                    );
+                    self.retry.wait(attempt).await;
                     attempt += 1;
-                    let wait = jittered(backoff);
-                    warn!(component = "snowflake", error = %e, attempt, ?wait, "retrying statement");
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => return Err(e),
             }
@@ -792,9 +1073,10 @@ impl SnowflakeClient {
         result.map(drop)
     }
 
-    /// Rolls the open transaction back.
+    /// Rolls the open transaction back, with one attempt: after a failure the session is
+    /// usually gone, and Snowflake rolls back what a lost session left open.
     pub async fn rollback(&mut self) -> Result<(), SnowflakeError> {
-        let result = self.execute("ROLLBACK", &[]).await;
+        let result = self.execute_with("ROLLBACK", &[], 1).await;
         self.in_transaction = false;
         result.map(drop)
     }
@@ -852,6 +1134,215 @@ mod tests {
         assert_eq!(short.chars().count(), SQL_IN_ERRORS + 3);
         assert!(short.starts_with("INSERT INTO T VALUES (?, ?), (?, ?)"));
         assert!(short.ends_with("..."));
+    }
+
+    /// What a [`Scripted`] transport answers and saw.
+    #[derive(Debug)]
+    struct Script {
+        answers: Mutex<std::collections::VecDeque<Result<(), SnowflakeError>>>,
+        executed: Mutex<Vec<(String, u32)>>,
+        renewals: Mutex<u32>,
+        renew_at: Mutex<Instant>,
+    }
+
+    /// A transport that answers from a script, for the client's retry and renewal decisions
+    /// (fakesnow never expires a session nor answers 503).
+    #[derive(Debug)]
+    struct Scripted(std::sync::Arc<Script>);
+
+    impl Transport for Scripted {
+        fn execute<'a>(&'a self, request: StatementRequest<'a>) -> TransportFuture<'a> {
+            self.0
+                .executed
+                .lock()
+                .unwrap()
+                .push((request.sql.to_owned(), request.retry_count));
+            let answer = self.0.answers.lock().unwrap().pop_front().unwrap_or(Ok(()));
+            let sql = request.sql.to_owned();
+            Box::pin(async move {
+                answer.map(|()| QueryResult {
+                    query_id: None,
+                    columns: Vec::new(),
+                    rows: Rowset::Json(Vec::new()),
+                    sql,
+                })
+            })
+        }
+
+        fn renew_session(
+            &self,
+        ) -> Pin<Box<dyn Future<Output = Result<(), SnowflakeError>> + Send + '_>> {
+            *self.0.renewals.lock().unwrap() += 1;
+            *self.0.renew_at.lock().unwrap() = Instant::now() + Duration::from_mins(55);
+            Box::pin(async { Ok(()) })
+        }
+
+        fn renew_at(&self) -> Option<Instant> {
+            Some(*self.0.renew_at.lock().unwrap())
+        }
+    }
+
+    fn scripted(
+        answers: Vec<Result<(), SnowflakeError>>,
+        renew_at: Instant,
+        attempts: u32,
+    ) -> (SnowflakeClient, std::sync::Arc<Script>) {
+        let script = std::sync::Arc::new(Script {
+            answers: Mutex::new(answers.into()),
+            executed: Mutex::new(Vec::new()),
+            renewals: Mutex::new(0),
+            renew_at: Mutex::new(renew_at),
+        });
+        let client = SnowflakeClient::with_transport(
+            Box::new(Scripted(script.clone())),
+            RetryPolicy {
+                attempts,
+                max_backoff: Duration::from_secs(2),
+            },
+        );
+        (client, script)
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_mins(50)
+    }
+
+    fn expired() -> SnowflakeError {
+        SnowflakeError::SessionExpired {
+            code: "390112".into(),
+        }
+    }
+
+    fn unavailable() -> SnowflakeError {
+        SnowflakeError::HttpStatus {
+            endpoint: "/queries/v1/query-request".into(),
+            status: 503,
+            body: "down".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_due_for_renewal_is_renewed_before_a_statement_but_not_inside_a_transaction() {
+        let (mut client, script) = scripted(vec![], later(), 3);
+        client.begin().await.unwrap();
+        // the token becomes due while the transaction is open
+        *script.renew_at.lock().unwrap() = Instant::now();
+        client
+            .execute("INSERT INTO T VALUES (1)", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            *script.renewals.lock().unwrap(),
+            0,
+            "a renewal would lose the transaction"
+        );
+        client.commit().await.unwrap();
+        client.execute("SELECT 1", &[]).await.unwrap();
+        assert_eq!(*script.renewals.lock().unwrap(), 1);
+        // the fresh token is good for a while: no renewal per statement
+        client.execute("SELECT 2", &[]).await.unwrap();
+        assert_eq!(*script.renewals.lock().unwrap(), 1);
+        assert!(!client.renew_if_due(Duration::from_mins(1)).await.unwrap());
+        assert!(client.renew_if_due(Duration::from_hours(1)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_expired_session_is_renewed_and_the_statement_rerun_outside_a_transaction_only() {
+        let (mut client, script) = scripted(vec![Err(expired())], later(), 3);
+        client
+            .execute("INSERT INTO T VALUES (1)", &[])
+            .await
+            .unwrap();
+        assert_eq!(*script.renewals.lock().unwrap(), 1);
+        assert_eq!(script.executed.lock().unwrap().len(), 2);
+
+        let (mut client, script) = scripted(vec![Ok(()), Err(expired())], later(), 3);
+        client.begin().await.unwrap();
+        let err = client
+            .execute("INSERT INTO T VALUES (1)", &[])
+            .await
+            .unwrap_err();
+        assert!(err.is_session_gone(), "{err:?}");
+        assert!(!client.in_transaction());
+        assert_eq!(*script.renewals.lock().unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_repeatable_statements_are_retried_and_only_as_often_as_configured() {
+        let (mut client, script) = scripted(
+            vec![Err(unavailable()), Err(unavailable()), Ok(())],
+            later(),
+            3,
+        );
+        client.execute("SELECT 1", &[]).await.unwrap();
+        let retries: Vec<u32> = script
+            .executed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(retries, [0, 1, 2], "the retry count goes with each attempt");
+
+        let (mut client, script) =
+            scripted((0..5).map(|_| Err(unavailable())).collect(), later(), 3);
+        let err = client.execute("SELECT 1", &[]).await.unwrap_err();
+        assert!(matches!(
+            err,
+            SnowflakeError::HttpStatus { status: 503, .. }
+        ));
+        assert_eq!(script.executed.lock().unwrap().len(), 3);
+
+        let (mut client, script) =
+            scripted((0..5).map(|_| Err(unavailable())).collect(), later(), 3);
+        client
+            .execute("INSERT INTO T VALUES (1)", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            script.executed.lock().unwrap().len(),
+            1,
+            "an insert that may have been applied is not sent again"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_configured_maximum() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            max_backoff: Duration::from_secs(2),
+        };
+        let waits: Vec<Duration> = (1..=6).map(|a| policy.backoff(a)).collect();
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 2000, 2000].map(Duration::from_millis)
+        );
+    }
+
+    #[test]
+    fn sessions_are_renewed_a_margin_before_their_token_expires() {
+        assert_eq!(
+            renewal_margin(Duration::from_hours(1)),
+            Duration::from_mins(5)
+        );
+        assert_eq!(
+            renewal_margin(Duration::from_mins(1)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            renewal_margin(Duration::from_mins(20)),
+            Duration::from_mins(2)
+        );
+        let now = Instant::now();
+        let renew_at = now + Duration::from_secs(90);
+        assert!(!renewal_due(renew_at, now, Duration::ZERO));
+        assert!(!renewal_due(renew_at, now, Duration::from_secs(89)));
+        assert!(renewal_due(renew_at, now, Duration::from_mins(2)));
+        assert!(renewal_due(
+            renew_at,
+            now + Duration::from_secs(90),
+            Duration::ZERO
+        ));
     }
 
     #[test]

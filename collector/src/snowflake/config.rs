@@ -1,26 +1,56 @@
 //! Settings for the Snowflake loader, as they appear in the collector's config file.
 
-use std::fmt;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::auth::{AuthError, Authenticator, Credentials, KeyPair, SecretSource};
+
 /// Where and how the collector loads Snowflake.
 ///
-/// The password is never part of the config: [`SnowflakeConfig::password_env`] names the
-/// environment variable that holds it, so config files can be checked in and logged.
+/// Secrets are never part of the config: keys ending in `_env` name an environment variable and
+/// keys ending in `_file` a file that holds the secret, so config files can be checked in and
+/// logged. They are read at each login.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnowflakeConfig {
     /// Base URL of the account, e.g. `https://myorg-myaccount.snowflakecomputing.com`, or
     /// `http://127.0.0.1:PORT` for a local stand-in.
     pub url: String,
-    /// Account identifier, e.g. `myorg-myaccount`.
+    /// Account identifier, e.g. `myorg-myaccount` (or an account locator like
+    /// `xy12345.eu-central-1`).
     pub account: String,
     /// Login name of the loading user.
     pub user: String,
-    /// Name of the environment variable that holds the user's password.
-    pub password_env: String,
+    /// How the collector logs in: `"SNOWFLAKE"` (password, the default), `"SNOWFLAKE_JWT"`
+    /// (key pair) or `"OAUTH"` (an OAuth access token).
+    #[serde(default)]
+    pub authenticator: Authenticator,
+    /// `SNOWFLAKE`: the environment variable that holds the user's password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// `SNOWFLAKE`: a file that holds the user's password (one line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `SNOWFLAKE_JWT`: the user's RSA private key, PKCS#8 PEM (`rsa_key.p8`), plain or
+    /// encrypted.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `SNOWFLAKE_JWT`: the environment variable that holds the passphrase of an encrypted key.
+    #[serde(default)]
+    pub private_key_passphrase_env: Option<String>,
+    /// `SNOWFLAKE_JWT`: a file that holds the passphrase of an encrypted key.
+    #[serde(default)]
+    pub private_key_passphrase_file: Option<PathBuf>,
+    /// `OAUTH`: the environment variable that holds the access token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// `OAUTH`: a file that holds the access token, re-read at every login, so a token
+    /// refresher can replace it while the collector runs.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Database that holds the readings table and the load control table.
     pub database: String,
     /// Schema that holds the readings table and the load control table.
@@ -35,6 +65,12 @@ pub struct SnowflakeConfig {
     /// (letters, digits, `_`, `$`), stored upper-case as Snowflake does for unquoted names.
     #[serde(default = "SnowflakeConfig::default_table")]
     pub table: String,
+    /// Table the Delta gaps table is loaded into.
+    #[serde(default = "SnowflakeConfig::default_gaps_table")]
+    pub gaps_table: String,
+    /// Table the Delta quarantined-rows table is loaded into.
+    #[serde(default = "SnowflakeConfig::default_quarantined_rows_table")]
+    pub quarantined_rows_table: String,
     /// Longest wait for one HTTP request, e.g. `"60s"`. Snowflake answers a statement that runs
     /// longer with a "still running" reply, which the client polls, so this bounds one round trip,
     /// not one statement.
@@ -43,26 +79,79 @@ pub struct SnowflakeConfig {
         deserialize_with = "edge_agent::duration::deserialize"
     )]
     pub request_timeout: Duration,
-    /// Rows per multi-row `INSERT` into the staging table. Each row carries 9 bind values,
-    /// so the default keeps a request well below Snowflake's statement size limits.
+    /// Attempts for a request or a load transaction that failed on a timeout, a broken
+    /// connection, an HTTP 5xx or 429 answer or an expired session, the first one included.
+    /// Waits between them double from 250 ms up to `retry_max_backoff`. After the last one the
+    /// pass reports the error and the next pass starts over from the Snowflake watermark.
+    #[serde(default = "SnowflakeConfig::default_retry_attempts")]
+    pub retry_attempts: u32,
+    /// Longest wait between two attempts, e.g. `"30s"`.
+    #[serde(
+        default = "SnowflakeConfig::default_retry_max_backoff",
+        deserialize_with = "edge_agent::duration::deserialize"
+    )]
+    pub retry_max_backoff: Duration,
+    /// Rows per multi-row `INSERT` into the staging table. The default keeps a request well
+    /// below Snowflake's statement size limits.
     #[serde(default = "SnowflakeConfig::default_insert_chunk_rows")]
     pub insert_chunk_rows: usize,
     /// Delta versions are grouped into one Snowflake transaction until the group holds at
     /// least this many rows.
     #[serde(default = "SnowflakeConfig::default_rows_per_transaction")]
     pub rows_per_transaction: usize,
+    /// Session parameters sent with every login, e.g. `QUERY_TAG = "plantline-collector"` or
+    /// `STATEMENT_TIMEOUT_IN_SECONDS = 600`. `AUTOCOMMIT` and `TIMEZONE` are the loader's.
+    #[serde(default)]
+    pub session_parameters: BTreeMap<String, SessionParameter>,
 }
 
-/// The name of the table that records, per readings table, the last Delta version loaded.
+/// A session parameter's value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SessionParameter {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+impl SessionParameter {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::Bool(b) => (*b).into(),
+            Self::Int(i) => (*i).into(),
+            Self::Text(t) => t.clone().into(),
+        }
+    }
+}
+
+/// The name of the table that records, per loaded table, the last Delta version loaded.
 pub const CONTROL_TABLE: &str = "PLANTLINE_LOAD_CONTROL";
+/// Session parameters the loader sets itself.
+const RESERVED_PARAMETERS: [&str; 2] = ["AUTOCOMMIT", "TIMEZONE"];
 
 impl SnowflakeConfig {
     fn default_table() -> String {
         "READINGS".to_owned()
     }
 
+    fn default_gaps_table() -> String {
+        "PLANTLINE_GAPS".to_owned()
+    }
+
+    fn default_quarantined_rows_table() -> String {
+        "PLANTLINE_QUARANTINED_ROWS".to_owned()
+    }
+
     fn default_request_timeout() -> Duration {
         Duration::from_mins(1)
+    }
+
+    fn default_retry_attempts() -> u32 {
+        6
+    }
+
+    fn default_retry_max_backoff() -> Duration {
+        Duration::from_secs(30)
     }
 
     fn default_insert_chunk_rows() -> usize {
@@ -76,6 +165,72 @@ impl SnowflakeConfig {
     /// The readings table's name as Snowflake stores it (unquoted identifiers are upper-cased).
     pub fn table_name(&self) -> String {
         self.table.to_ascii_uppercase()
+    }
+
+    /// The gaps table's name as Snowflake stores it.
+    pub fn gaps_table_name(&self) -> String {
+        self.gaps_table.to_ascii_uppercase()
+    }
+
+    /// The quarantined-rows table's name as Snowflake stores it.
+    pub fn quarantined_rows_table_name(&self) -> String {
+        self.quarantined_rows_table.to_ascii_uppercase()
+    }
+
+    /// Where the secret of the configured authenticator comes from: `(secret, passphrase)`;
+    /// for `SNOWFLAKE_JWT` the secret is the key file and the passphrase optional.
+    fn secret_source(&self) -> Option<SecretSource> {
+        let env = |key, var: &Option<String>| var.clone().map(|var| SecretSource::Env { key, var });
+        let file =
+            |key, path: &Option<PathBuf>| path.clone().map(|path| SecretSource::File { key, path });
+        match self.authenticator {
+            Authenticator::Password => env("password_env", &self.password_env)
+                .or_else(|| file("password_file", &self.password_file)),
+            Authenticator::KeyPair => env(
+                "private_key_passphrase_env",
+                &self.private_key_passphrase_env,
+            )
+            .or_else(|| {
+                file(
+                    "private_key_passphrase_file",
+                    &self.private_key_passphrase_file,
+                )
+            }),
+            Authenticator::OAuth => {
+                env("token_env", &self.token_env).or_else(|| file("token_file", &self.token_file))
+            }
+        }
+    }
+
+    /// Reads the configured authenticator's secrets now (environment variables, files, the
+    /// private key) and returns what a login sends.
+    pub fn credentials(&self) -> Result<Credentials, AuthError> {
+        match self.authenticator {
+            Authenticator::Password | Authenticator::OAuth => {
+                let source = self.secret_source().ok_or(AuthError::NotConfigured {
+                    authenticator: self.authenticator.as_str(),
+                })?;
+                let secret = source.read()?;
+                Ok(if self.authenticator == Authenticator::OAuth {
+                    Credentials::OAuth(secret)
+                } else {
+                    Credentials::Password(secret)
+                })
+            }
+            Authenticator::KeyPair => {
+                let passphrase = self.secret_source().map(|s| s.read()).transpose()?;
+                let path = self
+                    .private_key_file
+                    .as_deref()
+                    .ok_or(AuthError::NotConfigured {
+                        authenticator: self.authenticator.as_str(),
+                    })?;
+                Ok(Credentials::KeyPair(Box::new(KeyPair::from_pem_file(
+                    path,
+                    passphrase.as_ref(),
+                )?)))
+            }
+        }
     }
 
     /// Every problem with these settings, each naming the key under `[snowflake]` and the fix.
@@ -92,7 +247,6 @@ impl SnowflakeConfig {
         for (key, value) in [
             ("account", &self.account),
             ("user", &self.user),
-            ("password_env", &self.password_env),
             ("database", &self.database),
             ("schema", &self.schema),
         ] {
@@ -100,15 +254,49 @@ impl SnowflakeConfig {
                 problems.push(format!("snowflake.{key}: must not be empty"));
             }
         }
-        if !is_plain_identifier(&self.table) {
+        self.credential_problems(&mut problems);
+        for (key, name) in [
+            ("table", &self.table),
+            ("gaps_table", &self.gaps_table),
+            ("quarantined_rows_table", &self.quarantined_rows_table),
+        ] {
+            if !is_plain_identifier(name) {
+                problems.push(format!(
+                    "snowflake.{key}: `{name}` is not a plain SQL identifier; use letters, digits, `_` and `$`, starting with a letter or `_`"
+                ));
+            }
+        }
+        let names = [
+            self.table_name(),
+            self.gaps_table_name(),
+            self.quarantined_rows_table_name(),
+        ];
+        if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
             problems.push(format!(
-                "snowflake.table: `{}` is not a plain SQL identifier; use letters, digits, `_` and `$`, starting with a letter or `_`",
-                self.table
+                "snowflake.gaps_table: table, gaps_table and quarantined_rows_table must name three different tables; they are {}, {} and {}",
+                names[0], names[1], names[2]
+            ));
+        }
+        if names.iter().any(|n| n == CONTROL_TABLE) {
+            problems.push(format!(
+                "snowflake.table: {CONTROL_TABLE} is the load-control table; choose another name"
             ));
         }
         if self.request_timeout.is_zero() {
             problems.push(
                 "snowflake.request_timeout: must be longer than zero; write it like \"60s\""
+                    .to_owned(),
+            );
+        }
+        if self.retry_attempts == 0 {
+            problems.push(
+                "snowflake.retry_attempts: must be at least 1 (the first attempt counts)"
+                    .to_owned(),
+            );
+        }
+        if self.retry_max_backoff.is_zero() {
+            problems.push(
+                "snowflake.retry_max_backoff: must be longer than zero; write it like \"30s\""
                     .to_owned(),
             );
         }
@@ -118,7 +306,95 @@ impl SnowflakeConfig {
         if self.rows_per_transaction == 0 {
             problems.push("snowflake.rows_per_transaction: must be at least 1".to_owned());
         }
+        for name in self.session_parameters.keys() {
+            if RESERVED_PARAMETERS.contains(&name.to_ascii_uppercase().as_str()) {
+                problems.push(format!(
+                    "snowflake.session_parameters.{name}: is set by the loader itself (autocommit around its own transactions, UTC timestamps); remove it"
+                ));
+            }
+        }
         problems
+    }
+
+    /// The keys of each authenticator: exactly one source of its secret, and no key of another.
+    fn credential_problems(&self, problems: &mut Vec<String>) {
+        let set = |present: bool, key: &'static str| present.then_some(key);
+        let password = [
+            set(self.password_env.is_some(), "password_env"),
+            set(self.password_file.is_some(), "password_file"),
+        ];
+        let key_pair = [
+            set(self.private_key_file.is_some(), "private_key_file"),
+            set(
+                self.private_key_passphrase_env.is_some(),
+                "private_key_passphrase_env",
+            ),
+            set(
+                self.private_key_passphrase_file.is_some(),
+                "private_key_passphrase_file",
+            ),
+        ];
+        let oauth = [
+            set(self.token_env.is_some(), "token_env"),
+            set(self.token_file.is_some(), "token_file"),
+        ];
+        let auth = self.authenticator.as_str();
+        let others: Vec<&str> = match self.authenticator {
+            Authenticator::Password => key_pair.iter().chain(&oauth).flatten().copied().collect(),
+            Authenticator::KeyPair => password.iter().chain(&oauth).flatten().copied().collect(),
+            Authenticator::OAuth => password
+                .iter()
+                .chain(&key_pair)
+                .flatten()
+                .copied()
+                .collect(),
+        };
+        for key in others {
+            problems.push(format!(
+                "snowflake.{key}: is not used with authenticator = \"{auth}\"; remove it or change the authenticator"
+            ));
+        }
+        let one_of = |a: &str, b: &str, what: &str, problems: &mut Vec<String>| {
+            problems.push(format!(
+                "snowflake: authenticator = \"{auth}\" needs {what}: set {a} (an environment variable) or {b} (a file), not both"
+            ));
+        };
+        match self.authenticator {
+            Authenticator::Password => {
+                if self.password_env.is_some() == self.password_file.is_some() {
+                    one_of("password_env", "password_file", "the password", problems);
+                }
+            }
+            Authenticator::OAuth => {
+                if self.token_env.is_some() == self.token_file.is_some() {
+                    one_of("token_env", "token_file", "an OAuth access token", problems);
+                }
+            }
+            Authenticator::KeyPair => {
+                if self.private_key_file.is_none() {
+                    problems.push(format!(
+                        "snowflake.private_key_file: authenticator = \"{auth}\" needs the user's PKCS#8 private key file (rsa_key.p8)"
+                    ));
+                }
+                if self.private_key_passphrase_env.is_some()
+                    && self.private_key_passphrase_file.is_some()
+                {
+                    problems.push("snowflake.private_key_passphrase_file: set the passphrase in private_key_passphrase_env or private_key_passphrase_file, not both".to_owned());
+                }
+            }
+        }
+        for (key, value) in [
+            ("password_env", &self.password_env),
+            (
+                "private_key_passphrase_env",
+                &self.private_key_passphrase_env,
+            ),
+            ("token_env", &self.token_env),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                problems.push(format!("snowflake.{key}: must not be empty"));
+            }
+        }
     }
 }
 
@@ -130,26 +406,6 @@ pub(crate) fn is_plain_identifier(name: &str) -> bool {
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
-}
-
-/// A password read from the environment. Its `Debug` never shows the secret.
-#[derive(Clone)]
-pub(crate) struct Password(String);
-
-impl Password {
-    pub(crate) fn new(secret: String) -> Self {
-        Self(secret)
-    }
-
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(***)")
-    }
 }
 
 #[cfg(test)]
@@ -174,6 +430,14 @@ mod tests {
         assert_eq!(cfg.request_timeout, Duration::from_mins(1));
         assert_eq!(cfg.insert_chunk_rows, 1000);
         assert_eq!(cfg.rows_per_transaction, 100_000);
+        assert_eq!(cfg.authenticator, Authenticator::Password);
+        assert_eq!(cfg.retry_attempts, 6);
+        assert_eq!(cfg.retry_max_backoff, Duration::from_secs(30));
+        assert_eq!(cfg.gaps_table_name(), "PLANTLINE_GAPS");
+        assert_eq!(
+            cfg.quarantined_rows_table_name(),
+            "PLANTLINE_QUARANTINED_ROWS"
+        );
         assert_eq!(cfg.warehouse, None);
         assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
     }
@@ -215,8 +479,63 @@ mod tests {
     }
 
     #[test]
-    fn the_password_never_shows_in_debug_output() {
-        let p = Password::new("hunter2".into());
-        assert_eq!(format!("{p:?}"), "Password(***)");
+    fn each_authenticator_names_its_missing_and_foreign_keys() {
+        let base = minimal().replace("password_env = \"SNOWFLAKE_PASSWORD\"", "");
+        let cfg: SnowflakeConfig = toml::from_str(&format!(
+            "{base}\nauthenticator = \"SNOWFLAKE_JWT\"\npassword_env = \"PW\""
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.problems(),
+            vec![
+                "snowflake.password_env: is not used with authenticator = \"SNOWFLAKE_JWT\"; remove it or change the authenticator",
+                "snowflake.private_key_file: authenticator = \"SNOWFLAKE_JWT\" needs the user's PKCS#8 private key file (rsa_key.p8)",
+            ]
+        );
+        let cfg: SnowflakeConfig = toml::from_str(&format!(
+            "{base}\nauthenticator = \"OAUTH\"\ntoken_env = \"T\"\ntoken_file = \"/run/t\""
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.problems(),
+            vec![
+                "snowflake: authenticator = \"OAUTH\" needs an OAuth access token: set token_env (an environment variable) or token_file (a file), not both"
+            ]
+        );
+        let cfg: SnowflakeConfig = toml::from_str(&base).unwrap();
+        assert_eq!(
+            cfg.problems(),
+            vec![
+                "snowflake: authenticator = \"SNOWFLAKE\" needs the password: set password_env (an environment variable) or password_file (a file), not both"
+            ]
+        );
+        let cfg: SnowflakeConfig = toml::from_str(&format!(
+            "{base}\nauthenticator = \"snowflake_jwt\"\nprivate_key_file = \"/etc/k.p8\"\nprivate_key_passphrase_env = \"P\""
+        ))
+        .unwrap();
+        assert_eq!(cfg.authenticator, Authenticator::KeyPair);
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        let err = toml::from_str::<SnowflakeConfig>(&format!("{base}\nauthenticator = \"okta\""))
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown variant `okta`"), "{err}");
+    }
+
+    #[test]
+    fn session_parameters_pass_through_except_the_loaders_own() {
+        let cfg: SnowflakeConfig = toml::from_str(&format!(
+            "{}\n[session_parameters]\nQUERY_TAG = \"plantline\"\nSTATEMENT_TIMEOUT_IN_SECONDS = 600\nautocommit = false",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.session_parameters["STATEMENT_TIMEOUT_IN_SECONDS"],
+            SessionParameter::Int(600)
+        );
+        assert_eq!(
+            cfg.problems(),
+            vec![
+                "snowflake.session_parameters.autocommit: is set by the loader itself (autocommit around its own transactions, UTC timestamps); remove it"
+            ]
+        );
     }
 }

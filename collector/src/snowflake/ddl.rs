@@ -2,24 +2,87 @@
 //! `collector snowflake init`.
 //!
 //! # Invariants
-//! - The readings table has exactly the batch contract's columns, in its order
-//!   ([`READINGS_COLUMNS`]); the loader's staging table has the same columns, so
-//!   `INSERT ... SELECT` between them needs no casts.
+//! - The three loaded tables ([`READINGS`], [`GAPS`], [`QUARANTINED_ROWS`]) have the columns of
+//!   their Delta tables, in their order, upper-cased; the loader's staging tables have the same
+//!   columns, so `INSERT ... SELECT` between them needs no casts.
 //! - Every statement here is idempotent (`IF NOT EXISTS`): running it against an account that
-//!   already holds the table changes nothing and never drops data.
+//!   already holds the table changes nothing and never drops data. A column a newer collector
+//!   knows and an existing table lacks is added with `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`,
+//!   always nullable, so rows loaded before read it as null; columns are never dropped or
+//!   retyped.
 
-/// Columns of the readings table, in the order of the batch contract, with their Snowflake types.
-pub(crate) const READINGS_COLUMNS: [(&str, &str); 9] = [
-    ("SEQ", "NUMBER(19,0) NOT NULL"),
-    ("TS", "TIMESTAMP_TZ NOT NULL"),
-    ("SITE", "VARCHAR NOT NULL"),
-    ("GATEWAY", "VARCHAR NOT NULL"),
-    ("DEVICE", "VARCHAR NOT NULL"),
-    ("TAG", "VARCHAR NOT NULL"),
-    ("VALUE", "FLOAT"),
-    ("QUALITY", "VARCHAR NOT NULL"),
-    ("UNIT", "VARCHAR"),
-];
+/// How a column's values are read from a Delta file and bound into SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A 64-bit whole number (`NUMBER(19,0)`).
+    Int,
+    /// An instant, microseconds since the epoch (`TIMESTAMP_TZ`).
+    Timestamp,
+    /// A double (`FLOAT`).
+    Float,
+    /// A string (`VARCHAR`), possibly from a partition value.
+    Text,
+}
+
+impl Kind {
+    fn sql_type(self) -> &'static str {
+        match self {
+            Self::Int => "NUMBER(19,0)",
+            Self::Timestamp => "TIMESTAMP_TZ",
+            Self::Float => "FLOAT",
+            Self::Text => "VARCHAR",
+        }
+    }
+}
+
+/// Whether a column must be in every Delta file, and may hold nulls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presence {
+    /// In every file, never null (`NOT NULL`).
+    Required,
+    /// In every file, may be null.
+    Nullable,
+    /// Added to the Delta table later: files written before lack it, and it reads as null.
+    Added,
+}
+
+/// One column of a loaded table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Column {
+    /// The Snowflake name (upper case).
+    pub(crate) name: &'static str,
+    /// The Delta (Parquet) column it is read from.
+    pub(crate) delta: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) presence: Presence,
+}
+
+const fn col(name: &'static str, delta: &'static str, kind: Kind, presence: Presence) -> Column {
+    Column {
+        name,
+        delta,
+        kind,
+        presence,
+    }
+}
+
+/// A table the loader fills from a Delta table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableDef {
+    /// What it holds, for logs: `readings`, `gaps`, `quarantined_rows`.
+    pub(crate) label: &'static str,
+    pub(crate) columns: &'static [Column],
+    /// The merge key: a row whose key is in the table already is not inserted again.
+    pub(crate) key: &'static [&'static str],
+    /// `CLUSTER BY` expression, if any.
+    pub(crate) cluster_by: Option<&'static str>,
+    /// Columns an earlier collector's `init` did not create: `init` adds them to an existing
+    /// table (the loader adds any missing column too, when its role may alter the table).
+    pub(crate) upgrade_columns: &'static [&'static str],
+}
+
+use Kind::{Float, Int, Text, Timestamp};
+use Presence::{Added, Nullable, Required};
 
 /// The readings table's clustering key. Dashboards filter by a time range first and a gateway
 /// or tag second; clustering on the day (not the raw timestamp, whose cardinality would make
@@ -27,24 +90,142 @@ pub(crate) const READINGS_COLUMNS: [(&str, &str); 9] = [
 /// for both kinds of filter.
 pub const READINGS_CLUSTER_KEY: &str = "TO_DATE(TS), GATEWAY, TAG";
 
-/// `NAME TYPE, ...` of the readings table, for the table itself and the loader's staging table.
-pub(crate) fn readings_column_list() -> String {
-    READINGS_COLUMNS
-        .iter()
-        .map(|(name, ty)| format!("{name} {ty}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The batch contract's columns (v1), then the columns added since: `value_text` (contract v2,
+/// string tags) and the collector's `dq_flags` (row rules).
+const READINGS_COLUMNS: [Column; 11] = [
+    col("SEQ", "seq", Int, Required),
+    col("TS", "ts", Timestamp, Required),
+    col("SITE", "site", Text, Required),
+    col("GATEWAY", "gateway", Text, Required),
+    col("DEVICE", "device", Text, Required),
+    col("TAG", "tag", Text, Required),
+    col("VALUE", "value", Float, Nullable),
+    col("QUALITY", "quality", Text, Required),
+    col("UNIT", "unit", Text, Nullable),
+    col("VALUE_TEXT", "value_text", Text, Added),
+    col("DQ_FLAGS", "dq_flags", Text, Added),
+];
+
+/// The readings fact table, one row per (`GATEWAY`, `SEQ`).
+pub(crate) const READINGS: TableDef = TableDef {
+    label: "readings",
+    columns: &READINGS_COLUMNS,
+    key: &["GATEWAY", "SEQ"],
+    cluster_by: Some(READINGS_CLUSTER_KEY),
+    upgrade_columns: &["VALUE_TEXT", "DQ_FLAGS"],
+};
+
+const GAPS_COLUMNS: [Column; 7] = [
+    col("GATEWAY", "gateway", Text, Required),
+    col("FIRST_SEQ", "first_seq", Int, Required),
+    col("LAST_SEQ", "last_seq", Int, Required),
+    col("READINGS", "readings", Int, Required),
+    col("REASON", "reason", Text, Required),
+    col("DETECTED_AT", "detected_at", Timestamp, Required),
+    col("FILE_KEY", "file_key", Text, Required),
+];
+
+/// Known gaps: `seq` ranges of a gateway that will never arrive, one row per
+/// (`GATEWAY`, `FIRST_SEQ`), so reports can tell "no data" from "data lost".
+pub(crate) const GAPS: TableDef = TableDef {
+    label: "gaps",
+    columns: &GAPS_COLUMNS,
+    key: &["GATEWAY", "FIRST_SEQ"],
+    cluster_by: None,
+    // the first PLANTLINE_GAPS had FIRST_TS and LAST_TS instead; they stay, unused and null
+    upgrade_columns: &["READINGS", "FILE_KEY"],
+};
+
+const QUARANTINED_ROWS_COLUMNS: [Column; 15] = [
+    col("SEQ", "seq", Int, Required),
+    col("TS", "ts", Timestamp, Required),
+    col("SITE", "site", Text, Required),
+    col("GATEWAY", "gateway", Text, Required),
+    col("DEVICE", "device", Text, Required),
+    col("TAG", "tag", Text, Required),
+    col("VALUE", "value", Float, Nullable),
+    col("QUALITY", "quality", Text, Required),
+    col("UNIT", "unit", Text, Nullable),
+    col("VALUE_TEXT", "value_text", Text, Added),
+    col("RULE", "rule", Text, Required),
+    // `CHECK` is a reserved word in SQL
+    col("RULE_CHECK", "check", Text, Required),
+    col("DETAIL", "detail", Text, Required),
+    col("FILE_KEY", "file_key", Text, Required),
+    col("QUARANTINED_AT", "quarantined_at", Timestamp, Required),
+];
+
+/// Readings a row rule kept out of the readings table, one row per (`GATEWAY`, `SEQ`, `RULE`).
+pub(crate) const QUARANTINED_ROWS: TableDef = TableDef {
+    label: "quarantined_rows",
+    columns: &QUARANTINED_ROWS_COLUMNS,
+    key: &["GATEWAY", "SEQ", "RULE"],
+    cluster_by: None,
+    upgrade_columns: &[],
+};
+
+impl TableDef {
+    /// `NAME TYPE [NOT NULL], ...`, for the table itself and the loader's staging table.
+    pub(crate) fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| {
+                let not_null = if c.presence == Required {
+                    " NOT NULL"
+                } else {
+                    ""
+                };
+                format!("{} {}{not_null}", c.name, c.kind.sql_type())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `NAME, ...`.
+    pub(crate) fn names(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The table, written into the SQL as given (qualified or not).
+    pub(crate) fn create(&self, table: &str) -> String {
+        let cluster = self
+            .cluster_by
+            .map(|c| format!(" CLUSTER BY ({c})"))
+            .unwrap_or_default();
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({}){cluster}",
+            self.column_list()
+        )
+    }
+
+    /// Adds `column` to an existing table that lacks it; always nullable, so existing rows
+    /// need no value.
+    pub(crate) fn add_column(table: &str, column: &Column) -> String {
+        format!(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {}",
+            column.name,
+            column.kind.sql_type()
+        )
+    }
+
+    /// [`TableDef::upgrade_columns`] as columns.
+    pub(crate) fn upgrade_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns
+            .iter()
+            .filter(|c| self.upgrade_columns.contains(&c.name))
+    }
 }
 
 /// The readings fact table. `table` is written into the SQL as given (qualified or not).
 pub(crate) fn create_readings_table(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} ({}) CLUSTER BY ({READINGS_CLUSTER_KEY})",
-        readings_column_list()
-    )
+    READINGS.create(table)
 }
 
-/// The load-control (watermark) table: per readings table, the last Delta version loaded.
+/// The load-control (watermark) table: per loaded table, the last Delta version loaded.
 pub(crate) fn create_control_table(table: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (TABLE_NAME VARCHAR NOT NULL PRIMARY KEY, LAST_VERSION NUMBER(19,0) NOT NULL, LOADED_AT TIMESTAMP_NTZ)"
@@ -56,14 +237,6 @@ pub(crate) fn create_control_table(table: &str) -> String {
 pub(crate) fn create_tags_table(table: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, UNIT VARCHAR, DESCRIPTION VARCHAR, SOURCE VARCHAR, ADDRESS VARCHAR, DATA_TYPE VARCHAR, SCALE FLOAT, VALUE_OFFSET FLOAT, UPDATED_AT TIMESTAMP_TZ, PRIMARY KEY (GATEWAY, DEVICE, TAG))"
-    )
-}
-
-/// Known gaps: `seq` ranges of a gateway that will never arrive (a damaged buffer, a quarantined
-/// batch), so reports can tell "no data" from "data lost".
-pub(crate) fn create_gaps_table(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (GATEWAY VARCHAR NOT NULL, FIRST_SEQ NUMBER(19,0) NOT NULL, LAST_SEQ NUMBER(19,0) NOT NULL, FIRST_TS TIMESTAMP_TZ, LAST_TS TIMESTAMP_TZ, REASON VARCHAR NOT NULL, DETECTED_AT TIMESTAMP_TZ NOT NULL, PRIMARY KEY (GATEWAY, FIRST_SEQ))"
     )
 }
 
@@ -79,18 +252,66 @@ pub(crate) fn create_quarantine_table(table: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn readings_table_follows_the_batch_contract_and_is_clustered_by_day_gateway_and_tag() {
-        let names: Vec<&str> = READINGS_COLUMNS.iter().map(|(n, _)| *n).collect();
-        let contract: Vec<String> = edge_agent::contract::schema()
+    fn upper_names(schema: &arrow_schema::Schema) -> Vec<String> {
+        schema
             .fields()
             .iter()
             .map(|f| f.name().to_ascii_uppercase())
-            .collect();
-        assert_eq!(names, contract);
+            .collect()
+    }
+
+    fn delta_names(def: &TableDef) -> Vec<String> {
+        def.columns
+            .iter()
+            .map(|c| c.delta.to_ascii_uppercase())
+            .collect()
+    }
+
+    #[test]
+    fn loaded_tables_have_the_delta_tables_columns() {
+        let mut readings = upper_names(&crate::delta::readings_schema());
+        let mut ours = delta_names(&READINGS);
+        readings.sort();
+        ours.sort();
+        assert_eq!(ours, readings, "readings");
+        assert_eq!(
+            delta_names(&GAPS),
+            upper_names(&crate::delta::gaps_schema()),
+            "gaps"
+        );
+        let mut quarantined = upper_names(&crate::delta::quarantined_rows_schema());
+        let mut ours = delta_names(&QUARANTINED_ROWS);
+        quarantined.sort();
+        ours.sort();
+        assert_eq!(ours, quarantined, "quarantined_rows");
+        for def in [READINGS, GAPS, QUARANTINED_ROWS] {
+            assert_eq!(def.upgrade_columns().count(), def.upgrade_columns.len());
+            for key in def.key {
+                assert!(
+                    def.columns
+                        .iter()
+                        .any(|c| c.name == *key && c.presence == Required)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn readings_table_is_clustered_by_day_gateway_and_tag() {
         assert_eq!(
             create_readings_table("PLANT.RAW.READINGS"),
-            "CREATE TABLE IF NOT EXISTS PLANT.RAW.READINGS (SEQ NUMBER(19,0) NOT NULL, TS TIMESTAMP_TZ NOT NULL, SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, VALUE FLOAT, QUALITY VARCHAR NOT NULL, UNIT VARCHAR) CLUSTER BY (TO_DATE(TS), GATEWAY, TAG)"
+            "CREATE TABLE IF NOT EXISTS PLANT.RAW.READINGS (SEQ NUMBER(19,0) NOT NULL, TS TIMESTAMP_TZ NOT NULL, SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, VALUE FLOAT, QUALITY VARCHAR NOT NULL, UNIT VARCHAR, VALUE_TEXT VARCHAR, DQ_FLAGS VARCHAR) CLUSTER BY (TO_DATE(TS), GATEWAY, TAG)"
+        );
+        let added: Vec<String> = READINGS
+            .upgrade_columns()
+            .map(|c| TableDef::add_column("R", c))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                "ALTER TABLE R ADD COLUMN IF NOT EXISTS VALUE_TEXT VARCHAR",
+                "ALTER TABLE R ADD COLUMN IF NOT EXISTS DQ_FLAGS VARCHAR"
+            ]
         );
     }
 }

@@ -24,8 +24,10 @@ pub const DEFAULT_LOADER_ROLE: &str = "PLANTLINE_LOADER";
 pub const REPORTING_ROLE: &str = "PLANTLINE_REPORTING";
 /// The tags dimension table.
 pub const TAGS_TABLE: &str = "PLANTLINE_TAGS";
-/// The known-gaps table.
+/// The known-gaps table, unless `[snowflake] gaps_table` names another.
 pub const GAPS_TABLE: &str = "PLANTLINE_GAPS";
+/// The quarantined-rows table, unless `[snowflake] quarantined_rows_table` names another.
+pub const QUARANTINED_ROWS_TABLE: &str = "PLANTLINE_QUARANTINED_ROWS";
 /// The quarantined-files table.
 pub const QUARANTINE_TABLE: &str = "PLANTLINE_QUARANTINE";
 /// The storage integration in the external-stage template.
@@ -115,7 +117,8 @@ impl InitScript {
         let readings = q(&cfg.table_name());
         let control = q(CONTROL_TABLE);
         let tags = q(TAGS_TABLE);
-        let gaps = q(GAPS_TABLE);
+        let gaps = q(&cfg.gaps_table_name());
+        let quarantined_rows = q(&cfg.quarantined_rows_table_name());
         let quarantine = q(QUARANTINE_TABLE);
         let loader = ident(cfg.role.as_deref().unwrap_or(DEFAULT_LOADER_ROLE));
         let reporting = ident(REPORTING_ROLE);
@@ -172,8 +175,12 @@ impl InitScript {
                         "{control}: per readings table, the last Delta version loaded; moved in the same transaction as the rows."
                     ),
                     format!(
-                        "{tags}, {gaps}, {quarantine}: the tags dimension, known seq gaps and quarantined batch files; filled by later collector stages."
+                        "{gaps}: seq ranges of a gateway that will never arrive, with the reason, unique on (GATEWAY, FIRST_SEQ); {quarantined_rows}: readings a row rule kept out, unique on (GATEWAY, SEQ, RULE). Both are loaded from their Delta tables like the readings, each with its own row in {control}."
                     ),
+                    format!(
+                        "{tags}, {quarantine}: the tags dimension and quarantined batch files; filled by later collector stages."
+                    ),
+                    "ALTER TABLE ... ADD COLUMN IF NOT EXISTS brings tables an earlier collector created up to date; columns are only ever added, never dropped.".to_owned(),
                 ],
                 statements: vec![
                     object(
@@ -185,12 +192,34 @@ impl InitScript {
                         ddl::create_control_table(&control),
                     ),
                     object(format!("table {tags}"), ddl::create_tags_table(&tags)),
-                    object(format!("table {gaps}"), ddl::create_gaps_table(&gaps)),
+                    object(format!("table {gaps}"), ddl::GAPS.create(&gaps)),
+                    object(
+                        format!("table {quarantined_rows}"),
+                        ddl::QUARANTINED_ROWS.create(&quarantined_rows),
+                    ),
                     object(
                         format!("table {quarantine}"),
                         ddl::create_quarantine_table(&quarantine),
                     ),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    [
+                        (&ddl::READINGS, &readings),
+                        (&ddl::GAPS, &gaps),
+                        (&ddl::QUARANTINED_ROWS, &quarantined_rows),
+                    ]
+                    .into_iter()
+                    .flat_map(|(def, table)| {
+                        def.upgrade_columns().map(move |c| {
+                            object(
+                                format!("column {table}.{}", c.name),
+                                ddl::TableDef::add_column(table, c),
+                            )
+                        })
+                    }),
+                )
+                .collect(),
                 template: None,
             },
         ];
@@ -262,7 +291,7 @@ impl InitScript {
                 format!("GRANT SELECT, INSERT, UPDATE ON TABLE {control} TO ROLE {loader}"),
             ),
         ]);
-        for table in [&tags, &gaps, &quarantine] {
+        for table in [&tags, &gaps, &quarantined_rows, &quarantine] {
             loader_grants.push(grant(
                 format!("select, insert on {table} to {loader}"),
                 format!("GRANT SELECT, INSERT ON TABLE {table} TO ROLE {loader}"),
@@ -302,7 +331,7 @@ impl InitScript {
                 format!("GRANT USAGE ON SCHEMA {schema} TO ROLE {reporting}"),
             ),
         ];
-        for table in [&readings, &tags, &gaps] {
+        for table in [&readings, &tags, &gaps, &quarantined_rows] {
             reporting_grants.push(grant(
                 format!("select on {table} to {reporting}"),
                 format!("GRANT SELECT ON TABLE {table} TO ROLE {reporting}"),
@@ -515,12 +544,16 @@ mod tests {
         let all = script.clone().statements().len();
         let script = script.without_access_control(true);
         let objects = script.statements();
-        assert_eq!(objects.len(), 12, "database, schema, 5 tables, 5 views");
+        assert_eq!(
+            objects.len(),
+            17,
+            "database, schema, 6 tables, 4 added columns, 5 views"
+        );
         assert!(objects.iter().all(|s| s.kind == StatementKind::Object));
         assert_eq!(
             all,
-            12 + 11 + 12,
-            "12 objects, 11 loader and 12 reporting grants"
+            17 + 13 + 12,
+            "17 objects, 13 loader and 12 reporting grants"
         );
         let text = script.render();
         assert!(!text.lines().any(|l| l.starts_with("GRANT")), "{text}");

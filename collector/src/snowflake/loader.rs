@@ -1,15 +1,24 @@
-//! Follows the Delta table's versions into Snowflake, exactly once.
+//! Follows Delta tables' versions into Snowflake, exactly once: the readings table and the two
+//! data-quality tables (gaps, quarantined rows), each with its own watermark row.
 //!
 //! For every Delta version after the one recorded in the control table, the files the version
 //! added with `dataChange = true` are read and, in one Snowflake transaction, staged in a
-//! temporary table, inserted into the readings table where (`GATEWAY`, `SEQ`) is new, and the
-//! control table is moved to that version. Small versions share a transaction.
+//! temporary table, inserted into the target where the merge key is new, and the control row
+//! is moved to that version. Small versions share a transaction.
 //!
 //! The insert is `INSERT ... SELECT ... WHERE NOT EXISTS`, which is exactly `MERGE ... WHEN NOT
 //! MATCHED THEN INSERT` on the merge key; it is written that way because it behaves the same
 //! in every SQL engine that speaks the protocol, including local stand-ins whose `MERGE` cannot
 //! run inside an explicit transaction. Concurrent loaders are kept apart by the control-table
 //! update that opens each transaction (see the module invariants in `snowflake`).
+//!
+//! # Outages
+//! A transaction that fails on a timeout, a broken connection, a 5xx/429 answer or a lost
+//! session is retried as a whole in a new session, up to `retry_attempts` times with backoff.
+//! Before the retry the watermark is read again: if it already shows the group's last version,
+//! the earlier `COMMIT` went through and only its answer was lost, so nothing is redone. Either
+//! way no row is lost or inserted twice; a longer outage ends the load with the error, and the
+//! next load starts from the watermark.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
@@ -24,7 +33,6 @@ use arrow_schema::{DataType, TimeUnit};
 use deltalake::kernel::Action;
 use deltalake::logstore::object_store::ObjectStoreExt as _;
 use deltalake::{DeltaTable, DeltaTableError, ObjectStoreError, Path};
-use edge_agent::contract::column;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
 use tracing::{info, warn};
@@ -32,8 +40,9 @@ use tracing::{info, warn};
 use super::client::{BindValue, SnowflakeClient, SnowflakeError};
 use super::config::{CONTROL_TABLE, SnowflakeConfig};
 use super::ddl::{
-    READINGS_COLUMNS, create_control_table, create_readings_table, readings_column_list,
+    Column, GAPS, Kind, Presence, QUARANTINED_ROWS, READINGS, TableDef, create_control_table,
 };
+use crate::delta::Tables;
 
 /// Why a load stopped. Everything loaded before the failing transaction stays loaded.
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +90,33 @@ pub enum LoadError {
         "another loader moved {table}'s load watermark away from version {expected} while this one was loading; nothing was applied, run the load again"
     )]
     Conflict { table: String, expected: i64 },
+    #[error(
+        "adding column {column} to {table} failed: {source}; a loading role may not alter a table it does not own: run `collector snowflake init --apply` (or the ALTER TABLE it prints) as the table's owner"
+    )]
+    AddColumn {
+        table: String,
+        column: &'static str,
+        #[source]
+        source: Box<SnowflakeError>,
+    },
+    #[error(
+        "loading {table} (Delta versions {first}..={last}) failed after {attempts} attempts: {source}; nothing of these versions was applied, the next load retries them"
+    )]
+    Outage {
+        table: String,
+        first: u64,
+        last: u64,
+        attempts: u32,
+        #[source]
+        source: Box<SnowflakeError>,
+    },
 }
 
-/// What one call to [`load`] did.
+/// What one load of one table did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LoadReport {
+    /// The Snowflake table loaded (`READINGS`, `PLANTLINE_GAPS`, ...).
+    pub table: String,
     /// The last Delta version loaded before this call; `None` when nothing was loaded yet.
     pub previous_version: Option<u64>,
     /// The last Delta version loaded after this call.
@@ -96,37 +127,78 @@ pub struct LoadReport {
     pub transactions: u64,
     /// Rows read from the added files.
     pub rows_read: u64,
-    /// Rows inserted into the readings table; rows already there (replays) are not counted.
+    /// Rows inserted into the table; rows already there (replays) are not counted, nor are the
+    /// rows of a transaction whose `COMMIT` answer was lost (its watermark shows it applied).
     pub rows_inserted: u64,
+    /// Columns this load added to the Snowflake table (`ALTER TABLE ... ADD COLUMN`).
+    pub columns_added: Vec<String>,
+    /// Transactions that were retried after a transient failure.
+    pub retries: u32,
+    /// The data-quality tables loaded after the readings table by [`load_tables`] (gaps, then
+    /// quarantined rows); empty for [`load`].
+    pub side_tables: Vec<LoadReport>,
 }
 
-/// One reading on its way to Snowflake, in the contract's columns.
-#[derive(Debug, Clone, PartialEq)]
-struct StagedRow {
-    seq: i64,
-    ts_us: i64,
-    site: String,
-    gateway: String,
-    device: String,
-    tag: String,
-    value: Option<f64>,
-    quality: String,
-    unit: Option<String>,
+/// A merge-key part: the key columns are whole numbers or strings.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum KeyPart {
+    Int(i64),
+    Text(String),
 }
 
-/// Delta versions waiting for one transaction, keyed by (gateway, seq) so a row that two
+/// Delta versions waiting for one transaction, keyed by the merge key so a row that two
 /// versions both carry is staged once.
 #[derive(Default)]
 struct Group {
     versions: Option<RangeInclusive<u64>>,
-    rows: BTreeMap<(String, i64), StagedRow>,
+    rows: BTreeMap<Vec<KeyPart>, Vec<BindValue>>,
     rows_read: u64,
 }
 
-/// Loads every Delta version of `table` that Snowflake does not hold yet.
+/// One target: a Snowflake table filled from a Delta table.
+struct Target<'a> {
+    def: &'a TableDef,
+    /// The Snowflake table name (unqualified, upper case).
+    name: String,
+    key_indexes: Vec<usize>,
+}
+
+impl<'a> Target<'a> {
+    fn new(def: &'a TableDef, name: String) -> Self {
+        let key_indexes = def
+            .key
+            .iter()
+            .map(|k| {
+                def.columns
+                    .iter()
+                    .position(|c| c.name == *k)
+                    .expect("every key column is a column of its table (ddl tests)")
+            })
+            .collect();
+        Self {
+            def,
+            name,
+            key_indexes,
+        }
+    }
+
+    fn key_of(&self, row: &[BindValue]) -> Vec<KeyPart> {
+        self.key_indexes
+            .iter()
+            .map(|&i| match &row[i] {
+                BindValue::Fixed(v) => KeyPart::Int(*v),
+                BindValue::Text(t) => KeyPart::Text(t.clone()),
+                // key columns are required, so a row never gets here with another value
+                other => KeyPart::Text(format!("{other:?}")),
+            })
+            .collect()
+    }
+}
+
+/// Loads every Delta version of the readings `table` that Snowflake does not hold yet.
 ///
 /// `table` may be stale: the loader reads the log up to its latest version. Creates the readings
-/// table and the control table when they are missing.
+/// table and the control table when they are missing, and adds columns the table lacks.
 pub async fn load(
     client: &mut SnowflakeClient,
     table: &DeltaTable,
@@ -136,23 +208,60 @@ pub async fn load(
     if !problems.is_empty() {
         return Err(LoadError::Config { problems });
     }
-    let target = cfg.table_name();
+    let target = Target::new(&READINGS, cfg.table_name());
+    load_one(client, table, cfg, &target).await
+}
+
+/// Loads the readings table, then the gaps and the quarantined-rows tables, each from its own
+/// watermark. The returned report is the readings table's, with the other two in
+/// [`LoadReport::side_tables`]. A failure stops the load; what was committed stays.
+pub async fn load_tables(
+    client: &mut SnowflakeClient,
+    tables: &Tables,
+    cfg: &SnowflakeConfig,
+) -> Result<LoadReport, LoadError> {
+    let mut report = load(client, tables.readings.delta_table(), cfg).await?;
+    let gaps = Target::new(&GAPS, cfg.gaps_table_name());
+    report
+        .side_tables
+        .push(load_one(client, tables.gaps.delta_table(), cfg, &gaps).await?);
+    let quarantined = Target::new(&QUARANTINED_ROWS, cfg.quarantined_rows_table_name());
+    report.side_tables.push(
+        load_one(
+            client,
+            tables.quarantined_rows.delta_table(),
+            cfg,
+            &quarantined,
+        )
+        .await?,
+    );
+    Ok(report)
+}
+
+async fn load_one(
+    client: &mut SnowflakeClient,
+    table: &DeltaTable,
+    cfg: &SnowflakeConfig,
+    target: &Target<'_>,
+) -> Result<LoadReport, LoadError> {
     let table_uri = table.log_store().root_url().to_string();
     let delta_err = |source| LoadError::Delta {
         table: table_uri.clone(),
         source,
     };
 
-    create_tables(client, &target).await?;
-    let previous = read_watermark(client, &target).await?;
+    let columns_added = create_tables(client, target).await?;
+    let previous = read_watermark(client, &target.name).await?;
 
     let mut latest_table = table.clone();
     latest_table.load().await.map_err(delta_err)?;
     let latest = latest_table.version();
 
     let mut report = LoadReport {
+        table: target.name.clone(),
         previous_version: u64::try_from(previous).ok(),
         loaded_version: u64::try_from(previous).ok(),
+        columns_added,
         ..LoadReport::default()
     };
     let Some(latest) = latest else {
@@ -188,13 +297,17 @@ pub async fn load(
                     file: add.path,
                 });
             }
-            let rows = read_file(store.as_ref(), version, &add.path, &add.partition_values).await?;
+            let rows = read_file(
+                store.as_ref(),
+                target.def,
+                version,
+                &add.path,
+                &add.partition_values,
+            )
+            .await?;
             group.rows_read += rows.len() as u64;
             for row in rows {
-                group
-                    .rows
-                    .entry((row.gateway.clone(), row.seq))
-                    .or_insert(row);
+                group.rows.entry(target.key_of(&row)).or_insert(row);
             }
         }
         group.versions = Some(match group.versions.take() {
@@ -203,16 +316,56 @@ pub async fn load(
         });
         if group.rows.len() >= cfg.rows_per_transaction || version == latest {
             let applied = std::mem::take(&mut group);
-            watermark = apply_group(client, cfg, &target, watermark, applied, &mut report).await?;
+            watermark = apply_group(client, cfg, target, watermark, applied, &mut report).await?;
         }
     }
     report.loaded_version = u64::try_from(watermark).ok();
     Ok(report)
 }
 
-async fn create_tables(client: &mut SnowflakeClient, target: &str) -> Result<(), SnowflakeError> {
+/// Creates the target and the control table when missing, adds the target's columns it lacks
+/// and its control row. Returns the columns added.
+async fn create_tables(
+    client: &mut SnowflakeClient,
+    target: &Target<'_>,
+) -> Result<Vec<String>, LoadError> {
     // `collector snowflake init` creates the same tables from the same definitions.
-    client.execute(&create_readings_table(target), &[]).await?;
+    client
+        .execute(&target.def.create(&target.name), &[])
+        .await?;
+    let existing = client
+        .execute(
+            "SELECT COLUMN_NAME FROM INFORMATION_SCHEMA.COLUMNS WHERE TABLE_SCHEMA = CURRENT_SCHEMA() AND TABLE_NAME = ?",
+            &[BindValue::Text(target.name.clone())],
+        )
+        .await?;
+    let mut present = Vec::with_capacity(existing.num_rows());
+    for row in 0..existing.num_rows() {
+        if let Some(name) = existing.text_at(row, 0)? {
+            present.push(name.to_ascii_uppercase());
+        }
+    }
+    let mut added = Vec::new();
+    for column in target.def.columns {
+        if present.iter().any(|p| p == column.name) {
+            continue;
+        }
+        client
+            .execute(&TableDef::add_column(&target.name, column), &[])
+            .await
+            .map_err(|source| LoadError::AddColumn {
+                table: target.name.clone(),
+                column: column.name,
+                source: Box::new(source),
+            })?;
+        info!(
+            component = "snowflake",
+            table = %target.name,
+            column = column.name,
+            "added a column the table lacked (nullable; earlier rows read it as null)"
+        );
+        added.push(column.name.to_owned());
+    }
     client
         .execute(&create_control_table(CONTROL_TABLE), &[])
         .await?;
@@ -222,10 +375,13 @@ async fn create_tables(client: &mut SnowflakeClient, target: &str) -> Result<(),
             &format!(
                 "INSERT INTO {CONTROL_TABLE} (TABLE_NAME, LAST_VERSION, LOADED_AT) SELECT ?, -1, SYSDATE() WHERE NOT EXISTS (SELECT 1 FROM {CONTROL_TABLE} WHERE TABLE_NAME = ?)"
             ),
-            &[BindValue::Text(target.to_owned()), BindValue::Text(target.to_owned())],
+            &[
+                BindValue::Text(target.name.clone()),
+                BindValue::Text(target.name.clone()),
+            ],
         )
         .await?;
-    Ok(())
+    Ok(added)
 }
 
 async fn read_watermark(client: &mut SnowflakeClient, target: &str) -> Result<i64, SnowflakeError> {
@@ -238,11 +394,17 @@ async fn read_watermark(client: &mut SnowflakeClient, target: &str) -> Result<i6
     Ok(result.i64_at(0, 0)?.unwrap_or(-1))
 }
 
-/// Applies one group in one transaction and returns the new watermark.
+/// True for failures a new session and another try may get past.
+fn is_retryable(e: &LoadError) -> bool {
+    matches!(e, LoadError::Snowflake(e) if e.is_transient() || e.is_session_gone())
+}
+
+/// Applies one group in one transaction, retrying the whole transaction in a new session after
+/// transient failures, and returns the new watermark.
 async fn apply_group(
     client: &mut SnowflakeClient,
     cfg: &SnowflakeConfig,
-    target: &str,
+    target: &Target<'_>,
     watermark: i64,
     group: Group,
     report: &mut LoadReport,
@@ -252,35 +414,131 @@ async fn apply_group(
         .clone()
         .expect("a group is applied only after a version joined it");
     let last = i64::try_from(*versions.end()).expect("Delta versions stay far below i64::MAX");
-    let staging = format!("{target}_STAGING");
-    let columns = readings_column_list();
+    let policy = client.retry_policy();
+    let mut attempt = 1;
+    let mut recovering = false;
+    loop {
+        let result = if recovering {
+            match recover(client, target, watermark, last).await {
+                Ok(true) => {
+                    warn!(
+                        component = "snowflake",
+                        table = %target.name,
+                        last_version = last,
+                        "the watermark shows the earlier attempt committed; nothing redone"
+                    );
+                    Ok(0)
+                }
+                Ok(false) => try_group(client, cfg, target, watermark, last, &group).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            try_group(client, cfg, target, watermark, last, &group).await
+        };
+        match result {
+            Ok(inserted) => {
+                report.versions_loaded += versions.end() - versions.start() + 1;
+                report.transactions += 1;
+                report.rows_read += group.rows_read;
+                report.rows_inserted += inserted;
+                info!(
+                    component = "snowflake",
+                    table = %target.name,
+                    first_version = versions.start(),
+                    last_version = versions.end(),
+                    rows_read = group.rows_read,
+                    rows_inserted = inserted,
+                    "loaded Delta versions into Snowflake"
+                );
+                return Ok(last);
+            }
+            Err(e) if is_retryable(&e) && attempt < policy.attempts => {
+                warn!(
+                    component = "snowflake",
+                    table = %target.name,
+                    first_version = versions.start(),
+                    last_version = versions.end(),
+                    attempt,
+                    of = policy.attempts,
+                    error = %e,
+                    "load transaction failed, retrying in a new session"
+                );
+                report.retries += 1;
+                policy.wait(attempt).await;
+                attempt += 1;
+                recovering = true;
+            }
+            Err(LoadError::Snowflake(source)) if is_retryable_snowflake(&source) => {
+                return Err(LoadError::Outage {
+                    table: target.name.clone(),
+                    first: *versions.start(),
+                    last: *versions.end(),
+                    attempts: attempt,
+                    source: Box::new(source),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_retryable_snowflake(e: &SnowflakeError) -> bool {
+    e.is_transient() || e.is_session_gone()
+}
+
+/// After a failed attempt: a new session, then the watermark decides. `true` when the group
+/// is applied already (the earlier `COMMIT` went through), `false` when it must run again.
+async fn recover(
+    client: &mut SnowflakeClient,
+    target: &Target<'_>,
+    watermark: i64,
+    last: i64,
+) -> Result<bool, LoadError> {
+    client.renew_session().await?;
+    let now = read_watermark(client, &target.name).await?;
+    if now == last {
+        Ok(true)
+    } else if now == watermark {
+        Ok(false)
+    } else {
+        Err(LoadError::Conflict {
+            table: target.name.clone(),
+            expected: watermark,
+        })
+    }
+}
+
+/// One attempt at a group: staging table, transaction, rows inserted.
+async fn try_group(
+    client: &mut SnowflakeClient,
+    cfg: &SnowflakeConfig,
+    target: &Target<'_>,
+    watermark: i64,
+    last: i64,
+    group: &Group,
+) -> Result<u64, LoadError> {
+    // A session about to be renewed would lose the staging table between here and the
+    // transaction, so it is renewed first when its token has less than a minute to go.
+    client
+        .renew_if_due(std::time::Duration::from_mins(1))
+        .await?;
+    let staging = format!("{}_STAGING", target.name);
     // DDL commits an open transaction in Snowflake, so the session's staging table is made
     // before the transaction starts; it lives until the session ends.
     client
         .execute(
-            &format!("CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ({columns})"),
+            &format!(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ({})",
+                target.def.column_list()
+            ),
             &[],
         )
         .await?;
-
     client.begin().await?;
-    match apply_in_transaction(client, cfg, target, &staging, watermark, last, &group).await {
+    match apply_in_transaction(client, cfg, target, &staging, watermark, last, group).await {
         Ok(inserted) => {
             client.commit().await?;
-            report.versions_loaded += versions.end() - versions.start() + 1;
-            report.transactions += 1;
-            report.rows_read += group.rows_read;
-            report.rows_inserted += inserted;
-            info!(
-                component = "snowflake",
-                table = target,
-                first_version = versions.start(),
-                last_version = versions.end(),
-                rows_read = group.rows_read,
-                rows_inserted = inserted,
-                "loaded Delta versions into Snowflake"
-            );
-            Ok(last)
+            Ok(inserted)
         }
         Err(e) => {
             if let Err(rollback) = client.rollback().await {
@@ -294,12 +552,13 @@ async fn apply_group(
 async fn apply_in_transaction(
     client: &mut SnowflakeClient,
     cfg: &SnowflakeConfig,
-    target: &str,
+    target: &Target<'_>,
     staging: &str,
     watermark: i64,
     last: i64,
     group: &Group,
 ) -> Result<u64, LoadError> {
+    let name = &target.name;
     // Moving the watermark first takes the control row's lock: a second loader waits here
     // and then finds the watermark moved, instead of inserting the same versions.
     let moved = client
@@ -309,14 +568,14 @@ async fn apply_in_transaction(
             ),
             &[
                 BindValue::Fixed(last),
-                BindValue::Text(target.to_owned()),
+                BindValue::Text(name.clone()),
                 BindValue::Fixed(watermark),
             ],
         )
         .await?;
     if moved.rows_affected().unwrap_or(0) == 0 {
         return Err(LoadError::Conflict {
-            table: target.to_owned(),
+            table: name.clone(),
             expected: watermark,
         });
     }
@@ -326,15 +585,12 @@ async fn apply_in_transaction(
     client
         .execute(&format!("DELETE FROM {staging}"), &[])
         .await?;
-    let names = READINGS_COLUMNS
-        .iter()
-        .map(|(name, _)| *name)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rows: Vec<&StagedRow> = group.rows.values().collect();
+    let names = target.def.names();
+    let row_marker = format!("({})", vec!["?"; target.def.columns.len()].join(", "));
+    let rows: Vec<&Vec<BindValue>> = group.rows.values().collect();
     for chunk in rows.chunks(cfg.insert_chunk_rows) {
-        let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-        let bindings: Vec<BindValue> = chunk.iter().flat_map(|r| bindings_of(r)).collect();
+        let placeholders = vec![row_marker.as_str(); chunk.len()].join(", ");
+        let bindings: Vec<BindValue> = chunk.iter().flat_map(|r| r.iter().cloned()).collect();
         client
             .execute(
                 &format!("INSERT INTO {staging} ({names}) VALUES {placeholders}"),
@@ -342,15 +598,24 @@ async fn apply_in_transaction(
             )
             .await?;
     }
-    let source_columns = READINGS_COLUMNS
+    let source_columns = target
+        .def
+        .columns
         .iter()
-        .map(|(name, _)| format!("s.{name}"))
+        .map(|c| format!("s.{}", c.name))
         .collect::<Vec<_>>()
         .join(", ");
+    let matches = target
+        .def
+        .key
+        .iter()
+        .map(|k| format!("t.{k} = s.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     let inserted = client
         .execute(
             &format!(
-                "INSERT INTO {target} ({names}) SELECT {source_columns} FROM {staging} s WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.GATEWAY = s.GATEWAY AND t.SEQ = s.SEQ)"
+                "INSERT INTO {name} ({names}) SELECT {source_columns} FROM {staging} s WHERE NOT EXISTS (SELECT 1 FROM {name} t WHERE {matches})"
             ),
             &[],
         )
@@ -358,27 +623,13 @@ async fn apply_in_transaction(
     Ok(inserted.rows_affected().unwrap_or(0))
 }
 
-fn bindings_of(row: &StagedRow) -> [BindValue; 9] {
-    let text_or_null = |v: &Option<String>| v.clone().map_or(BindValue::Null, BindValue::Text);
-    [
-        BindValue::Fixed(row.seq),
-        BindValue::TimestampTzMicros(row.ts_us),
-        BindValue::Text(row.site.clone()),
-        BindValue::Text(row.gateway.clone()),
-        BindValue::Text(row.device.clone()),
-        BindValue::Text(row.tag.clone()),
-        row.value.map_or(BindValue::Null, BindValue::Real),
-        BindValue::Text(row.quality.clone()),
-        text_or_null(&row.unit),
-    ]
-}
-
 async fn read_file(
     store: &dyn deltalake::ObjectStore,
+    def: &TableDef,
     version: u64,
     file: &str,
     partition_values: &HashMap<String, Option<String>>,
-) -> Result<Vec<StagedRow>, LoadError> {
+) -> Result<Vec<Vec<BindValue>>, LoadError> {
     let path = Path::from_url_path(file).map_err(|e| LoadError::ReadFile {
         version,
         file: file.to_owned(),
@@ -414,14 +665,14 @@ async fn read_file(
             version,
             file,
         };
-        reader.append_rows(&mut rows)?;
+        reader.append_rows(def, &mut rows)?;
     }
     Ok(rows)
 }
 
-/// Reads the contract's columns out of one record batch by name, so extra columns the Delta
-/// table may carry do not matter, and string columns the table partitions by come from the
-/// file's partition values.
+/// Reads a table's columns out of one record batch by name, so extra columns the Delta table
+/// may carry do not matter, string columns the table partitions by come from the file's
+/// partition values, and columns added after the file was written read as null.
 struct BatchColumns<'a> {
     batch: &'a RecordBatch,
     partition_values: &'a HashMap<String, Option<String>>,
@@ -429,9 +680,12 @@ struct BatchColumns<'a> {
     file: &'a str,
 }
 
-enum StringSource<'a> {
+/// Where one column's values come from.
+enum Source<'a> {
     Array(&'a ArrayRef),
     Partition(Option<&'a str>),
+    /// A column added to the table after this file was written.
+    Absent,
 }
 
 impl<'a> BatchColumns<'a> {
@@ -444,132 +698,108 @@ impl<'a> BatchColumns<'a> {
         }
     }
 
-    fn array(&self, name: &'static str) -> Option<&'a ArrayRef> {
-        self.batch
-            .schema_ref()
-            .index_of(name)
-            .ok()
-            .map(|i| self.batch.column(i))
+    fn source(&self, column: &Column) -> Result<Source<'a>, LoadError> {
+        if let Ok(i) = self.batch.schema_ref().index_of(column.delta) {
+            let array = self.batch.column(i);
+            let fits = matches!(
+                (column.kind, array.data_type()),
+                (Kind::Int, DataType::Int64 | DataType::Int32)
+                    | (Kind::Float, DataType::Float64 | DataType::Float32)
+                    | (Kind::Timestamp, DataType::Timestamp(_, _))
+                    | (
+                        Kind::Text,
+                        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                    )
+            );
+            if !fits {
+                let expected = match column.kind {
+                    Kind::Int => "Int64",
+                    Kind::Float => "Float64",
+                    Kind::Timestamp => "a timestamp",
+                    Kind::Text => "a string",
+                };
+                return Err(self.problem(
+                    column.delta,
+                    format!("has type {}, expected {expected}", array.data_type()),
+                ));
+            }
+            return Ok(Source::Array(array));
+        }
+        if column.kind == Kind::Text
+            && let Some(value) = self.partition_values.get(column.delta)
+        {
+            return Ok(Source::Partition(value.as_deref()));
+        }
+        if column.presence == Presence::Added {
+            return Ok(Source::Absent);
+        }
+        Err(self.problem(column.delta, "is missing"))
     }
 
-    fn strings(&self, name: &'static str) -> Result<StringSource<'a>, LoadError> {
-        if let Some(array) = self.array(name) {
-            return match array.data_type() {
-                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-                    Ok(StringSource::Array(array))
-                }
-                other => Err(self.problem(name, format!("has type {other}, expected a string"))),
-            };
-        }
-        match self.partition_values.get(name) {
-            Some(value) => Ok(StringSource::Partition(value.as_deref())),
-            None => Err(self.problem(name, "is missing")),
-        }
-    }
-
-    fn string_at(source: &StringSource<'a>, i: usize) -> Option<String> {
-        match source {
-            StringSource::Partition(value) => value.map(str::to_owned),
-            StringSource::Array(array) if array.is_null(i) => None,
-            StringSource::Array(array) => Some(
-                match array.data_type() {
-                    DataType::LargeUtf8 => array.as_string::<i64>().value(i),
-                    DataType::Utf8View => array.as_string_view().value(i),
-                    _ => array.as_string::<i32>().value(i),
-                }
-                .to_owned(),
-            ),
-        }
-    }
-
-    fn append_rows(&self, rows: &mut Vec<StagedRow>) -> Result<(), LoadError> {
-        let seq = self
-            .array(column::SEQ)
-            .ok_or_else(|| self.problem(column::SEQ, "is missing"))?;
-        let ts = self
-            .array(column::TS)
-            .ok_or_else(|| self.problem(column::TS, "is missing"))?;
-        let value = self
-            .array(column::VALUE)
-            .ok_or_else(|| self.problem(column::VALUE, "is missing"))?;
-        let site = self.strings(column::SITE)?;
-        let gateway = self.strings(column::GATEWAY)?;
-        let device = self.strings(column::DEVICE)?;
-        let tag = self.strings(column::TAG)?;
-        let quality = self.strings(column::QUALITY)?;
-        let unit = self.strings(column::UNIT)?;
-
+    fn append_rows(&self, def: &TableDef, rows: &mut Vec<Vec<BindValue>>) -> Result<(), LoadError> {
+        let sources = def
+            .columns
+            .iter()
+            .map(|c| self.source(c))
+            .collect::<Result<Vec<_>, _>>()?;
         rows.reserve(self.batch.num_rows());
         for i in 0..self.batch.num_rows() {
-            let required = |source: &StringSource<'a>, name: &'static str| {
-                Self::string_at(source, i)
-                    .ok_or_else(|| self.problem(name, format!("is null at row {i}")))
-            };
-            rows.push(StagedRow {
-                seq: self.seq_at(seq, i)?,
-                ts_us: self.ts_at(ts, i)?,
-                site: required(&site, column::SITE)?,
-                gateway: required(&gateway, column::GATEWAY)?,
-                device: required(&device, column::DEVICE)?,
-                tag: required(&tag, column::TAG)?,
-                value: self.value_at(value, i)?,
-                quality: required(&quality, column::QUALITY)?,
-                unit: Self::string_at(&unit, i),
-            });
+            let mut row = Vec::with_capacity(def.columns.len());
+            for (column, source) in def.columns.iter().zip(&sources) {
+                let value = Self::value_at(column, source, i);
+                if value == BindValue::Null && column.presence == Presence::Required {
+                    return Err(self.problem(column.delta, format!("is null at row {i}")));
+                }
+                row.push(value);
+            }
+            rows.push(row);
         }
         Ok(())
     }
 
-    fn seq_at(&self, array: &ArrayRef, i: usize) -> Result<i64, LoadError> {
-        if array.is_null(i) {
-            return Err(self.problem(column::SEQ, format!("is null at row {i}")));
-        }
-        match array.data_type() {
-            DataType::Int64 => Ok(array.as_primitive::<Int64Type>().value(i)),
-            DataType::Int32 => Ok(i64::from(array.as_primitive::<Int32Type>().value(i))),
-            other => Err(self.problem(column::SEQ, format!("has type {other}, expected Int64"))),
-        }
-    }
-
-    fn ts_at(&self, array: &ArrayRef, i: usize) -> Result<i64, LoadError> {
-        if array.is_null(i) {
-            return Err(self.problem(column::TS, format!("is null at row {i}")));
-        }
-        match array.data_type() {
-            DataType::Timestamp(TimeUnit::Microsecond, _) => {
-                Ok(array.as_primitive::<TimestampMicrosecondType>().value(i))
+    fn value_at(column: &Column, source: &Source<'_>, i: usize) -> BindValue {
+        let array = match source {
+            Source::Absent => return BindValue::Null,
+            Source::Partition(value) => {
+                return value.map_or(BindValue::Null, |v| BindValue::Text(v.to_owned()));
             }
-            DataType::Timestamp(TimeUnit::Nanosecond, _) => Ok(array
-                .as_primitive::<TimestampNanosecondType>()
-                .value(i)
-                .div_euclid(1000)),
-            DataType::Timestamp(TimeUnit::Millisecond, _) => Ok(array
-                .as_primitive::<TimestampMillisecondType>()
-                .value(i)
-                .saturating_mul(1000)),
-            DataType::Timestamp(TimeUnit::Second, _) => Ok(array
-                .as_primitive::<TimestampSecondType>()
-                .value(i)
-                .saturating_mul(1_000_000)),
-            other => Err(self.problem(
-                column::TS,
-                format!("has type {other}, expected a timestamp"),
-            )),
-        }
-    }
-
-    fn value_at(&self, array: &ArrayRef, i: usize) -> Result<Option<f64>, LoadError> {
-        if array.is_null(i) {
-            return Ok(None);
-        }
-        match array.data_type() {
-            DataType::Float64 => Ok(Some(array.as_primitive::<Float64Type>().value(i))),
-            DataType::Float32 => Ok(Some(f64::from(
-                array.as_primitive::<Float32Type>().value(i),
-            ))),
-            other => {
-                Err(self.problem(column::VALUE, format!("has type {other}, expected Float64")))
+            Source::Array(array) if array.is_null(i) => return BindValue::Null,
+            Source::Array(array) => array,
+        };
+        // `source` checked the type against the column's kind.
+        match (column.kind, array.data_type()) {
+            (Kind::Int, DataType::Int32) => {
+                BindValue::Fixed(i64::from(array.as_primitive::<Int32Type>().value(i)))
             }
+            (Kind::Int, _) => BindValue::Fixed(array.as_primitive::<Int64Type>().value(i)),
+            (Kind::Float, DataType::Float32) => {
+                BindValue::Real(f64::from(array.as_primitive::<Float32Type>().value(i)))
+            }
+            (Kind::Float, _) => BindValue::Real(array.as_primitive::<Float64Type>().value(i)),
+            (Kind::Timestamp, DataType::Timestamp(unit, _)) => {
+                BindValue::TimestampTzMicros(match unit {
+                    TimeUnit::Microsecond => {
+                        array.as_primitive::<TimestampMicrosecondType>().value(i)
+                    }
+                    TimeUnit::Nanosecond => array
+                        .as_primitive::<TimestampNanosecondType>()
+                        .value(i)
+                        .div_euclid(1000),
+                    TimeUnit::Millisecond => array
+                        .as_primitive::<TimestampMillisecondType>()
+                        .value(i)
+                        .saturating_mul(1000),
+                    TimeUnit::Second => array
+                        .as_primitive::<TimestampSecondType>()
+                        .value(i)
+                        .saturating_mul(1_000_000),
+                })
+            }
+            (_, DataType::LargeUtf8) => {
+                BindValue::Text(array.as_string::<i64>().value(i).to_owned())
+            }
+            (_, DataType::Utf8View) => BindValue::Text(array.as_string_view().value(i).to_owned()),
+            _ => BindValue::Text(array.as_string::<i32>().value(i).to_owned()),
         }
     }
 }

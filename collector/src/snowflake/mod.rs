@@ -1,16 +1,24 @@
-//! Loading Snowflake from the Delta table, exactly once.
+//! Loading Snowflake from the Delta tables, exactly once: the readings table and the two
+//! data-quality tables beside it (gaps, quarantined rows).
 //!
 //! # Invariants
-//! - The readings table holds at most one row per (`GATEWAY`, `SEQ`): rows are inserted only
-//!   when no row with the same key exists, so replaying a Delta version changes nothing.
-//! - `PLANTLINE_LOAD_CONTROL.LAST_VERSION` for a readings table is the last Delta version whose
-//!   added files are all in the readings table. It changes in the same Snowflake transaction as
-//!   the rows of the versions it covers, and only if it still holds the value the loader read
-//!   first, so two loaders never apply the same versions concurrently.
-//! - Only files added with `dataChange = true` carry new readings; files rewritten by
-//!   `OPTIMIZE` (`dataChange = false`) are skipped.
-//! - The password is read from the environment at login and never logged or printed.
+//! - Each loaded table holds at most one row per merge key: (`GATEWAY`, `SEQ`) for readings,
+//!   (`GATEWAY`, `FIRST_SEQ`) for gaps, (`GATEWAY`, `SEQ`, `RULE`) for quarantined rows. Rows are
+//!   inserted only when no row with the same key exists, so replaying a Delta version changes
+//!   nothing.
+//! - `PLANTLINE_LOAD_CONTROL.LAST_VERSION` for a table is the last version of its Delta table
+//!   whose added files are all in it. It changes in the same Snowflake transaction as the rows
+//!   of the versions it covers, and only if it still holds the value the loader read first, so
+//!   two loaders never apply the same versions concurrently.
+//! - Only files added with `dataChange = true` carry new rows; files rewritten by `OPTIMIZE`
+//!   (`dataChange = false`) are skipped.
+//! - A failed transaction is retried whole, in a new session, after the watermark showed it was
+//!   not applied; a `COMMIT` whose answer was lost is never run twice.
+//! - Columns are only added to a Snowflake table (nullable), never dropped or retyped.
+//! - Secrets (password, private key and its passphrase, OAuth token) are read from the
+//!   environment or files at each login and never logged or printed.
 
+mod auth;
 mod client;
 mod config;
 mod ddl;
@@ -18,14 +26,18 @@ mod init;
 mod loader;
 pub mod views;
 
+pub use auth::{
+    AuthError, Authenticator, Credentials, JWT_LIFETIME, JWT_MAX_LIFETIME, KeyPair, Secret,
+    SecretSource, jwt_account, public_key_fingerprint,
+};
 pub use client::{
-    BindValue, ColumnInfo, ConnectorTransport, QueryResult, Rowset, SnowflakeClient,
+    BindValue, ColumnInfo, ConnectorTransport, QueryResult, RetryPolicy, Rowset, SnowflakeClient,
     SnowflakeError, StatementRequest, Transport, TransportFuture,
 };
-pub use config::{CONTROL_TABLE, SnowflakeConfig};
+pub use config::{CONTROL_TABLE, SessionParameter, SnowflakeConfig};
 pub use ddl::READINGS_CLUSTER_KEY;
 pub use init::{
     DEFAULT_LOADER_ROLE, GAPS_TABLE, InitError, InitScript, InitStatement, QUARANTINE_TABLE,
-    REPORTING_ROLE, StatementKind, TAGS_TABLE,
+    QUARANTINED_ROWS_TABLE, REPORTING_ROLE, StatementKind, TAGS_TABLE,
 };
-pub use loader::{LoadError, LoadReport, load};
+pub use loader::{LoadError, LoadReport, load, load_tables};

@@ -24,7 +24,7 @@ pub const LATEST: &str = "TAG_LATEST";
 pub const FRESHNESS: &str = "GATEWAY_FRESHNESS";
 /// Readings with their rolling z-score and anomaly flag.
 pub const ANOMALIES: &str = "READINGS_ANOMALIES";
-/// Known gaps with the number of readings each one lost.
+/// Known gaps with the number of readings each one lost and the times around them.
 pub const KNOWN_GAPS: &str = "KNOWN_GAPS";
 
 /// One view: its unqualified name, what it answers (for the script's comments) and its body.
@@ -107,11 +107,16 @@ QUALIFY ROW_NUMBER() OVER (PARTITION BY {tag_key} ORDER BY TS DESC, SEQ DESC) = 
         },
         View {
             name: KNOWN_GAPS,
-            purpose: "seq ranges that will never arrive, with the number of readings each lost, so reports can tell missing data from lost data",
+            purpose: "seq ranges that will never arrive, with the readings each lost, the reason and the times of the readings around the gap (the last before it, the first after it), so reports can tell missing data from lost data",
             query: format!(
-                "SELECT GATEWAY, FIRST_SEQ, LAST_SEQ, LAST_SEQ - FIRST_SEQ + 1 AS MISSING_READINGS,
-       FIRST_TS, LAST_TS, REASON, DETECTED_AT
-  FROM {gaps}"
+                "SELECT G.GATEWAY, G.FIRST_SEQ, G.LAST_SEQ, G.READINGS AS MISSING_READINGS,
+       G.REASON, G.FILE_KEY, G.DETECTED_AT,
+       BEFORE_GAP.TS AS LAST_TS_BEFORE, AFTER_GAP.TS AS FIRST_TS_AFTER
+  FROM {gaps} G
+  LEFT JOIN {readings} BEFORE_GAP
+    ON BEFORE_GAP.GATEWAY = G.GATEWAY AND BEFORE_GAP.SEQ = G.FIRST_SEQ - 1
+  LEFT JOIN {readings} AFTER_GAP
+    ON AFTER_GAP.GATEWAY = G.GATEWAY AND AFTER_GAP.SEQ = G.LAST_SEQ + 1"
             ),
         },
     ]

@@ -1,6 +1,8 @@
 //! A register bank for the benchmarks: an in-process Modbus TCP server (tokio-modbus) that answers
 //! every holding and input register and every coil and discrete input of the whole address space
-//! with values that move over time, and counts the requests it answered.
+//! with values that move over time, and counts the requests it answered. Started with a request
+//! limit, it refuses longer register reads with exception 3 (illegal data value), as many real
+//! devices do below the protocol's 125 registers.
 
 use std::future::{Ready, ready};
 use std::net::SocketAddr;
@@ -20,6 +22,12 @@ pub(crate) struct Bank {
 impl Bank {
     /// Binds 127.0.0.1 on a free port and serves on the current tokio runtime.
     pub(crate) async fn start() -> Self {
+        Self::start_with_limit(None).await
+    }
+
+    /// Like [`Bank::start`]; with `Some(limit)`, a read of more than `limit` registers is
+    /// refused with exception 3.
+    pub(crate) async fn start_with_limit(register_limit: Option<u16>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding a loopback port");
@@ -30,6 +38,7 @@ impl Bank {
         let service = Arc::new(BankService {
             requests: Arc::clone(&requests),
             started: Instant::now(),
+            register_limit,
         });
         tokio::spawn(async move {
             let server = Server::new(listener);
@@ -51,6 +60,7 @@ impl Bank {
 struct BankService {
     requests: Arc<AtomicU64>,
     started: Instant,
+    register_limit: Option<u16>,
 }
 
 impl BankService {
@@ -80,7 +90,13 @@ impl tokio_modbus::server::Service for BankService {
                 .map(|i| self.word(start.wrapping_add(i)) % 2 == 1)
                 .collect()
         };
+        let too_long = |count: u16| self.register_limit.is_some_and(|limit| count > limit);
         ready(match request {
+            Request::ReadHoldingRegisters(_, count) | Request::ReadInputRegisters(_, count)
+                if too_long(count) =>
+            {
+                Err(ExceptionCode::IllegalDataValue)
+            }
             Request::ReadHoldingRegisters(start, count) => {
                 Ok(Response::ReadHoldingRegisters(words(start, count)))
             }

@@ -1,4 +1,28 @@
 //! The batcher loop: cut, encode, upload, forget; in that order, one batch at a time.
+//!
+//! # Retries
+//! A failed upload leaves its batch pending and is retried with capped exponential backoff
+//! (0.5 s doubling to 60 s, each wait a random time between half and all of the step, so many
+//! gateways coming back at once spread out). The S3 client also retries a request a few times
+//! on its own before the batcher sees the failure. A retry re-reads the same `seq` range and
+//! re-encodes it to the same bytes under the same key.
+//!
+//! # Backlog drain
+//! After an outage the buffer holds a backlog. Batches stay contiguous `seq` ranges uploaded in
+//! `seq` order (batch contract guarantee 4: the collector applies each gateway's batches in
+//! `seq` order and drops rows at or below its watermark, so a fresh batch sent ahead of the
+//! backlog would make the collector throw the backlog away as a replay). Fresh readings
+//! therefore reach S3 behind the backlog, and the drain is made as fast and as visible as that
+//! order allows:
+//! - every batch holds at most `batch.max_rows` readings, so each round finishes and frees
+//!   buffer space, and a failed upload repeats one bounded batch, not the whole backlog;
+//! - while a full batch waits, the next one is cut and sent at once, with no `max_age` wait;
+//! - an optional `[upload.s3] max_bytes_per_second` keeps the drain off a metered link's peak;
+//! - the drain is logged when it starts, every minute (readings left, readings per second
+//!   uploaded, and how long until fresh readings are reached at that rate) and when it ends.
+//!
+//! Fresh readings are within `batch.max_age` of S3 again once the backlog is gone; dashboards
+//! that cannot wait for that use the Kinesis live stream, which sends fresh readings first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +59,23 @@ pub struct Batcher {
     site: String,
     /// When the buffer was first seen non-empty since the last cut.
     waiting_since: Option<Instant>,
+    /// The backlog being drained, while more than one batch waits.
+    backlog: Option<Backlog>,
 }
+
+/// Progress of a backlog drain, for its log lines.
+struct Backlog {
+    started: Instant,
+    /// Readings waiting when the drain started.
+    waiting_at_start: u64,
+    uploaded: u64,
+    batches: u64,
+    last_report: Instant,
+    uploaded_at_last_report: u64,
+}
+
+/// How often a running drain is logged.
+const BACKLOG_REPORT_EVERY: Duration = Duration::from_mins(1);
 
 const TICK: Duration = Duration::from_millis(250);
 const RETRY_START: Duration = Duration::from_millis(500);
@@ -54,6 +94,7 @@ impl Batcher {
             config,
             site,
             waiting_since: None,
+            backlog: None,
         }
     }
 
@@ -152,10 +193,74 @@ impl Batcher {
         self.upload(&batch).await?;
         // Rows cut later than this batch have waited at most as long; keep the clock running
         // for them only if some remain.
-        if self.blocking(Buffer::stats).await?.rows == 0 {
+        let left = self.blocking(Buffer::stats).await?.rows;
+        if left == 0 {
             self.waiting_since = None;
         }
+        let uploaded = u64::try_from(batch.last_seq - batch.first_seq + 1).unwrap_or(0);
+        self.track_backlog(uploaded, left);
         Ok(true)
+    }
+
+    /// Follows a backlog drain: one upload of `uploaded` readings just finished and `left`
+    /// readings wait. A backlog is more than one full batch waiting.
+    fn track_backlog(&mut self, uploaded: u64, left: u64) {
+        let max_rows = self.config.max_rows as u64;
+        let now = Instant::now();
+        match &mut self.backlog {
+            None if left > max_rows => {
+                info!(
+                    component = "batcher",
+                    waiting = left,
+                    batches = left.div_ceil(max_rows.max(1)),
+                    "draining a backlog in seq order; fresh readings reach the upload target after it"
+                );
+                self.backlog = Some(Backlog {
+                    started: now,
+                    waiting_at_start: left,
+                    uploaded: 0,
+                    batches: 0,
+                    last_report: now,
+                    uploaded_at_last_report: 0,
+                });
+            }
+            None => {}
+            Some(backlog) => {
+                backlog.uploaded += uploaded;
+                backlog.batches += 1;
+                if left <= max_rows {
+                    info!(
+                        component = "batcher",
+                        readings = backlog.uploaded,
+                        batches = backlog.batches,
+                        waited_at_start = backlog.waiting_at_start,
+                        drain_ms = crate::millis(backlog.started.elapsed()),
+                        "backlog drained; fresh readings are uploaded within batch.max_age again"
+                    );
+                    self.backlog = None;
+                } else if now - backlog.last_report >= BACKLOG_REPORT_EVERY {
+                    let secs = (now - backlog.last_report).as_secs_f64();
+                    #[allow(clippy::cast_precision_loss)]
+                    let rate = (backlog.uploaded - backlog.uploaded_at_last_report) as f64 / secs;
+                    #[allow(clippy::cast_precision_loss)]
+                    let eta_s = if rate > 0.0 {
+                        (left as f64 / rate).round()
+                    } else {
+                        f64::INFINITY
+                    };
+                    info!(
+                        component = "batcher",
+                        waiting = left,
+                        uploaded = backlog.uploaded,
+                        readings_per_s = rate.round(),
+                        fresh_in_s = eta_s,
+                        "backlog draining"
+                    );
+                    backlog.last_report = now;
+                    backlog.uploaded_at_last_report = backlog.uploaded;
+                }
+            }
+        }
     }
 
     async fn upload(&self, batch: &PendingBatch) -> Result<(), StepError> {
@@ -233,6 +338,7 @@ mod tests {
                 device: "press-3".into(),
                 tag: "oil_temp".into(),
                 value: Some(i as f64 / 8.0),
+                value_text: None,
                 quality: Quality::Good,
                 unit: Some("degC".into()),
             })

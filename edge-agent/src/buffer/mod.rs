@@ -43,6 +43,10 @@
 //!   and the records never change afterwards: a retried upload carries the same gaps (the
 //!   batch's bytes stay deterministic). They are deleted in [`Buffer::complete_batch`], with
 //!   the batch's rows. A gap with no reading after it waits for the next reading's batch.
+//! - Schema upgrades only add nullable columns to `readings` (`ALTER TABLE ADD COLUMN`, on
+//!   open, in one transaction); no existing row is rewritten or lost, and a buffer written by an
+//!   older agent is read as if the new columns were null. The `value_text` column (batch
+//!   contract v2, the text of a string tag) came this way.
 //! - `seq` never goes backwards, even when the database is lost: the high-water file
 //!   `<buffer>.seq` (written atomically and fsynced) records the highest `seq` reserved (in
 //!   blocks of 100 000, before the rows are inserted), cut into a batch (before its upload) and
@@ -78,6 +82,7 @@
 pub mod dead_letter;
 mod high_water;
 mod inspect;
+pub mod plan_memory;
 mod recovery;
 mod sqlite;
 mod utc;

@@ -349,6 +349,7 @@ struct Salvaged {
     value: Option<f64>,
     quality: String,
     unit: Option<String>,
+    value_text: Option<String>,
 }
 
 /// The outcome of reading one chunk: the rows read (or the seq of a row whose content is
@@ -365,10 +366,19 @@ fn read_chunk(src: &Connection, after: i64) -> Chunk {
         damaged: false,
         full: false,
     };
-    let Ok(mut stmt) = src.prepare_cached(
-        "SELECT seq, ts_us, device, tag, value, quality, unit FROM readings
-         WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    ) else {
+    // A buffer written before `value_text` existed has no such column: its rows carry none.
+    let Ok(mut stmt) = src
+        .prepare_cached(
+            "SELECT seq, ts_us, device, tag, value, quality, unit, value_text FROM readings
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )
+        .or_else(|_| {
+            src.prepare_cached(
+                "SELECT seq, ts_us, device, tag, value, quality, unit, NULL FROM readings
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+        })
+    else {
         chunk.damaged = true;
         return chunk;
     };
@@ -399,6 +409,7 @@ fn read_chunk(src: &Connection, after: i64) -> Chunk {
                         value: r.get(4)?,
                         quality: r.get(5)?,
                         unit: r.get(6)?,
+                        value_text: r.get(7)?,
                     })
                 })()
                 .ok()
@@ -473,8 +484,8 @@ fn salvage_rows(
         let tx = dst.transaction()?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO readings (seq, ts_us, device, tag, value, quality, unit)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO readings (seq, ts_us, device, tag, value, quality, unit, value_text)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for row in &chunk.rows {
                 let seq = match row {
@@ -489,7 +500,14 @@ fn salvage_rows(
                 match row {
                     Ok(r) => {
                         insert.execute(params![
-                            r.seq, r.ts_us, r.device, r.tag, r.value, r.quality, r.unit
+                            r.seq,
+                            r.ts_us,
+                            r.device,
+                            r.tag,
+                            r.value,
+                            r.quality,
+                            r.unit,
+                            r.value_text
                         ])?;
                         scan.saved_rows += 1;
                         let first = scan.saved_seq.map_or(r.seq, |(a, _)| a);

@@ -166,6 +166,8 @@ struct Inner {
     bounds: Bounds,
 }
 
+/// The tables as first released. A column added later goes to [`ADDED_READING_COLUMNS`], never
+/// here, so new and old buffers end up with the same layout.
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -201,6 +203,50 @@ CREATE TABLE IF NOT EXISTS arrivals (
     last_at_us  INTEGER NOT NULL
 ) STRICT;
 ";
+
+/// Columns added to `readings` after its first release, in the order they were added, with
+/// their SQL type. Every buffer (new or old) gets them by `ALTER TABLE ... ADD COLUMN`, so all
+/// buffers have one layout: SQLite reads a column missing from an older row as NULL without
+/// rewriting the row, and existing readings keep their `seq` and content.
+const ADDED_READING_COLUMNS: [(&str, &str); 1] = [
+    // Batch contract v2: the text of a string tag.
+    ("value_text", "TEXT"),
+];
+
+/// Adds the columns of [`ADDED_READING_COLUMNS`] a buffer does not have yet, in one immediate
+/// transaction (a second process opening the same file waits and then finds them).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |conn: &Connection, name: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('readings') WHERE name = ?1)",
+            [name],
+            |r| r.get(0),
+        )
+    };
+    let mut missing = false;
+    for (name, _) in ADDED_READING_COLUMNS {
+        missing |= !has(conn, name)?;
+    }
+    if !missing {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let added = (|| {
+        for (name, sql_type) in ADDED_READING_COLUMNS {
+            if !has(conn, name)? {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE readings ADD COLUMN {name} {sql_type}"
+                ))?;
+            }
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if added.is_err() {
+        // Best effort: the error that matters is the one returned.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    added
+}
 
 /// Microseconds since the Unix epoch on the gateway's clock.
 pub(crate) fn now_us() -> i64 {
@@ -479,6 +525,7 @@ pub(crate) fn open_connection(path: &Path, durability: Durability) -> rusqlite::
     conn.pragma_update(None, "synchronous", sync)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     Ok(conn)
 }
 
@@ -889,8 +936,8 @@ impl Buffer {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT INTO readings (ts_us, device, tag, value, quality, unit)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO readings (ts_us, device, tag, value, quality, unit, value_text)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(|e| self.err(e))?;
             for r in readings {
@@ -900,7 +947,8 @@ impl Buffer {
                     r.tag,
                     r.value,
                     r.quality.as_str(),
-                    r.unit
+                    r.unit,
+                    r.value_text
                 ])
                 .map_err(|e| self.err(e))?;
                 last = tx.last_insert_rowid();
@@ -1017,7 +1065,7 @@ impl Buffer {
         let mut stmt = inner
             .conn
             .prepare_cached(
-                "SELECT seq, ts_us, device, tag, value, quality, unit FROM readings
+                "SELECT seq, ts_us, device, tag, value, quality, unit, value_text FROM readings
                  WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
             )
             .map_err(|e| self.err(e))?;
@@ -1031,12 +1079,13 @@ impl Buffer {
                     r.get::<_, Option<f64>>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         let mut rows = Vec::new();
         for item in raw {
-            let (seq, ts_us, device, tag, value, quality_name, unit) =
+            let (seq, ts_us, device, tag, value, quality_name, unit, value_text) =
                 item.map_err(|e| self.err(e))?;
             let quality = Quality::parse(&quality_name).ok_or_else(|| BufferError::CorruptRow {
                 path: self.path.clone(),
@@ -1053,6 +1102,7 @@ impl Buffer {
                 value,
                 quality,
                 unit,
+                value_text,
             });
         }
         Ok(rows)
@@ -1160,6 +1210,7 @@ mod tests {
             device: "press-3".into(),
             tag: format!("t{i}"),
             value: Some(i as f64),
+            value_text: None,
             quality: Quality::Good,
             unit: Some("bar".into()),
         }
@@ -1464,6 +1515,87 @@ mod tests {
         let batch = buf.cut_batch(5000, "plant-a").unwrap().unwrap();
         buf.complete_batch(&batch).unwrap();
         assert!(buf.has_room().unwrap());
+    }
+
+    #[test]
+    fn string_readings_keep_their_text_through_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = open(dir.path());
+        let text = Reading {
+            tag: "recipe".into(),
+            value: None,
+            value_text: Some("MIX-7".into()),
+            unit: None,
+            ..reading(2)
+        };
+        buf.append(&[reading(1), text, reading(3)]).unwrap();
+        let batch = buf.cut_batch(10, "plant-a").unwrap().unwrap();
+        let rows = buf.batch_rows(&batch).unwrap();
+        let texts: Vec<(Option<f64>, Option<&str>)> = rows
+            .iter()
+            .map(|r| (r.value, r.value_text.as_deref()))
+            .collect();
+        assert_eq!(
+            texts,
+            [(Some(1.0), None), (None, Some("MIX-7")), (Some(3.0), None)]
+        );
+    }
+
+    #[test]
+    fn a_buffer_of_an_older_agent_gains_value_text_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        {
+            // The layout before contract v2: the first-release tables, no value_text.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('gateway', 'gw-1')",
+                [],
+            )
+            .unwrap();
+            for i in 1..=3 {
+                conn.execute(
+                    "INSERT INTO readings (ts_us, device, tag, value, quality, unit)
+                     VALUES (?1, 'press-3', 'oil_temp', ?2, 'good', 'degC')",
+                    params![1_700_000_000_000_000_i64 + i, i as f64],
+                )
+                .unwrap();
+            }
+            let columns: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM pragma_table_info('readings')",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(columns, 7);
+        }
+        let buf = open(dir.path());
+        assert_eq!(buf.stats().unwrap().rows, 3);
+        buf.append(&[Reading {
+            value: None,
+            value_text: Some("MIX-7".into()),
+            ..reading(4)
+        }])
+        .unwrap();
+        let batch = buf.cut_batch(10, "plant-a").unwrap().unwrap();
+        assert_eq!((batch.first_seq, batch.last_seq), (1, 4));
+        let rows = buf.batch_rows(&batch).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.value).collect::<Vec<_>>(),
+            [Some(1.0), Some(2.0), Some(3.0), None]
+        );
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.value_text.as_deref())
+                .collect::<Vec<_>>(),
+            [None, None, None, Some("MIX-7")]
+        );
+        drop(buf);
+        // Opening again finds the column and changes nothing.
+        let buf = open(dir.path());
+        assert_eq!(buf.batch_rows(&batch).unwrap(), rows);
     }
 
     #[test]

@@ -98,6 +98,11 @@ pub fn load_str(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
         }
     })?;
 
+    // Before validation, which reads the TLS files.
+    let base = path.parent().unwrap_or(Path::new(""));
+    for broker in &mut config.mqtt {
+        broker.resolve_paths(base);
+    }
     let mut problems = validate(&config);
     if !problems.is_empty() {
         // The document parsed a moment ago, so parsing it again for spans succeeds.
@@ -115,7 +120,6 @@ pub fn load_str(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
         });
     }
 
-    let base = path.parent().unwrap_or(Path::new(""));
     if config.buffer.path.is_relative() {
         config.buffer.path = base.join(&config.buffer.path);
     }
@@ -123,13 +127,6 @@ pub fn load_str(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
         && dir.path.is_relative()
     {
         dir.path = base.join(&dir.path);
-    }
-    for broker in &mut config.mqtt {
-        if let Some(file) = &mut broker.password_file
-            && file.is_relative()
-        {
-            *file = base.join(&*file);
-        }
     }
     for drop in &mut config.file_drop {
         if drop.folder.is_relative() {
@@ -338,7 +335,7 @@ unit = "degC"
         assert_eq!(key.as_deref(), Some("modbus[0].tags[0].units"));
         assert_eq!(
             err.to_string(),
-            "plant.toml:16:1: modbus[0].tags[0].units: unknown field `units`, expected one of `name`, `register`, `address`, `type`, `bit`, `byte_order`, `scale`, `offset`, `unit`, `range`, `deadband`, `deadband_percent`, `heartbeat`"
+            "plant.toml:16:1: modbus[0].tags[0].units: unknown field `units`, expected one of `name`, `register`, `address`, `type`, `bit`, `length`, `byte_order`, `scale`, `offset`, `unit`, `range`, `deadband`, `deadband_percent`, `heartbeat`"
         );
     }
 
@@ -347,7 +344,7 @@ unit = "degC"
         let text = VALID.replace("type = \"f32\"", "type = \"f16\"");
         assert_eq!(
             parse_error(&text),
-            "plant.toml:15:8: modbus[0].tags[0].type: unknown variant `f16`, expected one of `bool`, `bit`, `u16`, `i16`, `u32`, `i32`, `u64`, `i64`, `f32`, `f64`"
+            "plant.toml:15:8: modbus[0].tags[0].type: unknown variant `f16`, expected one of `bool`, `bit`, `u16`, `i16`, `u32`, `i32`, `u64`, `i64`, `f32`, `f64`, `string`"
         );
         let text = VALID.replace(
             "host = \"127.0.0.1\"",

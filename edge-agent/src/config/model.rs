@@ -362,9 +362,34 @@ pub struct S3Upload {
     /// Use path-style URLs (`endpoint/bucket/key`); needed by most S3-compatible stores.
     /// Defaults to true when `endpoint` is set.
     pub force_path_style: Option<bool>,
-    /// How long one upload attempt may take before it is abandoned and retried.
+    /// How long one request (a whole batch, or one part of a multipart upload) may take before
+    /// it is abandoned and retried. With `max_bytes_per_second` the time the cap needs for the
+    /// request's bytes is added.
     #[serde(default = "S3Upload::default_timeout")]
     pub timeout: ConfigDuration,
+    /// Batches larger than this go up as a multipart upload, in parts of `part_size`; smaller
+    /// ones in one PUT. At least 5 MiB (S3's smallest part).
+    #[serde(default = "S3Upload::default_multipart_threshold")]
+    pub multipart_threshold: ByteSize,
+    /// The size of each part of a multipart upload (the last one may be smaller): 5 MiB to
+    /// 5 GiB. A batch that would need more than 10 000 parts uses larger ones.
+    #[serde(default = "S3Upload::default_part_size")]
+    pub part_size: ByteSize,
+    /// The S3 storage class of the batches: `STANDARD`, `STANDARD_IA`, `ONEZONE_IA`,
+    /// `INTELLIGENT_TIERING` or `GLACIER_IR`. Leave out for the bucket's default (`STANDARD`).
+    /// Classes that need a restore before a read (`GLACIER`, `DEEP_ARCHIVE`) are refused: the
+    /// collector reads every batch soon after it lands.
+    pub storage_class: Option<String>,
+    /// Server-side encryption of the batches: `"AES256"` (SSE-S3, keys managed by S3) or
+    /// `"aws:kms"` (SSE-KMS). Leave out for the bucket's default encryption.
+    pub sse: Option<String>,
+    /// The KMS key for `sse = "aws:kms"`: a key id, key ARN, alias name (`alias/plant-raw`) or
+    /// alias ARN. Leave out for the account's AWS managed key `aws/s3`.
+    pub kms_key_id: Option<String>,
+    /// An upload bandwidth cap for metered links, in bytes per second (`"256 KiB"`, `"1 MB"`,
+    /// or a whole number): request bodies are sent no faster than this on average, over any
+    /// stretch longer than a few milliseconds. At least 1 KiB. Leave out for no cap.
+    pub max_bytes_per_second: Option<ByteSize>,
 }
 
 impl S3Upload {
@@ -373,6 +398,12 @@ impl S3Upload {
     }
     fn default_timeout() -> ConfigDuration {
         ConfigDuration::from_secs(60)
+    }
+    fn default_multipart_threshold() -> ByteSize {
+        ByteSize(8 << 20)
+    }
+    fn default_part_size() -> ByteSize {
+        ByteSize(8 << 20)
     }
 }
 
@@ -433,6 +464,15 @@ pub struct ModbusDevice {
     /// registers often (the agent learns such holes by itself, at the cost of a few requests).
     #[serde(default = "ModbusDevice::default_max_gap")]
     pub max_gap: u16,
+    /// The most holding or input registers this device answers in one request, 1 to 125 (the
+    /// protocol maximum, and the default). Many devices have a smaller limit (often 64 or 100)
+    /// and refuse a longer read with exception 3 (illegal data value): the agent learns that
+    /// limit by itself, at the cost of a few refused requests, and keeps it across restarts.
+    /// Set it for a device that answers a long read with exception 4 or not at all.
+    pub max_registers_per_request: Option<u16>,
+    /// The most coils or discrete inputs this device answers in one request, 1 to 2000 (the
+    /// protocol maximum, and the default); learned like `max_registers_per_request`.
+    pub max_bits_per_request: Option<u16>,
     /// The tags (named values) read from this device.
     pub tags: Vec<ModbusTag>,
 }
@@ -643,16 +683,21 @@ pub struct ModbusTag {
     /// is address 100), with `one_based` it is one more.
     pub address: u16,
     /// How the register(s) are decoded: `bool` for coils and discrete inputs; `bit`, `u16`,
-    /// `i16`, `u32`, `i32`, `f32`, `u64`, `i64` or `f64` for holding and input registers.
-    /// 64-bit integers beyond 2^53 lose their lowest bits in the `f64` value column.
+    /// `i16`, `u32`, `i32`, `f32`, `u64`, `i64`, `f64` or `string` for holding and input
+    /// registers. 64-bit integers beyond 2^53 lose their lowest bits in the `f64` value column;
+    /// a `string` is sent as text (the batch's `value_text` column), never as a number.
     #[serde(rename = "type")]
     pub data_type: DataType,
     /// For `type = "bit"` only: which bit of the register, 0 (least significant) to 15.
     pub bit: Option<u8>,
+    /// For `type = "string"` only, and required there: how many registers the string occupies,
+    /// 1 to 125. Each register holds two ASCII characters, so `length = 10` reads up to 20.
+    pub length: Option<u16>,
     /// Byte and word order of multi-register types, named as in most PLC manuals and Telegraf:
     /// `ABCD` (big-endian, high word first; the default), `CDAB` (word order reversed, low word
     /// first), `BADC` (bytes swapped in each word), `DCBA` (little-endian). For 16-bit types and
-    /// `bit`, `BADC` and `DCBA` swap the register's two bytes.
+    /// `bit`, `BADC` and `DCBA` swap the register's two bytes. A `string` is read register by
+    /// register: `ABCD` takes each register's high byte first, `BADC` its low byte first.
     #[serde(default)]
     pub byte_order: ByteOrder,
     /// Multiplier applied to the decoded number: value = raw * scale + offset.
@@ -697,6 +742,7 @@ impl ModbusTag {
             address,
             data_type,
             bit: None,
+            length: None,
             byte_order: ByteOrder::default(),
             scale: Self::default_scale(),
             offset: 0.0,
@@ -705,6 +751,28 @@ impl ModbusTag {
             deadband: None,
             deadband_percent: None,
             heartbeat: None,
+        }
+    }
+
+    /// A `type = "string"` tag of `length` registers (two characters each).
+    pub fn string(
+        name: impl Into<String>,
+        register: RegisterKind,
+        address: u16,
+        length: u16,
+    ) -> Self {
+        Self {
+            length: Some(length),
+            ..Self::new(name, register, address, DataType::String)
+        }
+    }
+
+    /// How many registers (or, for `bool`, bits) the tag occupies: its `length` for a string
+    /// (1 while a string has none, which validation refuses), the type's width otherwise.
+    pub fn register_count(&self) -> u16 {
+        match (self.data_type, self.length) {
+            (DataType::String, Some(length)) => length.max(1),
+            (data_type, _) => data_type.register_count(),
         }
     }
 }
@@ -740,8 +808,8 @@ impl RegisterKind {
     }
 }
 
-/// Value types. Fixed-length ASCII strings are not supported: the batch contract's value column
-/// is a number.
+/// Value types: numbers (sent in the batch's `value` column) and fixed-length ASCII strings
+/// (sent as text in `value_text`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataType {
@@ -757,13 +825,18 @@ pub enum DataType {
     I64,
     F32,
     F64,
+    /// Fixed-length ASCII text, two characters per register, `length` registers (see
+    /// [`ModbusTag::length`]); trailing NULs and spaces are not part of the text.
+    String,
 }
 
 impl DataType {
-    /// How many 16-bit registers (or, for `bool`, bits) one value occupies.
+    /// How many 16-bit registers (or, for `bool`, bits) one value occupies. A `string`'s width
+    /// is its tag's `length`, which this type does not know: it answers 1 (one register, two
+    /// characters), so code that has the tag asks [`ModbusTag::register_count`] instead.
     pub fn register_count(self) -> u16 {
         match self {
-            DataType::Bool | DataType::Bit | DataType::U16 | DataType::I16 => 1,
+            DataType::Bool | DataType::Bit | DataType::U16 | DataType::I16 | DataType::String => 1,
             DataType::U32 | DataType::I32 | DataType::F32 => 2,
             DataType::U64 | DataType::I64 | DataType::F64 => 4,
         }
@@ -782,7 +855,13 @@ impl DataType {
             DataType::I64 => "i64",
             DataType::F32 => "f32",
             DataType::F64 => "f64",
+            DataType::String => "string",
         }
+    }
+
+    /// Whether the value is text (`value_text`) rather than a number (`value`).
+    pub fn is_text(self) -> bool {
+        self == DataType::String
     }
 }
 
@@ -798,17 +877,22 @@ pub enum ByteOrder {
     DCBA,
 }
 
-/// One MQTT broker (MQTT 3.1.1 over plain TCP) and what to subscribe to on it.
+/// One MQTT broker (MQTT 3.1.1 or 5, over TCP or TLS) and what to subscribe to on it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttBroker {
     /// A name for this broker in logs and error messages (for example `line2-broker`).
     pub name: String,
-    /// Host name or IP address of the broker.
+    /// Host name or IP address of the broker. With `[mqtt.tls]` the broker's certificate must
+    /// name this host (or `tls.server_name`).
     pub host: String,
-    /// TCP port of the broker.
-    #[serde(default = "MqttBroker::default_port")]
-    pub port: u16,
+    /// TCP port of the broker; 1883 by default, 8883 (`mqtts`) with `[mqtt.tls]`. Read it with
+    /// [`MqttBroker::port`].
+    pub port: Option<u16>,
+    /// The protocol version: `"3.1.1"` (the default) or `"5"`. The delivery guarantees are the
+    /// same; with 5 the session's lifetime is `session_expiry`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
     /// The client id the agent connects with. With `clean_session = false` the broker keeps the
     /// session (subscriptions and unacknowledged QoS 1 messages) under this id, so it must be
     /// unique on the broker and stay the same across restarts.
@@ -819,8 +903,14 @@ pub struct MqttBroker {
     pub keep_alive: ConfigDuration,
     /// `false` (the default): a persistent session, so QoS 1 messages published while the agent
     /// was away are delivered when it returns. `true` starts from nothing on every connect.
+    /// With `protocol = "5"` this is the CONNECT's clean start flag.
     #[serde(default)]
     pub clean_session: bool,
+    /// `protocol = "5"` only: how long the broker keeps the persistent session (subscriptions and
+    /// queued QoS 1 messages) after the agent disconnected; messages for a longer absence are
+    /// lost. 1s to 4294967295s, default `"168h"` (a week). With 3.1.1 the broker decides
+    /// (Mosquitto: `persistent_client_expiration`, never by default).
+    pub session_expiry: Option<ConfigDuration>,
     /// User name for the broker's password authentication.
     pub username: Option<String>,
     /// Name of the environment variable holding the password (never written in the map).
@@ -828,6 +918,9 @@ pub struct MqttBroker {
     /// File holding the password (its first line, without the line end). A relative path is
     /// resolved against the config file's folder.
     pub password_file: Option<PathBuf>,
+    /// TLS to the broker: present means the connection is encrypted and the broker's certificate
+    /// is checked against `ca_file`.
+    pub tls: Option<MqttTls>,
     /// The topic filters to subscribe to and how their messages become readings.
     pub subscriptions: Vec<MqttSubscription>,
     /// How many bad payloads of this broker the buffer keeps in its dead-letter table (time,
@@ -835,18 +928,116 @@ pub struct MqttBroker {
     /// latest). Past this the oldest are dropped, and counted. 1 to 100000.
     #[serde(default = "MqttBroker::default_max_dead_letters")]
     pub max_dead_letters: u32,
+    /// The largest message the agent accepts from the broker (a size like "1 MiB"; 1 KiB to
+    /// 256 MiB). A larger message ends the connection and, at QoS 1, comes again at every
+    /// reconnect, so keep this above the largest payload a device sends (Sparkplug B births
+    /// with hundreds of metrics reach tens of kilobytes).
+    #[serde(default = "MqttBroker::default_max_packet_size")]
+    pub max_packet_size: ByteSize,
 }
 
 impl MqttBroker {
-    fn default_port() -> u16 {
-        1883
+    /// The MQTT port without TLS.
+    pub const PLAIN_PORT: u16 = 1883;
+    /// The MQTT over TLS port (`mqtts`).
+    pub const TLS_PORT: u16 = 8883;
+    /// How long an MQTT 5 broker keeps the session by default: a week.
+    pub const DEFAULT_SESSION_EXPIRY: ConfigDuration = ConfigDuration::from_secs(7 * 24 * 3600);
+
+    /// The port to connect to: the configured one, else 1883, or 8883 with TLS.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.tls.is_some() {
+            Self::TLS_PORT
+        } else {
+            Self::PLAIN_PORT
+        })
     }
+
+    /// How long an MQTT 5 broker keeps the session after a disconnect (`session_expiry`, or its
+    /// default); zero with `clean_session = true`.
+    pub fn session_expiry(&self) -> ConfigDuration {
+        if self.clean_session {
+            ConfigDuration::from_secs(0)
+        } else {
+            self.session_expiry.unwrap_or(Self::DEFAULT_SESSION_EXPIRY)
+        }
+    }
+
+    /// Resolves the relative paths of files (password, TLS) against `base`, the config file's
+    /// folder.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let tls = self.tls.as_mut();
+        let files = self
+            .password_file
+            .iter_mut()
+            .chain(tls.into_iter().flat_map(|tls| {
+                std::iter::once(&mut tls.ca_file)
+                    .chain(tls.client_cert_file.as_mut())
+                    .chain(tls.client_key_file.as_mut())
+            }));
+        for file in files {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+    }
+
     fn default_max_dead_letters() -> u32 {
         crate::buffer::dead_letter::DEFAULT_MAX_DEAD_LETTERS
+    }
+    /// The default `max_packet_size`: 1 MiB.
+    pub const DEFAULT_MAX_PACKET_SIZE: u64 = 1 << 20;
+    fn default_max_packet_size() -> ByteSize {
+        ByteSize(Self::DEFAULT_MAX_PACKET_SIZE)
+    }
+    /// `max_packet_size` in bytes, for the MQTT client (the check keeps it within MQTT's limit).
+    pub fn max_packet_bytes(&self) -> u32 {
+        u32::try_from(self.max_packet_size.0).unwrap_or(u32::MAX)
     }
     fn default_keep_alive() -> ConfigDuration {
         ConfigDuration::from_secs(30)
     }
+}
+
+/// The MQTT protocol version spoken to a broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1 (protocol level 4).
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
+}
+
+impl std::fmt::Display for MqttProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        })
+    }
+}
+
+/// TLS to an MQTT broker (`[mqtt.tls]`). Files are PEM; relative paths are resolved against the
+/// config file's folder. The private key is read by the agent only, never logged.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// The CA certificate(s) the broker's certificate must chain to (PEM, one or more
+    /// certificates). For a broker with a public certificate, the system's bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt` on Debian).
+    pub ca_file: PathBuf,
+    /// The agent's certificate (PEM, the chain from the agent's certificate up) for a broker
+    /// that asks for client certificates; needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key of `client_cert_file` (PEM: PKCS#8 `PRIVATE KEY`, RSA `RSA PRIVATE KEY`
+    /// or EC `EC PRIVATE KEY`, not encrypted); readable by the agent's user only.
+    pub client_key_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it is not `host`: for a broker reached
+    /// by IP address whose certificate names its DNS name.
+    pub server_name: Option<String>,
 }
 
 /// One topic filter and the mapping of its messages to readings.
@@ -861,12 +1052,16 @@ pub struct MqttSubscription {
     /// once: lost when the agent is away or stops before committing it).
     #[serde(default = "MqttSubscription::default_qos")]
     pub qos: u8,
-    /// What the payload is: `json` (the default) or `number` (the payload is one number in
-    /// text, like `21.5`).
+    /// What the payload is: `json` (the default), `number` (the payload is one number in
+    /// text, like `21.5`) or `sparkplug_b` (Sparkplug B edge nodes; device, tag, value, time
+    /// and unit come from the messages, so the mapping keys below are left out).
     #[serde(default)]
     pub payload: PayloadFormat,
     /// The device of the readings: literal text with `{N}` standing for level N of the message's
     /// topic, counted from 0 (`{1}` is `press-3` in `plant/press-3/oil_temp/telemetry`).
+    /// Required for `json` and `number`; not used with `sparkplug_b` (the edge node, or
+    /// `<edge node>/<device>`).
+    #[serde(default)]
     pub device: String,
     /// The tag of the reading, with `{N}` like `device`. For one value per message; leave out
     /// when `fields` lists several.
@@ -929,6 +1124,11 @@ pub enum PayloadFormat {
     /// The whole payload is one number in text (`21.5`, `-3`, `1e3`); the timestamp is the
     /// arrival time.
     Number,
+    /// Sparkplug B (protobuf) from edge nodes: births give each metric's name, alias and
+    /// datatype, data messages the values, deaths mark the tags stale
+    /// ([`crate::sources::mqtt::sparkplug`]).
+    #[serde(rename = "sparkplug_b")]
+    SparkplugB,
 }
 
 /// How a timestamp in a payload is written.

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use super::ConfigDuration;
 use super::model::{
-    Addressing, AgentConfig, BusTransport, DataType, ModbusBus, ModbusDevice, ModbusTag,
+    Addressing, AgentConfig, BusTransport, ByteOrder, DataType, ModbusBus, ModbusDevice, ModbusTag,
     RegisterKind, UploadConfig,
 };
 use crate::contract;
-use crate::sources::modbus::plan::MAX_BITS;
+use crate::sources::modbus::plan::{MAX_BITS, MAX_REGISTERS};
 
 /// The shortest poll interval accepted: faster polling overloads most PLCs' communication
 /// processors and fills the buffer faster than any uplink drains it.
@@ -325,6 +325,7 @@ fn check_upload(problems: &mut Vec<Problem>, upload: &UploadConfig) {
             Duration::from_secs(1),
             "\"60s\"",
         );
+        check_s3_transfer(problems, s3);
     }
     if let Some(dir) = &upload.dir {
         if dir.path.as_os_str().is_empty() {
@@ -334,6 +335,100 @@ fn check_upload(problems: &mut Vec<Problem>, upload: &UploadConfig) {
             ));
         }
         check_prefix(problems, "upload.dir.prefix", &dir.prefix);
+    }
+}
+
+/// S3's smallest part of a multipart upload (every part but the last).
+const MIN_PART_BYTES: u64 = 5 << 20;
+/// S3's largest part.
+const MAX_PART_BYTES: u64 = 5 << 30;
+/// The slowest bandwidth cap accepted: below it one default batch takes hours.
+const MIN_BYTES_PER_SECOND: u64 = 1 << 10;
+
+/// Storage classes whose objects can be read at once (the collector reads every batch soon
+/// after it lands).
+pub(crate) const STORAGE_CLASSES: [&str; 5] = [
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+];
+
+/// The `sse` values: SSE-S3 and SSE-KMS.
+pub(crate) const SSE_MODES: [&str; 2] = ["AES256", "aws:kms"];
+
+fn check_s3_transfer(problems: &mut Vec<Problem>, s3: &super::model::S3Upload) {
+    if s3.multipart_threshold.0 < MIN_PART_BYTES {
+        problems.push(Problem::new(
+            "upload.s3.multipart_threshold",
+            format!(
+                "{} is below S3's smallest part of 5 MiB; use at least that, for example multipart_threshold = \"8 MiB\"",
+                s3.multipart_threshold
+            ),
+        ));
+    }
+    if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&s3.part_size.0) {
+        problems.push(Problem::new(
+            "upload.s3.part_size",
+            format!(
+                "{} is outside the part sizes S3 accepts (5 MiB to 5 GiB); use a size in that range, for example part_size = \"8 MiB\"",
+                s3.part_size
+            ),
+        ));
+    }
+    if let Some(class) = &s3.storage_class {
+        if matches!(class.as_str(), "GLACIER" | "DEEP_ARCHIVE") {
+            problems.push(Problem::new(
+                "upload.s3.storage_class",
+                format!(
+                    "`{class}` objects cannot be read before they are restored, so the collector could not pick up the batches; use \"STANDARD\" (or \"GLACIER_IR\"), and archive older batches with a lifecycle rule"
+                ),
+            ));
+        } else if !STORAGE_CLASSES.contains(&class.as_str()) {
+            problems.push(Problem::new(
+                "upload.s3.storage_class",
+                format!(
+                    "`{class}` is not a storage class the batches can use; use one of {} (in capitals), or leave the key out for the bucket's default",
+                    STORAGE_CLASSES.join(", ")
+                ),
+            ));
+        }
+    }
+    let kms = match s3.sse.as_deref() {
+        None => false,
+        Some(mode) if SSE_MODES.contains(&mode) => mode == "aws:kms",
+        Some(mode) => {
+            problems.push(Problem::new(
+                "upload.s3.sse",
+                format!(
+                    "`{mode}` is not a server-side encryption mode; use \"AES256\" (SSE-S3) or \"aws:kms\" (SSE-KMS), or leave the key out for the bucket's default encryption"
+                ),
+            ));
+            // Checking kms_key_id against a mode that does not exist would only add noise.
+            true
+        }
+    };
+    match s3.kms_key_id.as_deref() {
+        Some(id) if id.trim().is_empty() => problems.push(Problem::new(
+            "upload.s3.kms_key_id",
+            "the KMS key is empty; name the key (id, ARN or alias/<name>), or leave the key out for the AWS managed key aws/s3",
+        )),
+        Some(_) if !kms => problems.push(Problem::new(
+            "upload.s3.kms_key_id",
+            "a KMS key is only used with SSE-KMS; add sse = \"aws:kms\", or remove kms_key_id",
+        )),
+        _ => {}
+    }
+    if let Some(rate) = s3.max_bytes_per_second
+        && rate.0 < MIN_BYTES_PER_SECOND
+    {
+        problems.push(Problem::new(
+            "upload.s3.max_bytes_per_second",
+            format!(
+                "{rate} per second is below the minimum of 1 KiB, at which one batch would take hours; use at least that, for example max_bytes_per_second = \"256 KiB\", or leave the key out for no cap"
+            ),
+        ));
     }
 }
 
@@ -387,6 +482,7 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
             ),
         ));
     }
+    check_request_limits(problems, key, device);
     if device.tags.is_empty() {
         problems.push(Problem::new(
             format!("{key}.tags"),
@@ -426,6 +522,47 @@ fn check_device(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
                 ));
             }
         }
+    }
+}
+
+/// `max_registers_per_request` and `max_bits_per_request`: within the protocol's maximum, and
+/// wide enough for every tag (a tag is always read in one request).
+fn check_request_limits(problems: &mut Vec<Problem>, key: &str, device: &ModbusDevice) {
+    if let Some(limit) = device.max_registers_per_request {
+        if !(1..=MAX_REGISTERS).contains(&limit) {
+            problems.push(Problem::new(
+                format!("{key}.max_registers_per_request"),
+                format!(
+                    "{limit} registers per request is outside 1..={MAX_REGISTERS} (the protocol's maximum); use the limit from the device's manual, for example max_registers_per_request = 64, or leave it out for {MAX_REGISTERS}"
+                ),
+            ));
+        } else if let Some(widest) = device
+            .tags
+            .iter()
+            .filter(|tag| !tag.register.is_bits())
+            .max_by_key(|tag| tag.register_count())
+            .filter(|tag| tag.register_count() > limit)
+        {
+            let width = widest.register_count();
+            problems.push(Problem::new(
+                format!("{key}.max_registers_per_request"),
+                format!(
+                    "max_registers_per_request = {limit} is less than tag `{}` takes ({}, {width} registers), and a tag is always read in one request; use at least {width}",
+                    widest.name,
+                    widest.data_type.name()
+                ),
+            ));
+        }
+    }
+    if let Some(limit) = device.max_bits_per_request
+        && !(1..=MAX_BITS).contains(&limit)
+    {
+        problems.push(Problem::new(
+            format!("{key}.max_bits_per_request"),
+            format!(
+                "{limit} bits per request is outside 1..={MAX_BITS} (the protocol's maximum); use the limit from the device's manual, for example max_bits_per_request = 256, or leave it out for {MAX_BITS}"
+            ),
+        ));
     }
 }
 
@@ -742,6 +879,10 @@ fn check_tag(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, device: &M
     }
     check_type(problems, key, tag);
     check_address(problems, key, tag, device.addressing);
+    if tag.data_type.is_text() {
+        check_string(problems, key, tag, device);
+        return;
+    }
     if !tag.scale.is_finite() || tag.scale == 0.0 {
         problems.push(Problem::new(
             format!("{key}.scale"),
@@ -807,6 +948,80 @@ fn check_type(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag) {
             format!("bit = {bit} only applies to type = \"bit\"; remove it, or set type = \"bit\""),
         )),
     }
+    match (tag.data_type, tag.length) {
+        (DataType::String, None) => problems.push(Problem::new(
+            format!("{key}.length"),
+            format!(
+                "type = \"string\" needs its length in registers (two characters each); add for example length = 10 for up to 20 characters (1 to {MAX_REGISTERS})"
+            ),
+        )),
+        (DataType::String, Some(length)) if !(1..=MAX_REGISTERS).contains(&length) => {
+            problems.push(Problem::new(
+                format!("{key}.length"),
+                format!(
+                    "length = {length} is outside 1..={MAX_REGISTERS} registers (a string is read in one request, and one request reads at most {MAX_REGISTERS}); use the string's size in the PLC divided by two, rounded up"
+                ),
+            ));
+        }
+        (DataType::String, Some(_)) | (_, None) => {}
+        (_, Some(length)) => problems.push(Problem::new(
+            format!("{key}.length"),
+            format!(
+                "length = {length} only applies to type = \"string\"; remove it, or set type = \"string\""
+            ),
+        )),
+    }
+}
+
+/// A string tag is text: the byte orders that reorder words and every numeric transform do
+/// not apply to it.
+// Exact comparisons with the defaults are the point: any other scale or offset was written.
+#[allow(clippy::float_cmp)]
+fn check_string(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, device: &ModbusDevice) {
+    if matches!(tag.byte_order, ByteOrder::CDAB | ByteOrder::DCBA) {
+        problems.push(Problem::new(
+            format!("{key}.byte_order"),
+            format!(
+                "byte_order = \"{:?}\" reorders words, but a string is read register by register; use \"ABCD\" (each register's high byte first, the default) or \"BADC\" (low byte first)",
+                tag.byte_order
+            ),
+        ));
+    }
+    let numeric = [
+        ("scale", tag.scale != 1.0),
+        ("offset", tag.offset != 0.0),
+        ("range", tag.range.is_some()),
+        ("deadband", tag.deadband.is_some()),
+        ("deadband_percent", tag.deadband_percent.is_some()),
+    ];
+    for (field, set) in numeric {
+        if set {
+            problems.push(Problem::new(
+                format!("{key}.{field}"),
+                format!(
+                    "{field} applies to numbers, and tag `{}` is a string (sent as text); remove {field}, or use heartbeat = \"60s\" to send the text when it changes and at least once a minute",
+                    tag.name
+                ),
+            ));
+        }
+    }
+    if tag.unit.as_deref().is_some_and(|u| u.trim().is_empty()) {
+        problems.push(Problem::new(
+            format!("{key}.unit"),
+            "the unit is empty; name the unit, for example unit = \"degC\", or leave the key out",
+        ));
+    }
+    if let Some(heartbeat) = tag.heartbeat
+        && heartbeat.0 < device.poll_interval.0
+    {
+        problems.push(Problem::new(
+            format!("{key}.heartbeat"),
+            format!(
+                "heartbeat {heartbeat} is shorter than the device's poll_interval {}, so every sample would be sent; use at least the poll interval, for example heartbeat = \"60s\"",
+                device.poll_interval
+            ),
+        ));
+    }
 }
 
 /// The tag's registers must exist on the wire once the device's addressing is applied.
@@ -818,7 +1033,7 @@ fn check_address(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, addres
         ));
         return;
     };
-    let count = u32::from(tag.data_type.register_count());
+    let count = u32::from(tag.register_count());
     if u32::from(wire) + count - 1 > u32::from(u16::MAX) {
         // The last address that exists, counted the way this device counts.
         let last = u32::from(u16::MAX) + u32::from(tag.address - wire);
@@ -891,7 +1106,7 @@ fn check_transform(problems: &mut Vec<Problem>, key: &str, tag: &ModbusTag, devi
 /// The first and last register a tag occupies, widened so a range past 65535 can be described.
 fn register_range(tag: &ModbusTag) -> (u32, u32) {
     let first = u32::from(tag.address);
-    (first, first + u32::from(tag.data_type.register_count()) - 1)
+    (first, first + u32::from(tag.register_count()) - 1)
 }
 
 fn overlaps(a: &ModbusTag, b: &ModbusTag) -> bool {
@@ -1182,6 +1397,67 @@ mod tests {
     }
 
     #[test]
+    fn s3_transfer_settings_are_checked() {
+        let t = device("press-3", &tag("a", "holding", 0, "u16"));
+        let text = format!(
+            "site = \"a\"\ngateway = \"gw\"\n[upload.s3]\nbucket = \"plant-raw\"\nmultipart_threshold = \"4 MiB\"\npart_size = \"6 GiB\"\nstorage_class = \"DEEP_ARCHIVE\"\nkms_key_id = \"alias/plant\"\nmax_bytes_per_second = 512\n{t}"
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:5: upload.s3.multipart_threshold: 4 MiB is below S3's smallest part of 5 MiB; use at least that, for example multipart_threshold = \"8 MiB\"",
+                "plant.toml:6: upload.s3.part_size: 6 GiB is outside the part sizes S3 accepts (5 MiB to 5 GiB); use a size in that range, for example part_size = \"8 MiB\"",
+                "plant.toml:7: upload.s3.storage_class: `DEEP_ARCHIVE` objects cannot be read before they are restored, so the collector could not pick up the batches; use \"STANDARD\" (or \"GLACIER_IR\"), and archive older batches with a lifecycle rule",
+                "plant.toml:8: upload.s3.kms_key_id: a KMS key is only used with SSE-KMS; add sse = \"aws:kms\", or remove kms_key_id",
+                "plant.toml:9: upload.s3.max_bytes_per_second: 512 B per second is below the minimum of 1 KiB, at which one batch would take hours; use at least that, for example max_bytes_per_second = \"256 KiB\", or leave the key out for no cap",
+            ]
+        );
+        let text = format!(
+            "site = \"a\"\ngateway = \"gw\"\n[upload.s3]\nbucket = \"plant-raw\"\nstorage_class = \"standard\"\nsse = \"kms\"\nkms_key_id = \"\"\n{t}"
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:5: upload.s3.storage_class: `standard` is not a storage class the batches can use; use one of STANDARD, STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING, GLACIER_IR (in capitals), or leave the key out for the bucket's default",
+                "plant.toml:6: upload.s3.sse: `kms` is not a server-side encryption mode; use \"AES256\" (SSE-S3) or \"aws:kms\" (SSE-KMS), or leave the key out for the bucket's default encryption",
+                "plant.toml:7: upload.s3.kms_key_id: the KMS key is empty; name the key (id, ARN or alias/<name>), or leave the key out for the AWS managed key aws/s3",
+            ]
+        );
+        let config = load_str(
+            &format!(
+                "site = \"a\"\ngateway = \"gw\"\n[upload.s3]\nbucket = \"plant-raw\"\nstorage_class = \"STANDARD_IA\"\nsse = \"aws:kms\"\nkms_key_id = \"alias/plant-raw\"\nmax_bytes_per_second = \"256 KiB\"\n{t}"
+            ),
+            Path::new("plant.toml"),
+        )
+        .unwrap();
+        let s3 = config.upload.s3.unwrap();
+        assert_eq!(
+            s3.max_bytes_per_second,
+            Some(super::super::ByteSize(256 << 10))
+        );
+        let defaults = load_str(&format!("{HEAD}{t}"), Path::new("plant.toml"))
+            .unwrap()
+            .upload
+            .s3
+            .unwrap();
+        assert_eq!(
+            (
+                defaults.multipart_threshold.to_string(),
+                defaults.part_size.to_string()
+            ),
+            ("8 MiB".to_owned(), "8 MiB".to_owned())
+        );
+        assert_eq!(
+            (
+                defaults.sse,
+                defaults.storage_class,
+                defaults.max_bytes_per_second
+            ),
+            (None, None, None)
+        );
+    }
+
+    #[test]
     fn a_config_built_in_code_is_validated_without_lines() {
         let mut config = load_str(
             &format!(
@@ -1219,6 +1495,68 @@ mod tests {
                 "plant.toml:28: modbus[0].tags[3].bit: bit 16 does not exist in a 16-bit register; use 0 (least significant) to 15",
                 "plant.toml:34: modbus[0].tags[4].bit: bit = 3 only applies to type = \"bit\"; remove it, or set type = \"bit\"",
             ]
+        );
+    }
+
+    #[test]
+    fn string_tags_need_a_length_and_refuse_what_only_numbers_have() {
+        let tags = tag("recipe", "holding", 0, "string")
+            + "length = 10\n"
+            + &tag("batch", "holding", 5, "string")
+            + "length = 4\n"
+            + &tag("no_length", "input", 0, "string")
+            + &tag("too_long", "input", 10, "string")
+            + "length = 126\n"
+            + &tag("empty", "input", 200, "string")
+            + "length = 0\n"
+            + &tag("counter", "input", 300, "u16")
+            + "length = 2\n"
+            + &tag("swapped", "input", 400, "string")
+            + "length = 2\nbyte_order = \"CDAB\"\n"
+            + &tag("scaled", "input", 500, "string")
+            + "length = 2\nscale = 0.1\noffset = 1.0\nrange = [0.0, 1.0]\ndeadband = 1.0\ndeadband_percent = 5.0\n"
+            + &tag("label", "coil", 0, "string")
+            + "length = 2\n"
+            + &tag("last", "holding", 65530, "string")
+            + "length = 8\n"
+            + &tag("operator", "holding", 100, "string")
+            + "length = 3\nbyte_order = \"BADC\"\nheartbeat = \"60s\"\n";
+        let text = format!("{HEAD}{}", device("mixer-1", &tags));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:17: modbus[0].tags[1].address: tag `batch` (holding registers 5-8) overlaps tag `recipe` (holding registers 0-9); give each tag its own registers",
+                "plant.toml:20: modbus[0].tags[2].length: type = \"string\" needs its length in registers (two characters each); add for example length = 10 for up to 20 characters (1 to 125)",
+                "plant.toml:30: modbus[0].tags[3].length: length = 126 is outside 1..=125 registers (a string is read in one request, and one request reads at most 125); use the string's size in the PLC divided by two, rounded up",
+                "plant.toml:36: modbus[0].tags[4].length: length = 0 is outside 1..=125 registers (a string is read in one request, and one request reads at most 125); use the string's size in the PLC divided by two, rounded up",
+                "plant.toml:42: modbus[0].tags[5].length: length = 2 only applies to type = \"string\"; remove it, or set type = \"string\"",
+                "plant.toml:49: modbus[0].tags[6].byte_order: byte_order = \"CDAB\" reorders words, but a string is read register by register; use \"ABCD\" (each register's high byte first, the default) or \"BADC\" (low byte first)",
+                "plant.toml:56: modbus[0].tags[7].scale: scale applies to numbers, and tag `scaled` is a string (sent as text); remove scale, or use heartbeat = \"60s\" to send the text when it changes and at least once a minute",
+                "plant.toml:57: modbus[0].tags[7].offset: offset applies to numbers, and tag `scaled` is a string (sent as text); remove offset, or use heartbeat = \"60s\" to send the text when it changes and at least once a minute",
+                "plant.toml:58: modbus[0].tags[7].range: range applies to numbers, and tag `scaled` is a string (sent as text); remove range, or use heartbeat = \"60s\" to send the text when it changes and at least once a minute",
+                "plant.toml:59: modbus[0].tags[7].deadband: deadband applies to numbers, and tag `scaled` is a string (sent as text); remove deadband, or use heartbeat = \"60s\" to send the text when it changes and at least once a minute",
+                "plant.toml:60: modbus[0].tags[7].deadband_percent: deadband_percent applies to numbers, and tag `scaled` is a string (sent as text); remove deadband_percent, or use heartbeat = \"60s\" to send the text when it changes and at least once a minute",
+                "plant.toml:65: modbus[0].tags[8].type: string cannot be read from a coil, which holds a single bit; use type = \"bool\", or register = \"holding\" or \"input\" for string",
+                "plant.toml:70: modbus[0].tags[9].address: string at address 65530 ends past the last register 65535; use an address of at most 65528",
+            ]
+        );
+        let ok = format!(
+            "{HEAD}{}",
+            device(
+                "mixer-1",
+                &(tag("operator", "holding", 100, "string")
+                    + "length = 3\nbyte_order = \"BADC\"\nheartbeat = \"60s\"\n")
+            )
+        );
+        let config = load_str(&ok, Path::new("plant.toml")).expect("a valid string tag");
+        let operator = &config.modbus[0].tags[0];
+        assert_eq!(
+            (
+                operator.data_type,
+                operator.length,
+                operator.register_count()
+            ),
+            (super::super::DataType::String, Some(3), 3)
         );
     }
 
@@ -1303,6 +1641,56 @@ mod tests {
                 "plant.toml:22: modbus[0].tags[1].deadband_percent: deadband_percent -3 is not a finite percentage of at least 0; use for example deadband_percent = 1.0 (1 % of the last sent value)",
                 "plant.toml:23: modbus[0].tags[1].range: range [0, inf] is empty or not finite; write it as [min, max] with min below max, for example range = [0, 100]",
             ]
+        );
+    }
+
+    #[test]
+    fn request_limits_are_within_the_protocol_and_fit_every_tag() {
+        let text = format!(
+            "{HEAD}{}{}{}",
+            device(
+                "press-3",
+                &("max_registers_per_request = 0\nmax_bits_per_request = 2001\n".to_owned()
+                    + &tag("a", "holding", 0, "u16"))
+            ),
+            device(
+                "meter",
+                &("max_registers_per_request = 126\nmax_bits_per_request = 0\n".to_owned()
+                    + &tag("a", "holding", 0, "u16"))
+            ),
+            device(
+                "oven",
+                &("max_registers_per_request = 2\nmax_bits_per_request = 1\n".to_owned()
+                    + &tag("a", "holding", 0, "f32")
+                    + &tag("energy", "input", 10, "u64")
+                    + &tag("door", "coil", 0, "bool"))
+            ),
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:8: modbus[0].max_registers_per_request: 0 registers per request is outside 1..=125 (the protocol's maximum); use the limit from the device's manual, for example max_registers_per_request = 64, or leave it out for 125",
+                "plant.toml:9: modbus[0].max_bits_per_request: 2001 bits per request is outside 1..=2000 (the protocol's maximum); use the limit from the device's manual, for example max_bits_per_request = 256, or leave it out for 2000",
+                "plant.toml:18: modbus[1].max_registers_per_request: 126 registers per request is outside 1..=125 (the protocol's maximum); use the limit from the device's manual, for example max_registers_per_request = 64, or leave it out for 125",
+                "plant.toml:19: modbus[1].max_bits_per_request: 0 bits per request is outside 1..=2000 (the protocol's maximum); use the limit from the device's manual, for example max_bits_per_request = 256, or leave it out for 2000",
+                "plant.toml:28: modbus[2].max_registers_per_request: max_registers_per_request = 2 is less than tag `energy` takes (u64, 4 registers), and a tag is always read in one request; use at least 4",
+            ]
+        );
+        let ok = format!(
+            "{HEAD}{}",
+            device(
+                "press-3",
+                &("max_registers_per_request = 64\nmax_bits_per_request = 256\n".to_owned()
+                    + &tag("a", "holding", 0, "f64"))
+            )
+        );
+        let config = load_str(&ok, Path::new("plant.toml")).expect("limits within range");
+        assert_eq!(
+            (
+                config.modbus[0].max_registers_per_request,
+                config.modbus[0].max_bits_per_request
+            ),
+            (Some(64), Some(256))
         );
     }
 

@@ -209,6 +209,7 @@ mod tests {
             device: device.to_owned(),
             tag: tag.to_owned(),
             value,
+            value_text: None,
             quality: q,
             unit: Some("degC".to_owned()),
         }

@@ -61,6 +61,8 @@ pub struct Metrics {
     mqtt_bad_payloads: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     /// Dead letters dropped by a broker's `max_dead_letters`, by broker.
     mqtt_dead_letters_dropped: Mutex<BTreeMap<String, u64>>,
+    /// Sparkplug B `seq` gaps, by (broker, edge node as `group/node`).
+    mqtt_sparkplug_seq_gaps: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -471,6 +473,43 @@ impl Metrics {
             .or_default() += dropped;
     }
 
+    /// A Sparkplug B edge node sent an NBIRTH: its seq-gap counter is shown (at 0) from now on.
+    pub fn mqtt_sparkplug_node_born(&self, broker: &str, node: &str) {
+        lock(&self.mqtt_sparkplug_seq_gaps)
+            .entry((broker.to_owned(), node.to_owned()))
+            .or_default();
+    }
+
+    /// Counts a message of a Sparkplug B edge node whose `seq` was not the next one.
+    pub fn mqtt_sparkplug_seq_gap(&self, broker: &str, node: &str) {
+        *lock(&self.mqtt_sparkplug_seq_gaps)
+            .entry((broker.to_owned(), node.to_owned()))
+            .or_default() += 1;
+    }
+
+    /// The Sparkplug B seq gaps, once an edge node was born.
+    fn render_sparkplug(&self, out: &mut String) {
+        let gaps = lock(&self.mqtt_sparkplug_seq_gaps);
+        if gaps.is_empty() {
+            return;
+        }
+        let name = "plantline_mqtt_sparkplug_seq_gaps_total";
+        header(
+            out,
+            name,
+            "counter",
+            "Sparkplug B messages whose seq was not the next one of their edge node (lost or reordered messages), by broker and edge node (group/node).",
+        );
+        for ((broker, node), n) in gaps.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{broker=\"{}\",node=\"{}\"}} {n}",
+                escape(broker),
+                escape(node)
+            );
+        }
+    }
+
     /// The MQTT counters, once an MQTT source has started.
     fn render_mqtt(&self, out: &mut String) {
         let dropped = lock(&self.mqtt_dead_letters_dropped);
@@ -481,7 +520,7 @@ impl Metrics {
             out,
             "plantline_mqtt_bad_payloads_total",
             "counter",
-            "MQTT messages whose payload gave no reading or not all of them, by broker, subscription (topic filter) and reason (not_json, not_text, not_a_number, missing_field, not_numeric, not_finite, bad_timestamp, empty_name, topic_level).",
+            "MQTT messages whose payload gave no reading or not all of them, by broker, subscription (topic filter) and reason (not_json, not_text, not_a_number, missing_field, not_numeric, not_finite, bad_timestamp, empty_name, topic_level; for Sparkplug B sparkplug_topic, sparkplug_decode, sparkplug_no_birth, sparkplug_unknown_alias, sparkplug_unknown_metric, sparkplug_bad_metric, sparkplug_bad_value).",
         );
         for ((broker, subscription, reason), n) in lock(&self.mqtt_bad_payloads).iter() {
             let _ = writeln!(
@@ -504,6 +543,8 @@ impl Metrics {
                 escape(broker)
             );
         }
+        drop(dropped);
+        self.render_sparkplug(out);
     }
 }
 
@@ -531,6 +572,7 @@ mod tests {
             device: device.into(),
             tag: "t".into(),
             value: None,
+            value_text: None,
             quality,
             unit: None,
         }
@@ -683,6 +725,35 @@ mod tests {
         );
         assert!(text.contains("# TYPE plantline_mqtt_bad_payloads_total counter\n"));
         assert!(text.contains("# TYPE plantline_mqtt_dead_letters_dropped_total counter\n"));
+    }
+
+    #[test]
+    fn sparkplug_seq_gaps_are_counted_per_edge_node_from_its_birth() {
+        let m = Metrics::default();
+        let now = UNIX_EPOCH;
+        m.mqtt_broker_started("line3");
+        assert!(
+            !m.render(None, now)
+                .contains("plantline_mqtt_sparkplug_seq_gaps_total")
+        );
+        m.mqtt_sparkplug_node_born("line3", "assembly/press-7");
+        m.mqtt_sparkplug_node_born("line3", "assembly/press-8");
+        m.mqtt_sparkplug_seq_gap("line3", "assembly/press-7");
+        m.mqtt_sparkplug_seq_gap("line3", "assembly/press-7");
+        m.mqtt_sparkplug_node_born("line3", "assembly/press-7");
+        let text = m.render(None, now);
+        let gaps: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("plantline_mqtt_sparkplug"))
+            .collect();
+        assert_eq!(
+            gaps,
+            vec![
+                "plantline_mqtt_sparkplug_seq_gaps_total{broker=\"line3\",node=\"assembly/press-7\"} 2",
+                "plantline_mqtt_sparkplug_seq_gaps_total{broker=\"line3\",node=\"assembly/press-8\"} 0",
+            ]
+        );
+        assert!(text.contains("# TYPE plantline_mqtt_sparkplug_seq_gaps_total counter\n"));
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //!
 //! A target must make a `put` durable before it returns `Ok`: the buffer deletes the batch's
 //! rows as soon as it does. Writing the same key twice with the same bytes must be harmless.
+//! The S3 target also checks what the store acknowledged against what it sent (checksums,
+//! ETags), uploads large batches in parts and keeps to the optional bandwidth cap (`pace`);
+//! see its module docs.
 
 mod dir;
 pub mod kinesis;
+mod pace;
 mod s3;
 
 pub use dir::DirSink;

@@ -133,9 +133,12 @@ impl UnitConfig {
         stop: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         match self {
-            UnitConfig::Modbus(device) => {
-                Box::pin(modbus::run_device(device, context.readings.clone(), stop))
-            }
+            UnitConfig::Modbus(device) => Box::pin(modbus::run_device_with_memory(
+                device,
+                context.buffer.clone(),
+                context.readings.clone(),
+                stop,
+            )),
             UnitConfig::Mqtt(broker) => Box::pin(mqtt::run_broker(
                 broker,
                 context.buffer.clone(),
@@ -148,9 +151,10 @@ impl UnitConfig {
                 context.deliveries.clone(),
                 stop,
             )),
-            UnitConfig::ModbusBus(bus, devices) => Box::pin(modbus::run_bus(
+            UnitConfig::ModbusBus(bus, devices) => Box::pin(modbus::run_bus_with_memory(
                 bus,
                 devices,
+                context.buffer.clone(),
                 context.readings.clone(),
                 stop,
             )),

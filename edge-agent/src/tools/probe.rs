@@ -3,10 +3,13 @@
 //!
 //! Three modes:
 //! - **Tags** ([`probe_tags`]): the device and its tags come from a sensor map; each selected tag
-//!   is read once with the device's host, port, unit id and timeout, and printed as one line with
-//!   the raw words, the decoded and scaled value with its unit, and the quality.
-//! - **Raw** ([`probe_raw`]): a register range read without a config; prints every word, and the
-//!   decoded values when a type is given.
+//!   is read once with the device's host, port, unit id and timeout (a slave on a
+//!   `[[modbus_bus]]`: over that bus's serial port or serial gateway, with the bus's framing and
+//!   the slave's inter-frame delay), and printed as one line with the raw words, the decoded and
+//!   scaled value with its unit, and the quality.
+//! - **Raw** ([`probe_raw`]): a register range read without a config, over Modbus TCP, RTU over
+//!   TCP (a serial gateway) or a serial port; prints every word, and the decoded values when a
+//!   type is given.
 //! - **MQTT** ([`probe_mqtt`]): listens to a broker of the sensor map for a few seconds on its own
 //!   clean session and prints what the mapping makes of every message (see [`mqtt`]).
 //!
@@ -16,8 +19,12 @@
 //!   ([`decode_words`], [`decode_bits`]), the same scaling and range check ([`transform::apply`],
 //!   `uncertain` when clamped) and `bad` quality wherever the agent would record `bad`. The
 //!   device's `addressing` is applied, so a one-based map reads the same registers as the agent.
-//! - After a timeout or a broken answer the connection is reopened before the next tag, as the
-//!   agent does, so a late answer is never taken for the next tag's.
+//! - After a timeout or a broken answer a TCP connection is reopened before the next tag, as the
+//!   agent does, so a late answer is never taken for the next tag's. An RTU line is opened once
+//!   and kept, as the agent's bus task keeps it: its framing is reset after a timeout or a bad
+//!   CRC, and stray bytes are thrown away before each request.
+//! - A serial port is opened exclusively: while the agent polls that bus the port is busy, and
+//!   the probe says so.
 //! - [`ProbeError::exit_code`] is 78 for a bad config or bad arguments and 1 when the device
 //!   (or the MQTT broker) did not answer or refused a request.
 
@@ -26,15 +33,24 @@ pub mod mqtt;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::IntoDeserializer;
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
-use crate::config::{AgentConfig, ByteOrder, ConfigDuration, DataType, ModbusTag, RegisterKind};
-use crate::sources::modbus::decode::{decode_bits, decode_scaled, decode_words, type_name};
-use crate::sources::modbus::transform;
+use crate::config::{
+    AgentConfig, BusTransport, ByteOrder, ConfigDuration, DataType, ModbusBus, ModbusDevice,
+    ModbusTag, Parity, RegisterKind,
+};
+use crate::sources::modbus::decode::{
+    TagValue, decode_bits, decode_register_tag, decode_scaled, decode_text, type_name,
+};
+use crate::sources::modbus::device::{self as modbus_device, CallError};
+use crate::sources::modbus::line::Line;
+use crate::sources::modbus::plan::PlannedRequest;
+use crate::sources::modbus::{PollError, transform};
 
 pub use mqtt::{MqttProbeArgs, MqttProbeSummary, probe_mqtt};
 
@@ -57,6 +73,13 @@ pub enum ProbeError {
         file: PathBuf,
         device: String,
         known: Vec<String>,
+    },
+    /// The device names a bus the sensor map does not have (a map that was not validated).
+    #[error("{}: device `{device}` is on bus `{bus}`, which the sensor map does not have; add its [[modbus_bus]]", file.display())]
+    UnknownBus {
+        file: PathBuf,
+        device: String,
+        bus: String,
     },
     /// The device has no tag of that name.
     #[error("{}: device `{device}` has no tag `{tag}`; use one of: {}", file.display(), known.join(", "))]
@@ -109,7 +132,7 @@ pub enum ProbeError {
         port: u16,
         reason: String,
     },
-    /// The TCP connection could not be opened.
+    /// The TCP connection or the serial port could not be opened.
     #[error("cannot connect to {device}: {reason}")]
     Connect { device: String, reason: String },
     /// The device did not answer in time.
@@ -140,6 +163,7 @@ impl ProbeError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::UnknownDevice { .. }
+            | Self::UnknownBus { .. }
             | Self::UnknownTag { .. }
             | Self::UnknownBroker { .. }
             | Self::UnknownSubscription { .. }
@@ -201,13 +225,49 @@ pub struct Report {
     pub device_failed: bool,
 }
 
+/// How a probe reaches the device.
+#[derive(Debug, Clone)]
+enum Target {
+    /// Modbus TCP.
+    Tcp { host: String, port: u16 },
+    /// An RTU line: a serial port, or a serial gateway over TCP; the bus's `inter_frame_delay`
+    /// is the silence before each request.
+    Rtu(ModbusBus),
+}
+
 /// Where to connect and how the device is named in messages.
 struct Endpoint {
     label: String,
-    host: String,
-    port: u16,
+    target: Target,
     unit_id: u8,
     timeout: ConfigDuration,
+}
+
+/// An open connection to the device.
+enum Conn {
+    Tcp(Context),
+    Rtu(Line),
+}
+
+impl Conn {
+    /// Whether it must be reopened after `err` before the next request: a TCP connection after
+    /// a timeout or a broken answer (a late answer would be taken for the next one's), an RTU
+    /// line only when the line itself failed (it resets its framing otherwise).
+    fn broken_by(&self, err: &ProbeError) -> bool {
+        match self {
+            Conn::Tcp(_) => err.breaks_connection(),
+            Conn::Rtu(line) => !line.is_open(),
+        }
+    }
+
+    async fn close(self, timeout: ConfigDuration) {
+        match self {
+            Conn::Tcp(mut conn) => {
+                let _ = tokio::time::timeout(timeout.0, conn.disconnect()).await;
+            }
+            Conn::Rtu(mut line) => line.close(timeout.0).await,
+        }
+    }
 }
 
 /// Reads the tags of `device` (all, or only `tag`) from a loaded sensor map once each.
@@ -242,16 +302,7 @@ pub async fn probe_tags(
             vec![found]
         }
     };
-    let endpoint = Endpoint {
-        label: format!(
-            "{} (unit {} at {}:{})",
-            dev.name, dev.unit_id, dev.host, dev.port
-        ),
-        host: dev.host.clone(),
-        port: dev.port,
-        unit_id: dev.unit_id,
-        timeout: dev.timeout,
-    };
+    let endpoint = device_endpoint(config, file, dev)?;
 
     let mut conn = Some(connect(&endpoint).await?);
     let mut report = Report {
@@ -265,7 +316,7 @@ pub async fn probe_tags(
         let registers = Registers {
             kind: tag.register,
             first,
-            count: tag.data_type.register_count(),
+            count: tag.register_count(),
         };
         let connection = match conn.as_mut() {
             Some(connection) => connection,
@@ -278,15 +329,15 @@ pub async fn probe_tags(
         let line = match read(connection, &endpoint, &registers).await {
             Ok(answer) => {
                 let (shown, decoded) = match &answer {
-                    Answer::Words(words) => (
-                        format_words(words),
-                        decode_words(words, tag.data_type, tag.bit, tag.byte_order),
+                    Answer::Words(words) => (format_words(words), decode_register_tag(words, tag)),
+                    Answer::Bits(bits) => (
+                        format_bits(bits),
+                        decode_bits(bits, tag.data_type).map(TagValue::Number),
                     ),
-                    Answer::Bits(bits) => (format_bits(bits), decode_bits(bits, tag.data_type)),
                 };
                 let value = match decoded {
                     Ok(raw) => {
-                        let (value, quality) = transform::apply(raw, tag);
+                        let (value, quality) = transform::apply_value(raw, tag);
                         let quality = quality.as_str();
                         match &tag.unit {
                             Some(unit) => format!("{value} {unit}, {quality}"),
@@ -299,7 +350,7 @@ pub async fn probe_tags(
             }
             Err(err) => {
                 report.device_failed = true;
-                if err.breaks_connection() {
+                if connection.broken_by(&err) {
                     conn = None;
                 }
                 format!("{}: {place} -> bad: {err}", tag.name)
@@ -307,19 +358,83 @@ pub async fn probe_tags(
         };
         report.lines.push(line);
     }
-    if let Some(mut conn) = conn {
-        let _ = tokio::time::timeout(endpoint.timeout.0, conn.disconnect()).await;
+    if let Some(conn) = conn {
+        conn.close(endpoint.timeout).await;
     }
     Ok(report)
+}
+
+/// How a sensor map's device is reached: at its host, or over its bus's line.
+fn device_endpoint(
+    config: &AgentConfig,
+    file: &Path,
+    dev: &ModbusDevice,
+) -> Result<Endpoint, ProbeError> {
+    Ok(match &dev.bus {
+        None => Endpoint {
+            label: format!(
+                "{} (unit {} at {}:{})",
+                dev.name, dev.unit_id, dev.host, dev.port
+            ),
+            target: Target::Tcp {
+                host: dev.host.clone(),
+                port: dev.port,
+            },
+            unit_id: dev.unit_id,
+            timeout: dev.timeout,
+        },
+        Some(name) => {
+            let Some(bus) = config.modbus_bus.iter().find(|bus| &bus.name == name) else {
+                return Err(ProbeError::UnknownBus {
+                    file: file.to_owned(),
+                    device: dev.name.clone(),
+                    bus: name.clone(),
+                });
+            };
+            // The slave's own pause when it asks for more than the bus's, as the agent does.
+            let gap = dev
+                .inter_frame_delay
+                .map_or(bus.inter_frame_delay(), |own| {
+                    own.0.max(bus.inter_frame_delay())
+                });
+            Endpoint {
+                label: format!(
+                    "{} (unit {} on bus {}, {})",
+                    dev.name,
+                    dev.unit_id,
+                    bus.name,
+                    bus.describe()
+                ),
+                target: Target::Rtu(ModbusBus {
+                    inter_frame_delay: Some(ConfigDuration(gap)),
+                    ..bus.clone()
+                }),
+                unit_id: dev.unit_id,
+                timeout: dev.timeout,
+            }
+        }
+    })
 }
 
 /// The arguments of a raw probe as given on the command line, before they are checked.
 #[derive(Debug, Clone)]
 pub struct RawArgs {
-    /// Host name or IP address.
+    /// Host name or IP address of the device, or of the serial gateway with `rtu_over_tcp`;
+    /// empty with `serial`.
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// Send RTU frames (with their CRC) over the TCP connection, as to a serial device server.
+    pub rtu_over_tcp: bool,
+    /// The serial port of an RTU line, in place of `host`.
+    pub serial: Option<String>,
+    /// Bits per second on the serial line (with `rtu_over_tcp`: the line behind the gateway,
+    /// which only sets the pause between frames).
+    pub baud_rate: u32,
+    /// `none`, `even` or `odd`.
+    pub parity: String,
+    /// 1 or 2.
+    pub stop_bits: u8,
     /// Modbus unit id.
     pub unit_id: u8,
     /// Register table as written in a sensor map (`holding`, `input`).
@@ -328,7 +443,8 @@ pub struct RawArgs {
     pub address: u16,
     /// Registers to read; defaults to what one value of `data_type` needs, or 1.
     pub count: Option<u16>,
-    /// Decode the words as this sensor-map type (`f32`, `u16`, ...).
+    /// Decode the words as this sensor-map type (`f32`, `u16`, ...); `string` reads the whole
+    /// range as one text.
     pub data_type: Option<String>,
     /// Byte order of the decoded type (`ABCD`, `CDAB`, `BADC`, `DCBA`).
     pub byte_order: Option<String>,
@@ -343,8 +459,7 @@ pub struct RawArgs {
 /// A checked raw probe.
 #[derive(Debug, Clone)]
 pub struct RawProbe {
-    host: String,
-    port: u16,
+    target: Target,
     unit_id: u8,
     registers: Registers,
     decode: Option<RawDecode>,
@@ -428,17 +543,19 @@ impl RawProbe {
                 "--timeout 0s: a timeout of 0s fails every request; use for example 1s".to_owned(),
             );
         }
-        let (Some(register), Some(byte_order), true) = (register, byte_order, problems.is_empty())
+        let (unit_id, first, timeout) = (args.unit_id, args.address, args.timeout);
+        let target = raw_target(args, &mut problems);
+        let (Some(register), Some(byte_order), Some(target), true) =
+            (register, byte_order, target, problems.is_empty())
         else {
             return Err(ProbeError::InvalidArguments { problems });
         };
         Ok(Self {
-            host: args.host,
-            port: args.port,
-            unit_id: args.unit_id,
+            target,
+            unit_id,
             registers: Registers {
                 kind: register,
-                first: args.address,
+                first,
                 count,
             },
             decode: data_type.map(|data_type| RawDecode {
@@ -447,9 +564,61 @@ impl RawProbe {
                 scale,
                 offset,
             }),
-            timeout: args.timeout,
+            timeout,
         })
     }
+}
+
+/// Where a raw probe goes: Modbus TCP, RTU over TCP, or a serial port with its framing.
+fn raw_target(args: RawArgs, problems: &mut Vec<String>) -> Option<Target> {
+    if !args.rtu_over_tcp && args.serial.is_none() {
+        return Some(Target::Tcp {
+            host: args.host,
+            port: args.port,
+        });
+    }
+    let parity = parse_enum::<Parity>(&args.parity.to_ascii_lowercase())
+        .map_err(|e| problems.push(format!("--parity {}: {e}", args.parity)))
+        .ok();
+    if args.baud_rate == 0 {
+        problems.push(
+            "--baud 0: carries no data; use the rate set on the slaves, for example --baud 9600 or 19200"
+                .to_owned(),
+        );
+    }
+    if !matches!(args.stop_bits, 1 | 2) {
+        problems.push(format!(
+            "--stop-bits {}: does not exist on a serial line; use 1 or 2",
+            args.stop_bits
+        ));
+    }
+    if !(1..=247).contains(&args.unit_id) {
+        problems.push(format!(
+            "--unit {}: not a slave address on a serial line (0 is broadcast, which no slave answers; 248 and up are reserved); use the address set on the device, 1 to 247",
+            args.unit_id
+        ));
+    }
+    let (transport, serial_port, host, port) = match args.serial {
+        Some(path) => (BusTransport::Rtu, Some(path), None, None),
+        None => (
+            BusTransport::RtuOverTcp,
+            None,
+            Some(args.host),
+            Some(args.port),
+        ),
+    };
+    Some(Target::Rtu(ModbusBus {
+        name: "probe".to_owned(),
+        transport,
+        serial_port,
+        host,
+        port,
+        baud_rate: args.baud_rate,
+        parity: parity?,
+        data_bits: 8,
+        stop_bits: args.stop_bits,
+        inter_frame_delay: None,
+    }))
 }
 
 /// Why `data_type` cannot be read from `register`, if it cannot.
@@ -467,7 +636,7 @@ fn type_misfit(register: RegisterKind, data_type: DataType) -> Option<String> {
     } else {
         (
             "registers",
-            "a word type (u16, i16, u32, i32, u64, i64, f32, f64); read a bit as u16 and look at the hex",
+            "a word type (u16, i16, u32, i32, u64, i64, f32, f64) or string; read a bit as u16 and look at the hex",
         )
     };
     Some(format!(
@@ -480,17 +649,21 @@ fn type_misfit(register: RegisterKind, data_type: DataType) -> Option<String> {
 /// Reads a raw register range once. Prints one line per register (or bit), then one per
 /// decoded value.
 pub async fn probe_raw(probe: &RawProbe) -> Result<Report, ProbeError> {
+    let label = match &probe.target {
+        Target::Tcp { host, port } => format!("unit {} at {host}:{port}", probe.unit_id),
+        Target::Rtu(bus) => format!("unit {} on {}", probe.unit_id, bus.describe()),
+    };
     let endpoint = Endpoint {
-        label: format!("unit {} at {}:{}", probe.unit_id, probe.host, probe.port),
-        host: probe.host.clone(),
-        port: probe.port,
+        label,
+        target: probe.target.clone(),
         unit_id: probe.unit_id,
         timeout: probe.timeout,
     };
     let mut conn = connect(&endpoint).await?;
     let result = read(&mut conn, &endpoint, &probe.registers).await;
-    if !result.as_ref().is_err_and(ProbeError::breaks_connection) {
-        let _ = tokio::time::timeout(endpoint.timeout.0, conn.disconnect()).await;
+    // A TCP device that did not answer in time is not asked to close politely either.
+    if !result.as_ref().is_err_and(|err| conn.broken_by(err)) {
+        conn.close(endpoint.timeout).await;
     }
     let kind = probe.registers.kind.name();
     // u32 addresses: counting past address 65535 must not overflow.
@@ -509,16 +682,27 @@ pub async fn probe_raw(probe: &RawProbe) -> Result<Report, ProbeError> {
                 lines.push(format!("{kind} {address} = 0x{word:04X} ({word})"));
             }
             if let Some(decode) = probe.decode {
-                let width = usize::from(decode.data_type.register_count());
+                // A string is the whole range; other types repeat at their width.
+                let width = if decode.data_type.is_text() {
+                    words.len().max(1)
+                } else {
+                    usize::from(decode.data_type.register_count())
+                };
                 for (address, chunk) in (first..).step_by(width).zip(words.chunks(width)) {
-                    let value = decode_scaled(
-                        chunk,
-                        decode.data_type,
-                        decode.byte_order,
-                        decode.scale,
-                        decode.offset,
-                    )
-                    .map_or_else(|err| format!("bad: {err}"), |v| v.to_string());
+                    let value = if decode.data_type.is_text() {
+                        let length = u16::try_from(chunk.len()).unwrap_or(u16::MAX);
+                        decode_text(chunk, length, decode.byte_order)
+                            .map_or_else(|err| format!("bad: {err}"), |t| format!("{t:?}"))
+                    } else {
+                        decode_scaled(
+                            chunk,
+                            decode.data_type,
+                            decode.byte_order,
+                            decode.scale,
+                            decode.offset,
+                        )
+                        .map_or_else(|err| format!("bad: {err}"), |v| v.to_string())
+                    };
                     lines.push(format!(
                         "{} {:?} at {kind} {address} -> {value}",
                         type_name(decode.data_type),
@@ -560,15 +744,48 @@ enum Answer {
     Bits(Vec<bool>),
 }
 
-async fn connect(endpoint: &Endpoint) -> Result<Context, ProbeError> {
+async fn connect(endpoint: &Endpoint) -> Result<Conn, ProbeError> {
+    let connect_error = |reason: String| ProbeError::Connect {
+        device: endpoint.label.clone(),
+        reason,
+    };
+    let bus = match &endpoint.target {
+        Target::Tcp { host, port } => {
+            return connect_tcp(endpoint, host, *port).await.map(Conn::Tcp);
+        }
+        Target::Rtu(bus) => bus,
+    };
+    let mut line = Line::new(bus.clone());
+    match line.open(endpoint.timeout.0).await {
+        Ok(()) => Ok(Conn::Rtu(line)),
+        Err(PollError::Resolve { host, port, reason }) => Err(ProbeError::Resolve {
+            device: endpoint.label.clone(),
+            host,
+            port,
+            reason,
+        }),
+        Err(PollError::Connect { source, .. })
+            if bus.transport == BusTransport::Rtu
+                && source.kind() == std::io::ErrorKind::ResourceBusy =>
+        {
+            Err(connect_error(format!(
+                "{source}; another program has the port open (the agent, while it polls this bus): probe while it is stopped (systemctl stop edge-agent)"
+            )))
+        }
+        Err(PollError::Connect { source, .. }) => Err(connect_error(source.to_string())),
+        Err(other) => Err(connect_error(other.to_string())),
+    }
+}
+
+async fn connect_tcp(endpoint: &Endpoint, host: &str, port: u16) -> Result<Context, ProbeError> {
     let timeout = endpoint.timeout;
     let resolve_error = |reason: String| ProbeError::Resolve {
         device: endpoint.label.clone(),
-        host: endpoint.host.clone(),
-        port: endpoint.port,
+        host: host.to_owned(),
+        port,
         reason,
     };
-    let lookup = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port));
+    let lookup = tokio::net::lookup_host((host, port));
     let addr: SocketAddr = match tokio::time::timeout(timeout.0, lookup).await {
         Err(_) => return Err(resolve_error(format!("no answer within {timeout}"))),
         Ok(Err(err)) => return Err(resolve_error(err.to_string())),
@@ -592,6 +809,60 @@ async fn connect(endpoint: &Endpoint) -> Result<Context, ProbeError> {
 
 /// One read request under the endpoint's timeout.
 async fn read(
+    conn: &mut Conn,
+    endpoint: &Endpoint,
+    registers: &Registers,
+) -> Result<Answer, ProbeError> {
+    match conn {
+        Conn::Tcp(conn) => read_tcp(conn, endpoint, registers).await,
+        Conn::Rtu(line) => read_rtu(line, endpoint, registers).await,
+    }
+}
+
+/// One read request on an RTU line, after the line's inter-frame silence.
+async fn read_rtu(
+    line: &mut Line,
+    endpoint: &Endpoint,
+    registers: &Registers,
+) -> Result<Answer, ProbeError> {
+    let gap = match &endpoint.target {
+        Target::Rtu(bus) => bus.inter_frame_delay(),
+        Target::Tcp { .. } => Duration::ZERO,
+    };
+    let request = PlannedRequest {
+        kind: registers.kind,
+        start: registers.first,
+        count: registers.count,
+        tags: Vec::new(),
+    };
+    let outcome = line
+        .exchange(endpoint.unit_id, gap, &request, endpoint.timeout.0)
+        .await;
+    match outcome {
+        Ok(modbus_device::Answer::Words(words)) => Ok(Answer::Words(words)),
+        Ok(modbus_device::Answer::Bits(bits)) => Ok(Answer::Bits(bits)),
+        Err(CallError::Timeout) => Err(ProbeError::Timeout {
+            device: endpoint.label.clone(),
+            registers: registers.clone(),
+            timeout: endpoint.timeout,
+        }),
+        Err(CallError::Exception(code)) => Err(ProbeError::Exception {
+            device: endpoint.label.clone(),
+            registers: registers.clone(),
+            code,
+        }),
+        Err(CallError::Garbled(reason) | CallError::Stray(reason) | CallError::Broken(reason)) => {
+            Err(ProbeError::Transport {
+                device: endpoint.label.clone(),
+                registers: registers.clone(),
+                reason,
+            })
+        }
+    }
+}
+
+/// One read request on a Modbus TCP connection under the endpoint's timeout.
+async fn read_tcp(
     conn: &mut Context,
     endpoint: &Endpoint,
     registers: &Registers,

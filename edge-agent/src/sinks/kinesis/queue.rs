@@ -139,6 +139,7 @@ mod tests {
             device: "press-3".into(),
             tag: tag.into(),
             value: Some(1.0),
+            value_text: None,
             quality: Quality::Good,
             unit: None,
         }

@@ -8,8 +8,10 @@
 //! ```
 //!
 //! `ts` is the reading's time in microseconds since the Unix epoch (UTC), as in the batches;
-//! `value` is `null` when `quality` is `bad`; `unit` is `null` when the tag has none. The
-//! partition key is the device name, so one device's records stay on one shard in order.
+//! `value` is `null` when `quality` is `bad`; `unit` is `null` when the tag has none. A string
+//! tag's reading has `value` `null` and one more key at the end, `"value_text"` with its text
+//! (batch contract v2); numeric readings leave the key out. The partition key is the device
+//! name, so one device's records stay on one shard in order.
 
 use serde::Serialize;
 
@@ -50,6 +52,8 @@ struct Line<'a> {
     value: Option<f64>,
     quality: &'a str,
     unit: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_text: Option<&'a str>,
 }
 
 /// Packs readings into records: grouped by device (devices in order of first appearance),
@@ -69,6 +73,7 @@ pub fn encode(gateway: &str, readings: &[LiveReading]) -> Vec<Record> {
             value: r.value.filter(|v| v.is_finite()),
             quality: r.quality.as_str(),
             unit: r.unit.as_deref(),
+            value_text: r.value_text.as_deref(),
         })
         .expect("a struct of strings and numbers always serializes");
         line.push(b'\n');
@@ -133,6 +138,7 @@ mod tests {
                 device: device.into(),
                 tag: tag.into(),
                 value,
+                value_text: None,
                 quality: if value.is_some() {
                     Quality::Good
                 } else {
@@ -180,6 +186,19 @@ mod tests {
                     1
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn a_string_reading_carries_its_text_after_the_other_keys() {
+        let mut recipe = live(4, "mixer-1", "recipe", None);
+        recipe.reading.value_text = Some("MIX-7 \"night\"".to_owned());
+        recipe.reading.quality = Quality::Good;
+        recipe.reading.unit = None;
+        let records = encode("gw-1", &[recipe]);
+        assert_eq!(
+            String::from_utf8(records[0].data.clone()).unwrap(),
+            "{\"gateway\":\"gw-1\",\"seq\":4,\"device\":\"mixer-1\",\"tag\":\"recipe\",\"ts\":1700000000001004,\"value\":null,\"quality\":\"good\",\"unit\":null,\"value_text\":\"MIX-7 \\\"night\\\"\"}\n"
         );
     }
 

@@ -493,6 +493,7 @@ impl Mapping {
                 device: device.clone(),
                 tag: value.tag.render("tag", cell, file)?,
                 value: Some(raw * value.scale + value.offset),
+                value_text: None,
                 quality: Quality::Good,
                 unit: value.unit.clone(),
             });

@@ -7,8 +7,9 @@
 //!   ([`super::line`]). A slave's tick sends its whole read plan in one go, so its readings are
 //!   one consistent snapshot.
 //! - Each slave keeps its own poll interval, timeout, inter-frame delay, read plan (with the
-//!   exception-2 splitting and learning of [`super::device`]) and report-by-exception state:
-//!   a slave behaves as it would as a Modbus TCP device of its own, only on a shared wire.
+//!   exception-2 and exception-3 splitting and learning of [`super::device`], kept across
+//!   restarts by [`run_bus_with_memory`]) and report-by-exception state: a slave behaves as it
+//!   would as a Modbus TCP device of its own, only on a shared wire.
 //! - Ticks are on a fixed grid per slave (first tick staggered by name, as for TCP devices): a
 //!   tick that had to wait for the line is late, not moved, so a slave keeps its rate as long
 //!   as the line has the capacity. A tick that could not be served before the next one was due
@@ -26,6 +27,7 @@
 //! - Logs are written on state changes only (line open, line lost, slave silent, slave
 //!   answering again), as for TCP devices.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -37,20 +39,45 @@ use super::device::{
     self, Answer, Backoff, CallError, DeviceState, Exchange, Tick, stagger_offset, wall_clock_us,
 };
 use super::line::Line;
+use super::memory::PlanKeeper;
 use super::plan::PlannedRequest;
 use crate::Reading;
+use crate::buffer::plan_memory::PlanMemory;
 use crate::config::{ModbusBus, ModbusDevice};
 
 /// Polls the slaves `devices` (the `[[modbus]]` devices whose `bus` names `bus`) until
-/// `shutdown` is cancelled or the receiver of `tx` is gone.
+/// `shutdown` is cancelled or the receiver of `tx` is gone. What the slaves teach about their
+/// register maps is kept in memory only.
 pub async fn run_bus(
     bus: ModbusBus,
     devices: Vec<ModbusDevice>,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
+    poll_bus(bus, devices, None, tx, shutdown).await;
+}
+
+/// Like [`run_bus`], and keeps what each slave teaches in the buffer file `buffer` (which must
+/// exist) for the next start.
+pub async fn run_bus_with_memory(
+    bus: ModbusBus,
+    devices: Vec<ModbusDevice>,
+    buffer: PathBuf,
+    tx: mpsc::Sender<Reading>,
+    shutdown: CancellationToken,
+) {
+    poll_bus(bus, devices, Some(buffer), tx, shutdown).await;
+}
+
+async fn poll_bus(
+    bus: ModbusBus,
+    devices: Vec<ModbusDevice>,
+    buffer: Option<PathBuf>,
+    tx: mpsc::Sender<Reading>,
+    shutdown: CancellationToken,
+) {
     let span = tracing::info_span!("source", component = "modbus", bus = %bus.name);
-    BusTask::new(bus, devices, tx, shutdown)
+    BusTask::new(bus, devices, buffer, tx, shutdown)
         .run()
         .instrument(span)
         .await;
@@ -67,6 +94,7 @@ enum State {
 
 struct SlaveTask {
     state: DeviceState,
+    keeper: PlanKeeper,
     span: tracing::Span,
     /// When the slave's next tick is due.
     next_tick: Instant,
@@ -132,11 +160,13 @@ impl BusTask {
     fn new(
         bus: ModbusBus,
         devices: Vec<ModbusDevice>,
+        buffer: Option<PathBuf>,
         tx: mpsc::Sender<Reading>,
         shutdown: CancellationToken,
     ) -> Self {
         let now = Instant::now();
         let bus_gap = bus.inter_frame_delay();
+        let memory = buffer.map(|path| PlanMemory::new(&path));
         let slaves = devices
             .into_iter()
             .map(|device| {
@@ -146,15 +176,23 @@ impl BusTask {
                 let gap = device
                     .inter_frame_delay
                     .map_or(bus_gap, |own| own.0.max(bus_gap));
+                let link = format!(
+                    "bus {} ({}) unit {}",
+                    bus.name,
+                    bus.describe(),
+                    device.unit_id
+                );
+                let state = DeviceState::new(device);
                 SlaveTask {
-                    next_tick: now + stagger_offset(&device.name, interval),
+                    keeper: PlanKeeper::new(memory.clone(), &state, link),
+                    next_tick: now + stagger_offset(&state.device.name, interval),
                     interval,
                     gap,
                     span,
                     backoff: Backoff::new(),
                     retry_at: now,
                     answering: State::Starting,
-                    state: DeviceState::new(device),
+                    state,
                 }
             })
             .collect();
@@ -178,7 +216,9 @@ impl BusTask {
             inter_frame_delay = ?self.bus.inter_frame_delay(),
             "polling bus"
         );
-        for slave in &self.slaves {
+        for slave in &mut self.slaves {
+            let span = slave.span.clone();
+            slave.keeper.recall(&mut slave.state).instrument(span).await;
             let device = &slave.state.device;
             slave.span.in_scope(|| {
                 tracing::info!(
@@ -203,6 +243,9 @@ impl BusTask {
             .max()
             .unwrap_or(Duration::from_secs(1));
         self.line.close(timeout).await;
+        for slave in &mut self.slaves {
+            slave.keeper.finish_save().await;
+        }
         tracing::info!("stopped polling bus");
     }
 
@@ -279,6 +322,12 @@ impl BusTask {
         } else {
             span.in_scope(|| self.slaves[index].after_tick(&tick));
         }
+        let slave = &mut self.slaves[index];
+        slave
+            .keeper
+            .after_tick(&mut slave.state)
+            .instrument(span.clone())
+            .await;
         let readings = span.in_scope(|| self.slaves[index].state.readings(&tick.results, ts_us));
         device::send_readings(&self.tx, readings, &self.shutdown).await
     }
@@ -371,15 +420,18 @@ mod tests {
             "name = \"meter\"\nbus = \"b\"\npoll_interval = \"{interval_ms}ms\"\ntags = []\n"
         ))
         .expect("a minimal device parses");
+        let interval = device.poll_interval.0;
+        let state = DeviceState::new(device);
         SlaveTask {
+            keeper: PlanKeeper::new(None, &state, "test".to_owned()),
             next_tick: Instant::now(),
-            interval: device.poll_interval.0,
+            interval,
             gap: ConfigDuration::from_millis(2).0,
             span: tracing::Span::none(),
             backoff: Backoff::new(),
             retry_at: Instant::now(),
             answering: State::Starting,
-            state: DeviceState::new(device),
+            state,
         }
     }
 

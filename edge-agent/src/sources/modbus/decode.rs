@@ -16,8 +16,55 @@
 //! bytes inside each word (`BA DC FE HG`). A 16-bit value has bytes `A B` only: `ABCD` and `CDAB`
 //! read it as sent, `BADC` and `DCBA` swap its two bytes; `bit` numbers the bits of that
 //! 16-bit value, 0 being the least significant.
+//!
+//! # Strings
+//! A `string` tag of `length` registers holds up to `2 * length` ASCII characters, in register
+//! order. `ABCD` takes each register's high byte first (`"AB"` is `0x4142`), `BADC` its low byte
+//! first (`"AB"` is `0x4241`, as many PLCs that store strings little-endian send it); `CDAB` and
+//! `DCBA` read like `ABCD` and `BADC` (there is no word order to reverse; validation refuses them
+//! for strings). The text ends at the first NUL byte (what follows it, often a longer earlier
+//! value left behind, is ignored) and trailing spaces are dropped: `"MIX-7\0\0\0"` and
+//! `"MIX-7   "` both read `MIX-7`. Every byte before the end must be printable ASCII (0x20 to
+//! 0x7E): any other byte, such as a control character or the first byte of a UTF-8 or Latin-1
+//! letter, makes the reading bad with [`DecodeError::NotAscii`] naming the byte and its
+//! position. Nothing is replaced: a half-right text in the table is worse than a visible bad
+//! reading, and the error says where to look.
 
-use crate::config::{ByteOrder, DataType};
+use crate::config::{ByteOrder, DataType, ModbusTag};
+
+/// A decoded value: a number (the batch's `value`) or the text of a string tag (`value_text`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TagValue {
+    Number(f64),
+    Text(String),
+}
+
+impl TagValue {
+    /// The number, for a numeric value.
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            TagValue::Number(n) => Some(*n),
+            TagValue::Text(_) => None,
+        }
+    }
+
+    /// The text, for a string tag's value.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            TagValue::Number(_) => None,
+            TagValue::Text(t) => Some(t),
+        }
+    }
+}
+
+impl std::fmt::Display for TagValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TagValue::Number(n) => write!(f, "{n}"),
+            TagValue::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
 
 /// Register words that cannot be decoded as the configured type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +92,19 @@ pub enum DecodeError {
     /// A bit number past the 16 bits of a register.
     #[error("bit {bit} does not exist in a 16-bit register (bits 0 to 15)")]
     BitOutOfRange { bit: u8 },
+    /// `string` is decoded as text ([`decode_text`]), not as a number.
+    #[error("string is text, not a number; decode it with decode_text and the tag's length")]
+    NotANumber,
+    /// A string's registers hold a byte that is not printable ASCII before the text ends.
+    #[error(
+        "character {position} of the string is byte {byte:#04x}, which is not printable ASCII (0x20 to 0x7e); check the tag's address, length and byte_order against the device's manual"
+    )]
+    NotAscii {
+        /// The byte as it arrived.
+        byte: u8,
+        /// Its 1-based position in the text, after the byte order was applied.
+        position: usize,
+    },
 }
 
 /// Decodes the raw registers of one word-typed value (`u16` to `f64`), before scaling.
@@ -53,6 +113,9 @@ pub fn decode(
     data_type: DataType,
     byte_order: ByteOrder,
 ) -> Result<f64, DecodeError> {
+    if data_type == DataType::String {
+        return Err(DecodeError::NotANumber);
+    }
     let expected = usize::from(data_type.register_count());
     if words.len() != expected {
         return Err(DecodeError::WordCount {
@@ -63,6 +126,7 @@ pub fn decode(
     }
     let value = match data_type {
         DataType::Bool | DataType::Bit => return Err(DecodeError::NotAWordType { data_type }),
+        DataType::String => return Err(DecodeError::NotANumber),
         DataType::U16 => f64::from(word16(words[0], byte_order)),
         DataType::I16 => f64::from(word16(words[0], byte_order).cast_signed()),
         DataType::U32 => f64::from(u32::from_be_bytes(value_bytes(words, byte_order))),
@@ -152,6 +216,50 @@ pub fn decode_words(
             found: words.len(),
         }),
         _ => decode(words, data_type, byte_order),
+    }
+}
+
+/// Decodes a string tag's `length` registers into its text (see the module doc: byte order per
+/// register, ends at the first NUL, trailing spaces dropped, printable ASCII only).
+pub fn decode_text(
+    words: &[u16],
+    length: u16,
+    byte_order: ByteOrder,
+) -> Result<String, DecodeError> {
+    if words.len() != usize::from(length) {
+        return Err(DecodeError::WordCount {
+            data_type: DataType::String,
+            expected: usize::from(length),
+            found: words.len(),
+        });
+    }
+    let mut text = String::with_capacity(words.len() * 2);
+    let bytes = words
+        .iter()
+        .flat_map(|&word| word16(word, byte_order).to_be_bytes());
+    for (index, byte) in bytes.enumerate() {
+        match byte {
+            0 => break,
+            0x20..=0x7E => text.push(char::from(byte)),
+            _ => {
+                return Err(DecodeError::NotAscii {
+                    byte,
+                    position: index + 1,
+                });
+            }
+        }
+    }
+    text.truncate(text.trim_end_matches(' ').len());
+    Ok(text)
+}
+
+/// Decodes one tag of a holding or input register table, before scaling: a string tag into
+/// its text, every other type into a number ([`decode_words`]).
+pub fn decode_register_tag(words: &[u16], tag: &ModbusTag) -> Result<TagValue, DecodeError> {
+    if tag.data_type == DataType::String {
+        decode_text(words, tag.register_count(), tag.byte_order).map(TagValue::Text)
+    } else {
+        decode_words(words, tag.data_type, tag.bit, tag.byte_order).map(TagValue::Number)
     }
 }
 
@@ -369,6 +477,136 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "f64 needs 4 register(s), the device sent 2"
+        );
+    }
+
+    /// The registers a device using `order` sends for `text`, NUL-padded to `length` registers.
+    fn string_wire(text: &[u8], length: usize, order: ByteOrder) -> Vec<u16> {
+        let mut bytes = text.to_vec();
+        bytes.resize(length * 2, 0);
+        bytes
+            .chunks_exact(2)
+            .map(|pair| {
+                let word = u16::from_be_bytes([pair[0], pair[1]]);
+                match order {
+                    ByteOrder::ABCD | ByteOrder::CDAB => word,
+                    ByteOrder::BADC | ByteOrder::DCBA => word.swap_bytes(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn strings_read_high_byte_first_in_abcd_and_low_byte_first_in_badc() {
+        // "MIX-7" in four registers: 'M' 'I' | 'X' '-' | '7' NUL | NUL NUL.
+        assert_eq!(
+            string_wire(b"MIX-7", 4, ByteOrder::ABCD),
+            [0x4D49, 0x582D, 0x3700, 0x0000]
+        );
+        assert_eq!(
+            decode_text(&[0x4D49, 0x582D, 0x3700, 0x0000], 4, ByteOrder::ABCD),
+            Ok("MIX-7".to_owned())
+        );
+        assert_eq!(
+            decode_text(&[0x494D, 0x2D58, 0x0037, 0x0000], 4, ByteOrder::BADC),
+            Ok("MIX-7".to_owned())
+        );
+        // The same registers read in the other order give the swapped text, not an error.
+        // The wrong order gives the pairs swapped; its NUL now comes first in the third word.
+        assert_eq!(
+            decode_text(&[0x4D49, 0x582D, 0x3700, 0x0000], 4, ByteOrder::BADC),
+            Ok("IM-X".to_owned())
+        );
+        // CDAB and DCBA have no word order to reverse: per register they read like ABCD, BADC.
+        for (order, like) in [
+            (ByteOrder::CDAB, ByteOrder::ABCD),
+            (ByteOrder::DCBA, ByteOrder::BADC),
+        ] {
+            let words = string_wire(b"BATCH 0042", 5, like);
+            assert_eq!(decode_text(&words, 5, order), decode_text(&words, 5, like));
+        }
+    }
+
+    #[test]
+    fn trailing_nuls_and_spaces_are_not_part_of_the_text() {
+        for order in ORDERS {
+            let read = |text: &[u8], length: usize| {
+                decode_text(
+                    &string_wire(text, length, order),
+                    u16::try_from(length).unwrap(),
+                    order,
+                )
+            };
+            assert_eq!(read(b"PN-4471", 4), Ok("PN-4471".to_owned()), "{order:?}");
+            assert_eq!(read(b"PN-4471 ", 4), Ok("PN-4471".to_owned()), "{order:?}");
+            assert_eq!(read(b"AB   ", 8), Ok("AB".to_owned()), "{order:?}");
+            // Leading and inner spaces are text.
+            assert_eq!(read(b"  A B", 3), Ok("  A B".to_owned()), "{order:?}");
+            // Every character used: no terminator needed.
+            assert_eq!(read(b"ABCDEFGH", 4), Ok("ABCDEFGH".to_owned()), "{order:?}");
+            // Only padding: an empty text, still a good reading.
+            assert_eq!(read(b"", 3), Ok(String::new()), "{order:?}");
+            assert_eq!(read(b"      ", 3), Ok(String::new()), "{order:?}");
+            // What follows the first NUL is ignored, even bytes that are not ASCII.
+            assert_eq!(read(b"OK\0\xC3\xA9X", 4), Ok("OK".to_owned()), "{order:?}");
+        }
+    }
+
+    #[test]
+    fn a_byte_that_is_not_printable_ascii_makes_the_string_bad_and_is_named() {
+        // "Füller" in Latin-1: 'F' 0xFC ...
+        let words = string_wire(b"F\xFCller", 4, ByteOrder::ABCD);
+        let err = decode_text(&words, 4, ByteOrder::ABCD).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::NotAscii {
+                byte: 0xFC,
+                position: 2
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "character 2 of the string is byte 0xfc, which is not printable ASCII (0x20 to 0x7e); check the tag's address, length and byte_order against the device's manual"
+        );
+        // Control characters (a tab, DEL) are refused too; the position counts after the swap.
+        let words = string_wire(b"AB\tC", 2, ByteOrder::BADC);
+        assert_eq!(
+            decode_text(&words, 2, ByteOrder::BADC),
+            Err(DecodeError::NotAscii {
+                byte: b'\t',
+                position: 3
+            })
+        );
+        assert_eq!(
+            decode_text(&[0x417F], 1, ByteOrder::ABCD),
+            Err(DecodeError::NotAscii {
+                byte: 0x7F,
+                position: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_string_needs_exactly_its_length_in_registers() {
+        assert_eq!(
+            decode_text(&[0x4142], 3, ByteOrder::ABCD)
+                .unwrap_err()
+                .to_string(),
+            "string needs 3 register(s), the device sent 1"
+        );
+        assert_eq!(
+            decode(&[0x4142], DataType::String, ByteOrder::ABCD),
+            Err(DecodeError::NotANumber)
+        );
+        let tag = ModbusTag::string("recipe", crate::config::RegisterKind::Holding, 0, 2);
+        assert_eq!(
+            decode_register_tag(&[0x4142, 0x4300], &tag),
+            Ok(TagValue::Text("ABC".to_owned()))
+        );
+        let number = ModbusTag::new("n", crate::config::RegisterKind::Holding, 0, DataType::U16);
+        assert_eq!(
+            decode_register_tag(&[7], &number),
+            Ok(TagValue::Number(7.0))
         );
     }
 

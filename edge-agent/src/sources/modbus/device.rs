@@ -1,9 +1,23 @@
 //! The per-device half of polling, shared by the Modbus TCP task ([`super::poller`]) and the bus
 //! task ([`super::bus`]): one tick's requests through the read plan, splitting and learning on
-//! exception 2, decoding and transform, report by exception, and the tag state logs. How a
-//! request reaches the device (a TCP connection of its own, or its turn on a shared line) is the
-//! caller's [`Exchange`].
+//! exceptions 2 and 3, decoding and transform, report by exception, and the tag state logs. How
+//! a request reaches the device (a TCP connection of its own, or its turn on a shared line) is
+//! the caller's [`Exchange`]; keeping what was learned across restarts is [`super::memory`]'s.
+//!
+//! # What the device teaches
+//! - Exception 2 (illegal data address) on a request of several tags: the request is halved and
+//!   both halves are read in the same tick, down to single tags. A tag refused alone is read
+//!   alone from then on (a hole); when both halves of a refused request answered, the registers
+//!   between them do not exist and the two halves are never merged again (a cut).
+//! - Exception 3 (illegal data value) on a request of several tags: the request may be too long
+//!   for the device. It is halved and retried the same way. When every tag of the refused
+//!   request was answered in the end, it was its length that was refused: the largest request
+//!   the device answered that tick below the shortest such refusal becomes the device's limit
+//!   for that kind of table (registers or bits), and later plans never exceed it. A single tag
+//!   refused with exception 3 reads bad with the exception and is read alone from then on, as a
+//!   hole is; a refusal that held it teaches no limit.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,9 +27,9 @@ use tokio_modbus::client::{Client, Context};
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 
-use super::decode;
+use super::decode::{self, TagValue};
 use super::error::PollError;
-use super::plan::{PlannedRequest, Planner, TagSpan};
+use super::plan::{Learned, Limits, PlannedRequest, Planner, TagSpan};
 use super::transform::{self, ExceptionFilter};
 use crate::Reading;
 use crate::config::{ModbusDevice, RegisterKind};
@@ -58,11 +72,7 @@ impl Backoff {
 /// over the interval instead of all being asked at the same instant, and a device keeps its
 /// slot across restarts, which keeps its samples evenly spaced in the data.
 pub fn stagger_offset(device: &str, interval: Duration) -> Duration {
-    let hash = device
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let hash = fnv1a(device.as_bytes());
     let nanos = interval.as_nanos();
     if nanos == 0 {
         return Duration::ZERO;
@@ -72,7 +82,14 @@ pub fn stagger_offset(device: &str, interval: Duration) -> Duration {
     Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX))
 }
 
-pub(crate) type TagResult = Result<(f64, Quality), PollError>;
+/// FNV-1a, 64 bits: stable across builds and restarts, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+pub(crate) type TagResult = Result<(TagValue, Quality), PollError>;
 
 /// What a request's answer carries.
 pub(crate) enum Answer {
@@ -87,8 +104,11 @@ pub(crate) enum CallError {
     /// No (complete) answer within the timeout.
     Timeout,
     /// Something arrived that is not the answer: a bad CRC, a frame that does not parse, an
-    /// answer from another unit or to another function. The link itself still works.
+    /// answer to another function. The link itself still works.
     Garbled(String),
+    /// A well-formed answer that belongs to another request: from another slave (on a shared
+    /// line, a late answer that crossed this request) or with another transaction id.
+    Stray(String),
     /// The link failed: connection reset or closed, serial port gone.
     Broken(String),
 }
@@ -120,6 +140,11 @@ pub(crate) async fn call(
     // builds, and a device that sends a short answer must not crash the agent.
     let response = match tokio::time::timeout(timeout, conn.call(wire_request)).await {
         Err(_) => return Err(CallError::Timeout),
+        Ok(Err(tokio_modbus::Error::Protocol(
+            err @ tokio_modbus::ProtocolError::HeaderMismatch { .. },
+        ))) => {
+            return Err(CallError::Stray(err.to_string()));
+        }
         Ok(Err(tokio_modbus::Error::Protocol(err))) => {
             return Err(CallError::Garbled(err.to_string()));
         }
@@ -161,11 +186,22 @@ pub(crate) struct Tick {
     pub(crate) failure: Option<PollError>,
 }
 
-/// A request refused with "illegal data address" and the two halves it was retried as.
+/// A request refused with "illegal data address" or "illegal data value" and the two halves it
+/// was retried as.
 struct Split {
+    code: ExceptionCode,
     refused: Vec<usize>,
     left: Vec<usize>,
     right: Vec<usize>,
+}
+
+/// The sizes of the requests one tick sent, for learning a request limit.
+#[derive(Default)]
+struct Sizes {
+    /// (table, count) of every request answered with data.
+    answered: Vec<(RegisterKind, u16)>,
+    /// (table, count, tags) of every request of several tags refused with "illegal data value".
+    too_long: Vec<(RegisterKind, u16, Vec<usize>)>,
 }
 
 /// One device's tags, read plan and per-tag state.
@@ -180,6 +216,8 @@ pub(crate) struct DeviceState {
     /// Each tag's first wire address; `None` when its address does not exist under the
     /// device's addressing (such a tag reads bad every tick and is never asked for).
     wire: Vec<Option<u16>>,
+    /// Whether the plan changed since [`DeviceState::take_changed_plan`] last looked.
+    plan_changed: bool,
 }
 
 impl DeviceState {
@@ -201,18 +239,61 @@ impl DeviceState {
                     tag: index,
                     kind: tag.register,
                     start,
-                    count: tag.data_type.register_count(),
+                    count: tag.register_count(),
                 })
             })
             .collect();
-        let planner = Planner::new(spans, device.max_gap);
+        let limits = Limits::new(
+            device.max_registers_per_request,
+            device.max_bits_per_request,
+        );
+        let planner = Planner::with_limits(spans, device.max_gap, limits);
         Self {
             device,
             tag_good: vec![None; tags],
             filters,
             planner,
             wire,
+            plan_changed: false,
         }
+    }
+
+    /// A hash of everything that shapes the read plan: each tag's name, table, wire address and
+    /// width, the device's addressing, `max_gap` and request limits (FNV-1a, stable across
+    /// builds). A learned plan is only valid for the same fingerprint. Scale, unit, byte order
+    /// and the like do not change which requests are sent, so editing them keeps what was
+    /// learned.
+    pub(crate) fn fingerprint(&self) -> String {
+        let device = &self.device;
+        let mut text = format!(
+            "addressing={} max_gap={} max_registers={:?} max_bits={:?}\n",
+            device.addressing.name(),
+            device.max_gap,
+            device.max_registers_per_request,
+            device.max_bits_per_request
+        );
+        for (tag, wire) in device.tags.iter().zip(&self.wire) {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                text,
+                "{} {} {:?} {}",
+                tag.name,
+                tag.register.name(),
+                wire,
+                tag.register_count()
+            );
+        }
+        format!("{:016x}", fnv1a(text.as_bytes()))
+    }
+
+    /// Takes back a plan this device learned before (see [`super::memory`]).
+    pub(crate) fn restore_learned(&mut self, learned: &Learned) -> bool {
+        self.planner.restore_learned(learned)
+    }
+
+    /// What the device taught so far, when the plan changed since the last call.
+    pub(crate) fn take_changed_plan(&mut self) -> Option<Learned> {
+        std::mem::take(&mut self.plan_changed).then(|| self.planner.learned())
     }
 
     /// How many requests one tick sends now.
@@ -262,6 +343,7 @@ impl DeviceState {
         let mut pending: Vec<PlannedRequest> =
             self.planner.requests().iter().rev().cloned().collect();
         let mut splits: Vec<Split> = Vec::new();
+        let mut sizes = Sizes::default();
         let mut isolate = Vec::new();
         let mut restore = Vec::new();
         let mut answered = false;
@@ -280,6 +362,7 @@ impl DeviceState {
             match outcome {
                 Ok(answer) => {
                     answered = true;
+                    sizes.answered.push((request.kind, request.count));
                     for &tag in &request.tags {
                         results[tag] = Some(self.tag_value(tag, &request, &answer));
                     }
@@ -291,18 +374,30 @@ impl DeviceState {
                 }
                 Err(CallError::Exception(code)) => {
                     answered = true;
-                    if code == ExceptionCode::IllegalDataAddress {
-                        if let Some((left, right)) = self.planner.split(&request) {
-                            splits.push(Split {
-                                refused: request.tags.clone(),
-                                left: left.tags.clone(),
-                                right: right.tags.clone(),
-                            });
-                            pending.push(right);
-                            pending.push(left);
-                            continue;
+                    let splits_on = matches!(
+                        code,
+                        ExceptionCode::IllegalDataAddress | ExceptionCode::IllegalDataValue
+                    );
+                    if splits_on && let Some((left, right)) = self.planner.split(&request) {
+                        if code == ExceptionCode::IllegalDataValue {
+                            sizes.too_long.push((
+                                request.kind,
+                                request.count,
+                                request.tags.clone(),
+                            ));
                         }
-                        isolate.extend(request.tags.iter().copied());
+                        splits.push(Split {
+                            code,
+                            refused: request.tags.clone(),
+                            left: left.tags.clone(),
+                            right: right.tags.clone(),
+                        });
+                        pending.push(right);
+                        pending.push(left);
+                        continue;
+                    }
+                    if splits_on {
+                        isolate.extend(request.tags.iter().map(|&tag| (tag, code)));
                     }
                     let failure = CallError::Exception(code);
                     for &tag in &request.tags {
@@ -318,6 +413,7 @@ impl DeviceState {
             }
         }
         self.learn(&results, &splits, &isolate, &restore);
+        self.learn_limits(&results, &sizes);
         let results = results
             .into_iter()
             .enumerate()
@@ -337,22 +433,26 @@ impl DeviceState {
         &mut self,
         results: &[Option<TagResult>],
         splits: &[Split],
-        isolate: &[usize],
+        isolate: &[(usize, ExceptionCode)],
         restore: &[usize],
     ) {
         let mut changed = false;
-        for &tag in isolate {
+        for &(tag, code) in isolate {
             if self.planner.isolate(tag) {
                 changed = true;
                 let tag = &self.device.tags[tag];
-                tracing::info!(tag = %tag.name, address = tag.address, "the device refuses this tag with \"illegal data address\"; it is read alone until it answers");
+                tracing::info!(tag = %tag.name, address = tag.address, "the device refuses this tag on its own with \"{code}\"; it is read alone until it answers");
             }
         }
         for &tag in restore {
             changed |= self.planner.restore(tag);
         }
         let was_split = |tags: &[usize]| splits.iter().any(|split| split.refused == tags);
-        for split in splits {
+        // A request refused as too long says nothing about which registers exist.
+        for split in splits
+            .iter()
+            .filter(|split| split.code == ExceptionCode::IllegalDataAddress)
+        {
             // A refused request whose two halves were each answered with data, as they were,
             // proves that the registers between the halves do not exist. When a half was
             // refused too, that half explains the refusal and its own split teaches the rest;
@@ -375,10 +475,58 @@ impl DeviceState {
             }
         }
         if changed {
+            self.plan_changed = true;
             tracing::info!(
                 requests = self.planner.requests().len(),
                 "read plan adjusted to the registers the device has"
             );
+        }
+    }
+
+    /// Lowers the request limit of a kind of table (registers, bits) to the largest request the
+    /// device answered this tick below the shortest it refused as too long. A refusal counts
+    /// only when every tag of it was answered in the end: then it was its length the device
+    /// refused, not one of its tags.
+    fn learn_limits(&mut self, results: &[Option<TagResult>], sizes: &Sizes) {
+        let answered = |tags: &[usize]| {
+            tags.iter()
+                .all(|&tag| matches!(&results[tag], Some(Ok(_) | Err(PollError::Decode { .. }))))
+        };
+        for bits in [false, true] {
+            let Some((kind, refused)) = sizes
+                .too_long
+                .iter()
+                .filter(|(kind, _, tags)| kind.is_bits() == bits && answered(tags))
+                .map(|(kind, count, _)| (*kind, *count))
+                .min_by_key(|(_, count)| *count)
+            else {
+                continue;
+            };
+            let accepted = sizes
+                .answered
+                .iter()
+                .filter(|(kind, count)| kind.is_bits() == bits && *count < refused)
+                .map(|(_, count)| *count)
+                .max();
+            // Nothing shorter was answered (the halves failed otherwise): nothing to learn yet.
+            let Some(accepted) = accepted else {
+                continue;
+            };
+            if self.planner.limit_to(kind, accepted) {
+                self.plan_changed = true;
+                let unit = if bits { "bits" } else { "registers" };
+                let key = if bits {
+                    "max_bits_per_request"
+                } else {
+                    "max_registers_per_request"
+                };
+                tracing::info!(
+                    refused,
+                    limit = accepted,
+                    requests = self.planner.requests().len(),
+                    "the device refuses a read of {refused} {unit} with \"illegal data value\"; requests are kept to at most {accepted} {unit} from now on (set {key} on the device to skip the learning)"
+                );
+            }
         }
     }
 
@@ -393,11 +541,13 @@ impl DeviceState {
                 address,
                 timeout: self.device.timeout.0,
             },
-            CallError::Garbled(reason) | CallError::Broken(reason) => PollError::Transport {
-                kind,
-                address,
-                reason: reason.clone(),
-            },
+            CallError::Garbled(reason) | CallError::Stray(reason) | CallError::Broken(reason) => {
+                PollError::Transport {
+                    kind,
+                    address,
+                    reason: reason.clone(),
+                }
+            }
             CallError::Exception(code) => PollError::Exception {
                 kind,
                 address,
@@ -412,21 +562,18 @@ impl DeviceState {
         let config = &self.device.tags[tag];
         let start = self.wire[tag].unwrap_or(request.start);
         let offset = usize::from(start.saturating_sub(request.start));
-        let count = usize::from(config.data_type.register_count());
+        let count = usize::from(config.register_count());
         // A short answer leaves the tags past its end with too few registers, which the
         // decoder reports; it never panics on a device's say-so.
         let part = |len: usize| offset.min(len)..(offset + count).min(len);
         let decoded = match answer {
-            Answer::Words(words) => decode::decode_words(
-                &words[part(words.len())],
-                config.data_type,
-                config.bit,
-                config.byte_order,
-            ),
-            Answer::Bits(bits) => decode::decode_bits(&bits[part(bits.len())], config.data_type),
+            Answer::Words(words) => decode::decode_register_tag(&words[part(words.len())], config),
+            Answer::Bits(bits) => {
+                decode::decode_bits(&bits[part(bits.len())], config.data_type).map(TagValue::Number)
+            }
         };
         decoded
-            .map(|raw| transform::apply(raw, config))
+            .map(|raw| transform::apply_value(raw, config))
             .map_err(|source| PollError::Decode {
                 kind: kind_name(config.register),
                 address: config.address,
@@ -465,17 +612,18 @@ impl DeviceState {
             }
         }
         let (value, quality) = match result {
-            Ok((value, quality)) => (Some(*value), *quality),
+            Ok((value, quality)) => (Some(value), *quality),
             Err(_) => (None, Quality::Bad),
         };
-        if !self.filters[index].should_send(value, quality, Instant::now()) {
+        if !self.filters[index].should_send_value(value, quality, Instant::now()) {
             return None;
         }
         Some(Reading {
             ts_us,
             device: self.device.name.clone(),
             tag: tag.name.clone(),
-            value,
+            value: value.and_then(TagValue::number),
+            value_text: value.and_then(TagValue::text).map(str::to_owned),
             quality,
             unit: tag.unit.clone(),
         })

@@ -9,6 +9,11 @@
 //!   away: a slave's answer that came after its timeout, or noise, is never taken for the answer
 //!   to the next request. No answer to the new request can be among them, because a slave only
 //!   answers a request it has received whole.
+//! - A late answer that arrives while the next request waits for its own is recognised by its
+//!   slave address and thrown away with the framing, and that request is sent once more within
+//!   what is left of its timeout, so one slave's late answer does not fail another slave's poll.
+//!   (An answer from the same slave to the same function cannot be told apart: RTU frames have
+//!   no transaction id.)
 //! - Between the end of one frame (an answer, or the timeout that gave up on it) and the next
 //!   request, the line is silent for at least the larger of the inter-frame delays of the slave
 //!   just talked to and the slave about to be asked.
@@ -232,8 +237,33 @@ impl Line {
     }
 
     /// Sends `request` to slave `unit_id` after the line has been silent for `gap` (and for
-    /// the gap owed to the previous slave), and waits at most `timeout` for the answer.
+    /// the gap owed to the previous slave), and waits at most `timeout` for the answer. An
+    /// answer from another slave (a late answer that crossed the request) is thrown away and
+    /// the request is sent once more within what is left of `timeout`.
     pub(crate) async fn exchange(
+        &mut self,
+        unit_id: u8,
+        gap: Duration,
+        request: &PlannedRequest,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        let started = Instant::now();
+        let outcome = self.exchange_once(unit_id, gap, request, timeout).await;
+        let Err(CallError::Stray(reason)) = &outcome else {
+            return outcome;
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return outcome;
+        }
+        tracing::debug!(
+            error = %reason,
+            "an answer for another request arrived (a late answer that crossed this request); asking again"
+        );
+        self.exchange_once(unit_id, gap, request, left).await
+    }
+
+    async fn exchange_once(
         &mut self,
         unit_id: u8,
         gap: Duration,
@@ -253,9 +283,11 @@ impl Line {
         self.owed_gap = gap;
         match &outcome {
             Ok(_) | Err(CallError::Exception(_)) => {}
-            // The codec may hold half a frame, or half a request not yet written: start the
-            // next call with a fresh one over the same port.
-            Err(CallError::Timeout | CallError::Garbled(_)) => self.framing = None,
+            // The codec may hold half a frame, or half a request not yet written, or the real
+            // answer behind a stray one: start the next call with a fresh one over the same port.
+            Err(CallError::Timeout | CallError::Garbled(_) | CallError::Stray(_)) => {
+                self.framing = None;
+            }
             Err(CallError::Broken(reason)) => {
                 self.failed = Some(reason.clone());
                 self.framing = None;

@@ -1,19 +1,28 @@
 //! Request planning: which read requests one poll of a device sends.
 //!
 //! # What always holds
-//! - The plan is a pure function of the tags' wire spans, the device's `max_gap` and what the
-//!   device taught the poller ([`Planner::isolate`], [`Planner::cut_before`]): the same map gives
-//!   the same requests in the same order, so request counts can be tested exactly.
+//! - The plan is a pure function of the tags' wire spans, the device's `max_gap`, its request
+//!   size limits and what the device taught the poller ([`Planner::isolate`],
+//!   [`Planner::cut_before`], [`Planner::limit_to`]): the same map and the same lessons give the
+//!   same requests in the same order, so request counts can be tested exactly.
 //! - One request reads one table. Tags are taken in (table, address) order and merged greedily
-//!   while the request stays within the protocol maximum (125 registers for holding and input
-//!   registers, 2000 bits for coils and discrete inputs) and at most `max_gap` unused
-//!   registers (or bits) lie between one tag and the next. The registers in a gap are read and
+//!   while the request stays within the device's limit and at most `max_gap` unused registers
+//!   (or bits) lie between one tag and the next. The limit is the smallest of the protocol
+//!   maximum (125 registers for holding and input registers, 2000 bits for coils and discrete
+//!   inputs), the device's `max_registers_per_request` / `max_bits_per_request`, and the size
+//!   the device was seen to accept when it refused a longer read ([`Planner::limit_to`]). A
+//!   single tag wider than the limit is still read, alone. The registers in a gap are read and
 //!   thrown away; every tag keeps its own decode.
 //! - A tag the device refused alone with "illegal data address" (a hole) is never part of a
 //!   merged request again; it is still asked for alone every poll, so it reads bad with the
 //!   device's own answer and comes back by itself when the PLC program grows the register.
 //! - A cut, learned where a merged request was refused although its two halves were answered,
 //!   keeps the tags on either side in separate requests: the registers between them do not exist.
+//! - A learned size limit only ever goes down, and never below one tag: it is the largest
+//!   request the device answered that was shorter than the shortest it refused.
+//! - What was learned can be taken out as [`Learned`] (in wire terms: table and address, not tag
+//!   indices) and put back into a planner of the same map ([`Planner::restore_learned`]), which
+//!   then sends the very requests the first one sent.
 
 use std::collections::BTreeSet;
 
@@ -31,6 +40,64 @@ pub fn max_count(kind: RegisterKind) -> u16 {
         MAX_BITS
     } else {
         MAX_REGISTERS
+    }
+}
+
+/// The most registers and bits one request of a device may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Holding and input registers, 1 to [`MAX_REGISTERS`].
+    pub registers: u16,
+    /// Coils and discrete inputs, 1 to [`MAX_BITS`].
+    pub bits: u16,
+}
+
+impl Limits {
+    /// The protocol maximum, lowered to what the sensor map says where it says so (a value
+    /// outside the protocol's range is clamped into it).
+    pub fn new(registers: Option<u16>, bits: Option<u16>) -> Self {
+        Self {
+            registers: registers.map_or(MAX_REGISTERS, |n| n.clamp(1, MAX_REGISTERS)),
+            bits: bits.map_or(MAX_BITS, |n| n.clamp(1, MAX_BITS)),
+        }
+    }
+
+    /// The limit for `kind`'s table.
+    pub fn of(self, kind: RegisterKind) -> u16 {
+        if kind.is_bits() {
+            self.bits
+        } else {
+            self.registers
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::new(None, None)
+    }
+}
+
+/// What a device taught its planner, in wire terms, so it can be kept across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// Tags read alone, as (table, first wire address), in plan order.
+    pub isolated: Vec<(RegisterKind, u16)>,
+    /// Tags that start a new request, as (table, first wire address), in plan order.
+    pub cuts: Vec<(RegisterKind, u16)>,
+    /// The learned register limit, when the device refused a longer read.
+    pub max_registers: Option<u16>,
+    /// The learned bit limit, when the device refused a longer read.
+    pub max_bits: Option<u16>,
+}
+
+impl Learned {
+    /// Whether nothing was learned.
+    pub fn is_empty(&self) -> bool {
+        self.isolated.is_empty()
+            && self.cuts.is_empty()
+            && self.max_registers.is_none()
+            && self.max_bits.is_none()
     }
 }
 
@@ -107,23 +174,122 @@ pub struct Planner {
     isolated: BTreeSet<usize>,
     /// Tags that start a new request: the registers between them and the tag before do not exist.
     cuts: BTreeSet<usize>,
+    /// The limits the sensor map allows (the protocol's unless it says less).
+    configured: Limits,
+    /// Limits learned from refusals, when below the configured ones.
+    learned_registers: Option<u16>,
+    learned_bits: Option<u16>,
     requests: Vec<PlannedRequest>,
 }
 
 impl Planner {
     /// Plans `spans` (one per tag that has a wire address) with at most `max_gap` unused
-    /// registers or bits read between two tags of one request.
-    pub fn new(mut spans: Vec<TagSpan>, max_gap: u16) -> Self {
+    /// registers or bits read between two tags of one request, and the protocol maximum per
+    /// request.
+    pub fn new(spans: Vec<TagSpan>, max_gap: u16) -> Self {
+        Self::with_limits(spans, max_gap, Limits::default())
+    }
+
+    /// Like [`Planner::new`], with requests of at most `limits`.
+    pub fn with_limits(mut spans: Vec<TagSpan>, max_gap: u16, limits: Limits) -> Self {
         spans.sort_by_key(|s| (table_rank(s.kind), s.start, s.end(), s.tag));
         let mut planner = Self {
             spans,
             max_gap,
             isolated: BTreeSet::new(),
             cuts: BTreeSet::new(),
+            configured: limits,
+            learned_registers: None,
+            learned_bits: None,
             requests: Vec::new(),
         };
         planner.replan();
         planner
+    }
+
+    /// The most registers and bits one request reads now: the configured limits, lowered by
+    /// what the device taught.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            registers: self
+                .learned_registers
+                .map_or(self.configured.registers, |n| {
+                    n.min(self.configured.registers)
+                }),
+            bits: self
+                .learned_bits
+                .map_or(self.configured.bits, |n| n.min(self.configured.bits)),
+        }
+    }
+
+    /// Keeps requests of `kind`'s table (registers, or bits) to at most `count` from now on:
+    /// the device refused a longer one. Returns whether the plan's limit went down.
+    pub fn limit_to(&mut self, kind: RegisterKind, count: u16) -> bool {
+        let count = count.max(1);
+        if count >= self.limits().of(kind) {
+            return false;
+        }
+        if kind.is_bits() {
+            self.learned_bits = Some(count);
+        } else {
+            self.learned_registers = Some(count);
+        }
+        self.replan();
+        true
+    }
+
+    /// What the device taught so far, in wire terms.
+    pub fn learned(&self) -> Learned {
+        let wire = |tags: &BTreeSet<usize>| {
+            self.spans
+                .iter()
+                .filter(|s| tags.contains(&s.tag))
+                .map(|s| (s.kind, s.start))
+                .collect::<Vec<_>>()
+        };
+        let mut isolated = wire(&self.isolated);
+        // Bit tags of one register share its address: one entry stands for all of them.
+        isolated.dedup();
+        Learned {
+            isolated,
+            cuts: wire(&self.cuts),
+            max_registers: self
+                .learned_registers
+                .filter(|&n| n < self.configured.registers),
+            max_bits: self.learned_bits.filter(|&n| n < self.configured.bits),
+        }
+    }
+
+    /// Takes back what a planner of the same map learned before (see [`Planner::learned`]).
+    /// Entries that name no tag of this map are left out. Returns whether the plan changed.
+    pub fn restore_learned(&mut self, learned: &Learned) -> bool {
+        let before = self.requests.clone();
+        for &(kind, start) in &learned.isolated {
+            for span in self
+                .spans
+                .iter()
+                .filter(|s| s.kind == kind && s.start == start)
+            {
+                self.isolated.insert(span.tag);
+            }
+        }
+        for &(kind, start) in &learned.cuts {
+            if let Some(span) = self
+                .spans
+                .iter()
+                .find(|s| s.kind == kind && s.start == start)
+            {
+                self.cuts.insert(span.tag);
+            }
+        }
+        if let Some(n) = learned.max_registers {
+            self.learned_registers = Some(n.max(1));
+        }
+        if let Some(n) = learned.max_bits {
+            self.learned_bits = Some(n.max(1));
+        }
+        self.replan();
+        self.requests != before
     }
 
     /// The requests of one poll, in the order they are sent.
@@ -186,6 +352,7 @@ impl Planner {
     }
 
     fn replan(&mut self) {
+        let limits = self.limits();
         let mut requests = Vec::new();
         let mut current: Vec<TagSpan> = Vec::new();
         for &span in &self.spans {
@@ -198,7 +365,7 @@ impl Planner {
                     && !self.isolated.contains(&span.tag)
                     && !self.cuts.contains(&span.tag)
                     && u32::from(span.start) <= end + u32::from(self.max_gap)
-                    && merged_end - u32::from(first.start) <= u32::from(max_count(span.kind));
+                    && merged_end - u32::from(first.start) <= u32::from(limits.of(span.kind));
                 if !fits {
                     requests.push(PlannedRequest::covering(&current));
                     current.clear();
@@ -383,5 +550,127 @@ mod tests {
             shape(&planner),
             vec![(Input, 0, 2, vec![0]), (Input, 8, 4, vec![1, 2])]
         );
+    }
+
+    #[test]
+    fn configured_and_learned_limits_bound_every_request() {
+        // 40 u16 tags, contiguous: one request under the protocol maximum.
+        let spans = || {
+            (0..40)
+                .map(|i| span(i, Holding, u16::try_from(i).unwrap(), 1))
+                .chain((40..60).map(|i| span(i, Coil, u16::try_from(i).unwrap(), 1)))
+                .collect::<Vec<_>>()
+        };
+        let counts = |planner: &Planner| -> Vec<(RegisterKind, u16)> {
+            planner
+                .requests()
+                .iter()
+                .map(|r| (r.kind, r.count))
+                .collect()
+        };
+        let mut planner = Planner::with_limits(spans(), 0, Limits::new(Some(16), Some(8)));
+        assert_eq!(
+            counts(&planner),
+            vec![
+                (Coil, 8),
+                (Coil, 8),
+                (Coil, 4),
+                (Holding, 16),
+                (Holding, 16),
+                (Holding, 8)
+            ]
+        );
+        // A learned limit above the configured one changes nothing.
+        assert!(!planner.limit_to(Holding, 20));
+        assert!(
+            planner.limit_to(Input, 10),
+            "input shares the register limit"
+        );
+        assert_eq!(
+            planner.limits(),
+            Limits {
+                registers: 10,
+                bits: 8
+            }
+        );
+        assert_eq!(
+            counts(&planner)[3..],
+            [(Holding, 10), (Holding, 10), (Holding, 10), (Holding, 10)]
+        );
+        assert!(!planner.limit_to(Holding, 10), "not lower than before");
+        assert_eq!(
+            planner.learned(),
+            Learned {
+                max_registers: Some(10),
+                ..Learned::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_tag_wider_than_the_limit_is_still_read_alone() {
+        let mut planner = Planner::new(
+            vec![
+                span(0, Holding, 0, 1),
+                span(1, Holding, 1, 4),
+                span(2, Holding, 5, 1),
+            ],
+            0,
+        );
+        assert!(planner.limit_to(Holding, 2));
+        assert_eq!(
+            shape(&planner),
+            vec![
+                (Holding, 0, 1, vec![0]),
+                (Holding, 1, 4, vec![1]),
+                (Holding, 5, 1, vec![2]),
+            ]
+        );
+        assert!(planner.limit_to(Holding, 0));
+        assert_eq!(planner.limits().registers, 1, "never below one register");
+    }
+
+    #[test]
+    fn what_was_learned_comes_back_as_the_same_plan() {
+        let spans = || {
+            vec![
+                span(0, Holding, 0, 1),
+                span(1, Holding, 1, 1),
+                span(2, Holding, 2, 1),
+                span(3, Holding, 8, 2),
+                span(4, Holding, 10, 1),
+                span(5, Holding, 20, 1),
+                span(6, Holding, 20, 1),
+                span(7, Coil, 3, 1),
+            ]
+        };
+        let mut first = Planner::new(spans(), 10);
+        first.isolate(1);
+        first.cut_before(3);
+        first.isolate(5);
+        first.isolate(6);
+        first.limit_to(Coil, 1);
+        let learned = first.learned();
+        assert_eq!(
+            learned,
+            Learned {
+                isolated: vec![(Holding, 1), (Holding, 20)],
+                cuts: vec![(Holding, 8)],
+                max_registers: None,
+                max_bits: Some(1),
+            }
+        );
+        let mut second = Planner::new(spans(), 10);
+        assert!(second.restore_learned(&learned));
+        assert_eq!(shape(&second), shape(&first));
+        assert!(second.is_isolated(6), "both bits of register 20");
+        assert!(
+            !second.restore_learned(&learned),
+            "nothing new the second time"
+        );
+        // Entries that name nothing in this map are ignored.
+        let mut other = Planner::new(vec![span(0, Input, 0, 1)], 10);
+        assert!(!other.restore_learned(&learned));
+        assert!(Learned::default().is_empty());
     }
 }

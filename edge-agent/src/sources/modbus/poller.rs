@@ -5,11 +5,15 @@
 //! - Every poll tick reads every tag once, with the requests of the device's read plan
 //!   ([`super::plan`]): neighbouring tags of one table share a request. Readings are sent in
 //!   the sensor map's tag order, whatever the plan.
-//! - A request refused with exception 2 (illegal data address) is split in halves and retried,
-//!   down to single tags, within the same tick; the plan then remembers what the device taught
-//!   (a tag it refuses alone is read alone; registers between two answered halves are not
-//!   asked for again), so the next tick sends the learned plan. Any other exception makes the
-//!   tags of that request `bad` and is not retried.
+//! - A request refused with exception 2 (illegal data address) or 3 (illegal data value) is
+//!   split in halves and retried, down to single tags, within the same tick; the plan then
+//!   remembers what the device taught (a tag it refuses alone is read alone; registers between
+//!   two answered halves are not asked for again; a request size it refuses is not sent again,
+//!   see [`super::device`]), so the next tick sends the learned plan. Any other exception makes
+//!   the tags of that request `bad` and is not retried.
+//! - Started with [`run_device_with_memory`] (as the agent does), what the device taught is
+//!   kept in the buffer file and restored at the next start for the same device, address and
+//!   map ([`super::memory`]), so a restart does not send the refused requests again.
 //! - The first tick of a device comes a deterministic offset (from its name) into its poll
 //!   interval, so the devices of a gateway are not all asked at the same instant.
 //! - Without report by exception (the default) every tick yields exactly one reading per tag,
@@ -31,6 +35,7 @@
 //!   learned), so a dead device does not flood the journal.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -44,18 +49,41 @@ use super::device::{
     self, Answer, Backoff, CallError, DeviceState, Exchange, Tick, stagger_offset, wall_clock_us,
 };
 use super::error::PollError;
+use super::memory::PlanKeeper;
 use super::plan::PlannedRequest;
 use crate::Reading;
+use crate::buffer::plan_memory::PlanMemory;
 use crate::config::ModbusDevice;
 
-/// Polls one device until `shutdown` is cancelled or the receiver of `tx` is gone.
+/// Polls one device until `shutdown` is cancelled or the receiver of `tx` is gone. What the
+/// device teaches about its register map is kept in memory only.
 pub async fn run_device(
     device: ModbusDevice,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
+    poll_device(device, None, tx, shutdown).await;
+}
+
+/// Like [`run_device`], and keeps what the device teaches in the buffer file `buffer` (which
+/// must exist) for the next start.
+pub async fn run_device_with_memory(
+    device: ModbusDevice,
+    buffer: PathBuf,
+    tx: mpsc::Sender<Reading>,
+    shutdown: CancellationToken,
+) {
+    poll_device(device, Some(buffer), tx, shutdown).await;
+}
+
+async fn poll_device(
+    device: ModbusDevice,
+    buffer: Option<PathBuf>,
+    tx: mpsc::Sender<Reading>,
+    shutdown: CancellationToken,
+) {
     let span = tracing::info_span!("source", component = "modbus", device = %device.name);
-    DevicePoller::new(device, tx, shutdown)
+    DevicePoller::new(device, buffer, tx, shutdown)
         .run()
         .instrument(span)
         .await;
@@ -85,6 +113,7 @@ impl Exchange for TcpExchange<'_> {
 
 struct DevicePoller {
     state: DeviceState,
+    keeper: PlanKeeper,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
     conn: Option<Context>,
@@ -95,9 +124,20 @@ struct DevicePoller {
 }
 
 impl DevicePoller {
-    fn new(device: ModbusDevice, tx: mpsc::Sender<Reading>, shutdown: CancellationToken) -> Self {
+    fn new(
+        device: ModbusDevice,
+        buffer: Option<PathBuf>,
+        tx: mpsc::Sender<Reading>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let link = format!(
+            "tcp {}:{} unit {}",
+            device.host, device.port, device.unit_id
+        );
+        let state = DeviceState::new(device);
         Self {
-            state: DeviceState::new(device),
+            keeper: PlanKeeper::new(buffer.map(|path| PlanMemory::new(&path)), &state, link),
+            state,
             tx,
             shutdown,
             conn: None,
@@ -108,6 +148,7 @@ impl DevicePoller {
     }
 
     async fn run(mut self) {
+        self.keeper.recall(&mut self.state).await;
         let device = &self.state.device;
         let interval = device.poll_interval.0;
         let offset = stagger_offset(&device.name, interval);
@@ -137,6 +178,7 @@ impl DevicePoller {
             // timeout; a PLC that does not answer the close is not waited for long.
             let _ = tokio::time::timeout(self.state.device.timeout.0, conn.disconnect()).await;
         }
+        self.keeper.finish_save().await;
         tracing::info!("stopped polling device");
     }
 
@@ -182,6 +224,7 @@ impl DevicePoller {
         if tick.answered {
             self.backoff.reset();
         }
+        self.keeper.after_tick(&mut self.state).await;
         if let Some(err) = &tick.failure {
             // A late or partial answer would otherwise be taken for the next request's.
             self.conn = None;

@@ -11,12 +11,15 @@
 //!   readings are sent at the heartbeat only: an outage stays visible without filling the buffer.
 //! - The deadband compares with the last *sent* value, not the last read one, so a slow drift
 //!   is reported once it adds up to more than the deadband.
+//! - A string tag's text passes unchanged (scale, offset, range and deadbands are for numbers;
+//!   validation refuses them on strings). With a `heartbeat`, a string is sent when its text
+//!   changes and at least every heartbeat; without one, every sample is sent.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::decode::apply_scale;
+use super::decode::{TagValue, apply_scale};
 use crate::config::ModbusTag;
 use crate::contract::Quality;
 
@@ -30,6 +33,18 @@ pub fn apply(raw: f64, tag: &ModbusTag) -> (f64, Quality) {
     }
 }
 
+/// [`apply`] for a decoded value of any kind: numbers are scaled and range-checked, a string's
+/// text passes unchanged and good.
+pub fn apply_value(value: TagValue, tag: &ModbusTag) -> (TagValue, Quality) {
+    match value {
+        TagValue::Number(raw) => {
+            let (value, quality) = apply(raw, tag);
+            (TagValue::Number(value), quality)
+        }
+        text @ TagValue::Text(_) => (text, Quality::Good),
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Deadband {
     /// Any change at all (a heartbeat without a deadband).
@@ -40,9 +55,9 @@ enum Deadband {
     Percent(f64),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sent {
-    value: Option<f64>,
+    value: Option<TagValue>,
     quality: Quality,
     at: Instant,
 }
@@ -72,12 +87,23 @@ impl ExceptionFilter {
         }
     }
 
-    /// Whether a reading read at `now` is sent; remembers it as the last sent one if so.
+    /// Whether a numeric reading read at `now` is sent; remembers it as the last sent one if so.
     pub fn should_send(&mut self, value: Option<f64>, quality: Quality, now: Instant) -> bool {
+        self.should_send_value(value.map(TagValue::Number).as_ref(), quality, now)
+    }
+
+    /// Whether a reading (number or text) read at `now` is sent; remembers it as the last sent
+    /// one if so. A text counts as moved when it differs from the last sent text.
+    pub fn should_send_value(
+        &mut self,
+        value: Option<&TagValue>,
+        quality: Quality,
+        now: Instant,
+    ) -> bool {
         let Some(deadband) = self.deadband else {
             return true;
         };
-        let send = match self.last {
+        let send = match &self.last {
             None => true,
             Some(last) if last.quality != quality => true,
             Some(last)
@@ -87,15 +113,20 @@ impl ExceptionFilter {
             {
                 true
             }
-            Some(last) => match (last.value, value) {
-                (Some(previous), Some(value)) => moved(deadband, previous, value),
+            Some(last) => match (&last.value, value) {
+                (Some(TagValue::Number(previous)), Some(TagValue::Number(value))) => {
+                    moved(deadband, *previous, *value)
+                }
+                (Some(TagValue::Text(previous)), Some(TagValue::Text(value))) => previous != value,
+                // A number where a text was (or the reverse) cannot come from one tag; send it.
+                (Some(_), Some(_)) => true,
                 // Both bad (no value): nothing new to say until the heartbeat.
                 _ => false,
             },
         };
         if send {
             self.last = Some(Sent {
-                value,
+                value: value.cloned(),
                 quality,
                 at: now,
             });
@@ -240,6 +271,64 @@ mod tests {
             (33, Some(0.0)),
         ];
         assert_eq!(sent(&tag, &samples).await, vec![0, 2, 32]);
+    }
+
+    #[test]
+    fn a_string_passes_unchanged_and_good() {
+        let recipe = ModbusTag::string("recipe", RegisterKind::Holding, 0, 8);
+        assert_eq!(
+            apply_value(TagValue::Text("MIX-7".into()), &recipe),
+            (TagValue::Text("MIX-7".into()), Quality::Good)
+        );
+        let scaled = ModbusTag {
+            scale: 0.5,
+            range: Some([0.0, 10.0]),
+            ..tag()
+        };
+        assert_eq!(
+            apply_value(TagValue::Number(30.0), &scaled),
+            (TagValue::Number(10.0), Quality::Uncertain)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_string_with_a_heartbeat_is_sent_on_change_and_at_the_heartbeat() {
+        let tag = ModbusTag {
+            heartbeat: Some(ConfigDuration::from_secs(30)),
+            ..ModbusTag::string("recipe", RegisterKind::Holding, 0, 8)
+        };
+        let start = Instant::now();
+        let mut filter = ExceptionFilter::for_tag(&tag);
+        let samples: [(u64, Option<&str>); 8] = [
+            (0, Some("MIX-7")),
+            (1, Some("MIX-7")),
+            (2, Some("MIX-8")), // changed
+            (3, Some("MIX-8")),
+            (4, None), // bad: quality changed
+            (5, None),
+            (6, Some("MIX-8")),  // good again
+            (36, Some("MIX-8")), // heartbeat
+        ];
+        let mut sent = Vec::new();
+        for (at, text) in samples {
+            tokio::time::advance(start + Duration::from_secs(at) - Instant::now()).await;
+            let value = text.map(|t| TagValue::Text(t.to_owned()));
+            let quality = if value.is_some() {
+                Quality::Good
+            } else {
+                Quality::Bad
+            };
+            if filter.should_send_value(value.as_ref(), quality, Instant::now()) {
+                sent.push(at);
+            }
+        }
+        assert_eq!(sent, vec![0, 2, 4, 6, 36]);
+        // Without a heartbeat every sample is sent, as for numbers.
+        let mut every =
+            ExceptionFilter::for_tag(&ModbusTag::string("recipe", RegisterKind::Holding, 0, 8));
+        let same = TagValue::Text("MIX-7".into());
+        assert!(every.should_send_value(Some(&same), Quality::Good, Instant::now()));
+        assert!(every.should_send_value(Some(&same), Quality::Good, Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,18 +1,42 @@
 //! Validation of the `[[mqtt]]` sections: what serde cannot check (filters, templates, pointers,
-//! mappings that compete for one topic, credentials). Every problem names its key and the fix.
+//! mappings that compete for one topic, credentials, the session, TLS). Every problem names its
+//! key and the fix. The TLS files are read and the client configuration is built as the source
+//! builds it, so a map that validates has a CA that parses and a client key that fits its
+//! certificate.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::sparkplug;
+use super::tls;
 use super::topic::{self, Template};
 use crate::buffer::dead_letter;
-use crate::config::{MqttBroker, MqttSubscription, PayloadFormat, Problem};
+use crate::config::{MqttBroker, MqttProtocol, MqttSubscription, PayloadFormat, Problem};
 
 /// The shortest keep-alive accepted (rumqttc's minimum); the protocol's longest is 65535 s.
+/// `max_packet_size` within what a client can use and MQTT allows.
+fn check_max_packet_size(broker: &MqttBroker, key: &str, problems: &mut Vec<Problem>) {
+    if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&broker.max_packet_size.0) {
+        problems.push(problem(
+            format!("{key}.max_packet_size"),
+            format!(
+                "max_packet_size {} bytes is outside 1 KiB to 256 MiB; use for example max_packet_size = \"1 MiB\"",
+                broker.max_packet_size.0
+            ),
+        ));
+    }
+}
+
+/// Smallest `max_packet_size`: below this even a CONNACK with properties may not fit.
+const MIN_PACKET_SIZE: u64 = 1 << 10;
+/// Largest `max_packet_size`: MQTT's own limit is 256 MiB.
+const MAX_PACKET_SIZE: u64 = 256 << 20;
 const MIN_KEEP_ALIVE: Duration = Duration::from_secs(1);
 const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
 /// The most dead letters one broker may keep: about 40 MB of the buffer file at most.
 const MAX_DEAD_LETTERS: u32 = 100_000;
+/// The longest MQTT 5 session expiry interval: the protocol's four-byte integer.
+const MAX_SESSION_EXPIRY: Duration = Duration::from_secs(4_294_967_295);
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
     Problem {
@@ -40,9 +64,11 @@ pub(crate) fn check_brokers(brokers: &[MqttBroker]) -> Vec<Problem> {
         } else {
             names.insert(&broker.name, i);
         }
-        if let Some(first) =
-            client_ids.get(&(broker.host.as_str(), broker.port, broker.client_id.as_str()))
-        {
+        if let Some(first) = client_ids.get(&(
+            broker.host.as_str(),
+            broker.port(),
+            broker.client_id.as_str(),
+        )) {
             problems.push(problem(
                 format!("{key}.client_id"),
                 format!(
@@ -52,7 +78,11 @@ pub(crate) fn check_brokers(brokers: &[MqttBroker]) -> Vec<Problem> {
             ));
         } else {
             client_ids.insert(
-                (broker.host.as_str(), broker.port, broker.client_id.as_str()),
+                (
+                    broker.host.as_str(),
+                    broker.port(),
+                    broker.client_id.as_str(),
+                ),
                 i,
             );
         }
@@ -74,10 +104,10 @@ fn check_broker(problems: &mut Vec<Problem>, key: &str, broker: &MqttBroker) {
             "the host is empty; give the broker's IP address or host name",
         ));
     }
-    if broker.port == 0 {
+    if broker.port == Some(0) {
         problems.push(problem(
             format!("{key}.port"),
-            "port 0 cannot be connected to; use the broker's MQTT port, usually 1883",
+            "port 0 cannot be connected to; use the broker's MQTT port, usually 1883 (8883 with TLS), or leave the key out for that default",
         ));
     }
     if broker.client_id.trim().is_empty() {
@@ -94,6 +124,10 @@ fn check_broker(problems: &mut Vec<Problem>, key: &str, broker: &MqttBroker) {
                 broker.keep_alive
             ),
         ));
+    }
+    check_session(problems, key, broker);
+    if let Some(tls) = &broker.tls {
+        check_tls(problems, key, tls);
     }
     match (&broker.password_env, &broker.password_file) {
         (Some(_), Some(_)) => problems.push(problem(
@@ -125,6 +159,7 @@ fn check_broker(problems: &mut Vec<Problem>, key: &str, broker: &MqttBroker) {
             ),
         ));
     }
+    check_max_packet_size(broker, key, problems);
     if broker.subscriptions.is_empty() {
         problems.push(problem(
             format!("{key}.subscriptions"),
@@ -155,6 +190,50 @@ fn check_broker(problems: &mut Vec<Problem>, key: &str, broker: &MqttBroker) {
     }
 }
 
+/// `session_expiry`: MQTT 5 only, with a persistent session, within the protocol's range.
+fn check_session(problems: &mut Vec<Problem>, key: &str, broker: &MqttBroker) {
+    let Some(expiry) = broker.session_expiry else {
+        return;
+    };
+    let key = format!("{key}.session_expiry");
+    if broker.protocol == MqttProtocol::V311 {
+        problems.push(problem(
+            key,
+            "session_expiry applies to protocol = \"5\" only; with 3.1.1 the broker decides how long it keeps the session (Mosquitto: persistent_client_expiration), so remove the key or set protocol = \"5\"",
+        ));
+    } else if broker.clean_session {
+        problems.push(problem(
+            key,
+            "session_expiry is set with clean_session = true, which ends the session at every disconnect; remove one of the two",
+        ));
+    } else if expiry.0 < Duration::from_secs(1) || expiry.0 > MAX_SESSION_EXPIRY {
+        problems.push(problem(
+            key,
+            format!(
+                "session_expiry {expiry} is outside 1s to 4294967295s; it is how long the broker keeps queued messages for the agent while it is away, use for example session_expiry = \"168h\""
+            ),
+        ));
+    }
+}
+
+/// `[mqtt.tls]`: the files are read and the configuration built as the source builds it.
+fn check_tls(problems: &mut Vec<Problem>, key: &str, tls: &crate::config::MqttTls) {
+    if tls
+        .server_name
+        .as_deref()
+        .is_some_and(|n| n.trim().is_empty())
+    {
+        problems.push(problem(
+            format!("{key}.tls.server_name"),
+            "server_name is empty; write the name the broker's certificate carries, or leave the key out to check the host",
+        ));
+        return;
+    }
+    if let Err(e) = tls::client_config(tls) {
+        problems.push(problem(format!("{key}.{}", e.key()), e.to_string()));
+    }
+}
+
 fn check_subscription(problems: &mut Vec<Problem>, key: &str, sub: &MqttSubscription) {
     let filter_ok = match topic::check_filter(&sub.topic) {
         Ok(()) => true,
@@ -177,8 +256,19 @@ fn check_subscription(problems: &mut Vec<Problem>, key: &str, sub: &MqttSubscrip
             ),
         ));
     }
+    if sub.payload == PayloadFormat::SparkplugB {
+        check_sparkplug(problems, key, sub, filter_ok);
+        return;
+    }
     let filter = filter_ok.then_some(&sub.topic);
-    check_template(problems, &format!("{key}.device"), &sub.device, filter);
+    if sub.device.is_empty() {
+        problems.push(problem(
+            format!("{key}.device"),
+            "no device for the readings; add device = \"...\" (`{N}` takes topic level N, counted from 0)",
+        ));
+    } else {
+        check_template(problems, &format!("{key}.device"), &sub.device, filter);
+    }
     if sub.fields.is_empty() {
         check_single_value(problems, key, sub, filter);
     } else {
@@ -188,6 +278,67 @@ fn check_subscription(problems: &mut Vec<Problem>, key: &str, sub: &MqttSubscrip
     check_scale(problems, &format!("{key}.scale"), sub.scale);
     check_offset(problems, &format!("{key}.offset"), sub.offset);
     check_unit(problems, &format!("{key}.unit"), sub.unit.as_deref());
+}
+
+/// A `sparkplug_b` subscription: a filter that follows whole edge nodes, and none of the
+/// mapping keys, since the messages name their metrics, values, times and units.
+#[allow(clippy::float_cmp)] // scale and offset are left out exactly when they are 1 and 0
+fn check_sparkplug(
+    problems: &mut Vec<Problem>,
+    key: &str,
+    sub: &MqttSubscription,
+    filter_ok: bool,
+) {
+    if filter_ok && let Err(message) = sparkplug::check_filter(&sub.topic) {
+        problems.push(problem(format!("{key}.topic"), message));
+    }
+    let from_messages =
+        "tags and values come from the metrics the edge nodes announce in their births";
+    let unused: [(&str, bool, &str); 9] = [
+        (
+            "device",
+            !sub.device.is_empty(),
+            "the device is the edge node id, or `<edge node>/<device>` for a device's metrics",
+        ),
+        ("tag", sub.tag.is_some(), from_messages),
+        ("value", sub.value.is_some(), from_messages),
+        ("fields", !sub.fields.is_empty(), from_messages),
+        (
+            "timestamp",
+            sub.timestamp.is_some(),
+            "the time is the metric's or the payload's timestamp",
+        ),
+        (
+            "timestamp_format",
+            sub.timestamp_format.is_some(),
+            "the time is the metric's or the payload's timestamp",
+        ),
+        (
+            "unit",
+            sub.unit.is_some(),
+            "the unit is the metric's engUnit property, when the birth has one",
+        ),
+        (
+            "scale",
+            sub.scale != 1.0,
+            "metrics are recorded as the edge node sends them",
+        ),
+        (
+            "offset",
+            sub.offset != 0.0,
+            "metrics are recorded as the edge node sends them",
+        ),
+    ];
+    for (name, set, why) in unused {
+        if set {
+            problems.push(problem(
+                format!("{key}.{name}"),
+                format!(
+                    "{name} does not apply to payload = \"sparkplug_b\" ({why}); remove the key"
+                ),
+            ));
+        }
+    }
 }
 
 /// One value per message: `tag` and (for JSON) `value`.
@@ -383,7 +534,7 @@ mod tests {
         let broker = &config.mqtt[0];
         assert_eq!(
             (
-                broker.port,
+                broker.port(),
                 broker.clean_session,
                 broker.keep_alive.0.as_secs()
             ),
@@ -404,7 +555,7 @@ mod tests {
             problems(text),
             vec![
                 "plant.toml:7: mqtt[0].host: the host is empty; give the broker's IP address or host name",
-                "plant.toml:8: mqtt[0].port: port 0 cannot be connected to; use the broker's MQTT port, usually 1883",
+                "plant.toml:8: mqtt[0].port: port 0 cannot be connected to; use the broker's MQTT port, usually 1883 (8883 with TLS), or leave the key out for that default",
                 "plant.toml:9: mqtt[0].client_id: the client id is empty; the broker keeps the session under it, so give one that is unique on the broker and never changes, for example client_id = \"gw-line2\"",
                 "plant.toml:10: mqtt[0].keep_alive: keep_alive 0s is outside 1s to 65535s; use for example keep_alive = \"30s\"",
                 "plant.toml:11: mqtt[0].password_env: `A=B` is not an environment variable name; name the variable that holds the password, for example password_env = \"MQTT_PASSWORD\"",
@@ -473,6 +624,87 @@ value = "/u"
                 "plant.toml:36: mqtt[0].subscriptions[3].fields[0].unit: the unit is empty; name the unit, for example unit = \"degC\", or leave the key out",
                 "plant.toml:38: mqtt[0].subscriptions[3].fields[1].tag: duplicate tag `t` (first used by fields[0]); give each field its own tag",
             ]
+        );
+    }
+
+    #[test]
+    fn session_and_tls_problems_name_line_key_and_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"{HEAD}[[mqtt]]
+name = "a"
+host = "127.0.0.1"
+client_id = "gw-a"
+session_expiry = "1h"
+subscriptions = [{{ topic = "a/+", device = "{{1}}", tag = "t", value = "" }}]
+[[mqtt]]
+name = "b"
+host = "127.0.0.1"
+protocol = "5"
+client_id = "gw-b"
+clean_session = true
+session_expiry = "1h"
+subscriptions = [{{ topic = "b/+", device = "{{1}}", tag = "t", value = "" }}]
+[[mqtt]]
+name = "c"
+host = "127.0.0.1"
+protocol = "5"
+client_id = "gw-c"
+session_expiry = "0s"
+subscriptions = [{{ topic = "c/+", device = "{{1}}", tag = "t", value = "" }}]
+[mqtt.tls]
+ca_file = "certs/ca.pem"
+[[mqtt]]
+name = "d"
+host = "127.0.0.1"
+client_id = "gw-d"
+subscriptions = [{{ topic = "d/+", device = "{{1}}", tag = "t", value = "" }}]
+[mqtt.tls]
+ca_file = "ca.pem"
+server_name = ""
+"#
+        );
+        let config = dir.path().join("plant.toml");
+        let problems: Vec<String> = match load_str(&text, &config) {
+            Err(e) => e.to_string().lines().map(str::to_owned).collect(),
+            Ok(_) => panic!("expected problems"),
+        };
+        let file = config.display();
+        let ca = dir.path().join("certs/ca.pem");
+        assert_eq!(
+            problems,
+            vec![
+                format!(
+                    "{file}:9: mqtt[0].session_expiry: session_expiry applies to protocol = \"5\" only; with 3.1.1 the broker decides how long it keeps the session (Mosquitto: persistent_client_expiration), so remove the key or set protocol = \"5\""
+                ),
+                format!(
+                    "{file}:17: mqtt[1].session_expiry: session_expiry is set with clean_session = true, which ends the session at every disconnect; remove one of the two"
+                ),
+                format!(
+                    "{file}:24: mqtt[2].session_expiry: session_expiry 0s is outside 1s to 4294967295s; it is how long the broker keeps queued messages for the agent while it is away, use for example session_expiry = \"168h\""
+                ),
+                format!(
+                    "{file}:27: mqtt[2].tls.ca_file: cannot read tls.ca_file {}: No such file or directory (os error 2); check the path and that the agent's user may read it",
+                    ca.display()
+                ),
+                format!(
+                    "{file}:35: mqtt[3].tls.server_name: server_name is empty; write the name the broker's certificate carries, or leave the key out to check the host"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_protocol_names_the_two_there_are() {
+        let text = format!(
+            "{HEAD}[[mqtt]]\nname = \"a\"\nhost = \"h\"\nclient_id = \"c\"\nprotocol = \"3\"\nsubscriptions = []\n"
+        );
+        let message = load_str(&text, Path::new("plant.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("unknown variant `3`, expected `3.1.1` or `5`"),
+            "{message}"
         );
     }
 }

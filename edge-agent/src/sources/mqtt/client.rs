@@ -3,7 +3,8 @@
 //!
 //! Four tasks per broker, so no one of them can stall another's work:
 //! - the *event loop* task polls rumqttc (keep-alive pings, reconnects with capped exponential
-//!   backoff and jitter, resubscribing after every connect) and hands each incoming PUBLISH on;
+//!   backoff and jitter, resubscribing after every connect, reading the TLS files again before
+//!   each reconnect) and hands each incoming PUBLISH on;
 //! - the *mapper* turns a message into readings (through [`Router`], as `probe` does), sends them
 //!   to the buffer writer together with a oneshot that fires when they are committed, sends a bad
 //!   payload's dead letter to the dead-letter writer the same way, and queues the message with
@@ -11,8 +12,11 @@
 //! - the [*dead-letter writer*](super::dead_letters) commits dead letters to the buffer file's
 //!   dead-letter table on its own connection;
 //! - the *acker* takes the queue in arrival order, waits for each message's commits and only then
-//!   sends its PUBACK. In-order acks are what MQTT 3.1.1 (4.6) asks of a client; since the
-//!   writers commit in the order they received, waiting in order costs little.
+//!   sends its PUBACK. In-order acks are what MQTT 3.1.1 (4.6) and MQTT 5 (4.6) ask of a
+//!   client; since the writers commit in the order they received, waiting in order costs little.
+//!
+//! The tasks are the same for MQTT 3.1.1 and MQTT 5: [`super::connection`] hides which
+//! protocol's event loop and client they drive.
 //!
 //! A message whose payload gives no reading (or not all of them) is counted per subscription and
 //! reason, logged, dead-lettered, and acknowledged at its turn once its dead letter (and its
@@ -23,14 +27,11 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeFilter,
-};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use super::connection::{self, Connection, Happened, Message, Requests};
 use super::dead_letters::{DeadLetterWriter, Recording};
 use super::payload::shown;
 use super::route::{Route, Router};
@@ -49,8 +50,6 @@ const INCOMING_CAPACITY: usize = 256;
 const ACK_QUEUE_CAPACITY: usize = 1024;
 /// Dead letters waiting for their commit before the mapper waits too.
 const DEAD_LETTER_CAPACITY: usize = 256;
-/// Requests (acks, subscribes, disconnect) queued for the event loop.
-const REQUEST_CAPACITY: usize = 64;
 /// How long a stopping source waits for the commits of what it already handed over.
 const ACK_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a stopping source lets the event loop send the last acks and the DISCONNECT.
@@ -67,6 +66,11 @@ pub enum MqttError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("broker `{broker}`: {source}")]
+    Tls {
+        broker: String,
+        source: Box<super::tls::TlsError>,
+    },
     #[error("broker `{broker}`: subscription {index} ({filter}): {source}")]
     Mapping {
         broker: String,
@@ -78,7 +82,7 @@ pub enum MqttError {
 
 /// A message waiting for its acknowledgement, in arrival order.
 struct PendingAck {
-    publish: Publish,
+    message: Message,
     /// Fire when the message's readings and its dead letter are committed; empty when it had
     /// neither (a retained message, a topic of no subscription).
     committed: Vec<oneshot::Receiver<()>>,
@@ -111,7 +115,14 @@ pub async fn run_broker(
             }
         };
         crate::metrics::global().mqtt_broker_started(&broker.name);
-        let Some(options) = options_with_retry(&broker, &shutdown).await else {
+        info!(
+            protocol = %broker.protocol,
+            tls = broker.tls.is_some(),
+            host = %broker.host,
+            port = broker.port(),
+            "mqtt source starting"
+        );
+        let Some((requests, connection)) = connect_with_retry(&broker, &shutdown).await else {
             return;
         };
         let dead_letter_writer =
@@ -123,26 +134,25 @@ pub async fn run_broker(
                 .run(dead_letter_rx, dead_letter_stop.clone())
                 .in_current_span(),
         );
-        let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-        let filters: Vec<SubscribeFilter> = broker
+        let filters: Vec<(String, u8)> = broker
             .subscriptions
             .iter()
-            .map(|s| SubscribeFilter::new(s.topic.clone(), qos(s.qos)))
+            .map(|s| (s.topic.clone(), s.qos))
             .collect();
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_CAPACITY);
         let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE_CAPACITY);
         let loop_stop = CancellationToken::new();
         let poller = tokio::spawn(
             poll_events(
-                eventloop,
-                client.clone(),
+                connection,
+                requests.clone(),
                 filters,
                 incoming_tx,
                 loop_stop.clone(),
             )
             .in_current_span(),
         );
-        let acker = tokio::spawn(ack_in_order(client.clone(), ack_rx).in_current_span());
+        let acker = tokio::spawn(ack_in_order(requests.clone(), ack_rx).in_current_span());
         let mapper = Mapper {
             broker: broker.name.clone(),
             bad_payloads: vec![0; router.routes().len()],
@@ -163,7 +173,7 @@ pub async fn run_broker(
         if let Err(e) = dead_letter_task.await {
             error!("the dead-letter task failed: {e}");
         }
-        if client.try_disconnect().is_err() {
+        if !requests.try_disconnect() {
             debug!("the event loop is gone; nothing to disconnect");
         }
         if tokio::time::timeout(DISCONNECT_DEADLINE, poller)
@@ -178,24 +188,16 @@ pub async fn run_broker(
     .await;
 }
 
-fn qos(level: u8) -> QoS {
-    if level == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    }
-}
-
-/// The connection options; a password that cannot be read yet (a secret mounted late) is
+/// The connection; a password or TLS file that cannot be read yet (a secret mounted late) is
 /// retried with backoff rather than ending the source.
-async fn options_with_retry(
+async fn connect_with_retry(
     broker: &MqttBroker,
     shutdown: &CancellationToken,
-) -> Option<MqttOptions> {
+) -> Option<(Requests, Connection)> {
     let mut backoff = BACKOFF_START;
     loop {
-        match options(broker) {
-            Ok(options) => return Some(options),
+        match connection::connect(broker) {
+            Ok(connected) => return Some(connected),
             Err(e) => {
                 error!(retry_in_ms = crate::millis(backoff), "{e}");
                 tokio::select! {
@@ -208,42 +210,12 @@ async fn options_with_retry(
     }
 }
 
-/// The connection options of the agent's session with `broker`: its client id and session
-/// setting, manual acknowledgements, and the credentials (read now).
-pub(crate) fn options(broker: &MqttBroker) -> Result<MqttOptions, MqttError> {
-    let mut options = MqttOptions::new(&broker.client_id, &broker.host, broker.port);
-    options
-        .set_keep_alive(broker.keep_alive.0)
-        .set_clean_session(broker.clean_session)
-        // Acks are sent by the acker once the buffer has the readings, never by rumqttc.
-        .set_manual_acks(true);
-    let password = match (&broker.password_env, &broker.password_file) {
-        (Some(var), _) => Some(std::env::var(var).map_err(|_| MqttError::PasswordEnv {
-            broker: broker.name.clone(),
-            var: var.clone(),
-        })?),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|source| MqttError::PasswordFile {
-                broker: broker.name.clone(),
-                path: path.clone(),
-                source,
-            })?;
-            Some(text.lines().next().unwrap_or_default().to_owned())
-        }
-        (None, None) => None,
-    };
-    if let Some(username) = &broker.username {
-        options.set_credentials(username, password.unwrap_or_default());
-    }
-    Ok(options)
-}
-
 /// Polls the event loop until `stop`, or until the DISCONNECT went out.
 async fn poll_events(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    filters: Vec<SubscribeFilter>,
-    incoming: mpsc::Sender<Publish>,
+    mut connection: Connection,
+    requests: Requests,
+    filters: Vec<(String, u8)>,
+    incoming: mpsc::Sender<Message>,
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_START;
@@ -251,46 +223,58 @@ async fn poll_events(
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => return,
-            event = eventloop.poll() => event,
+            event = connection.next() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(
-                    session_present = ack.session_present,
-                    "connected to the broker"
-                );
+            Ok(Happened::Connected {
+                session_present,
+                session_expiry_s,
+            }) => {
+                info!(session_present, "connected to the broker");
+                if let Some(granted) = session_expiry_s {
+                    // MQTT 5 brokers send the interval only when they override the agent's.
+                    warn!(
+                        session_expiry_s = granted,
+                        "the broker keeps the session for another time than session_expiry asks; messages published while the agent is away longer than this are lost"
+                    );
+                }
                 connected = true;
                 backoff = BACKOFF_START;
                 // Subscribing again on a resumed session is harmless and covers a broker
                 // that lost its sessions (a restart without persistence).
-                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                if let Err(e) = requests.subscribe(&filters) {
                     error!("cannot queue the subscriptions: {e}");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+            Ok(Happened::Subscribed { codes, refused }) => {
                 // A refused filter (an ACL, a broker limit) shows in the codes.
-                info!(codes = ?ack.return_codes, "subscribed");
+                if refused {
+                    warn!(codes = %codes, "subscribed, but the broker refused a filter");
+                } else {
+                    info!(codes = %codes, "subscribed");
+                }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Happened::Message(message)) => {
                 // After the mapper stopped, a message is left unacknowledged: the broker sends
                 // it again on the next connect.
-                let _ = incoming.send(publish).await;
+                let _ = incoming.send(message).await;
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
+            Ok(Happened::ServerDisconnect(reason)) => {
+                warn!("the broker closes the connection: {reason}");
+            }
+            Ok(Happened::Closed) => return,
+            Ok(Happened::Other) => {}
+            Err(failure) => {
                 let wait = jittered(backoff);
                 if connected {
                     warn!(
                         retry_in_ms = crate::millis(wait),
-                        "connection to the broker lost: {}",
-                        describe(&e)
+                        "connection to the broker lost: {failure}"
                     );
                 } else {
                     warn!(
                         retry_in_ms = crate::millis(wait),
-                        "cannot connect to the broker: {}",
-                        describe(&e)
+                        "cannot connect to the broker: {failure}"
                     );
                 }
                 connected = false;
@@ -298,16 +282,10 @@ async fn poll_events(
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
+                connection.renew_tls();
                 backoff = (backoff * 2).min(BACKOFF_CAP);
             }
         }
-    }
-}
-
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::ConnectionRefused(code) => format!("refused: {code:?}"),
-        other => other.to_string(),
     }
 }
 
@@ -328,48 +306,48 @@ impl Mapper {
     /// the dead-letter writer and every message to the acker.
     async fn run(
         mut self,
-        mut incoming: mpsc::Receiver<Publish>,
+        mut incoming: mpsc::Receiver<Message>,
         out: Outputs<'_>,
         shutdown: &CancellationToken,
     ) {
         loop {
-            let publish = tokio::select! {
+            let message = tokio::select! {
                 () = shutdown.cancelled() => return,
                 got = incoming.recv() => match got {
-                    Some(publish) => publish,
+                    Some(message) => message,
                     None => return,
                 },
             };
             let arrival_us = now_us();
             debug!(
-                topic = %publish.topic,
-                pkid = publish.pkid,
-                dup = publish.dup,
-                bytes = publish.payload.len(),
+                topic = %message.topic,
+                pkid = message.pkid,
+                dup = message.dup,
+                bytes = message.payload.len(),
                 "message received"
             );
             let mut committed = Vec::new();
-            let (readings, dead_letter) = if publish.retain {
+            let (readings, dead_letter) = if message.retain {
                 // The broker replays a topic's retained last value on every subscribe, so on
                 // every reconnect: it is not a new measurement and would be recorded again each
                 // time.
-                debug!(topic = %publish.topic, "retained message skipped");
+                debug!(topic = %message.topic, "retained message skipped");
                 (Vec::new(), None)
-            } else if let Some((index, route)) = self.router.route(&publish.topic) {
-                let mapped = route.map(&publish.topic, &publish.payload, arrival_us);
+            } else if let Some((index, route)) = self.router.route(&message.topic) {
+                let mapped = route.map(&message.topic, &message.payload, arrival_us);
                 let dead_letter = (!mapped.problems.is_empty()).then(|| {
                     self.bad_payloads[index] += 1;
                     count_and_log(
                         &self.broker,
                         route,
                         self.bad_payloads[index],
-                        &publish,
+                        &message,
                         &mapped.problems,
                     );
                     route.dead_letter(
                         &self.broker,
-                        &publish.topic,
-                        &publish.payload,
+                        &message.topic,
+                        &message.payload,
                         arrival_us,
                         &mapped.problems,
                     )
@@ -379,7 +357,7 @@ impl Mapper {
                 // A subscription of an earlier configuration that the persistent session still
                 // holds: nothing maps it, and keeping it would bring it back forever.
                 warn!(
-                    topic = %publish.topic,
+                    topic = %message.topic,
                     "message matches no subscription of this configuration; acknowledged and dropped"
                 );
                 (Vec::new(), None)
@@ -411,7 +389,7 @@ impl Mapper {
             }
             if out
                 .acks
-                .send(PendingAck { publish, committed })
+                .send(PendingAck { message, committed })
                 .await
                 .is_err()
             {
@@ -427,7 +405,7 @@ fn count_and_log(
     broker: &str,
     route: &Route,
     count: u64,
-    publish: &Publish,
+    message: &Message,
     problems: &[super::payload::PayloadError],
 ) {
     let reason = problems
@@ -439,14 +417,14 @@ fn count_and_log(
             subscription = %route.filter,
             reason = %problem.reason(),
             bad_payloads = count,
-            payload = %shown(&publish.payload),
+            payload = %shown(&message.payload),
             "bad payload: {problem}"
         );
     }
 }
 
 /// Acknowledges messages in arrival order, each after its readings were committed.
-async fn ack_in_order(client: AsyncClient, mut queue: mpsc::Receiver<PendingAck>) {
+async fn ack_in_order(requests: Requests, mut queue: mpsc::Receiver<PendingAck>) {
     let mut waiting: VecDeque<PendingAck> = VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -484,7 +462,7 @@ async fn ack_in_order(client: AsyncClient, mut queue: mpsc::Receiver<PendingAck>
         let pending = waiting
             .pop_front()
             .expect("the front message was looked at above");
-        if let Err(e) = client.ack(&pending.publish).await {
+        if let Err(e) = requests.ack(&pending.message).await {
             debug!("cannot acknowledge (the connection is stopping): {e}");
             return;
         }
@@ -503,10 +481,8 @@ mod tests {
 
     use super::*;
 
-    fn publish(pkid: u16) -> Publish {
-        let mut publish = Publish::new("plant/m-1/kwh", QoS::AtLeastOnce, "1");
-        publish.pkid = pkid;
-        publish
+    fn publish(pkid: u16) -> Message {
+        Message::test_v4("plant/m-1/kwh", pkid, b"1")
     }
 
     fn acked(requests: &flume::Receiver<Request>) -> Vec<u16> {
@@ -528,15 +504,12 @@ mod tests {
     async fn a_message_is_acknowledged_only_after_its_commit_and_in_arrival_order() {
         let (requests_tx, requests) = flume::bounded(16);
         let (queue, queue_rx) = mpsc::channel(16);
-        let acker = tokio::spawn(ack_in_order(
-            AsyncClient::from_senders(requests_tx),
-            queue_rx,
-        ));
+        let acker = tokio::spawn(ack_in_order(Requests::test_v4(requests_tx), queue_rx));
         let (first_done, first) = oneshot::channel();
         let (second_done, second) = oneshot::channel();
         for (pkid, committed) in [(1, vec![first]), (2, vec![second]), (3, vec![])] {
             let pending = PendingAck {
-                publish: publish(pkid),
+                message: publish(pkid),
                 committed,
             };
             assert!(queue.send(pending).await.is_ok());
@@ -568,14 +541,11 @@ mod tests {
     async fn a_message_with_readings_and_a_dead_letter_waits_for_both_commits() {
         let (requests_tx, requests) = flume::bounded(16);
         let (queue, queue_rx) = mpsc::channel(16);
-        let acker = tokio::spawn(ack_in_order(
-            AsyncClient::from_senders(requests_tx),
-            queue_rx,
-        ));
+        let acker = tokio::spawn(ack_in_order(Requests::test_v4(requests_tx), queue_rx));
         let (readings_done, readings) = oneshot::channel();
         let (letter_done, letter) = oneshot::channel();
         let pending = PendingAck {
-            publish: publish(1),
+            message: publish(1),
             committed: vec![letter, readings],
         };
         assert!(queue.send(pending).await.is_ok());
@@ -597,15 +567,12 @@ mod tests {
     async fn a_message_whose_readings_were_not_committed_is_never_acknowledged() {
         let (requests_tx, requests) = flume::bounded(16);
         let (queue, queue_rx) = mpsc::channel(16);
-        let acker = tokio::spawn(ack_in_order(
-            AsyncClient::from_senders(requests_tx),
-            queue_rx,
-        ));
+        let acker = tokio::spawn(ack_in_order(Requests::test_v4(requests_tx), queue_rx));
         let (done, committed) = oneshot::channel();
         let (writer_gone, lost) = oneshot::channel::<()>();
         for (pkid, committed) in [(1, vec![committed]), (2, vec![lost]), (3, vec![])] {
             let pending = PendingAck {
-                publish: publish(pkid),
+                message: publish(pkid),
                 committed,
             };
             assert!(queue.send(pending).await.is_ok());
@@ -623,57 +590,44 @@ mod tests {
         let (queue, queue_rx) = mpsc::channel(16);
         let (_never, committed) = oneshot::channel::<()>();
         let pending = PendingAck {
-            publish: publish(1),
+            message: publish(1),
             committed: vec![committed],
         };
         assert!(queue.send(pending).await.is_ok());
         drop(queue);
         let started = tokio::time::Instant::now();
-        ack_in_order(AsyncClient::from_senders(requests_tx), queue_rx).await;
+        ack_in_order(Requests::test_v4(requests_tx), queue_rx).await;
         assert_eq!(started.elapsed(), ACK_DEADLINE);
         assert_eq!(acked(&requests), Vec::<u16>::new());
     }
 
-    #[test]
-    fn credentials_come_from_the_password_file_and_are_never_in_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("secret");
-        std::fs::write(&file, "s3cret\nignored\n").unwrap();
-        let mut broker: MqttBroker = toml::from_str(
-            "name = \"b\"\nhost = \"127.0.0.1\"\nclient_id = \"gw\"\nusername = \"agent\"\nsubscriptions = []\n",
-        )
-        .unwrap();
-        broker.password_file = Some(file.clone());
-        let options = options(&broker).unwrap();
-        let login = options.credentials().expect("a user name is configured");
-        assert_eq!(
-            (login.username.as_str(), login.password.as_str()),
-            ("agent", "s3cret")
-        );
-        assert!(!options.clean_session());
-        assert!(options.manual_acks());
-
-        broker.password_file = None;
-        broker.password_env = Some("PLANTLINE_TEST_UNSET_MQTT_PASSWORD".to_owned());
-        assert_eq!(
-            options_error(&broker),
-            "broker `b`: environment variable `PLANTLINE_TEST_UNSET_MQTT_PASSWORD` (password_env) is not set"
-        );
-        broker.password_env = None;
-        broker.password_file = Some(dir.path().join("missing"));
-        assert_eq!(
-            options_error(&broker),
-            format!(
-                "broker `b`: cannot read password_file {}: No such file or directory (os error 2)",
-                dir.path().join("missing").display()
-            )
-        );
-    }
-
-    fn options_error(broker: &MqttBroker) -> String {
-        match options(broker) {
-            Ok(_) => panic!("expected an error"),
-            Err(e) => e.to_string(),
+    #[tokio::test(start_paused = true)]
+    async fn mqtt_5_messages_are_acknowledged_the_same_way() {
+        use rumqttc::v5::Request as Request5;
+        let (requests_tx, requests) = flume::bounded(16);
+        let (queue, queue_rx) = mpsc::channel(16);
+        let acker = tokio::spawn(ack_in_order(Requests::test_v5(requests_tx), queue_rx));
+        let (first_done, first) = oneshot::channel();
+        for (pkid, committed) in [(7, vec![first]), (8, vec![])] {
+            let pending = PendingAck {
+                message: Message::test_v5("plant/m-1/kwh", pkid, b"1"),
+                committed,
+            };
+            assert!(queue.send(pending).await.is_ok());
         }
+        settle().await;
+        assert!(requests.is_empty(), "message 7 is not committed yet");
+        first_done.send(()).unwrap();
+        settle().await;
+        let pkids: Vec<u16> = requests
+            .try_iter()
+            .map(|request| match request {
+                Request5::PubAck(ack) => ack.pkid,
+                other => panic!("only acknowledgements expected, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(pkids, vec![7, 8]);
+        drop(queue);
+        acker.await.unwrap();
     }
 }

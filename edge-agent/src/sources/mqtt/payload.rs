@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use super::sparkplug::SparkplugError;
 use super::topic::{Template, TopicError};
 use crate::Reading;
 use crate::config::{MqttSubscription, PayloadFormat, TimestampFormat};
@@ -47,6 +48,8 @@ pub enum PayloadError {
     EmptyName { topic: String, what: &'static str },
     #[error(transparent)]
     Topic(#[from] TopicError),
+    #[error(transparent)]
+    Sparkplug(#[from] SparkplugError),
 }
 
 impl PayloadError {
@@ -63,6 +66,7 @@ impl PayloadError {
             Self::BadTimestamp { .. } => "bad_timestamp",
             Self::EmptyName { .. } => "empty_name",
             Self::Topic(_) => "topic_level",
+            Self::Sparkplug(e) => e.reason(),
         }
     }
 }
@@ -104,7 +108,8 @@ impl Mapping {
                 tag: Template::parse(sub.tag.as_deref().unwrap_or_default())?,
                 pointer: match sub.payload {
                     PayloadFormat::Json => Some(sub.value.clone().unwrap_or_default()),
-                    PayloadFormat::Number => None,
+                    // A sparkplug_b subscription is routed to its decoder, never mapped here.
+                    PayloadFormat::Number | PayloadFormat::SparkplugB => None,
                 },
                 unit: sub.unit.clone(),
                 scale: sub.scale,
@@ -149,7 +154,7 @@ impl Mapping {
                     return out;
                 }
             },
-            PayloadFormat::Number => None,
+            PayloadFormat::Number | PayloadFormat::SparkplugB => None,
         };
         let ts_us = match (&document, &self.timestamp) {
             (Some(doc), Some((pointer, format))) => {
@@ -184,6 +189,7 @@ impl Mapping {
                     device: device.clone(),
                     tag,
                     value: Some(value),
+                    value_text: None,
                     quality: Quality::Good,
                     unit: rule.unit.clone(),
                 })
@@ -444,6 +450,7 @@ mod tests {
             device: device.to_owned(),
             tag: tag.to_owned(),
             value: Some(value),
+            value_text: None,
             quality: Quality::Good,
             unit: unit.map(str::to_owned),
         }

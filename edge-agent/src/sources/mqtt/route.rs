@@ -1,18 +1,30 @@
 //! Which subscription a message belongs to and what that subscription's mapping makes of it:
 //! the one path both the source and `edge-agent probe --mqtt` take a message through, so the
-//! probe shows exactly what the agent would record (or refuse).
+//! probe shows exactly what the agent would record (or refuse). A `sparkplug_b` subscription
+//! goes to its [`Decoder`], which keeps the edge nodes' births between messages (each router
+//! has its own, so a probe never shares the agent's).
 
 use super::client::MqttError;
 use super::payload::{Mapped, Mapping, PayloadError};
+use super::sparkplug::Decoder;
 use crate::buffer::dead_letter::DeadLetter;
-use crate::config::MqttBroker;
+use crate::config::{MqttBroker, PayloadFormat};
 
 /// One subscription with its mapping.
 #[derive(Debug, Clone)]
 pub struct Route {
     /// The subscription's topic filter, as in the config.
     pub filter: String,
-    pub mapping: Mapping,
+    decode: Decode,
+}
+
+/// How a subscription's messages become readings.
+#[derive(Debug, Clone)]
+enum Decode {
+    /// `json` and `number` payloads, mapped one message at a time.
+    Mapping(Mapping),
+    /// `sparkplug_b`, decoded against the births seen before.
+    Sparkplug(Decoder),
 }
 
 /// The subscriptions of one broker, in config order.
@@ -30,14 +42,20 @@ impl Router {
             .iter()
             .enumerate()
             .map(|(index, s)| {
+                let decode = match s.payload {
+                    PayloadFormat::SparkplugB => Decode::Sparkplug(Decoder::new(&broker.name)),
+                    PayloadFormat::Json | PayloadFormat::Number => {
+                        Decode::Mapping(Mapping::new(s).map_err(|source| MqttError::Mapping {
+                            broker: broker.name.clone(),
+                            index,
+                            filter: s.topic.clone(),
+                            source: Box::new(source),
+                        })?)
+                    }
+                };
                 Ok(Route {
                     filter: s.topic.clone(),
-                    mapping: Mapping::new(s).map_err(|source| MqttError::Mapping {
-                        broker: broker.name.clone(),
-                        index,
-                        filter: s.topic.clone(),
-                        source: Box::new(source),
-                    })?,
+                    decode,
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -62,7 +80,16 @@ impl Router {
 impl Route {
     /// The readings of one message that arrived at `arrival_us`, and its problems.
     pub fn map(&self, topic: &str, payload: &[u8], arrival_us: i64) -> Mapped {
-        self.mapping.map(topic, payload, arrival_us)
+        match &self.decode {
+            Decode::Mapping(mapping) => mapping.map(topic, payload, arrival_us),
+            Decode::Sparkplug(decoder) => {
+                let message = decoder.decode(topic, payload, arrival_us);
+                Mapped {
+                    readings: message.readings,
+                    problems: message.problems.into_iter().map(Into::into).collect(),
+                }
+            }
+        }
     }
 
     /// The dead letter of a message whose mapping had `problems` (at least one): its reason is

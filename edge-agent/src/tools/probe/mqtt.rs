@@ -75,7 +75,7 @@ pub async fn probe_mqtt(
     let unreachable = |reason: String| ProbeError::BrokerUnreachable {
         broker: broker.name.clone(),
         host: broker.host.clone(),
-        port: broker.port,
+        port: broker.port(),
         reason,
     };
 
@@ -97,16 +97,13 @@ pub async fn probe_mqtt(
         "listening to broker {} at {}:{} as {client_id} (clean session, QoS 0) for {}: {}",
         broker.name,
         broker.host,
-        broker.port,
+        broker.port(),
         args.listen,
         filters.join(", ")
     ));
 
     let mut summary = MqttProbeSummary::default();
-    let shown = Shown {
-        router: &router,
-        broker,
-    };
+    let shown = Shown { router: &router };
     for publish in early {
         shown.message(&publish, &mut summary, &mut print);
     }
@@ -234,7 +231,6 @@ async fn subscribe(
 /// How messages are shown: through the broker's own routes and mappings.
 struct Shown<'a> {
     router: &'a Router,
-    broker: &'a MqttBroker,
 }
 
 impl Shown<'_> {
@@ -256,17 +252,18 @@ impl Shown<'_> {
                 u64::try_from(publish.payload.len()).unwrap_or(u64::MAX)
             )
         ));
-        let Some((index, route)) = self.router.route(&publish.topic) else {
+        let Some((_, route)) = self.router.route(&publish.topic) else {
             print("  -> no subscription of the map matches this topic");
             return;
         };
-        let arrival = if self.broker.subscriptions[index].timestamp.is_none() {
-            " (arrival time)"
-        } else {
-            ""
-        };
         let mapped = route.map(&publish.topic, &publish.payload, arrival_us);
         for r in &mapped.readings {
+            // Per reading: a Sparkplug metric without a timestamp takes the arrival time too.
+            let arrival = if r.ts_us == arrival_us {
+                " (arrival time)"
+            } else {
+                ""
+            };
             let value = r.value.map_or_else(|| "none".to_owned(), |v| v.to_string());
             let unit = r
                 .unit

@@ -1,0 +1,192 @@
+//! How opening a table and committing to it grow with the length of its log, with and without
+//! checkpoints (delta-rs #2518 reports 20-30 s opens at 6k-20k commits without them).
+//!
+//! Two local readings tables get the same small commits (one gateway batch of 10 readings
+//! each, as the collector makes them), interleaved so both see the same machine noise: one
+//! with the collector's default `maintenance.checkpoint_interval` of 100, one with checkpoints
+//! pushed out of reach (`delta.checkpointInterval` = 1,000,000). At 1k, 5k and 10k commits it
+//! prints the median time to open each table and the mean time of the next commits, and the
+//! ratio without/with. Expired-log cleanup does not act here: every commit is younger than the
+//! log retention.
+//!
+//! `cargo bench -p collector --bench log_growth` (about 10 minutes on 2 cores);
+//! `PLANTLINE_BENCH_COMMITS=2000` for a shorter run (marks at 1/10, 1/2 and all of it).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use collector::config::{ConfigDuration, MaintenanceConfig};
+use collector::delta::{ReadingsTable, TableUrls, Tables};
+use edge_agent::contract::{self, Quality, Row};
+use url::Url;
+
+const ROWS_PER_COMMIT: i64 = 10;
+const OPENS: usize = 3;
+const TIMED_COMMITS: usize = 20;
+
+fn batch(seq0: i64) -> arrow_array::RecordBatch {
+    let rows: Vec<Row> = (seq0..seq0 + ROWS_PER_COMMIT)
+        .map(|seq| Row {
+            seq,
+            ts_us: 1_767_225_600_000_000 + seq * 1_000_000,
+            site: "plant-ost".into(),
+            gateway: "gw-bench".into(),
+            device: "press-3".into(),
+            tag: format!("tag-{}", seq % 7),
+            value: Some(seq as f64 / 3.0),
+            quality: Quality::Good,
+            unit: Some("bar".into()),
+            value_text: None,
+        })
+        .collect();
+    contract::to_record_batch(&rows)
+}
+
+struct Subject {
+    name: &'static str,
+    url: Url,
+    table: ReadingsTable,
+    next_seq: i64,
+}
+
+impl Subject {
+    async fn create(root: &std::path::Path, name: &'static str, interval: u64) -> Self {
+        let path = root.join(name).join("readings");
+        std::fs::create_dir_all(&path).unwrap();
+        let url = Url::from_directory_path(&path).unwrap();
+        let urls = TableUrls::beside(&url).unwrap();
+        let mut tables = Tables::open_or_create(&urls, HashMap::new()).await.unwrap();
+        let config = MaintenanceConfig {
+            checkpoint_interval: interval,
+            log_retention: ConfigDuration::from_secs(30 * 24 * 3600),
+            ..MaintenanceConfig::default()
+        };
+        collector::maintenance::apply_table_properties(&mut tables, &config)
+            .await
+            .unwrap();
+        Self {
+            name,
+            url,
+            table: tables.readings,
+            next_seq: 1,
+        }
+    }
+
+    async fn commit(&mut self) -> Duration {
+        let b = batch(self.next_seq);
+        self.next_seq += ROWS_PER_COMMIT;
+        let started = Instant::now();
+        let outcome = self.table.apply("gw-bench", &[b]).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(
+            outcome.rows_applied,
+            usize::try_from(ROWS_PER_COMMIT).unwrap()
+        );
+        took
+    }
+
+    async fn open_time(&self) -> Duration {
+        let mut times = Vec::with_capacity(OPENS);
+        for _ in 0..OPENS {
+            let started = Instant::now();
+            let table = ReadingsTable::open_or_create(&self.url, HashMap::new())
+                .await
+                .unwrap();
+            times.push(started.elapsed());
+            assert!(table.version().is_some());
+        }
+        times.sort();
+        times[OPENS / 2]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let total: usize = std::env::var("PLANTLINE_BENCH_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let marks: Vec<usize> = if total >= 10_000 {
+        vec![1_000, 5_000, total]
+    } else {
+        vec![(total / 10).max(1), (total / 2).max(1), total]
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut with = Subject::create(dir.path(), "with_checkpoints", 100).await;
+        let mut without = Subject::create(dir.path(), "without_checkpoints", 1_000_000).await;
+        let machine = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".to_owned());
+        println!(
+            "log growth: {total} commits of {ROWS_PER_COMMIT} readings to two local tables, on {} ({} CPUs)",
+            machine,
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        );
+        println!(
+            "{:>8}  {:>12} {:>12} {:>7}  {:>12} {:>12} {:>7}",
+            "commits", "open with", "open w/o", "ratio", "commit with", "commit w/o", "ratio"
+        );
+        let mut made = 0;
+        let mut rows = Vec::new();
+        for mark in marks {
+            while made < mark {
+                with.commit().await;
+                without.commit().await;
+                made += 1;
+            }
+            let open_with = with.open_time().await;
+            let open_without = without.open_time().await;
+            let mut commit_with = Duration::ZERO;
+            let mut commit_without = Duration::ZERO;
+            for _ in 0..TIMED_COMMITS {
+                commit_with += with.commit().await;
+                commit_without += without.commit().await;
+            }
+            made += TIMED_COMMITS;
+            let n = u32::try_from(TIMED_COMMITS).unwrap();
+            let (commit_with, commit_without) = (commit_with / n, commit_without / n);
+            let line = format!(
+                "{mark:>8}  {:>10.1}ms {:>10.1}ms {:>6.1}x  {:>10.1}ms {:>10.1}ms {:>6.1}x",
+                ms(open_with),
+                ms(open_without),
+                ms(open_without) / ms(open_with),
+                ms(commit_with),
+                ms(commit_without),
+                ms(commit_without) / ms(commit_with),
+            );
+            println!("{line}");
+            rows.push((mark, open_with, open_without, commit_with, commit_without));
+        }
+        println!("\nfor the README:\n");
+        println!("| commits | open, checkpoints every 100 | open, no checkpoints | commit, checkpoints | commit, no checkpoints |");
+        println!("|---:|---:|---:|---:|---:|");
+        for (mark, ow, oo, cw, co) in rows {
+            println!(
+                "| {mark} | {:.0} ms | {:.0} ms ({:.1}x) | {:.1} ms | {:.1} ms ({:.1}x) |",
+                ms(ow),
+                ms(oo),
+                ms(oo) / ms(ow),
+                ms(cw),
+                ms(co),
+                ms(co) / ms(cw)
+            );
+        }
+        println!(
+            "\n({} and {} are the two tables)",
+            with.name, without.name
+        );
+    });
+}
