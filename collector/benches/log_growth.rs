@@ -1,13 +1,14 @@
 //! How opening a table and committing to it grow with the length of its log, with and without
 //! checkpoints (delta-rs #2518 reports 20-30 s opens at 6k-20k commits without them).
 //!
-//! Two local readings tables get the same small commits (one gateway batch of 10 readings
-//! each, as the collector makes them), interleaved so both see the same machine noise: one
-//! with the collector's default `maintenance.checkpoint_interval` of 100, one with checkpoints
-//! pushed out of reach (`delta.checkpointInterval` = 1,000,000). At 1k, 5k and 10k commits it
+//! Three local readings tables get the same small commits (one gateway batch of 10 readings
+//! each, as the collector makes them), interleaved so all see the same machine noise: one with
+//! the collector's default `maintenance.checkpoint_interval` of 100, one with checkpoints pushed
+//! out of reach (`delta.checkpointInterval` = 1,000,000), and one with checkpoints and an
+//! OPTIMIZE every 500 commits (what `run.optimize_interval` does). At 1k, 5k and 10k commits it
 //! prints the median time to open each table and the mean time of the next commits, and the
-//! ratio without/with. Expired-log cleanup does not act here: every commit is younger than the
-//! log retention.
+//! ratios against the table without checkpoints. Expired-log cleanup does not act here: every
+//! commit is younger than the log retention.
 //!
 //! `cargo bench -p collector --bench log_growth` (about 10 minutes on 2 cores);
 //! `PLANTLINE_BENCH_COMMITS=2000` for a shorter run (marks at 1/10, 1/2 and all of it).
@@ -23,6 +24,7 @@ use url::Url;
 const ROWS_PER_COMMIT: i64 = 10;
 const OPENS: usize = 3;
 const TIMED_COMMITS: usize = 20;
+const OPTIMIZE_EVERY: usize = 500;
 
 fn batch(seq0: i64) -> arrow_array::RecordBatch {
     let rows: Vec<Row> = (seq0..seq0 + ROWS_PER_COMMIT)
@@ -85,6 +87,14 @@ impl Subject {
         took
     }
 
+    async fn optimize(&mut self) {
+        let mut table = self.table.delta_table().clone();
+        collector::maintenance::optimize(&mut table, &self.url, 128 * 1024 * 1024)
+            .await
+            .unwrap();
+        self.table.reload().await.unwrap();
+    }
+
     async fn open_time(&self) -> Duration {
         let mut times = Vec::with_capacity(OPENS);
         for _ in 0..OPENS {
@@ -102,6 +112,27 @@ impl Subject {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The figures as a Markdown table for the README.
+fn print_readme_table(rows: &[(usize, [Duration; 3], [Duration; 3])]) {
+    println!("\nfor the README:\n");
+    println!(
+        "| commits | open: checkpoints | open: none | commit: checkpoints | commit: checkpoints + OPTIMIZE | commit: none |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (mark, open, commit) in rows {
+        println!(
+            "| {mark} | {:.0} ms | {:.0} ms ({:.1}x) | {:.0} ms | {:.0} ms | {:.0} ms ({:.1}x) |",
+            ms(open[0]),
+            ms(open[1]),
+            ms(open[1]) / ms(open[0]),
+            ms(commit[0]),
+            ms(commit[2]),
+            ms(commit[1]),
+            ms(commit[1]) / ms(commit[2]),
+        );
+    }
 }
 
 fn main() {
@@ -122,6 +153,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let mut with = Subject::create(dir.path(), "with_checkpoints", 100).await;
         let mut without = Subject::create(dir.path(), "without_checkpoints", 1_000_000).await;
+        let mut optimized = Subject::create(dir.path(), "checkpoints_and_optimize", 100).await;
         let machine = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|c| {
@@ -136,8 +168,16 @@ fn main() {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         );
         println!(
-            "{:>8}  {:>12} {:>12} {:>7}  {:>12} {:>12} {:>7}",
-            "commits", "open with", "open w/o", "ratio", "commit with", "commit w/o", "ratio"
+            "{:>8}  {:>10} {:>10} {:>10} {:>7}  {:>10} {:>10} {:>10} {:>7}",
+            "commits",
+            "open ckpt",
+            "open none",
+            "open c+o",
+            "ratio",
+            "commit ckpt",
+            "commit none",
+            "commit c+o",
+            "ratio"
         );
         let mut made = 0;
         let mut rows = Vec::new();
@@ -145,48 +185,43 @@ fn main() {
             while made < mark {
                 with.commit().await;
                 without.commit().await;
+                optimized.commit().await;
                 made += 1;
+                if made % OPTIMIZE_EVERY == 0 {
+                    optimized.optimize().await;
+                }
             }
-            let open_with = with.open_time().await;
-            let open_without = without.open_time().await;
-            let mut commit_with = Duration::ZERO;
-            let mut commit_without = Duration::ZERO;
+            let open = [
+                with.open_time().await,
+                without.open_time().await,
+                optimized.open_time().await,
+            ];
+            let mut commit = [Duration::ZERO; 3];
             for _ in 0..TIMED_COMMITS {
-                commit_with += with.commit().await;
-                commit_without += without.commit().await;
+                commit[0] += with.commit().await;
+                commit[1] += without.commit().await;
+                commit[2] += optimized.commit().await;
             }
             made += TIMED_COMMITS;
             let n = u32::try_from(TIMED_COMMITS).unwrap();
-            let (commit_with, commit_without) = (commit_with / n, commit_without / n);
-            let line = format!(
-                "{mark:>8}  {:>10.1}ms {:>10.1}ms {:>6.1}x  {:>10.1}ms {:>10.1}ms {:>6.1}x",
-                ms(open_with),
-                ms(open_without),
-                ms(open_without) / ms(open_with),
-                ms(commit_with),
-                ms(commit_without),
-                ms(commit_without) / ms(commit_with),
-            );
-            println!("{line}");
-            rows.push((mark, open_with, open_without, commit_with, commit_without));
-        }
-        println!("\nfor the README:\n");
-        println!("| commits | open, checkpoints every 100 | open, no checkpoints | commit, checkpoints | commit, no checkpoints |");
-        println!("|---:|---:|---:|---:|---:|");
-        for (mark, ow, oo, cw, co) in rows {
+            let commit = commit.map(|c| c / n);
             println!(
-                "| {mark} | {:.0} ms | {:.0} ms ({:.1}x) | {:.1} ms | {:.1} ms ({:.1}x) |",
-                ms(ow),
-                ms(oo),
-                ms(oo) / ms(ow),
-                ms(cw),
-                ms(co),
-                ms(co) / ms(cw)
+                "{mark:>8}  {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6.1}x  {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6.1}x",
+                ms(open[0]),
+                ms(open[1]),
+                ms(open[2]),
+                ms(open[1]) / ms(open[0]),
+                ms(commit[0]),
+                ms(commit[1]),
+                ms(commit[2]),
+                ms(commit[1]) / ms(commit[2]),
             );
+            rows.push((mark, open, commit));
         }
+        print_readme_table(&rows);
         println!(
-            "\n({} and {} are the two tables)",
-            with.name, without.name
+            "\n(tables: {}, {}, {}; OPTIMIZE every {OPTIMIZE_EVERY} commits)",
+            with.name, without.name, optimized.name
         );
     });
 }

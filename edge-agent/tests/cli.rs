@@ -21,7 +21,7 @@ fn validate_accepts_every_example_and_says_what_it_found() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!(
-            "{}: ok (3 devices, 11 tags, gateway `gw-line1`)\n",
+            "{}: ok (3 devices, 12 tags, gateway `gw-line1`)\n",
             example.display()
         )
     );

@@ -120,13 +120,14 @@ impl SnowflakeError {
         }
     }
 
-    /// True when repeating the same request may succeed: timeouts, broken connections, 5xx and
-    /// 429 answers.
+    /// True when repeating the same request may succeed: timeouts, broken connections (also one
+    /// that breaks while the answer's body is read, which reqwest reports as a decode error),
+    /// 5xx and 429 answers.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Timeout { .. } => true,
             Self::Http { source, .. } => {
-                source.is_connect() || source.is_request() || source.is_body()
+                source.is_connect() || source.is_request() || source.is_body() || source.is_decode()
             }
             Self::HttpStatus { status, .. } => *status >= 500 || *status == 429,
             _ => false,

@@ -616,9 +616,13 @@ mod tests {
             ]
         );
         assert_eq!(part_ranges(8 * MIB, 8 * MIB), [(0, 8 << 20)]);
-        let huge = part_ranges(100_000 * MIB, 5 * MIB);
-        assert_eq!(huge.len(), 10_000);
-        assert_eq!(huge[0], (0, 10 << 20));
+        // A 100,000 MiB body cannot be in memory on a 32-bit gateway (armv7).
+        #[cfg(target_pointer_width = "64")]
+        {
+            let huge = part_ranges(100_000 * MIB, 5 * MIB);
+            assert_eq!(huge.len(), 10_000);
+            assert_eq!(huge[0], (0, 10 << 20));
+        }
     }
 
     #[test]
