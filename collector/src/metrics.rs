@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use edge_agent::exposition::{Histogram, escape, header};
 use tracing::{info, warn};
 
 use crate::PassReport;
@@ -100,14 +101,6 @@ struct TableCounts {
     log_files_removed: u64,
 }
 
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Observations per bucket of [`PASS_BUCKETS`] (not cumulative; summed when rendered).
-    buckets: [u64; PASS_BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
 /// The outcome of the last pass, for `/health`.
 #[derive(Debug, Clone)]
 enum LastPass {
@@ -152,7 +145,7 @@ pub struct Metrics {
     tables: Mutex<BTreeMap<String, TableCounts>>,
     /// Passes by result (`clean`, `partial`, `failed`).
     passes: Mutex<BTreeMap<&'static str, u64>>,
-    pass_duration: Mutex<Histogram>,
+    pass_duration: Mutex<Histogram<{ PASS_BUCKETS.len() }>>,
     /// Unix time (ms) of the last pass that applied every gateway; 0 before the first.
     last_success_ms: AtomicU64,
     /// Unix time (ms) of the last pass that completed at all; 0 before the first.
@@ -276,14 +269,7 @@ impl Metrics {
             LastPass::Failed(_) => "failed",
         };
         *lock(&self.passes).entry(result).or_default() += 1;
-        let secs = took.as_secs_f64();
-        let mut h = lock(&self.pass_duration);
-        if let Some(i) = PASS_BUCKETS.iter().position(|&le| secs <= le) {
-            h.buckets[i] += 1;
-        }
-        h.count += 1;
-        h.sum += secs;
-        drop(h);
+        lock(&self.pass_duration).observe(&PASS_BUCKETS, took.as_secs_f64());
         let ms = unix_ms(now).max(1);
         self.last_pass_ms.store(ms, Ordering::Relaxed);
         if matches!(outcome, LastPass::Clean) {
@@ -648,23 +634,12 @@ impl Metrics {
             let _ = writeln!(out, "{p}_passes_total{{result=\"{result}\"}} {n}");
         }
         drop(passes);
-        let name = format!("{p}_pass_duration_seconds");
-        header(
+        lock(&self.pass_duration).render(
             out,
-            &name,
-            "histogram",
+            &format!("{p}_pass_duration_seconds"),
             "Time one pass took: raw zone to Delta tables to Snowflake.",
+            &PASS_BUCKETS,
         );
-        let h = lock(&self.pass_duration);
-        let mut cumulative = 0;
-        for (le, n) in PASS_BUCKETS.iter().zip(h.buckets) {
-            cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "{name}_sum {}", h.sum);
-        let _ = writeln!(out, "{name}_count {}", h.count);
-        drop(h);
         header(
             out,
             &format!("{p}_last_successful_pass_timestamp_seconds"),
@@ -795,19 +770,6 @@ impl Metrics {
             let _ = writeln!(out, "{p}_{name} {}", value.load(Ordering::Relaxed));
         }
     }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// A label value as the exposition format requires: backslash, quote and newline escaped.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

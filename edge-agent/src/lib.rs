@@ -6,6 +6,7 @@
 
 pub mod contract;
 pub mod duration;
+pub mod exposition;
 #[cfg(feature = "cli")]
 pub mod process;
 

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::Reading;
 use crate::buffer::BufferReport;
+use crate::exposition::{Histogram, escape, header};
 use crate::sources::modbus::PollError;
 
 /// Upper bounds (seconds) of the upload-latency histogram buckets: from a LAN folder (tens of
@@ -39,7 +40,7 @@ pub struct Metrics {
     batches_uploaded: AtomicU64,
     rows_uploaded: AtomicU64,
     upload_failures: AtomicU64,
-    upload_latency: Mutex<Histogram>,
+    upload_latency: Mutex<Histogram<{ UPLOAD_BUCKETS.len() }>>,
     /// Unix time of the last confirmed upload in milliseconds; 0 before the first.
     last_upload_ms: AtomicU64,
     /// The last buffer commit's error, until a commit succeeds again.
@@ -63,14 +64,6 @@ pub struct Metrics {
     mqtt_dead_letters_dropped: Mutex<BTreeMap<String, u64>>,
     /// Sparkplug B `seq` gaps, by (broker, edge node as `group/node`).
     mqtt_sparkplug_seq_gaps: Mutex<BTreeMap<(String, String), u64>>,
-}
-
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Observations per bucket of [`UPLOAD_BUCKETS`] (not cumulative; summed when rendered).
-    buckets: [u64; UPLOAD_BUCKETS.len()],
-    count: u64,
-    sum: f64,
 }
 
 /// Uploads since the agent started.
@@ -149,14 +142,7 @@ impl Metrics {
         self.batches_uploaded.fetch_add(1, Ordering::Relaxed);
         self.rows_uploaded
             .fetch_add(u64::try_from(rows).unwrap_or(u64::MAX), Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        let mut h = lock(&self.upload_latency);
-        if let Some(i) = UPLOAD_BUCKETS.iter().position(|&le| secs <= le) {
-            h.buckets[i] += 1;
-        }
-        h.count += 1;
-        h.sum += secs;
-        drop(h);
+        lock(&self.upload_latency).observe(&UPLOAD_BUCKETS, took.as_secs_f64());
         self.last_upload_ms
             .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
@@ -357,23 +343,12 @@ impl Metrics {
             header(&mut out, &format!("{p}_{name}"), "counter", help);
             let _ = writeln!(out, "{p}_{name} {}", value.load(Ordering::Relaxed));
         }
-        let name = format!("{p}_upload_duration_seconds");
-        header(
+        lock(&self.upload_latency).render(
             &mut out,
-            &name,
-            "histogram",
+            &format!("{p}_upload_duration_seconds"),
             "Time from the start of a batch's PUT to the target's confirmation.",
+            &UPLOAD_BUCKETS,
         );
-        let h = lock(&self.upload_latency);
-        let mut cumulative = 0;
-        for (le, n) in UPLOAD_BUCKETS.iter().zip(h.buckets) {
-            cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "{name}_sum {}", h.sum);
-        let _ = writeln!(out, "{name}_count {}", h.count);
-        drop(h);
         header(
             &mut out,
             &format!("{p}_last_upload_timestamp_seconds"),
@@ -546,19 +521,6 @@ impl Metrics {
         drop(dropped);
         self.render_sparkplug(out);
     }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// A label value as the exposition format requires: backslash, quote and newline escaped.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
