@@ -186,7 +186,7 @@ fn installed_binary_validates_the_installed_sensor_map() {
     assert_eq!(
         validated,
         format!(
-            "{}: ok (3 devices, 11 tags, gateway `gw-line1`)\n",
+            "{}: ok (3 devices, 12 tags, gateway `gw-line1`)\n",
             config.display()
         )
     );
