@@ -3,11 +3,11 @@
 # then runs every check and test of the workspace, the ARM cross build and its qemu smoke test.
 #
 #   ./tests/run.sh                 install what is missing, then run everything
-#   ./tests/run.sh --install-only  only install (Debian packages, Python venvs, Rust targets)
+#   ./tests/run.sh --install-only  only install (Debian packages, Python venvs, node peers, Rust targets)
 #   ./tests/run.sh --skip-install  only run (the machine is already set up)
 #
 # Environment:
-#   PLANTLINE_CACHE   cache folder for the venvs and the build (default ~/.cache/plantline)
+#   PLANTLINE_CACHE   cache folder for the venvs, node peers and the build (default ~/.cache/plantline)
 #   CARGO_TARGET_DIR  build folder (default $PLANTLINE_CACHE/target, so repeated runs reuse the build)
 #   PLANTLINE_PYTHON  interpreter the venvs are made from (default python3; needs >= 3.11)
 set -euo pipefail
@@ -84,6 +84,10 @@ install_debian_packages() {
   if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
     wanted+=(python3-venv)
   fi
+  # kinesalite runs on node; a node installed otherwise (nvm, NodeSource) is used as it is.
+  if ! command -v node >/dev/null; then
+    wanted+=(nodejs npm)
+  fi
   for package in "${wanted[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
       missing+=("$package")
@@ -130,6 +134,30 @@ ensure_venv() {
   "$venv/bin/python" -m pip freeze --disable-pip-version-check | sed 's/^/  /'
 }
 
+# Installs a node peer's package-lock.json into $CACHE/node/<name> with `npm ci`, like ensure_venv:
+# again only when the lock or node's major version changed, the marker written last.
+ensure_node_peer() {
+  local name="$1" source="$2"
+  local target="$CACHE/node/$name" marker="$CACHE/node/$name/.plantline-lock.sha256"
+  command -v node >/dev/null || die "node not found: install nodejs and npm (apt-get install nodejs npm), then rerun"
+  command -v npm >/dev/null || die "npm not found: install npm (apt-get install npm), then rerun"
+  local wanted
+  wanted="$({ sha256sum "$source/package-lock.json" | cut -d' ' -f1; node --version | cut -d. -f1; } |
+    sha256sum | cut -d' ' -f1)"
+  if [[ -d "$target/node_modules" && -f "$marker" && "$(cat "$marker")" == "$wanted" ]]; then
+    echo "$target: up to date with $source/package-lock.json"
+    return
+  fi
+  echo "$target: npm ci ($(node --version), npm $(npm --version))"
+  rm -f "$marker"
+  mkdir -p "$target"
+  cp "$source/package.json" "$source/package-lock.json" "$target/"
+  (cd "$target" && npm ci --no-audit --no-fund --loglevel=error) ||
+    die "npm ci failed in $target for $source/package-lock.json: is the npm registry reachable?"
+  echo "$wanted" >"$marker"
+  (cd "$target" && npm ls --depth=0)
+}
+
 install_rust_targets() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then rerun"
   if ! command -v rustup >/dev/null; then
@@ -155,7 +183,7 @@ install_rust_targets() {
 
 check_tools() {
   local tool missing=()
-  for tool in mosquitto socat chromium qemu-aarch64-static qemu-arm-static aarch64-linux-gnu-gcc \
+  for tool in mosquitto socat chromium node qemu-aarch64-static qemu-arm-static aarch64-linux-gnu-gcc \
     arm-linux-gnueabihf-gcc cargo; do
     command -v "$tool" >/dev/null || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
   done
@@ -208,6 +236,7 @@ if [[ "$mode" != test ]]; then
   install_step "Debian packages" install_debian_packages
   install_step "Python venv: peers" ensure_venv peers "$REPO_ROOT/tests/requirements-peers.txt"
   install_step "Python venv: duckdb" ensure_venv duckdb "$REPO_ROOT/tests/requirements-duckdb.txt"
+  install_step "node peer: kinesalite" ensure_node_peer kinesalite "$REPO_ROOT/tests/peers/kinesalite"
   install_step "Rust components and targets" install_rust_targets
 fi
 

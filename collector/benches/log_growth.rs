@@ -10,8 +10,13 @@
 //! ratios against the table without checkpoints. Expired-log cleanup does not act here: every
 //! commit is younger than the log retention.
 //!
-//! `cargo bench -p collector --bench log_growth` (about 10 minutes on 2 cores);
-//! `PLANTLINE_BENCH_COMMITS=2000` for a shorter run (marks at 1/10, 1/2 and all of it).
+//! The two comparison tables slow down with every commit (without OPTIMIZE each commit costs
+//! time in the number of data files), so they stop at `PLANTLINE_BENCH_BASELINE_COMMITS` (1,000);
+//! the table kept the way the collector keeps it goes on to `PLANTLINE_BENCH_COMMITS` (10,000),
+//! and its figures at the later marks are printed beside the baselines' last ones.
+//!
+//! `cargo bench -p collector --bench log_growth` (about 20 minutes on 2 cores);
+//! `PLANTLINE_BENCH_COMMITS=2000` for a shorter run.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -114,37 +119,55 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The figures as a Markdown table for the README.
-fn print_readme_table(rows: &[(usize, [Duration; 3], [Duration; 3])]) {
+/// The figures as a Markdown table for the README; the baselines' cells stay empty past the
+/// mark where they stopped.
+fn print_readme_table(rows: &[(usize, [Duration; 3], [Duration; 3], bool)]) {
     println!("\nfor the README:\n");
     println!(
-        "| commits | open: checkpoints | open: none | commit: checkpoints | commit: checkpoints + OPTIMIZE | commit: none |"
+        "| commits | open: checkpoints + OPTIMIZE | open: checkpoints | open: none | commit: checkpoints + OPTIMIZE | commit: checkpoints | commit: none |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
-    for (mark, open, commit) in rows {
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (mark, open, commit, baselines_run) in rows {
+        let cell = |d: Duration, ours: Duration| {
+            if *baselines_run {
+                format!("{:.0} ms ({:.1}x)", ms(d), ms(d) / ms(ours))
+            } else {
+                "stopped".to_owned()
+            }
+        };
         println!(
-            "| {mark} | {:.0} ms | {:.0} ms ({:.1}x) | {:.0} ms | {:.0} ms | {:.0} ms ({:.1}x) |",
-            ms(open[0]),
-            ms(open[1]),
-            ms(open[1]) / ms(open[0]),
-            ms(commit[0]),
+            "| {mark} | {:.0} ms | {} | {} | {:.0} ms | {} | {} |",
+            ms(open[2]),
+            cell(open[0], open[2]),
+            cell(open[1], open[2]),
             ms(commit[2]),
-            ms(commit[1]),
-            ms(commit[1]) / ms(commit[2]),
+            cell(commit[0], commit[2]),
+            cell(commit[1], commit[2]),
         );
     }
 }
 
+#[allow(clippy::too_many_lines)] // one run read top to bottom: set-up, the marks, the table
 fn main() {
     let total: usize = std::env::var("PLANTLINE_BENCH_COMMITS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let marks: Vec<usize> = if total >= 10_000 {
-        vec![1_000, 5_000, total]
-    } else {
-        vec![(total / 10).max(1), (total / 2).max(1), total]
-    };
+    let baseline_total: usize = std::env::var("PLANTLINE_BENCH_BASELINE_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+        .min(total);
+    let mut marks: Vec<usize> = vec![
+        (baseline_total / 10).max(1),
+        (baseline_total / 2).max(1),
+        baseline_total,
+    ];
+    for mark in [total / 2, total] {
+        if mark > *marks.last().unwrap_or(&0) {
+            marks.push(mark);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,50 +196,69 @@ fn main() {
             "open ckpt",
             "open none",
             "open c+o",
-            "ratio",
+            "none/c+o",
             "commit ckpt",
             "commit none",
             "commit c+o",
-            "ratio"
+            "none/c+o"
         );
         let mut made = 0;
         let mut rows = Vec::new();
+        // The baselines' figures at their last mark, repeated at the later marks.
+        let mut baseline = ([Duration::ZERO; 2], [Duration::ZERO; 2]);
         for mark in marks {
+            let baselines_run = mark <= baseline_total;
             while made < mark {
-                with.commit().await;
-                without.commit().await;
+                if baselines_run {
+                    with.commit().await;
+                    without.commit().await;
+                }
                 optimized.commit().await;
                 made += 1;
                 if made % OPTIMIZE_EVERY == 0 {
                     optimized.optimize().await;
                 }
             }
-            let open = [
-                with.open_time().await,
-                without.open_time().await,
-                optimized.open_time().await,
-            ];
+            let mut open = [Duration::ZERO; 3];
             let mut commit = [Duration::ZERO; 3];
+            open[2] = optimized.open_time().await;
+            if baselines_run {
+                open[0] = with.open_time().await;
+                open[1] = without.open_time().await;
+            }
             for _ in 0..TIMED_COMMITS {
-                commit[0] += with.commit().await;
-                commit[1] += without.commit().await;
+                if baselines_run {
+                    commit[0] += with.commit().await;
+                    commit[1] += without.commit().await;
+                }
                 commit[2] += optimized.commit().await;
             }
             made += TIMED_COMMITS;
             let n = u32::try_from(TIMED_COMMITS).unwrap();
-            let commit = commit.map(|c| c / n);
+            let mut commit = commit.map(|c| c / n);
+            if baselines_run {
+                baseline = ([open[0], open[1]], [commit[0], commit[1]]);
+            } else {
+                [open[0], open[1]] = baseline.0;
+                [commit[0], commit[1]] = baseline.1;
+            }
+            let note = if baselines_run {
+                String::new()
+            } else {
+                format!("  (baselines as at {baseline_total})")
+            };
             println!(
-                "{mark:>8}  {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6.1}x  {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6.1}x",
+                "{mark:>8}  {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6.1}x  {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6.1}x{note}",
                 ms(open[0]),
                 ms(open[1]),
                 ms(open[2]),
-                ms(open[1]) / ms(open[0]),
+                ms(open[1]) / ms(open[2]),
                 ms(commit[0]),
                 ms(commit[1]),
                 ms(commit[2]),
                 ms(commit[1]) / ms(commit[2]),
             );
-            rows.push((mark, open, commit));
+            rows.push((mark, open, commit, baselines_run));
         }
         print_readme_table(&rows);
         println!(

@@ -75,6 +75,13 @@ pub struct CollectorConfig {
     /// Table care: checkpoints, expired-log cleanup, OPTIMIZE and VACUUM.
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    /// How new batches are found (listing, or S3 notifications through SQS) and which gateways
+    /// this instance applies (`shard`).
+    #[serde(default)]
+    pub discovery: crate::discovery::DiscoveryConfig,
+    /// `collector stream`: the agents' Kinesis live stream into a live Delta table; leave the
+    /// section out if no agent streams.
+    pub stream: Option<crate::stream::StreamConfig>,
 }
 
 /// The raw zone: the bucket (or local folder) the agents write batches into.
@@ -580,8 +587,12 @@ impl CollectorConfig {
         let mut config: Self =
             toml::from_str(text).map_err(|e| ParseOrInvalid::Parse(e.to_string()))?;
         let mut problems = config.validate(base);
+        problems.extend(crate::discovery::config::problems(&config, base));
         problems.extend(config.snowflake_problems());
         problems.extend(config.rule_problems());
+        if let Some(stream) = &config.stream {
+            problems.extend(stream.problems(base, &config.delta.url));
+        }
         if problems.is_empty() {
             if let Some(token_file) = &mut config.metrics.token_file
                 && token_file.is_relative()
@@ -594,6 +605,7 @@ impl CollectorConfig {
                 .into_iter()
                 .chain(delta.gaps_url.as_mut())
                 .chain(delta.quarantined_rows_url.as_mut())
+                .chain(config.stream.as_mut().map(|s| &mut s.table_url))
             {
                 if let Ok(StoreLocation::Local(p)) = StoreLocation::parse(url, base) {
                     *url = p.display().to_string();

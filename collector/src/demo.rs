@@ -215,6 +215,7 @@ fn agent_config(
             ..edge_agent::config::MetricsConfig::default()
         },
         kinesis: None,
+        assets: edge_agent::config::Assets::default(),
     };
     let problems = edge_agent::config::validate(&config);
     if problems.is_empty() {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod delta;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod gaps;
 pub mod ingest;
 pub mod maintenance;
@@ -19,6 +20,9 @@ pub mod quarantine;
 pub mod raw_zone;
 pub mod rules;
 pub mod snowflake;
+pub mod stream;
 pub mod summary;
+pub mod tags;
 
 pub use pass::{CollectorError, PassReport, open_stores, open_tables, run, run_once};
+pub use stream::{StreamError, StreamReport, run_stream};

@@ -42,6 +42,14 @@ enum Command {
     },
     /// Check a config file and report every problem with its key and the fix.
     Validate { config: PathBuf },
+    /// Read the agents' Kinesis live stream (`[stream]`) into the live Delta table until SIGINT
+    /// or SIGTERM, committing rows with each shard's position every `stream.flush_interval`.
+    /// Exit codes: 0 stopped by a signal, 1 failed (table or stream unreachable), 78 invalid
+    /// config.
+    Stream {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Compact the readings table: each gateway's data files smaller than
     /// `maintenance.target_file_size_mb` are rewritten into files of about that size, in one
     /// commit with `dataChange = false` (the Snowflake loader skips it; no row changes).
@@ -173,6 +181,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::Stream { config } => stream(&config).await,
             Command::Run { config } => {
                 let Some(config) = load(&config) else {
                     return ExitCode::from(EXIT_CONFIG);
@@ -245,6 +254,28 @@ async fn snowflake_init(path: &std::path::Path, apply: bool, skip_grants: bool) 
         }
         Err(e) => {
             eprintln!("collector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn stream(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if config.stream.is_none() {
+        eprintln!("{}: {}", path.display(), collector::StreamError::NoSection);
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(edge_agent::process::cancel_on_signal(
+        shutdown.clone(),
+        "collector",
+    ));
+    match collector::run_stream(&config, shutdown).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(component = "stream", "{e}");
             ExitCode::FAILURE
         }
     }

@@ -9,9 +9,10 @@
 //!   (`delta.enableExpiredLogCleanup = false`): it lists the whole log on every commit and does
 //!   not know what the Snowflake loader still has to read. [`tidy_logs`] cleans instead, after a
 //!   pass that crossed a checkpoint, and never deletes a commit the loader has not loaded.
-//! - OPTIMIZE rewrites only the readings table's files smaller than the target size, per gateway
-//!   and in `seq` order, so every file still holds one gateway and a contiguous `seq` range
-//!   (file statistics keep skipping by gateway, `seq` and `ts`). Its commit adds and removes
+//! - OPTIMIZE rewrites only the readings table's files smaller than the target size, per
+//!   partition (the `date` of a partitioned table), per gateway and in `seq` order, so every
+//!   file still holds one day, one gateway and a contiguous `seq` range (folders keep pruning by
+//!   day, file statistics keep skipping by gateway, `seq` and `ts`). Its commit adds and removes
 //!   files with `dataChange = false`: readers of the change feed (the Snowflake loader) skip it,
 //!   and rows are neither added nor lost. It never touches a file another writer removed: on a
 //!   lost race it retries only if every file it rewrote is still in the table.
@@ -32,7 +33,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_array::{RecordBatch, new_null_array};
+use arrow_array::{ArrayRef, RecordBatch, StringArray, new_null_array};
 use arrow_schema::SchemaRef;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Version};
@@ -258,20 +259,27 @@ pub struct Candidate {
     pub path: String,
     /// Bytes.
     pub size: u64,
+    /// Its partition values as the log records them (empty in an unpartitioned table); files
+    /// of different partitions are never rewritten together.
+    pub partition: BTreeMap<String, Option<String>>,
     /// The gateway of its rows when its statistics say it holds one gateway only.
     pub gateway: Option<String>,
     /// Its smallest `seq`, from its statistics.
     pub min_seq: Option<i64>,
 }
 
-/// Groups the files smaller than `target` into bins to rewrite: per gateway (files of several
-/// gateways, or without statistics, in a bin of their own kind), in `seq` order, each bin at
-/// most `target` bytes (a bin closes when the next file would pass it). Bins of one file are
-/// left out: rewriting them gains nothing.
+/// Groups the files smaller than `target` into bins to rewrite: per partition and per gateway
+/// (files of several gateways, or without statistics, in a bin of their own kind), in `seq`
+/// order, each bin at most `target` bytes (a bin closes when the next file would pass it). Bins
+/// of one file are left out: rewriting them gains nothing.
 pub fn plan_bins(files: Vec<Candidate>, target: u64) -> Vec<Vec<Candidate>> {
-    let mut groups: BTreeMap<Option<String>, Vec<Candidate>> = BTreeMap::new();
+    type Group = (BTreeMap<String, Option<String>>, Option<String>);
+    let mut groups: BTreeMap<Group, Vec<Candidate>> = BTreeMap::new();
     for file in files.into_iter().filter(|f| f.size < target) {
-        groups.entry(file.gateway.clone()).or_default().push(file);
+        groups
+            .entry((file.partition.clone(), file.gateway.clone()))
+            .or_default()
+            .push(file);
     }
     let mut bins = Vec::new();
     for (_, mut files) in groups {
@@ -336,6 +344,7 @@ pub async fn optimize(
             Candidate {
                 path: f.path().into_owned(),
                 size: u64::try_from(f.size()).unwrap_or(0),
+                partition: f.partition_values_map().into_iter().collect(),
                 gateway: stats.as_ref().and_then(single_gateway),
                 min_seq: stats
                     .as_ref()
@@ -388,7 +397,7 @@ pub async fn optimize(
             for batch in reader {
                 let batch = batch.map_err(|e| err(format!("decoding `{}`: {e}", file.path)))?;
                 report.rows += batch.num_rows() as u64;
-                let batch = conform(&batch, &schema)
+                let batch = conform(&batch, &schema, &file.partition)
                     .map_err(|e| err(format!("data file `{}`: {e}", file.path)))?;
                 writer
                     .write(batch)
@@ -439,13 +448,21 @@ fn single_gateway(stats: &serde_json::Value) -> Option<String> {
     (min == max).then(|| min.to_owned())
 }
 
-/// `batch` in the table's `schema`: columns by name, a column the file predates (added later,
-/// nullable) as nulls.
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+/// `batch` in the table's `schema`: columns by name, a partition column (data files do not
+/// hold them) from the file's `partition` value, a column the file predates (added later,
+/// nullable) as nulls. The writer then puts the rows back into the same partition.
+fn conform(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    partition: &BTreeMap<String, Option<String>>,
+) -> Result<RecordBatch, String> {
     let columns = schema
         .fields()
         .iter()
         .map(|field| match batch.column_by_name(field.name()) {
+            None if partition.contains_key(field.name()) => {
+                partition_column(field, partition[field.name()].as_deref(), batch.num_rows())
+            }
             Some(column) if column.data_type() == field.data_type() => Ok(column.clone()),
             Some(column) => Err(format!(
                 "column `{}` is {} in the file but {} in the table",
@@ -458,6 +475,30 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Strin
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(Arc::clone(schema), columns).map_err(|e| e.to_string())
+}
+
+/// A column of `rows` copies of a partition value as the log records it (`2026-05-04` for a
+/// date), in the field's type.
+fn partition_column(
+    field: &arrow_schema::Field,
+    value: Option<&str>,
+    rows: usize,
+) -> Result<ArrayRef, String> {
+    let text = StringArray::from(vec![value; rows]);
+    let unreadable = |why: String| {
+        format!(
+            "partition value {value:?} of column `{}` does not read as {}{why}",
+            field.name(),
+            field.data_type()
+        )
+    };
+    let column = deltalake::arrow::compute::cast(&text, field.data_type())
+        .map_err(|e| unreadable(format!(": {e}")))?;
+    // A cast that cannot parse a value yields null rather than an error.
+    if value.is_some() && column.null_count() > 0 {
+        return Err(unreadable(String::new()));
+    }
+    Ok(column)
 }
 
 async fn commit_optimize(
@@ -797,6 +838,7 @@ mod tests {
         Candidate {
             path: path.into(),
             size,
+            partition: BTreeMap::new(),
             gateway: gateway.map(str::to_owned),
             min_seq: Some(min_seq),
         }
@@ -829,6 +871,45 @@ mod tests {
         assert_eq!(
             paths(&bins),
             vec![vec!["m1", "m2"], vec!["a1", "a2"], vec!["b1", "b2"]]
+        );
+    }
+
+    #[test]
+    fn bins_never_mix_partitions() {
+        let day = |path: &str, date: &str, seq: i64| Candidate {
+            partition: BTreeMap::from([("date".to_owned(), Some(date.to_owned()))]),
+            ..file(path, 10, Some("gw-a"), seq)
+        };
+        let bins = plan_bins(
+            vec![
+                day("d1-a", "2026-05-03", 1),
+                day("d2-a", "2026-05-04", 3),
+                day("d1-b", "2026-05-03", 2),
+                day("d2-b", "2026-05-04", 4),
+                day("d3", "2026-05-05", 5),
+            ],
+            100,
+        );
+        assert_eq!(
+            paths(&bins),
+            vec![vec!["d1-a", "d1-b"], vec!["d2-a", "d2-b"]]
+        );
+    }
+
+    #[test]
+    fn a_partition_value_is_read_back_in_the_column_type() {
+        let date = arrow_schema::Field::new("date", arrow_schema::DataType::Date32, false);
+        let column = partition_column(&date, Some("2026-01-01"), 2).unwrap();
+        let days = column
+            .as_any()
+            .downcast_ref::<arrow_array::Date32Array>()
+            .unwrap();
+        // 2026-01-01 is 20,454 days after 1970-01-01.
+        assert_eq!(days.values().to_vec(), vec![20_454, 20_454]);
+        assert!(
+            partition_column(&date, Some("May 4th"), 1)
+                .unwrap_err()
+                .contains("partition value Some(\"May 4th\") of column `date`")
         );
     }
 

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{CollectorConfig, StoreLocation};
 use crate::delta::{DeltaError, ReadingsTable, Tables};
-use crate::ingest::{IngestError, IngestOptions, IngestReport, ingest_all};
+use crate::ingest::{IngestError, IngestOptions, IngestReport};
 use crate::maintenance::{self, MaintenanceError, VacuumOptions};
 use crate::metrics::{self, HealthSettings};
 use crate::raw_zone::{RawZone, RawZoneError};
@@ -37,6 +37,8 @@ pub enum CollectorError {
     SnowflakeLoad(#[from] LoadError),
     #[error(transparent)]
     Maintenance(#[from] MaintenanceError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
 }
 
 /// What one pass did.
@@ -124,7 +126,16 @@ async fn pass(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
     let options = IngestOptions::new(config.run.max_files_per_commit)
         .with_rules(config.rule_set().map_err(CollectorError::Location)?)
         .with_commit_attempts(config.run.commit_attempts);
-    let ingest = ingest_all(&raw, &mut tables, &options).await?;
+    let discovery = crate::discovery::Discovery::open(config).await?;
+    let ingest = discovery.ingest(&raw, &mut tables, &options).await?;
+    // After the readings, so a catalog problem never holds them up; retried next pass.
+    match crate::tags::apply_pending(config, &raw).await {
+        Ok(tags) => tags.log(),
+        Err(e) => warn!(
+            component = "tags",
+            "tag catalogs not applied this pass; retried next pass: {e}"
+        ),
+    }
     for gw in &ingest.gateways {
         info!(
             component = "ingest",

@@ -157,7 +157,8 @@ pub struct BatchListing {
 pub struct GatewayListing {
     /// Gateway ids, sorted.
     pub gateways: Vec<String>,
-    /// Folders under the prefix that are not `gateway=<valid id>`; left alone.
+    /// Folders under the prefix that are not `gateway=<valid id>` (nor the tag catalogs'
+    /// `tags/`); left alone.
     pub foreign: Vec<String>,
 }
 
@@ -311,6 +312,9 @@ impl RawZone {
                 Some(id) if contract::check_gateway_id(id).is_ok() => {
                     out.gateways.push(id.to_owned());
                 }
+                // The gateways' tag catalogs, applied by `crate::tags`.
+                None if Some(name)
+                    == edge_agent::tag_catalog::format::CATALOG_FOLDER.strip_suffix('/') => {}
                 _ => out.foreign.push(format!("{}/", folder.as_ref())),
             }
         }

@@ -84,12 +84,23 @@ fn duckdb_counts(table: &Path) -> (i64, i64, i64) {
     )
 }
 
+/// The data files under the table's folder, relative to it: at the top (an unpartitioned table,
+/// or a file no commit references) and in partition folders (`date=2026-01-01/...`).
 fn parquet_files(table: &Path) -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(table)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".parquet"))
-        .collect();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(table).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".parquet") {
+            files.push(name);
+        } else if name.contains('=') && entry.path().is_dir() {
+            files.extend(
+                parquet_files(&entry.path())
+                    .into_iter()
+                    .map(|inner| format!("{name}/{inner}")),
+            );
+        }
+    }
     files.sort();
     files
 }

@@ -4,15 +4,24 @@
 //!     cargo bench -p edge-agent --bench footprint
 //!     PLANTLINE_BENCH_SECS=300 cargo bench -p edge-agent --bench footprint   # a longer window
 //!     PLANTLINE_BENCH_MAX_ROWS=5000 cargo bench -p edge-agent --bench footprint  # smaller batches
+//!     PLANTLINE_BENCH_COMPARE=/tmp/edge-agent.old cargo bench -p edge-agent --bench footprint
 //!
 //! The PLCs are an in-process Modbus TCP register bank (20 devices of 500 tags: u16, f32 in CDAB
 //! order and bits of status words); the agent runs as its own process, buffers into SQLite and
 //! uploads Parquet batches to a local folder, so its RSS and CPU are its own. It runs with the
-//! environment of the packaged systemd unit (`MALLOC_ARENA_MAX=2`); the window is 60 s by default
-//! because allocator fragmentation takes a minute or two to show. The baseline, in the
-//! same run, is the same binary polling 10 tags: the difference is what the tags cost. Goals from
-//! the gateway issue: <= 15 MB stripped on aarch64, <= 20 MB RSS. Binary sizes of the ARM targets
-//! are read from `cross/build.sh` release builds when they exist.
+//! environment of the packaged systemd unit (`MALLOC_ARENA_MAX=2`).
+//!
+//! RSS is reported by phase: once `/metrics` answers (started), once every tag was read once
+//! (first scan), once the first batch was uploaded (first batch), then sampled every second for
+//! the window (60 s by default, because allocator fragmentation takes a minute or two to show):
+//! steady is the median of those samples, peak the kernel's high-water mark (`VmHWM`) at the end.
+//! The baseline, in the same run, is the same binary polling 10 tags: the difference is what the
+//! tags cost. `PLANTLINE_BENCH_COMPARE` names another agent binary (a build of an earlier commit,
+//! say) to measure at 10,000 tags in the same run, for a before/after on the same noisy machine.
+//!
+//! Goals from the gateway issue: <= 15 MB stripped on aarch64, <= 20 MB RSS; each figure is
+//! printed with its ratio to its goal. Binary sizes of the ARM targets are read from
+//! `cross/build.sh` release builds when they exist (MB here are MiB, 1,048,576 bytes).
 
 #[path = "bank/mod.rs"]
 mod bank;
@@ -26,6 +35,8 @@ use std::time::{Duration, Instant};
 
 const RSS_GOAL_MB: f64 = 20.0;
 const SIZE_GOAL_MB: f64 = 15.0;
+/// How long the agent may take to reach a phase before the benchmark gives up on it.
+const PHASE_TIMEOUT: Duration = Duration::from_mins(2);
 
 fn main() {
     let secs: u64 = std::env::var("PLANTLINE_BENCH_SECS")
@@ -38,64 +49,146 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let bank = runtime.block_on(bank::Bank::start());
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_edge-agent"));
     println!("footprint benchmark on {}", machine());
     println!(
-        "window {secs} s after a 10 s warm-up; PLCs: in-process register bank at {}\n",
+        "window {secs} s after the first batch; PLCs: in-process register bank at {}\n",
         bank.addr
     );
 
-    let baseline = measure(&bank, 1, 10, secs);
-    let full = measure(&bank, 20, 500, secs);
-    for (name, m) in [
-        ("baseline, 10 tags", &baseline),
-        ("10,000 tags at 1 s", &full),
-    ] {
-        println!(
-            "{name:>20}: RSS {:6.1} MB (peak {:6.1} MB), CPU {:5.1} % of one core, {:7.0} readings/s, {:6.1} requests/s",
-            m.rss_mb, m.peak_mb, m.cpu_percent, m.readings_per_s, m.requests_per_s
+    let mut runs = vec![
+        (
+            "baseline, 10 tags".to_owned(),
+            measure(&bank, &agent, 1, 10, secs),
+        ),
+        (
+            "10,000 tags at 1 s".to_owned(),
+            measure(&bank, &agent, 20, 500, secs),
+        ),
+    ];
+    if let Some(other) = std::env::var_os("PLANTLINE_BENCH_COMPARE") {
+        let other = PathBuf::from(other);
+        let name = format!(
+            "10,000 tags, {}",
+            other
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
         );
+        runs.push((name, measure(&bank, &other, 20, 500, secs)));
     }
     println!(
-        "\nRSS at 10,000 tags: {:.2}x the baseline, {:.2} of the {RSS_GOAL_MB} MB goal; {:.1} KB per tag above the baseline",
-        full.rss_mb / baseline.rss_mb,
-        full.rss_mb / RSS_GOAL_MB,
-        (full.rss_mb - baseline.rss_mb) * 1024.0 / 9990.0
+        "{:>28}  {:>7} {:>9} {:>9} {:>7} {:>7}  {:>6} {:>10} {:>10}",
+        "RSS in MB:",
+        "started",
+        "1st scan",
+        "1st batch",
+        "steady",
+        "peak",
+        "CPU %",
+        "readings/s",
+        "requests/s"
+    );
+    for (name, m) in &runs {
+        println!(
+            "{name:>28}  {:7.1} {:9.1} {:9.1} {:7.1} {:7.1}  {:6.1} {:10.0} {:10.1}",
+            m.started_mb,
+            m.first_scan_mb,
+            m.first_batch_mb,
+            m.steady_mb,
+            m.peak_mb,
+            m.cpu_percent,
+            m.readings_per_s,
+            m.requests_per_s
+        );
+    }
+    print_ratios(&runs);
+    print_sizes(&agent);
+}
+
+/// The 10,000-tag figures against the goals, the baseline and the compared binary.
+fn print_ratios(runs: &[(String, Measurement)]) {
+    let (baseline, full) = (&runs[0].1, &runs[1].1);
+    println!(
+        "\nRSS at 10,000 tags: steady {:.1} MB = {:.2} of the {RSS_GOAL_MB} MB goal, peak {:.1} MB = {:.2} of it",
+        full.steady_mb,
+        full.steady_mb / RSS_GOAL_MB,
+        full.peak_mb,
+        full.peak_mb / RSS_GOAL_MB,
     );
     println!(
-        "CPU at 10,000 tags: {:.2}x the baseline",
+        "against the 10-tag baseline: steady {:.2}x, peak {:.2}x; {:.2} KB per tag above it (steady)",
+        full.steady_mb / baseline.steady_mb,
+        full.peak_mb / baseline.peak_mb,
+        (full.steady_mb - baseline.steady_mb) * 1024.0 / 9990.0
+    );
+    println!(
+        "CPU at 10,000 tags: {:.1} % of one core, {:.2}x the baseline",
+        full.cpu_percent,
         full.cpu_percent / baseline.cpu_percent.max(0.01)
     );
+    if let Some((name, other)) = runs.get(2) {
+        println!(
+            "{name}: steady {:.2}x, peak {:.2}x, CPU {:.2}x this build's",
+            other.steady_mb / full.steady_mb,
+            other.peak_mb / full.peak_mb,
+            other.cpu_percent / full.cpu_percent.max(0.01)
+        );
+    }
+}
 
-    println!("\nstripped binary size (release profile):");
-    let host = PathBuf::from(env!("CARGO_BIN_EXE_edge-agent"));
-    print_size(std::env::consts::ARCH, &host);
-    let target_dir = host
+/// Sizes of this release binary and of the ARM ones `cross/build.sh` built next to it.
+fn print_sizes(agent: &Path) {
+    // `cargo bench` builds with the bench profile, which is the release profile; named in case
+    // it ran under another (`--profile dev` for a quick check of the benchmark itself).
+    let profile = agent
+        .parent()
+        .and_then(Path::file_name)
+        .map_or_else(String::new, |p| p.to_string_lossy().into_owned());
+    println!("\nbinary size (profile directory `{profile}`; release binaries are stripped):");
+    print_size(std::env::consts::ARCH, agent, None);
+    let target_dir = agent
         .parent()
         .and_then(Path::parent)
         .map_or_else(|| PathBuf::from("target"), Path::to_owned);
     for triple in ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"] {
         let binary = target_dir.join(triple).join("release").join("edge-agent");
+        let goal = triple.starts_with("aarch64").then_some(SIZE_GOAL_MB);
         if binary.is_file() {
-            print_size(triple, &binary);
+            print_size(triple, &binary, goal);
         } else {
             println!("{triple:>32}: not built (cross/build.sh {triple})");
         }
     }
 }
 
-fn print_size(name: &str, binary: &Path) {
-    let bytes = std::fs::metadata(binary).map_or(0, |m| m.len());
+/// Prints a binary's size, with its ratio to `goal` (the issue sets one for aarch64 only).
+fn print_size(name: &str, binary: &Path, goal: Option<f64>) {
+    let meta = std::fs::metadata(binary);
+    let bytes = meta.as_ref().map_or(0, std::fs::Metadata::len);
+    let built = meta
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map_or_else(String::new, |age| {
+            format!(", built {} min ago", age.as_secs() / 60)
+        });
     #[allow(clippy::cast_precision_loss)]
     let mb = bytes as f64 / 1_048_576.0;
+    let ratio = goal.map_or_else(String::new, |g| {
+        format!(", {:.2} of the {g} MB goal", mb / g)
+    });
     println!(
-        "{name:>32}: {mb:6.2} MB, {:.2} of the {SIZE_GOAL_MB} MB goal ({})",
-        mb / SIZE_GOAL_MB,
+        "{name:>32}: {mb:6.2} MB{ratio} ({}{built})",
         binary.display()
     );
 }
 
+#[derive(Debug)]
 struct Measurement {
-    rss_mb: f64,
+    started_mb: f64,
+    first_scan_mb: f64,
+    first_batch_mb: f64,
+    steady_mb: f64,
     peak_mb: f64,
     cpu_percent: f64,
     readings_per_s: f64,
@@ -113,15 +206,22 @@ impl Drop for Agent {
     }
 }
 
-/// Runs the agent on `devices` x `tags` for a warm-up and `secs`, sampling it once a second.
-fn measure(bank: &bank::Bank, devices: usize, tags: usize, secs: u64) -> Measurement {
+/// Runs `binary` on `devices` x `tags` through its start-up phases and a window of `secs`,
+/// sampling its RSS once a second in the window.
+fn measure(
+    bank: &bank::Bank,
+    binary: &Path,
+    devices: usize,
+    tags: usize,
+    secs: u64,
+) -> Measurement {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let metrics_port = free_port();
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, sensor_map(bank.addr, metrics_port, devices, tags))
         .expect("writing the sensor map");
     let agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        Command::new(binary)
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "error")
@@ -130,35 +230,69 @@ fn measure(bank: &bank::Bank, devices: usize, tags: usize, secs: u64) -> Measure
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("starting the agent"),
+            .unwrap_or_else(|e| panic!("starting the agent {}: {e}", binary.display())),
     );
     let pid = agent.0.id();
-    std::thread::sleep(Duration::from_secs(10));
+    let rss_mb = || status_kb(pid, "VmRSS:") as f64 / 1024.0;
+    let all_tags = (devices * tags) as u64;
+    wait_for(binary, "/metrics to answer", || {
+        scrape(metrics_port).is_some()
+    });
+    let started_mb = rss_mb();
+    wait_for(binary, "every tag to be read once", || {
+        counter(metrics_port, "plantline_agent_readings_total{") >= all_tags
+    });
+    let first_scan_mb = rss_mb();
+    wait_for(binary, "the first batch upload", || {
+        counter(metrics_port, "plantline_agent_batches_uploaded_total") >= 1
+    });
+    let first_batch_mb = rss_mb();
 
     let ticks_per_s = clock_ticks();
     let (cpu0, readings0, requests0, t0) = (
         cpu_ticks(pid),
-        readings(metrics_port),
+        counter(metrics_port, "plantline_agent_readings_total{"),
         bank.requests(),
         Instant::now(),
     );
     let mut rss = Vec::new();
     for _ in 0..secs {
         std::thread::sleep(Duration::from_secs(1));
-        rss.push(status_kb(pid, "VmRSS:"));
+        rss.push(rss_mb());
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let (cpu1, readings1, requests1) = (cpu_ticks(pid), readings(metrics_port), bank.requests());
-    let peak = status_kb(pid, "VmHWM:");
+    let (cpu1, readings1, requests1) = (
+        cpu_ticks(pid),
+        counter(metrics_port, "plantline_agent_readings_total{"),
+        bank.requests(),
+    );
+    let peak_mb = status_kb(pid, "VmHWM:") as f64 / 1024.0;
     drop(agent);
+    rss.sort_by(f64::total_cmp);
 
     #[allow(clippy::cast_precision_loss)]
     Measurement {
-        rss_mb: rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64 / 1024.0,
-        peak_mb: peak as f64 / 1024.0,
+        started_mb,
+        first_scan_mb,
+        first_batch_mb,
+        steady_mb: rss.get(rss.len() / 2).copied().unwrap_or(0.0),
+        peak_mb,
         cpu_percent: (cpu1 - cpu0) as f64 / ticks_per_s / elapsed * 100.0,
         readings_per_s: (readings1 - readings0) as f64 / elapsed,
         requests_per_s: (requests1 - requests0) as f64 / elapsed,
+    }
+}
+
+/// Polls `reached` twice a second until it holds; panics with `what` after [`PHASE_TIMEOUT`].
+fn wait_for(binary: &Path, what: &str, mut reached: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    while !reached() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not get to {what} within {PHASE_TIMEOUT:?}",
+            binary.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -224,23 +358,28 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Readings the agent committed, summed over `plantline_agent_readings_total`.
-fn readings(port: u16) -> u64 {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("the agent's /metrics");
+/// The agent's `/metrics` page; `None` while it does not answer yet.
+fn scrape(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("a timeout");
+        .ok()?;
     write!(
         stream,
         "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
-    .expect("sending the scrape");
+    .ok()?;
     let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .expect("reading the scrape");
-    text.lines()
-        .filter(|l| l.starts_with("plantline_agent_readings_total{"))
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// A counter summed over the series whose line starts with `prefix`; 0 when there is none.
+fn counter(port: u16, prefix: &str) -> u64 {
+    scrape(port)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
         .sum()
 }
@@ -267,7 +406,12 @@ fn clock_ticks() -> f64 {
 
 /// A `kB` line of `/proc/PID/status`.
 fn status_kb(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    status_kb_of(&format!("/proc/{pid}/status"), key)
+}
+
+/// A `kB` line of a `/proc` file in `key: value kB` form.
+fn status_kb_of(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(key))
@@ -285,5 +429,13 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    format!("{} ({cpu}, {cores} cores)", std::env::consts::ARCH)
+    let memory_gb = status_kb_of("/proc/meminfo", "MemTotal:") as f64 / 1_048_576.0;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{} ({}): {cpu}, {cores} cores, {memory_gb:.1} GB RAM, Linux {}",
+        host.trim(),
+        std::env::consts::ARCH,
+        kernel.trim()
+    )
 }

@@ -20,6 +20,9 @@
 //! (TOML syntax, validation) or that changes `gateway` is rejected as a whole: the validation
 //! report is logged, the running map stays in force, and a later edit is tried afresh. Each
 //! attempt counts in `plantline_agent_config_reloads_total{result="applied"|"rejected"}`.
+//! Every applied edit (and the start) offers the map's tag catalog ([`crate::tag_catalog`]),
+//! which is uploaded when its content changed; `[assets]` and descriptions apply without a
+//! restart.
 
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
@@ -40,6 +43,7 @@ use crate::sinks::kinesis::{KinesisShipper, LiveQueue};
 use crate::sinks::{BatchSink, SinkError};
 use crate::sources::supervisor::{self, Applied, UnitKey};
 use crate::sources::{Delivery, SourceContext, Supervisor};
+use crate::tag_catalog::CatalogPublisher;
 
 /// How many readings may wait between the sources and the buffer writer. When the buffer falls
 /// behind, sources wait instead of the agent's memory growing.
@@ -132,6 +136,8 @@ async fn run_agent(
         )
     };
     let sink = Arc::new(BatchSink::from_config(&config.upload).await?);
+    // Beside the batcher, never in its way: a slow or failing catalog upload holds up nothing.
+    let (catalog, publishing) = CatalogPublisher::start(&sink, &config, buffer.path(), &shutdown);
     let metrics_stop = shutdown.child_token();
     let metrics_server = crate::metrics::start(
         &config.metrics,
@@ -154,7 +160,14 @@ async fn run_agent(
     let sources_stop = shutdown.child_token();
     // The supervisor holds the only senders: the writer ends once it dropped them at shutdown.
     let senders = (tx, deliveries_tx);
-    let sources = start_sources(&config, senders, reload, hangup, &sources_stop).await;
+    let sources = start_sources(
+        &config,
+        senders,
+        (reload, catalog.clone()),
+        hangup,
+        &sources_stop,
+    )
+    .await;
     // Under systemd (Type=notify): collecting from here on; the watchdog is fed while healthy.
     let watchdog_stop = shutdown.child_token();
     let notifier = crate::sd_notify::ready(&config.gateway, watchdog_stop.clone());
@@ -202,6 +215,7 @@ async fn run_agent(
     if let Some((_, _, task)) = live {
         let _ = task.await;
     }
+    let _ = publishing.await;
     metrics_stop.cancel();
     if let Some(server) = metrics_server {
         let _ = server.await;
@@ -393,7 +407,7 @@ fn listen_for_hangup(reload: Option<&ReloadOptions>) -> Option<Signal> {
 async fn start_sources(
     config: &AgentConfig,
     (readings, deliveries): (mpsc::Sender<Reading>, mpsc::Sender<Delivery>),
-    reload: Option<ReloadOptions>,
+    (reload, catalog): (Option<ReloadOptions>, CatalogPublisher),
     hangup: Option<Signal>,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -409,7 +423,7 @@ async fn start_sources(
     crate::metrics::live().map_loaded(&map_path, &config.site, &config.gateway);
     let supervisor = Supervisor::start(config, context, stop);
     let reloader = match reload {
-        Some(options) => Some(Reloader::new(options, config.clone(), hangup).await),
+        Some(options) => Some(Reloader::new(options, config.clone(), hangup, catalog).await),
         None => None,
     };
     tokio::spawn(
@@ -580,10 +594,17 @@ struct Reloader {
     pending: Option<Edit>,
     /// The Modbus devices of the map in force, so the status page forgets removed ones.
     modbus_devices: BTreeSet<String>,
+    /// Publishes the tag catalog of every map applied.
+    catalog: CatalogPublisher,
 }
 
 impl Reloader {
-    async fn new(options: ReloadOptions, started: AgentConfig, hangup: Option<Signal>) -> Self {
+    async fn new(
+        options: ReloadOptions,
+        started: AgentConfig,
+        hangup: Option<Signal>,
+        catalog: CatalogPublisher,
+    ) -> Self {
         crate::metrics::global().config_reload_enabled();
         let mut pending = None;
         let watch = match options.watch_interval {
@@ -634,6 +655,7 @@ impl Reloader {
             watch,
             hangup,
             pending,
+            catalog,
         }
     }
 
@@ -715,6 +737,10 @@ impl Reloader {
             }
         };
         let Applied { plan, overran } = supervisor.apply(&edited).await;
+        // `site` changes only at a restart; the catalog must describe the readings being sent.
+        let mut in_force = edited.clone();
+        in_force.site.clone_from(&self.started.site);
+        self.catalog.offer(&in_force);
         crate::metrics::global().config_reloaded(true);
         let live = crate::metrics::live();
         live.map_loaded(
@@ -980,15 +1006,28 @@ host = "127.0.0.1"
             sighup: false,
             ..ReloadOptions::new(&path)
         };
-        let reloader = Reloader::new(options.clone(), started.clone(), None).await;
+        let reloader = Reloader::new(
+            options.clone(),
+            started.clone(),
+            None,
+            CatalogPublisher::unstarted(),
+        )
+        .await;
         assert!(reloader.pending.is_none(), "the file is what runs");
 
         std::fs::write(&path, format!("# a comment only\n{MAP}")).unwrap();
-        let reloader = Reloader::new(options.clone(), started.clone(), None).await;
+        let reloader = Reloader::new(
+            options.clone(),
+            started.clone(),
+            None,
+            CatalogPublisher::unstarted(),
+        )
+        .await;
         assert!(reloader.pending.is_none(), "a comment changes nothing");
 
         std::fs::write(&path, MAP.replace("oil_temp", "oil_pressure")).unwrap();
-        let mut reloader = Reloader::new(options, started, None).await;
+        let mut reloader =
+            Reloader::new(options, started, None, CatalogPublisher::unstarted()).await;
         let edit = reloader.next_edit().await;
         assert_eq!(edit.trigger, Trigger::Startup);
         assert!(edit.text.unwrap().contains("oil_pressure"));

@@ -1,8 +1,8 @@
 //! The edge agent: reads PLCs and sensors, buffers every reading durably in SQLite, cuts batches
 //! into Parquet and uploads them to S3 (or a local folder).
 //!
-//! With the default `runtime` feature off, only [`contract`] and [`duration`] are compiled: that
-//! is what the collector imports.
+//! With the default `runtime` feature off, only [`contract`], [`duration`] and the tag catalog's
+//! wire format ([`tag_catalog::format`]) are compiled: that is what the collector imports.
 
 pub mod contract;
 pub mod duration;
@@ -32,6 +32,7 @@ pub mod simulator;
 pub mod sinks;
 #[cfg(feature = "runtime")]
 pub mod sources;
+pub mod tag_catalog;
 #[cfg(feature = "runtime")]
 pub mod tools;
 

@@ -39,14 +39,17 @@ impl Setup {
         self.dir.path().join("drop")
     }
 
-    fn start(&self) -> Agent {
+    fn config_text(&self) -> String {
         // A batch is cut only at shutdown (max_age 1h), so the buffer shows what arrived.
-        let text = format!(
+        format!(
             "site = \"plant-ost\"\ngateway = \"gw-files\"\n[buffer]\npath = \"buffer.db\"\ncommit_interval = \"20ms\"\n[batch]\nmax_age = \"1h\"\n[upload.dir]\npath = \"outbox\"\n[metrics]\nenabled = false\n[[file_drop]]\nfolder = \"drop\"\nsettle = \"300ms\"\npoll_interval = \"20ms\"\n{}",
             self.file_drop
-        );
-        let config =
-            load_str(&text, &self.dir.path().join("agent.toml")).expect("the test config is valid");
+        )
+    }
+
+    fn start(&self) -> Agent {
+        let config = load_str(&self.config_text(), &self.dir.path().join("agent.toml"))
+            .expect("the test config is valid");
         let stop = CancellationToken::new();
         let task = tokio::spawn(edge_agent::run(config, stop.clone()));
         Agent { stop, task }
@@ -378,4 +381,133 @@ column = \"v\"
     setup.wait_for("done/big.csv").await;
     agent.stop().await;
     assert_eq!(setup.uploaded().len(), expected.len(), "nothing read twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_string_column_is_recorded_as_text_and_a_number_column_still_refuses_text() {
+    let setup = Setup::new(
+        "name = \"stand\"
+format = \"csv\"
+timestamp = \"time\"
+timestamp_format = \"rfc3339\"
+device = \"ts-3\"
+[[file_drop.values]]
+column = \"recipe\"
+type = \"string\"
+[[file_drop.values]]
+column = \"temp\"
+unit = \"degC\"
+",
+    );
+    let agent = setup.start();
+    setup.write(
+        "run.csv",
+        "time,recipe,temp\n\
+         2024-05-01T12:00:00Z,\"PX-200, Öl\",21.5\n\
+         2024-05-01T12:00:01Z,4711,\n\
+         2024-05-01T12:00:02Z,,22\n\
+         2024-05-01T12:00:03Z,PX-201,warm\n",
+    );
+    setup.wait_for("done/run.csv").await;
+    agent.stop().await;
+    let rows: Vec<TextOrNumber> = setup
+        .uploaded()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.quality, Quality::Good);
+            (r.ts_us, r.tag, r.value, r.value_text, r.unit)
+        })
+        .collect();
+    let text = |s: u8, tag: &str, text: &str| {
+        (
+            NOON_US + i64::from(s) * 1_000_000,
+            tag.to_owned(),
+            None,
+            Some(text.to_owned()),
+            None,
+        )
+    };
+    let number = |s: u8, v: f64| {
+        (
+            NOON_US + i64::from(s) * 1_000_000,
+            "temp".to_owned(),
+            Some(v),
+            None,
+            Some("degC".to_owned()),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            text(0, "recipe", "PX-200, Öl"),
+            number(0, 21.5),
+            text(1, "recipe", "4711"),
+            // An empty cell gives no reading, for text as for numbers.
+            number(2, 22.0),
+        ]
+    );
+    assert_eq!(
+        setup.read("done/run.csv.reason.txt"),
+        "run.csv: 1 of 4 rows could not be read; the 4 readings of the other rows are in the buffer\n\
+         line 5: temp `warm` is not a number\n"
+    );
+}
+
+/// A reading as the text-value tests compare it: time, tag, number, text, unit.
+type TextOrNumber = (i64, String, Option<f64>, Option<String>, Option<String>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_in_the_middle_of_a_large_file_loses_no_row_and_reads_none_twice() {
+    const ROWS: i64 = 60_000;
+    let setup = Setup::new(
+        "name = \"rig\"
+format = \"csv\"
+timestamp = \"us\"
+timestamp_format = \"epoch_us\"
+device = \"rig-1\"
+[[file_drop.values]]
+column = \"v\"
+",
+    );
+    let mut text = String::from("us,v\n");
+    for i in 0..ROWS {
+        writeln!(text, "{},{i}", NOON_US + i).unwrap();
+    }
+    setup.write("big.csv", &text);
+    let config = setup.dir.path().join("agent.toml");
+    std::fs::write(&config, setup.config_text()).unwrap();
+
+    // The agent as a process, so that it can die without any shutdown: no flush, no last
+    // commit, the file half read.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while setup.buffered() < 4_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no readings arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = setup.buffered();
+    assert!(
+        setup.exists("big.csv") && at_kill < u64::try_from(ROWS).unwrap(),
+        "killed in the middle of the file (after {at_kill} rows)"
+    );
+
+    let agent = setup.start();
+    setup.wait_for("done/big.csv").await;
+    agent.stop().await;
+    let values: Vec<(i64, f64)> = setup.readings().into_iter().map(|r| (r.0, r.3)).collect();
+    #[allow(clippy::cast_precision_loss)]
+    let expected: Vec<(i64, f64)> = (0..ROWS).map(|i| (NOON_US + i, i as f64)).collect();
+    assert_eq!(values.len(), expected.len(), "no row lost, none read twice");
+    assert!(values == expected, "every row once, in file order");
 }

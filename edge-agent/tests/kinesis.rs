@@ -1,11 +1,19 @@
-//! The Kinesis live stream against moto server (`pipeline_e2e::MotoServer`, which serves Kinesis
-//! on the same port as S3): what arrives on the stream, and that a Kinesis that is away never
-//! holds up the batches.
+//! The Kinesis live stream against two independent Kinesis servers, moto server
+//! (`pipeline_e2e::MotoServer`) and kinesalite (`pipeline_e2e::Kinesalite`, with AWS-shaped
+//! sequence numbers): what arrives on the stream, and that a Kinesis that is away or stops
+//! answering never holds up the batches. Each behaviour that needs a server runs once per
+//! server, as the tests `<behaviour>::moto` and `<behaviour>::kinesalite`.
 //!
-//! moto accepts every record of a PutRecords call, so the partial-failure retry (only the refused
-//! records are sent again) is tested on its result-handling function in
-//! `sinks::kinesis::shipper`. The agent runs as its own process here, with test credentials in
-//! its environment, as an operator runs it.
+//! Partial failures (a PutRecords answer that refuses some of its records) cannot be produced by
+//! either server, so the retry of only the refused records is tested on the function that reads
+//! the answer, in `sinks::kinesis::shipper`, and not here. Both store every record of a call or
+//! fail the whole call: kinesalite 3.3.3 never sets a per-record `ErrorCode` (it has no
+//! throughput limits; an oversized record, a bad hash key or a stream that is not ACTIVE fails
+//! the whole call, and a call reads the stream's state once and writes all its records in one
+//! batch, so a deletion or a reshard during the call cannot split its answer); moto 5.2 neither
+//! (the same whole-call checks, and a partition key it rejects raises after the records before
+//! it were stored: still one failed call). The agent runs as its own process here, with test
+//! credentials in its environment, as an operator runs it.
 
 mod common;
 
@@ -21,9 +29,78 @@ use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
 use edge_agent::Reading;
 use edge_agent::contract::Quality;
 use edge_agent::sinks::kinesis::{KinesisShipper, LiveQueue};
-use pipeline_e2e::{MotoServer, PyModbusServer, free_port};
+use pipeline_e2e::{Kinesalite, MotoServer, PyModbusServer, S3_REGION, free_port};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+/// The Kinesis servers each behaviour runs against.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    Moto,
+    Kinesalite,
+}
+
+/// Runs each behaviour, an `async fn(Peer)`, once per Kinesis server: as the tests
+/// `<behaviour>::moto` and `<behaviour>::kinesalite`.
+macro_rules! on_each_peer {
+    ($($behaviour:ident),+ $(,)?) => {$(
+        mod $behaviour {
+            #[tokio::test]
+            async fn moto() {
+                super::$behaviour(super::Peer::Moto).await;
+            }
+
+            #[tokio::test]
+            async fn kinesalite() {
+                super::$behaviour(super::Peer::Kinesalite).await;
+            }
+        }
+    )+};
+}
+
+on_each_peer!(
+    queued_readings_arrive_as_json_lines_per_device,
+    the_agent_streams_every_committed_reading_with_its_seq,
+    a_kinesis_that_stops_answering_never_holds_up_the_s3_uploads,
+);
+
+/// A running Kinesis server of either kind; dropping it stops the server.
+enum KinesisServer {
+    Moto(MotoServer),
+    Kinesalite(Kinesalite),
+}
+
+impl KinesisServer {
+    fn start(peer: Peer) -> Self {
+        match peer {
+            Peer::Moto => Self::Moto(MotoServer::start()),
+            Peer::Kinesalite => Self::Kinesalite(Kinesalite::start()),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        match self {
+            Self::Moto(moto) => moto.endpoint(),
+            Self::Kinesalite(kinesalite) => kinesalite.endpoint(),
+        }
+    }
+
+    /// Freezes the server with SIGSTOP to its process group: the kernel still accepts
+    /// connections on its port and nothing ever answers, a hung Kinesis, which a client cannot
+    /// tell from a slow one as a closed port tells it at once. The guard's SIGKILL still ends it.
+    fn freeze(&self) {
+        let pid = match self {
+            Self::Moto(moto) => moto.peer().pid(),
+            Self::Kinesalite(kinesalite) => kinesalite.peer().pid(),
+        };
+        // The harness starts each peer as the leader of its own process group.
+        let frozen = Command::new("kill")
+            .args(["-STOP", "--", &format!("-{pid}")])
+            .status()
+            .unwrap();
+        assert!(frozen.success(), "kill -STOP -{pid}");
+    }
+}
 
 fn client(endpoint: &str) -> aws_sdk_kinesis::Client {
     let config = aws_sdk_kinesis::Config::builder()
@@ -44,7 +121,7 @@ async fn create_stream(client: &aws_sdk_kinesis::Client) -> String {
         .shard_count(1)
         .send()
         .await
-        .expect("moto creates the stream");
+        .expect("the server creates the stream");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let summary = client
@@ -52,7 +129,7 @@ async fn create_stream(client: &aws_sdk_kinesis::Client) -> String {
             .stream_name(&name)
             .send()
             .await
-            .expect("moto describes the stream");
+            .expect("the server describes the stream");
         if summary
             .stream_description_summary()
             .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
@@ -79,7 +156,7 @@ async fn read_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(Str
         .stream_name(stream)
         .send()
         .await
-        .expect("moto lists the shards");
+        .expect("the server lists the shards");
     let shard = shards.shards()[0].shard_id().to_owned();
     let mut iterator = client
         .get_shard_iterator()
@@ -88,7 +165,7 @@ async fn read_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(Str
         .shard_iterator_type(ShardIteratorType::TrimHorizon)
         .send()
         .await
-        .expect("moto hands out a shard iterator")
+        .expect("the server hands out a shard iterator")
         .shard_iterator()
         .map(str::to_owned);
     let mut records = Vec::new();
@@ -98,7 +175,7 @@ async fn read_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(Str
             .shard_iterator(it)
             .send()
             .await
-            .expect("moto returns records");
+            .expect("the server returns records");
         if out.records().is_empty() {
             break;
         }
@@ -129,10 +206,9 @@ fn reading(ts_us: i64, device: &str, tag: &str, value: Option<f64>, unit: Option
     }
 }
 
-#[tokio::test]
-async fn queued_readings_arrive_as_json_lines_per_device() {
-    let moto = MotoServer::start();
-    let kinesis = client(&moto.endpoint());
+async fn queued_readings_arrive_as_json_lines_per_device(peer: Peer) {
+    let server = KinesisServer::start(peer);
+    let kinesis = client(&server.endpoint());
     let stream = create_stream(&kinesis).await;
     let queue = LiveQueue::new(100);
     let shipper = KinesisShipper::with_client(
@@ -196,8 +272,11 @@ async fn queued_readings_arrive_as_json_lines_per_device() {
     );
 }
 
-/// The agent's config: one pymodbus PLC, a local folder as the upload target, and `kinesis`.
-fn agent_config(plc_port: u16, metrics_port: u16, kinesis: &str) -> String {
+/// The upload target of most tests: the folder `landing` beside the config.
+const UPLOAD_TO_DIR: &str = "[upload.dir]\npath = \"landing\"";
+
+/// The agent's config: one pymodbus PLC, `upload` (an `[upload.*]` table), and `kinesis`.
+fn agent_config(plc_port: u16, metrics_port: u16, upload: &str, kinesis: &str) -> String {
     format!(
         r#"site = "plant-ost"
 gateway = "gw-live"
@@ -205,8 +284,7 @@ gateway = "gw-live"
 [batch]
 max_age = "1s"
 
-[upload.dir]
-path = "landing"
+{upload}
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
@@ -237,7 +315,8 @@ poll_interval = "100ms"
     )
 }
 
-/// The agent binary with test credentials for moto, and no instance-metadata lookups.
+/// The agent binary with test credentials (both servers take any), and no instance-metadata
+/// lookups.
 fn start_agent(dir: &Path, config: &str) -> std::process::Child {
     let file = dir.join("agent.toml");
     std::fs::write(&file, config).unwrap();
@@ -326,19 +405,19 @@ fn sample(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
-#[tokio::test]
-async fn the_agent_streams_every_committed_reading_with_its_seq() {
-    let moto = MotoServer::start();
-    let kinesis = client(&moto.endpoint());
+async fn the_agent_streams_every_committed_reading_with_its_seq(peer: Peer) {
+    let server = KinesisServer::start(peer);
+    let kinesis = client(&server.endpoint());
     let stream = create_stream(&kinesis).await;
     let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": {"0": [421]}}));
     let dir = tempfile::tempdir().unwrap();
     let config = agent_config(
         plc.address().port(),
         free_port(),
+        UPLOAD_TO_DIR,
         &format!(
             "stream = \"{stream}\"\nendpoint = \"{}\"\nmax_linger = \"100ms\"",
-            moto.endpoint()
+            server.endpoint()
         ),
     );
     let agent = start_agent(dir.path(), &config);
@@ -348,15 +427,26 @@ async fn the_agent_streams_every_committed_reading_with_its_seq() {
     let uploaded = uploaded_as_lines(&dir.path().join("landing"));
     assert!(uploaded.len() >= 10, "{} readings uploaded", uploaded.len());
     let mut streamed = BTreeMap::new();
+    let mut most_in_one_record = 0;
+    // One device, so one shard's order is the device's: its readings in seq order.
+    let mut last_seq = -1;
     for (key, data) in read_stream(&kinesis, &stream).await {
         assert!(data.ends_with('\n'), "{data:?}");
+        most_in_one_record = most_in_one_record.max(data.lines().count());
         for line in data.lines() {
             let line: Value = serde_json::from_str(line).unwrap();
             assert_eq!(line["device"], key, "the partition key is the device");
             let seq = line["seq"].as_i64().unwrap();
+            assert!(seq > last_seq, "seq {seq} after {last_seq} on the shard");
+            last_seq = seq;
             assert!(streamed.insert(seq, line).is_none(), "seq {seq} twice");
         }
     }
+    // Two tags every 100 ms and 100 ms of linger: a record carries several readings.
+    assert!(
+        most_in_one_record >= 2,
+        "at most {most_in_one_record} reading per record"
+    );
     // Exactly what the batches hold: same seqs, same content, nothing more.
     assert_eq!(streamed, uploaded);
     let good = &uploaded.values().find(|l| l["tag"] == "oil_temp").unwrap();
@@ -391,6 +481,7 @@ async fn an_absent_kinesis_drops_counted_readings_and_never_holds_up_the_batches
     let config = agent_config(
         plc.address().port(),
         metrics_port,
+        UPLOAD_TO_DIR,
         &format!(
             "stream = \"plantline-live\"\nendpoint = \"http://127.0.0.1:{closed}\"\nqueue_capacity = 5\nmax_linger = \"50ms\"\ntimeout = \"1s\""
         ),
@@ -437,6 +528,97 @@ async fn an_absent_kinesis_drops_counted_readings_and_never_holds_up_the_batches
     assert!(
         unsent <= 10,
         "at most the queue (5) and one call in flight (5): {stopped}"
+    );
+    assert!(
+        log.iter().any(|l| l["message"]
+            == "live queue full: dropped the oldest readings (they still go to S3)"),
+        "no drop warning in {log:#?}"
+    );
+}
+
+/// How many Parquet batches `bucket` holds.
+fn s3_batches(s3: &MotoServer, bucket: &str) -> usize {
+    s3.list_keys(bucket, "")
+        .iter()
+        .filter(|key| key.ends_with(".parquet"))
+        .count()
+}
+
+async fn a_kinesis_that_stops_answering_never_holds_up_the_s3_uploads(peer: Peer) {
+    let server = KinesisServer::start(peer);
+    let kinesis = client(&server.endpoint());
+    let stream = create_stream(&kinesis).await;
+    // S3 on a server of its own: freezing the Kinesis server must leave it answering.
+    let s3 = MotoServer::start();
+    let bucket = s3.create_bucket();
+    let plc = PyModbusServer::start(&json!({"device_id": 1, "holding": {"0": [421]}}));
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let config = agent_config(
+        plc.address().port(),
+        metrics_port,
+        &format!(
+            "[upload.s3]\nbucket = \"{bucket}\"\nendpoint = \"{}\"\nregion = \"{S3_REGION}\"\ntimeout = \"10s\"",
+            s3.endpoint()
+        ),
+        &format!(
+            "stream = \"{stream}\"\nendpoint = \"{}\"\nqueue_capacity = 5\nmax_linger = \"50ms\"\ntimeout = \"1s\"",
+            server.endpoint()
+        ),
+    );
+    let agent = start_agent(dir.path(), &config);
+
+    // The live stream works first, so what follows is Kinesis going away, not never being there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_stream(&kinesis, &stream).await.is_empty() {
+        assert!(Instant::now() < deadline, "no record on {stream} in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.freeze();
+
+    // Batches are cut every second (`max_age`) and still reach S3. The deadline (10 s for 3
+    // batches) absorbs a busy test machine; an S3 path waiting on Kinesis would give none.
+    let at_freeze = s3_batches(&s3, &bucket);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s3_batches(&s3, &bucket) < at_freeze + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} batches reached S3 in the 10 s after Kinesis froze, with max_age = 1s",
+            s3_batches(&s3, &bucket) - at_freeze
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = tokio::task::spawn_blocking(move || scrape(metrics_port))
+        .await
+        .unwrap();
+    let log = stop_agent(agent);
+    assert!(
+        sample(&metrics, "plantline_agent_kinesis_readings_sent_total") > 0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "plantline_agent_kinesis_dropped_total") > 0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "plantline_agent_kinesis_put_failures_total") > 0,
+        "{metrics}"
+    );
+
+    // The live stream accounts for every reading S3 got: sent, dropped (counted) or unsent.
+    let landed = tempfile::tempdir().unwrap();
+    s3.download_prefix(&bucket, "", landed.path());
+    let uploaded = uploaded_as_lines(landed.path()).len();
+    let stopped = stopped_line(log.as_slice());
+    let count = |key: &str| {
+        stopped[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {key} in {stopped}"))
+    };
+    assert_eq!(
+        count("sent_total") + count("dropped_total") + count("unsent"),
+        u64::try_from(uploaded).unwrap(),
+        "{stopped}"
     );
     assert!(
         log.iter().any(|l| l["message"]

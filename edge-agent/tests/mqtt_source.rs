@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use edge_agent::buffer::dead_letter::{self, DeadLetterReport};
+use edge_agent::contract::Quality;
 use mqtt_common::{
     Agent, AgentBinary, KillOnDrop, SUBSCRIPTIONS, Setup, log_lines, publish, publish_with, row,
     subscriptions_confirmed, summary, wait_buffered, wait_for, wait_subscribed,
@@ -699,7 +700,7 @@ async fn probe_prints_what_the_mapping_makes_of_each_message_without_disturbing_
     );
     assert!(
         header.ends_with(
-            " (clean session, QoS 0) for 30s: plant/+/+/telemetry, meters/+/kwh, rooms/+/climate"
+            " (MQTT 3.1.1, clean session, QoS 0) for 30s: plant/+/+/telemetry, meters/+/kwh, rooms/+/climate"
         ),
         "{header}"
     );
@@ -858,3 +859,95 @@ async fn a_message_of_hundreds_of_kilobytes_is_read_like_any_other() {
         )]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_string_value_is_recorded_as_text_and_a_number_value_still_refuses_text() {
+    let broker = Mosquitto::start();
+    let subscriptions = r#"
+[[mqtt.subscriptions]]
+topic = "press/+/status"
+device = "{1}"
+timestamp = "/ts"
+timestamp_format = "epoch_ms"
+[[mqtt.subscriptions.fields]]
+tag = "recipe"
+value = "/recipe"
+type = "string"
+[[mqtt.subscriptions.fields]]
+tag = "speed"
+value = "/speed"
+unit = "rpm"
+
+[[mqtt.subscriptions]]
+topic = "press/+/mode"
+device = "{1}"
+tag = "mode"
+value = "/mode"
+"#;
+    let setup = Setup::new("text-values", broker.port(), subscriptions);
+    let agent = Agent::start(&setup).await;
+    let status = br#"{"ts": 1700000000001, "recipe": "PX-200 \u00d6l", "speed": 12}"#;
+    let numeric_recipe = br#"{"ts": 1700000000002, "recipe": 4711, "speed": "13"}"#;
+    let mode = br#"{"mode": "auto"}"#;
+    publish(
+        broker.port(),
+        &[
+            ("press/p-1/status", status),
+            ("press/p-1/status", numeric_recipe),
+            ("press/p-1/mode", mode),
+        ],
+    )
+    .await;
+    wait_buffered(&setup, 4).await;
+    wait_dead_letters(&setup, 1).await;
+    agent.stop().await;
+
+    let rows: Vec<TextOrNumber> = setup
+        .uploaded()
+        .into_iter()
+        .map(|r| {
+            assert_eq!((r.device.as_str(), r.quality), ("p-1", Quality::Good));
+            (r.ts_us, r.tag, r.value, r.value_text, r.unit)
+        })
+        .collect();
+    let text = |ts_us: i64, text: &str| {
+        (
+            ts_us,
+            "recipe".to_owned(),
+            None,
+            Some(text.to_owned()),
+            None,
+        )
+    };
+    let speed = |ts_us: i64, v: f64| {
+        (
+            ts_us,
+            "speed".to_owned(),
+            Some(v),
+            None,
+            Some("rpm".to_owned()),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            text(1_700_000_000_001_000, "PX-200 Öl"),
+            speed(1_700_000_000_001_000, 12.0),
+            text(1_700_000_000_002_000, "4711"),
+            speed(1_700_000_000_002_000, 13.0),
+        ]
+    );
+    assert_eq!(
+        letter_summary(&setup.dead_letters()),
+        vec![letter(
+            "press/+/mode",
+            "press/p-1/mode",
+            "not_numeric",
+            mode
+        )],
+        "a value not declared as text stays a number, and text there is a bad payload"
+    );
+}
+
+/// A reading as the text-value tests compare it: time, tag, number, text, unit.
+type TextOrNumber = (i64, String, Option<f64>, Option<String>, Option<String>);

@@ -544,3 +544,170 @@ async fn probe_decodes_an_edge_nodes_messages_through_the_same_decoder() {
         Some("3 messages, 1 with a bad payload")
     );
 }
+
+/// The edge node `press-7` born before the agent runs (an agent restarted, or started late):
+/// its data reaches the agent without the births, so the agent asks for them. The node answers
+/// as a real one does, with a fresh NBIRTH and DBIRTH, and its data is decoded from then on.
+fn late_agent_script(born: &Path, go: &Path) -> Value {
+    let node = |kind: &str| format!("spBv1.0/line3/{kind}/press-7");
+    let motor = |kind: &str| format!("spBv1.0/line3/{kind}/press-7/motor-1");
+    let births = |ts: i64, oil: f64, speed: i64| {
+        vec![
+            message(
+                &node("NBIRTH"),
+                &json!({"timestamp": ts, "seq": 0, "metrics": [
+                    metric("bdSeq", 0, "Int64", &json!(0)),
+                    metric("Node Control/Rebirth", 1, "Boolean", &json!(false)),
+                    metric("Oil/Temp", 2, "Float", &json!(oil)),
+                ]}),
+            ),
+            message(
+                &motor("DBIRTH"),
+                &json!({"timestamp": ts + 10, "seq": 1, "metrics": [
+                    metric("Speed", 10, "Int16", &json!(speed)),
+                ]}),
+            ),
+        ]
+    };
+    let mut messages = births(T0_MS, 21.5, 2);
+    messages.extend([
+        json!({"touch_file": born.display().to_string()}),
+        json!({"wait_file": go.display().to_string()}),
+        message(
+            &node("NDATA"),
+            &json!({"timestamp": T0_MS + 1000, "seq": 2, "metrics": [
+                by_alias(2, "float_value", &json!(22.0)),
+            ]}),
+        ),
+        message(
+            &motor("DDATA"),
+            &json!({"timestamp": T0_MS + 2000, "seq": 3, "metrics": [
+                by_alias(10, "int_value", &json!(4)),
+            ]}),
+        ),
+        message(
+            &node("NDATA"),
+            &json!({"timestamp": T0_MS + 3000, "seq": 4, "metrics": [
+                by_alias(2, "float_value", &json!(23.0)),
+            ]}),
+        ),
+        json!({"await_rebirth": 1}),
+        message(
+            &node("NDATA"),
+            &json!({"timestamp": T0_MS + 11_000, "seq": 2, "metrics": [
+                by_alias(2, "float_value", &json!(26.5)),
+            ]}),
+        ),
+        message(
+            &motor("DDATA"),
+            &json!({"timestamp": T0_MS + 12_000, "seq": 3, "metrics": [
+                by_alias(10, "int_value", &json!(5)),
+            ]}),
+        ),
+    ]);
+    json!([{
+        "client_id": "press-7",
+        "will": {
+            "topic": node("NDEATH"),
+            "payload": {"metrics": [metric("bdSeq", 0, "Int64", &json!(0))]}
+        },
+        "rebirth": births(T0_MS + 10_000, 25.0, 3),
+        "messages": messages,
+        "end": "disconnect"
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_missed_the_births_asks_for_them_once_and_then_maps_exact_readings() {
+    let broker = Mosquitto::start();
+    let metrics_port = pipeline_e2e::free_port();
+    let setup = Setup::new("sparkplug-rebirth", broker.port(), metrics_port);
+    let born = setup.dir.path().join("node-born");
+    let go = setup.dir.path().join("agent-subscribed");
+    let port = broker.port();
+    let script = late_agent_script(&born, &go);
+    // The node is born while no agent listens; it goes on once the agent has subscribed.
+    let node = tokio::spawn(edge_node(port, script));
+    let node_born = born.clone();
+    wait_for("the edge node's births", move || node_born.exists()).await;
+    let agent = Agent::start(&setup).await;
+    std::fs::write(&go, b"").unwrap();
+    let printed = node.await.unwrap();
+    assert_eq!(
+        printed.matches("rebirth requested").count(),
+        1,
+        "the node is asked once, however many messages came without a birth: {printed}"
+    );
+    assert!(
+        printed.ends_with("rebirth requests: 1\ndisconnected\n"),
+        "{printed}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while setup.buffered() < 4 || setup.dead_letters().kept < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "after 20 s: {} of 4 readings, {} of 3 dead letters",
+            setup.buffered(),
+            setup.dead_letters().kept
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = scrape(metrics_port).await;
+    agent.stop().await;
+
+    let compared: Vec<Compared> = setup
+        .uploaded()
+        .iter()
+        .map(|r| {
+            (
+                r.ts_us,
+                r.device.clone(),
+                r.tag.clone(),
+                r.value,
+                r.quality,
+                r.unit.clone(),
+            )
+        })
+        .collect();
+    let (node, motor) = ("press-7", "press-7/motor-1");
+    assert_eq!(
+        compared,
+        vec![
+            // The births the node sent in answer, then its data.
+            row(T0_MS + 10_000, node, "Oil.Temp", Some(25.0), None),
+            row(T0_MS + 10_010, motor, "Speed", Some(3.0), None),
+            row(T0_MS + 11_000, node, "Oil.Temp", Some(26.5), None),
+            row(T0_MS + 12_000, motor, "Speed", Some(5.0), None),
+        ]
+    );
+    let letters: Vec<(String, String)> = setup
+        .dead_letters()
+        .recent
+        .into_iter()
+        .map(|s| (s.letter.topic, s.letter.reason))
+        .collect();
+    let no_birth = |topic: &str| (topic.to_owned(), "sparkplug_no_birth".to_owned());
+    assert_eq!(
+        letters,
+        vec![
+            no_birth("spBv1.0/line3/NDATA/press-7"),
+            no_birth("spBv1.0/line3/DDATA/press-7/motor-1"),
+            no_birth("spBv1.0/line3/NDATA/press-7"),
+        ],
+        "what came before the births stays a dead letter with its reason"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "plantline_mqtt_bad_payloads_total{{broker=\"sparkplug-rebirth\",subscription=\"{SUBSCRIPTION}\",reason=\"sparkplug_no_birth\"}} 3"
+        )),
+        "{metrics}"
+    );
+    let requested = log_lines(&setup.broker, "Sparkplug rebirth requested");
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert!(
+        requested[0].contains("topic=\"spBv1.0/line3/NCMD/press-7\""),
+        "{}",
+        requested[0]
+    );
+}

@@ -208,3 +208,70 @@ async fn the_source_reconnects_and_subscribes_again_when_the_broker_comes_back()
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_speaks_mqtt_5_to_a_broker_configured_for_it() {
+    use std::sync::{Arc, Mutex};
+
+    use edge_agent::config::ConfigDuration;
+    use edge_agent::tools::probe::{MqttProbeArgs, MqttProbeSummary, probe_mqtt};
+
+    let broker = Mosquitto::start();
+    let setup = Setup::with_broker_keys("v5-probe", broker.port(), V5, SUBSCRIPTIONS);
+    let config = setup.config();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let printed = Arc::clone(&lines);
+    let probe = tokio::spawn(async move {
+        let args = MqttProbeArgs {
+            broker: "v5-probe".to_owned(),
+            subscription: Some("meters/+/kwh".to_owned()),
+            listen: ConfigDuration::from_secs(20),
+            max_messages: Some(1),
+        };
+        probe_mqtt(&config, std::path::Path::new("agent.toml"), &args, |line| {
+            printed.lock().unwrap().push(line.to_owned());
+        })
+        .await
+    });
+    let listening = Arc::clone(&lines);
+    tokio::task::spawn_blocking(move || {
+        mqtt_common::wait_for("the probe's subscription", || {
+            listening
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.starts_with("listening"))
+        });
+    })
+    .await
+    .unwrap();
+    publish(broker.port(), &[("meters/m-7/kwh", b"1234.5")]).await;
+    let summary = probe.await.unwrap().expect("the probe listens and ends");
+    assert_eq!(
+        summary,
+        MqttProbeSummary {
+            messages: 1,
+            bad: 0
+        }
+    );
+    let lines = lines.lock().unwrap().clone();
+    assert!(
+        lines[0].contains(" (MQTT 5, clean session, QoS 0) for 20s: meters/+/kwh"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[2].starts_with("  -> m-7 energy = 1234.5 kWh at ")
+            && lines[2].ends_with(" (arrival time)"),
+        "{lines:#?}"
+    );
+    // The broker's own account of the connection: protocol level 5 (`p5`), clean start (`c1`).
+    let connected: Vec<String> = broker
+        .peer()
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("as gw-v5-probe-probe-"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(connected.len(), 1, "{connected:?}");
+    assert!(connected[0].contains("(p5, c1, k5"), "{}", connected[0]);
+}

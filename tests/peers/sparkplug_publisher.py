@@ -22,6 +22,20 @@ or {"raw_hex": "..."} for bytes that are not a payload at all. METRIC has "name"
 Signed integers are written as Tahu's encoders write them: two's complement, sign-extended to 32
 bits in int_value and to 64 bits in long_value.
 
+A session may answer rebirth requests as a real edge node does: with "rebirth": [MESSAGE, ...] it
+subscribes to its NCMD topic (spBv1.0/<group>/NCMD/<edge node>, taken from the will's or the first
+message's topic), and a command whose metric "Node Control/Rebirth" is true (decoded with the same
+descriptors) is answered with those messages (its fresh NBIRTH and DBIRTHs). Besides messages, the
+list "messages" may hold steps:
+
+    {"touch_file": PATH}      creates the file: the node's signal to the test that it got this far
+    {"wait_file": PATH}       waits (up to 30 s) until the file exists, the test's signal to go on
+    {"await_rebirth": N}      waits (up to 30 s) until N rebirth requests were answered in all
+
+Requests are answered only at "await_rebirth" steps, so a test knows which messages went out
+before the answer. At the end of a rebirth session the node waits half a second for further
+requests, answers them, then prints "rebirth requests: N".
+
 "end": "disconnect" sends DISCONNECT (the broker drops the will); "die" closes the socket without
 it, so the broker publishes the will (the NDEATH) as it does when an edge node loses power.
 Every message is published at QoS 1 and the script waits for the broker's PUBACK, so when this
@@ -30,6 +44,8 @@ process exits 0 the broker has every message. Prints one line per message publis
 
 import argparse
 import json
+import os
+import queue
 import sys
 import time
 
@@ -167,6 +183,40 @@ def encode(spec):
     return payload.SerializeToString()
 
 
+def is_rebirth_request(data):
+    """Whether an NCMD payload asks for a rebirth: metric "Node Control/Rebirth" set to true."""
+    payload = Payload()
+    payload.ParseFromString(data)
+    return any(
+        m.name == "Node Control/Rebirth" and m.WhichOneof("value") == "boolean_value"
+        and m.boolean_value
+        for m in payload.metrics
+    )
+
+
+def command_topic(session):
+    """spBv1.0/<group>/NCMD/<edge node> of the session's edge node."""
+    topic = (session.get("will") or session["messages"][0])["topic"]
+    namespace, group, _kind, node = topic.split("/")[:4]
+    return f"{namespace}/{group}/NCMD/{node}"
+
+
+def publish(client, message):
+    info = client.publish(message["topic"], encode(message["payload"]), qos=1)
+    info.wait_for_publish(timeout=10)
+    if not info.is_published():
+        raise SystemExit(f"the broker did not acknowledge {message['topic']} within 10 s")
+    print(f"published {message['topic']}", flush=True)
+
+
+def wait_file(path):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path} did not appear within 30 s")
+        time.sleep(0.05)
+
+
 def run_session(host, port, session):
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
@@ -177,14 +227,57 @@ def run_session(host, port, session):
     will = session.get("will")
     if will is not None:
         client.will_set(will["topic"], encode(will["payload"]), qos=1)
+    # Requests are answered from this thread, never from paho's network thread, where waiting
+    # for a PUBACK would block the very loop that receives it.
+    requests = queue.Queue()
+    rebirth = session.get("rebirth")
+    received = 0
+    if rebirth is not None:
+        subscribed = queue.Queue()
+        command = command_topic(session)
+
+        def on_message(_client, _userdata, message):
+            if message.topic == command and is_rebirth_request(message.payload):
+                requests.put(message.topic)
+
+        client.on_message = on_message
+        client.on_subscribe = lambda *_args: subscribed.put(True)
     client.connect(host, port, keepalive=10)
     client.loop_start()
-    for message in session["messages"]:
-        info = client.publish(message["topic"], encode(message["payload"]), qos=1)
-        info.wait_for_publish(timeout=10)
-        if not info.is_published():
-            raise SystemExit(f"the broker did not acknowledge {message['topic']} within 10 s")
-        print(f"published {message['topic']}", flush=True)
+    if rebirth is not None:
+        client.subscribe(command, qos=0)
+        subscribed.get(timeout=10)
+
+    def answer(wait_s):
+        nonlocal received
+        requests.get(timeout=wait_s)
+        received += 1
+        print("rebirth requested", flush=True)
+        for message in rebirth:
+            publish(client, message)
+
+    def answer_pending():
+        while not requests.empty():
+            answer(0)
+
+    for step in session["messages"]:
+        if "touch_file" in step:
+            with open(step["touch_file"], "w", encoding="utf-8"):
+                pass
+        elif "wait_file" in step:
+            wait_file(step["wait_file"])
+        elif "await_rebirth" in step:
+            while received < step["await_rebirth"]:
+                try:
+                    answer(30)
+                except queue.Empty:
+                    raise SystemExit("no rebirth request within 30 s") from None
+        else:
+            publish(client, step)
+    if rebirth is not None:
+        time.sleep(0.5)
+        answer_pending()
+        print(f"rebirth requests: {received}", flush=True)
     if session.get("end", "disconnect") == "die":
         # No DISCONNECT: the broker sees the connection drop and publishes the will.
         client.loop_stop()

@@ -1140,3 +1140,72 @@ pub fn publish_sparkplug(port: u16, script: &Value) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// kinesalite (npm, pinned in `tests/peers/kinesalite/package-lock.json`) serving Kinesis on
+/// `127.0.0.1:<port>`, in memory, through `tests/peers/kinesalite/serve.js`. Unlike moto it hands
+/// out sequence numbers shaped like AWS's (56 digits, increasing per shard). Streams go from
+/// CREATING to ACTIVE in about 20 ms. Any credentials are accepted; requests must be signed.
+#[derive(Debug)]
+pub struct Kinesalite {
+    peer: ChildPeer,
+    port: u16,
+}
+
+impl Kinesalite {
+    /// Starts kinesalite on a free port and waits for its ready line. Panics naming
+    /// `./tests/run.sh --install-only` when node or the npm install in `<cache>/node/kinesalite`
+    /// is missing, or was made from another `package-lock.json` than the checkout's.
+    pub fn start() -> Self {
+        const INSTALL_HINT: &str =
+            "run ./tests/run.sh --install-only to install it (npm ci of tests/peers/kinesalite)";
+        let source = peer_script("kinesalite");
+        let installed = cache_dir().join("node").join("kinesalite");
+        let modules = installed.join("node_modules");
+        assert!(
+            modules.join("kinesalite").join("package.json").is_file(),
+            "kinesalite is not installed in {} (PLANTLINE_CACHE or ~/.cache/plantline): {INSTALL_HINT}",
+            modules.display()
+        );
+        let lock = |dir: &Path| fs::read(dir.join("package-lock.json")).ok();
+        assert!(
+            lock(&installed) == lock(&source),
+            "kinesalite in {} was installed from another package-lock.json than {}: {INSTALL_HINT}",
+            installed.display(),
+            source.display()
+        );
+        let node = find_system_program("node", "nodejs");
+        let port = free_port();
+        let peer = ChildPeer::spawn(
+            "kinesalite",
+            node,
+            [
+                source.join("serve.js").into_os_string(),
+                port.to_string().into(),
+                modules.into_os_string(),
+            ],
+            &Readiness::StdoutContains(format!("kinesalite ready on 127.0.0.1:{port}")),
+            None,
+        );
+        Self { peer, port }
+    }
+
+    /// The Kinesis endpoint URL: `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port kinesalite listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server process guard (stdout, stderr, pid).
+    pub fn peer(&self) -> &ChildPeer {
+        &self.peer
+    }
+
+    /// Stops the server (kills its process group by PID); every stream and record is gone.
+    pub fn stop(self) {
+        drop(self.peer);
+    }
+}

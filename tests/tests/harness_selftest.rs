@@ -7,7 +7,8 @@ use std::time::Duration;
 use arrow_array::{Int8Array, Int16Array, Int32Array, Int64Array};
 use base64::Engine as _;
 use pipeline_e2e::{
-    ChildPeer, FakeSnow, Mosquitto, MotoServer, PyModbusServer, Readiness, duckdb_query, free_port,
+    ChildPeer, FakeSnow, Kinesalite, Mosquitto, MotoServer, PyModbusServer, Readiness,
+    duckdb_query, free_port,
 };
 use serde_json::{Value, json};
 
@@ -297,4 +298,105 @@ fn modbus_crc(frame: &[u8]) -> u16 {
             }
         })
     })
+}
+
+#[test]
+fn kinesalite_returns_a_put_record_with_an_aws_shaped_sequence_number() {
+    let kinesalite = Kinesalite::start();
+    assert_eq!(
+        kinesalite.endpoint(),
+        format!("http://127.0.0.1:{}", kinesalite.port())
+    );
+    let port = kinesalite.port();
+    let stream = format!("plantline-{}", std::process::id());
+    kinesis_call(
+        port,
+        "CreateStream",
+        &json!({"StreamName": stream, "ShardCount": 1}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kinesis_call(
+        port,
+        "DescribeStreamSummary",
+        &json!({"StreamName": stream}),
+    )["StreamDescriptionSummary"]["StreamStatus"]
+        != "ACTIVE"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stream} not ACTIVE in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let data = base64::engine::general_purpose::STANDARD.encode(b"{\"seq\":1}\n");
+    let put = kinesis_call(
+        port,
+        "PutRecord",
+        &json!({"StreamName": stream, "PartitionKey": "press-3", "Data": data}),
+    );
+    let sequence = put["SequenceNumber"]
+        .as_str()
+        .expect("PutRecord returns SequenceNumber");
+    assert!(
+        sequence.len() == 56 && sequence.bytes().all(|b| b.is_ascii_digit()),
+        "{sequence}"
+    );
+
+    let iterator = kinesis_call(
+        port,
+        "GetShardIterator",
+        &json!({"StreamName": stream, "ShardId": put["ShardId"], "ShardIteratorType": "TRIM_HORIZON"}),
+    );
+    let records = kinesis_call(
+        port,
+        "GetRecords",
+        &json!({"ShardIterator": iterator["ShardIterator"]}),
+    );
+    assert_eq!(
+        records["Records"],
+        json!([{
+            "PartitionKey": "press-3",
+            "Data": data,
+            "SequenceNumber": sequence,
+            "ApproximateArrivalTimestamp": records["Records"][0]["ApproximateArrivalTimestamp"],
+        }])
+    );
+
+    kinesalite.stop();
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} still accepts after stop()"
+    );
+}
+
+/// One Kinesis JSON 1.1 call over std. kinesalite wants a signature-shaped `Authorization` header
+/// but checks no signature, so a fixed one does.
+fn kinesis_call(port: u16, operation: &str, body: &Value) -> Value {
+    let body = body.to_string();
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-amz-json-1.1\r\n\
+         X-Amz-Target: Kinesis_20131202.{operation}\r\nX-Amz-Date: 20260101T000000Z\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/kinesis/aws4_request, \
+         SignedHeaders=host, Signature=00\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to kinesalite");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set timeout");
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let (head, payload) = response
+        .split_once("\r\n\r\n")
+        .expect("an HTTP response has a header block");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "{operation}: {head}\n{payload}"
+    );
+    if payload.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(payload).unwrap_or_else(|error| panic!("{operation}: {error}: {payload}"))
 }

@@ -212,9 +212,10 @@ pub(crate) async fn commit_with_watermark(
                 ("plantline.last_seq".to_owned(), watermark.into()),
                 (COMMIT_ID_KEY.to_owned(), token.clone().into()),
             ]);
+        let partitions = snapshot.metadata().partition_columns();
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
-            partition_by: None,
+            partition_by: (!partitions.is_empty()).then(|| partitions.to_vec()),
             predicate: None,
         };
         let committed = CommitBuilder::from(properties)

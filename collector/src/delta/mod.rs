@@ -6,6 +6,9 @@
 //!   and `value_text` (contract v2) columns ([`readings_schema`]); a table without them gets
 //!   what it lacks added on open, never by rewriting data. The quarantined-rows table gains
 //!   `value_text` the same way.
+//! - A readings table the collector creates is partitioned by `date` (the UTC day of `ts`,
+//!   derived while writing); one created before that stays unpartitioned and is written as it
+//!   is.
 //! - Each gateway's watermark is the Delta `txn` action of app id `plantline-gateway-<id>`; in
 //!   the readings table its version is the highest `seq` of that gateway applied (to the table
 //!   or, for rows a rule quarantined, to the quarantined-rows table).
@@ -24,6 +27,7 @@ mod quarantined_rows;
 mod side_table;
 mod table;
 mod tables;
+mod tags;
 mod watermark;
 
 pub(crate) use commit::{
@@ -33,8 +37,10 @@ pub(crate) use commit::{
 pub use gaps::{GapRow, GapsTable, REASON_QUARANTINED, REASON_SEQ_JUMP, gaps_schema};
 pub use quarantined_rows::{QuarantinedRow, QuarantinedRowsTable, quarantined_rows_schema};
 pub use table::{
-    ApplyOutcome, DQ_FLAGS_COLUMN, DeltaError, ReadingsTable, VALUE_TEXT_COLUMN, readings_schema,
+    ApplyOutcome, DATE_COLUMN, DQ_FLAGS_COLUMN, DeltaError, ReadingsTable, VALUE_TEXT_COLUMN,
+    date_field, readings_schema,
 };
 pub(crate) use table::{filter_above, seq_column, with_flags};
 pub use tables::{GAPS_SUFFIX, QUARANTINED_ROWS_SUFFIX, TableUrls, Tables, sibling};
+pub use tags::{CatalogOutcome, TAGS_SUFFIX, TagRow, TagsTable, tags_schema};
 pub use watermark::{APP_ID_PREFIX, app_id};

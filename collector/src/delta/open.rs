@@ -8,10 +8,18 @@
 //! gets the tail added by one metadata-only commit (delta-rs `ADD COLUMN`): no data file is
 //! rewritten, and earlier rows read the new columns as null. Any other difference is refused
 //! with both column lists, so a collector never writes into a table it does not understand.
+//!
+//! # Partition columns
+//! A table may be created with a partition column that the collector derives while writing
+//! (the readings table's `date`); it follows the spec's columns in the Delta schema. Partition
+//! columns are left out when a table's columns are compared with the spec, so a column added
+//! later (appended by Delta after the partition column) still counts as the spec's tail, and a
+//! table created before partitioning keeps working as it is. Which partition columns a table
+//! may have is the owner's check ([`super::ReadingsTable`]).
 
 use std::collections::HashMap;
 
-use arrow_schema::Schema;
+use arrow_schema::{Field, Schema};
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::{StructField, StructType};
 use deltalake::protocol::SaveMode;
@@ -60,6 +68,18 @@ pub(crate) async fn open_or_create(
     storage_options: &HashMap<String, String>,
     spec: &TableSpec,
 ) -> Result<DeltaTable, DeltaError> {
+    open_or_create_partitioned(url, storage_options, spec, None).await
+}
+
+/// [`open_or_create`], creating a missing table partitioned by `partition` (a column after
+/// the spec's, filled in by the writer). An existing table is opened as it is, partitioned or
+/// not.
+pub(crate) async fn open_or_create_partitioned(
+    url: &Url,
+    storage_options: &HashMap<String, String>,
+    spec: &TableSpec,
+    partition: Option<&Field>,
+) -> Result<DeltaTable, DeltaError> {
     if url.scheme() == "file"
         && let Ok(path) = url.to_file_path()
     {
@@ -80,17 +100,24 @@ pub(crate) async fn open_or_create(
     match table.load().await {
         Ok(()) => Ok(table),
         Err(DeltaTableError::NotATable(_)) => {
-            let schema = spec.delta_schema(url)?;
+            let mut fields: Vec<Field> = (spec.schema)()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields.extend(partition.cloned());
+            let schema = delta_schema(url, &Schema::new(fields))?;
             let created = table
                 .create()
                 .with_table_name(spec.name)
                 .with_comment(spec.comment)
                 .with_columns(schema.fields().cloned())
+                .with_partition_columns(partition.map(|p| p.name().clone()))
                 .with_save_mode(SaveMode::Ignore)
                 .await;
             match created {
                 Ok(t) => {
-                    info!(component = "delta", table = %url, name = spec.name, "created the table");
+                    info!(component = "delta", table = %url, name = spec.name, partitioned_by = partition.map(|p| p.name().as_str()), "created the table");
                     Ok(t)
                 }
                 Err(create_err) => {
@@ -195,7 +222,13 @@ fn found_columns(
         url: url.clone(),
         detail: format!("{} table: {e}", spec.name),
     })?;
-    Ok(column_names(snapshot.schema().as_ref()))
+    let partitions = snapshot.metadata().partition_columns();
+    Ok(snapshot
+        .schema()
+        .fields()
+        .filter(|f| !partitions.contains(f.name()))
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect())
 }
 
 fn schema_mismatch(url: &Url, spec: &TableSpec, found: &[String], want: &[String]) -> DeltaError {

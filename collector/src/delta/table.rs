@@ -1,10 +1,23 @@
 //! The readings table: opening (or creating, or evolving) it and appending one gateway's rows
 //! together with its new watermark in a single commit.
+//!
+//! # Partitioning by date
+//! A readings table this collector creates is partitioned by [`DATE_COLUMN`], the UTC calendar
+//! day of `ts` (Delta type `date`), so readers that filter by time skip whole folders
+//! (`date=2026-05-04/`). The collector derives the column while committing: the agent's batches
+//! do not carry it, and the data files do not either (Delta keeps partition values in the log).
+//! One batch whose readings straddle midnight UTC becomes one file per day in the same commit.
+//! A table created before partitioning (no partition columns) is written as it is, without the
+//! column; a table partitioned by anything else is refused. Moving an old table to the
+//! partitioned layout is a new table plus a backfill (docs/collector-operations.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, new_null_array};
+use arrow_array::{
+    Array, ArrayRef, Date32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    new_null_array,
+};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use deltalake::kernel::Version;
 use deltalake::{DeltaTable, DeltaTableError};
@@ -41,6 +54,46 @@ pub fn readings_schema() -> SchemaRef {
         Arc::new(Schema::new(fields))
     });
     SCHEMA.clone()
+}
+
+/// The partition column of readings tables created by this collector: the UTC calendar day of
+/// `ts`, derived while writing (see the module doc).
+pub const DATE_COLUMN: &str = "date";
+
+/// [`DATE_COLUMN`] as an Arrow field: Delta type `date`, never null (`ts` never is).
+pub fn date_field() -> Field {
+    Field::new(DATE_COLUMN, DataType::Date32, false)
+}
+
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// `batch` (in [`readings_schema`]) with [`DATE_COLUMN`] appended: the UTC day of each `ts`.
+pub(crate) fn with_date(batch: &RecordBatch) -> RecordBatch {
+    let ts = batch
+        .column_by_name(contract::column::TS)
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+        .expect("readings batches carry the contract's ts: Timestamp(µs, UTC)");
+    // Days since the epoch; `div_euclid` puts readings before 1970 on the right day too.
+    let days: Date32Array = ts
+        .values()
+        .iter()
+        .map(|&us| {
+            i32::try_from(us.div_euclid(MICROS_PER_DAY))
+                .expect("a µs timestamp in i64 spans under 2^31 days either way")
+        })
+        .collect::<Vec<_>>()
+        .into();
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(date_field());
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(days));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .expect("one non-null date per row appended to a valid batch")
 }
 
 const READINGS: TableSpec = TableSpec {
@@ -120,6 +173,10 @@ pub enum DeltaError {
         source: Box<DeltaTableError>,
     },
     #[error(
+        "Delta table {url} is partitioned by [{found}]; the collector writes readings tables partitioned by `date` (the UTC day of `ts`) or not partitioned; point [delta] url at a table this collector created, or create a new one and backfill it"
+    )]
+    Partitioning { url: Url, found: String },
+    #[error(
         "gateway `{gateway}`: gave up after {attempts} commit attempts that each lost a race with another writer of the same gateway; it is retried on the next pass"
     )]
     Contended { gateway: String, attempts: u32 },
@@ -154,6 +211,9 @@ pub struct ReadingsTable {
     table: DeltaTable,
     url: Url,
     commit_attempts: u32,
+    /// Whether the table is partitioned by [`DATE_COLUMN`] (created by this collector) or not
+    /// at all (created before partitioning); read from its metadata on open.
+    by_date: bool,
 }
 
 impl ReadingsTable {
@@ -166,14 +226,28 @@ impl ReadingsTable {
         url: &Url,
         storage_options: HashMap<String, String>,
     ) -> Result<Self, DeltaError> {
-        let table = open::open_or_create(url, &storage_options, &READINGS).await?;
+        let table =
+            open::open_or_create_partitioned(url, &storage_options, &READINGS, Some(&date_field()))
+                .await?;
+        let by_date = partitioned_by_date(&table, url)?;
         let mut this = Self {
             table,
             url: url.clone(),
             commit_attempts: 5,
+            by_date,
         };
         this.evolve_schema().await?;
         Ok(this)
+    }
+
+    /// The table's partition columns: `["date"]` for a table this collector created, none for
+    /// one created before partitioning.
+    pub fn partition_columns(&self) -> Vec<String> {
+        if self.by_date {
+            vec![DATE_COLUMN.to_owned()]
+        } else {
+            Vec::new()
+        }
     }
 
     /// How many times a commit that lost a race on the same gateway is re-filtered and retried.
@@ -288,6 +362,11 @@ impl ReadingsTable {
         batches: Vec<RecordBatch>,
         last_seq: i64,
     ) -> Result<Version, CommitFailure> {
+        let batches = if self.by_date {
+            batches.iter().map(with_date).collect()
+        } else {
+            batches
+        };
         let version =
             commit::commit_with_watermark(&mut self.table, &self.url, gateway, batches, last_seq)
                 .await?;
@@ -346,6 +425,40 @@ impl ReadingsTable {
     async fn evolve_schema(&mut self) -> Result<(), DeltaError> {
         open::evolve(&mut self.table, &self.url, &READINGS, self.commit_attempts).await
     }
+}
+
+/// Whether the table at `url` is partitioned by a `date` column of Delta type `date` (true) or
+/// not partitioned (false); an error for any other partitioning.
+fn partitioned_by_date(table: &DeltaTable, url: &Url) -> Result<bool, DeltaError> {
+    let snapshot = table.snapshot().map_err(|e| DeltaError::Schema {
+        url: url.clone(),
+        detail: format!("readings table: {e}"),
+    })?;
+    let partitions = snapshot.metadata().partition_columns();
+    if partitions.is_empty() {
+        return Ok(false);
+    }
+    let date_typed = snapshot.schema().field(DATE_COLUMN).is_some_and(|f| {
+        *f.data_type()
+            == deltalake::kernel::DataType::Primitive(deltalake::kernel::PrimitiveType::Date)
+    });
+    if partitions.len() == 1 && partitions[0] == DATE_COLUMN && date_typed {
+        return Ok(true);
+    }
+    Err(DeltaError::Partitioning {
+        url: url.clone(),
+        found: partitions
+            .iter()
+            .map(|p| {
+                let kind = snapshot
+                    .schema()
+                    .field(p)
+                    .map_or_else(|| "?".to_owned(), |f| f.data_type().to_string());
+                format!("{p} {kind}")
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// `batch` (in the contract's current schema) as a row of the readings table, with `flags` in
@@ -466,6 +579,36 @@ mod tests {
         );
         assert_eq!(high, Some(10));
         assert_eq!(skipped, 1 + 2 + 1);
+    }
+
+    #[test]
+    fn the_date_column_is_the_utc_day_of_ts_on_both_sides_of_midnight() {
+        // 2026-01-01T00:00:00Z and the µs around it, plus one reading before 1970.
+        let midnight = 1_767_225_600_000_000;
+        let mut input = with_flags(&batch(1..=4), None);
+        let ts = TimestampMicrosecondArray::from(vec![
+            midnight - 1,
+            midnight,
+            midnight + MICROS_PER_DAY - 1,
+            -1,
+        ])
+        .with_timezone("UTC");
+        let index = input.schema().index_of("ts").unwrap();
+        let mut columns = input.columns().to_vec();
+        columns[index] = Arc::new(ts);
+        input = RecordBatch::try_new(input.schema(), columns).unwrap();
+        let dated = with_date(&input);
+        assert_eq!(dated.schema().field(11), &date_field());
+        let days = dated
+            .column(11)
+            .as_any()
+            .downcast_ref::<Date32Array>()
+            .unwrap();
+        assert_eq!(days.values().to_vec(), vec![20_453, 20_454, 20_454, -1]);
+        assert_eq!(
+            contract_columns(&dated).unwrap(),
+            contract_columns(&input).unwrap()
+        );
     }
 
     #[test]

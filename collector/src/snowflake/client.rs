@@ -100,6 +100,10 @@ pub enum SnowflakeError {
         "the result of `{sql}` is split into {chunks} remote chunks, which this client does not download; select fewer rows"
     )]
     RemoteChunks { sql: String, chunks: usize },
+    #[error(
+        "uploading `{file}` for a PUT failed: {detail}; use load_mode = \"external_stage\" or \"rows\" with this account"
+    )]
+    Upload { file: String, detail: String },
     #[error("column {column} of the result of `{sql}` holds {found}, expected {expected}")]
     Value {
         sql: String,
@@ -244,11 +248,51 @@ pub struct QueryResult {
     pub columns: Vec<ColumnInfo>,
     /// Result rows.
     pub rows: Rowset,
+    /// For a `PUT`: where the client must upload the file itself.
+    pub upload: Option<UploadTarget>,
     /// The SQL that produced this result, shortened, for error messages.
     sql: String,
 }
 
+/// Snowflake's answer to a `PUT`: the server never sees the file, it tells the client where to
+/// upload it (the drivers' `stageInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadTarget {
+    /// `S3`, `AZURE`, `GCS` or `LOCAL_FS`.
+    pub location_type: String,
+    /// The bucket and prefix, or for `LOCAL_FS` the folder.
+    pub location: String,
+    /// A URL the file can be sent to with a plain HTTP `PUT` (GCS stages).
+    #[serde(default)]
+    pub presigned_url: Option<String>,
+}
+
 impl QueryResult {
+    /// A JSON result with these columns (all text) and rows, for unit tests of result readers.
+    #[cfg(test)]
+    pub(crate) fn for_test(columns: &[&str], rows: &[&[&str]]) -> Self {
+        Self {
+            query_id: None,
+            columns: columns
+                .iter()
+                .map(|name| ColumnInfo {
+                    name: (*name).to_owned(),
+                    sf_type: "text".to_owned(),
+                    scale: None,
+                    nullable: true,
+                })
+                .collect(),
+            rows: Rowset::Json(
+                rows.iter()
+                    .map(|r| r.iter().map(|v| Some((*v).to_owned())).collect())
+                    .collect(),
+            ),
+            upload: None,
+            sql: "test".to_owned(),
+        }
+    }
+
     /// Number of rows in the result.
     pub fn num_rows(&self) -> usize {
         match &self.rows {
@@ -395,6 +439,22 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// When the session should be renewed (some time before its token expires); `None` when
     /// the transport's sessions do not expire.
     fn renew_at(&self) -> Option<Instant>;
+    /// Uploads `bytes` as `file_name` where a `PUT` answer said. Protocols without `PUT`
+    /// (the SQL API) keep this default.
+    fn upload<'a>(
+        &'a self,
+        target: &'a UploadTarget,
+        file_name: &'a str,
+        bytes: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SnowflakeError>> + Send + 'a>> {
+        let _ = (target, bytes);
+        Box::pin(async move {
+            Err(SnowflakeError::Upload {
+                file: file_name.to_owned(),
+                detail: "this transport has no PUT".to_owned(),
+            })
+        })
+    }
 }
 
 /// Where a transport gets its credentials at each login.
@@ -490,6 +550,11 @@ struct QueryData {
     query_id: Option<String>,
     #[serde(default)]
     sql_state: Option<String>,
+    #[serde(default)]
+    stage_info: Option<UploadTarget>,
+    /// Present when the stage encrypts client-side; the file must then be encrypted with it.
+    #[serde(default)]
+    encryption_material: Option<Value>,
 }
 
 impl ConnectorTransport {
@@ -766,6 +831,56 @@ impl ConnectorTransport {
     }
 }
 
+impl ConnectorTransport {
+    /// Moves a file where a `PUT` answer said: a presigned URL takes a plain HTTP `PUT`, a
+    /// `LOCAL_FS` stage (a server on this machine) a file write. S3 and Azure stages need the
+    /// cloud SDKs and Snowflake's client-side encryption, which this client does not carry.
+    async fn upload_file(
+        &self,
+        target: &UploadTarget,
+        file_name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), SnowflakeError> {
+        let upload_err = |detail: String| SnowflakeError::Upload {
+            file: file_name.to_owned(),
+            detail,
+        };
+        if let Some(url) = &target.presigned_url {
+            let response = self
+                .http
+                .put(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(bytes)
+                .send()
+                .await
+                .map_err(|e| self.http_error("the stage's presigned URL", e))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(SnowflakeError::HttpStatus {
+                    endpoint: "the stage's presigned URL".to_owned(),
+                    status: status.as_u16(),
+                    body: String::new(),
+                });
+            }
+            return Ok(());
+        }
+        if target.location_type == "LOCAL_FS" {
+            let folder = std::path::Path::new(&target.location);
+            tokio::fs::create_dir_all(folder)
+                .await
+                .map_err(|e| upload_err(format!("creating {}: {e}", folder.display())))?;
+            let path = folder.join(file_name);
+            return tokio::fs::write(&path, bytes)
+                .await
+                .map_err(|e| upload_err(format!("writing {}: {e}", path.display())));
+        }
+        Err(upload_err(format!(
+            "the stage is on {} at `{}`, which this client cannot upload to (only presigned URLs and LOCAL_FS)",
+            target.location_type, target.location
+        )))
+    }
+}
+
 fn decode_query_answer(envelope: Envelope, sql: String) -> Result<QueryResult, SnowflakeError> {
     let data: Option<QueryData> = envelope
         .data
@@ -799,6 +914,17 @@ fn decode_query_answer(envelope: Envelope, sql: String) -> Result<QueryResult, S
             chunks: chunks.len(),
         });
     }
+    if data
+        .encryption_material
+        .as_ref()
+        .is_some_and(|m| !m.is_null())
+    {
+        return Err(SnowflakeError::Upload {
+            file: sql,
+            detail: "the stage encrypts files client-side, which this client does not do"
+                .to_owned(),
+        });
+    }
     let rows = match data.query_result_format.as_deref() {
         Some("arrow") => {
             let encoded = data.rowset_base64.unwrap_or_default();
@@ -816,6 +942,7 @@ fn decode_query_answer(envelope: Envelope, sql: String) -> Result<QueryResult, S
         query_id: data.query_id,
         columns: data.rowtype,
         rows,
+        upload: data.stage_info,
         sql,
     })
 }
@@ -844,6 +971,15 @@ impl Transport for ConnectorTransport {
         Box::pin(self.run(request))
     }
 
+    fn upload<'a>(
+        &'a self,
+        target: &'a UploadTarget,
+        file_name: &'a str,
+        bytes: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SnowflakeError>> + Send + 'a>> {
+        Box::pin(self.upload_file(target, file_name, bytes))
+    }
+
     fn renew_session(
         &self,
     ) -> Pin<Box<dyn Future<Output = Result<(), SnowflakeError>> + Send + '_>> {
@@ -865,7 +1001,8 @@ fn is_idempotent(sql: &str) -> bool {
     let upper = sql.trim_start().to_ascii_uppercase();
     let first = upper.split_whitespace().next().unwrap_or_default();
     match first {
-        "SELECT" | "SHOW" | "DESCRIBE" | "DESC" | "USE" | "ROLLBACK" => true,
+        // a repeated PUT asks for the same upload target again
+        "SELECT" | "SHOW" | "DESCRIBE" | "DESC" | "USE" | "ROLLBACK" | "PUT" => true,
         "CREATE" => upper.contains(" IF NOT EXISTS "),
         _ => false,
     }
@@ -1058,6 +1195,43 @@ impl SnowflakeClient {
         }
     }
 
+    /// Uploads `bytes` as `file_name` into `stage_dir` (`STAGE/path/`, no `@`) with `PUT`:
+    /// Snowflake answers with where to send the file and the client sends it. Uploading the
+    /// same file again overwrites it with the same bytes, so the whole step is retried after
+    /// transient failures.
+    pub async fn put(
+        &mut self,
+        stage_dir: &str,
+        file_name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), SnowflakeError> {
+        // the local path is only a name here: the bytes come from the caller
+        let sql = format!(
+            "PUT 'file:///{file_name}' @{stage_dir} AUTO_COMPRESS = FALSE SOURCE_COMPRESSION = NONE OVERWRITE = TRUE"
+        );
+        let mut attempt = 1;
+        loop {
+            let answer = self.execute(&sql, &[]).await?;
+            let target = answer.upload.ok_or_else(|| SnowflakeError::Protocol {
+                sql: truncate_sql(&sql),
+                detail: "a PUT answer without stageInfo".to_owned(),
+            })?;
+            match self
+                .transport
+                .upload(&target, file_name, bytes.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && attempt < self.retry.attempts => {
+                    warn!(component = "snowflake", error = %e, attempt, file = file_name, "upload failed, retrying");
+                    self.retry.wait(attempt).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Opens a transaction: statements until [`SnowflakeClient::commit`] apply together.
     pub async fn begin(&mut self) -> Result<(), SnowflakeError> {
         self.execute("BEGIN", &[]).await?;
@@ -1165,6 +1339,7 @@ mod tests {
                     query_id: None,
                     columns: Vec::new(),
                     rows: Rowset::Json(Vec::new()),
+                    upload: None,
                     sql,
                 })
             })

@@ -99,10 +99,54 @@ pub struct SnowflakeConfig {
     /// least this many rows.
     #[serde(default = "SnowflakeConfig::default_rows_per_transaction")]
     pub rows_per_transaction: usize,
+    /// How the readings table is loaded: `"rows"` (the default) sends the rows of each added
+    /// file as bindings; `"internal_stage"` uploads the files with `PUT` into
+    /// `internal_stage` and loads them with `COPY INTO`; `"external_stage"` loads them with
+    /// `COPY INTO` straight from `external_stage`, a stage over the Delta table. The gaps and
+    /// quarantined-rows tables are always loaded as rows (they are small).
+    #[serde(default)]
+    pub load_mode: LoadMode,
+    /// `internal_stage`: the named internal stage the files are uploaded to;
+    /// `collector snowflake init --apply` creates it.
+    #[serde(default = "SnowflakeConfig::default_internal_stage")]
+    pub internal_stage: String,
+    /// `external_stage`: the stage whose URL is the readings Delta table's root (the
+    /// `delta.url` folder), e.g. `PLANTLINE_DELTA_STAGE` from the template `init` prints.
+    #[serde(default)]
+    pub external_stage: Option<String>,
+    /// Stage modes: files named in one `COPY INTO` statement, at most 1000 (Snowflake's limit
+    /// for a `FILES` list); a group of Delta versions with more files takes several statements
+    /// in the same transaction.
+    #[serde(default = "SnowflakeConfig::default_copy_chunk_files")]
+    pub copy_chunk_files: usize,
     /// Session parameters sent with every login, e.g. `QUERY_TAG = "plantline-collector"` or
     /// `STATEMENT_TIMEOUT_IN_SECONDS = 600`. `AUTOCOMMIT` and `TIMEZONE` are the loader's.
     #[serde(default)]
     pub session_parameters: BTreeMap<String, SessionParameter>,
+}
+
+/// How Delta files reach the readings table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadMode {
+    /// Rows read by the collector and sent as bindings (no stage needed).
+    #[default]
+    Rows,
+    /// Files uploaded with `PUT` to a named internal stage, then `COPY INTO`.
+    InternalStage,
+    /// Files loaded with `COPY INTO` from an external stage over the Delta table.
+    ExternalStage,
+}
+
+impl LoadMode {
+    /// The name as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rows => "rows",
+            Self::InternalStage => "internal_stage",
+            Self::ExternalStage => "external_stage",
+        }
+    }
 }
 
 /// A session parameter's value.
@@ -126,6 +170,8 @@ impl SessionParameter {
 
 /// The name of the table that records, per loaded table, the last Delta version loaded.
 pub const CONTROL_TABLE: &str = "PLANTLINE_LOAD_CONTROL";
+/// The most files one `COPY INTO` may name in its `FILES` list.
+pub(crate) const COPY_FILES_LIMIT: usize = 1000;
 /// Session parameters the loader sets itself.
 const RESERVED_PARAMETERS: [&str; 2] = ["AUTOCOMMIT", "TIMEZONE"];
 
@@ -140,6 +186,14 @@ impl SnowflakeConfig {
 
     fn default_quarantined_rows_table() -> String {
         "PLANTLINE_QUARANTINED_ROWS".to_owned()
+    }
+
+    fn default_internal_stage() -> String {
+        "PLANTLINE_LOAD_STAGE".to_owned()
+    }
+
+    fn default_copy_chunk_files() -> usize {
+        COPY_FILES_LIMIT
     }
 
     fn default_request_timeout() -> Duration {
@@ -306,6 +360,7 @@ impl SnowflakeConfig {
         if self.rows_per_transaction == 0 {
             problems.push("snowflake.rows_per_transaction: must be at least 1".to_owned());
         }
+        self.stage_problems(&mut problems);
         for name in self.session_parameters.keys() {
             if RESERVED_PARAMETERS.contains(&name.to_ascii_uppercase().as_str()) {
                 problems.push(format!(
@@ -314,6 +369,34 @@ impl SnowflakeConfig {
             }
         }
         problems
+    }
+
+    /// The stage the load mode needs: named, and a name the loader may write into SQL.
+    fn stage_problems(&self, problems: &mut Vec<String>) {
+        let mode = self.load_mode.as_str();
+        match (self.load_mode, &self.external_stage) {
+            (LoadMode::ExternalStage, None) => problems.push(format!(
+                "snowflake.external_stage: load_mode = \"{mode}\" needs the stage over the readings Delta table; create it with the template `collector snowflake init` prints and set external_stage = \"PLANTLINE_DELTA_STAGE\""
+            )),
+            (LoadMode::ExternalStage, Some(stage)) if !is_stage_name(stage) => problems.push(format!(
+                "snowflake.external_stage: `{stage}` is not a stage name; write it like \"PLANTLINE_DELTA_STAGE\" or \"DB.SCHEMA.STAGE\", without `@` or a path"
+            )),
+            (LoadMode::Rows | LoadMode::InternalStage, Some(_)) => problems.push(format!(
+                "snowflake.external_stage: is not used with load_mode = \"{mode}\"; remove it or set load_mode = \"external_stage\""
+            )),
+            _ => {}
+        }
+        if !(1..=COPY_FILES_LIMIT).contains(&self.copy_chunk_files) {
+            problems.push(format!(
+                "snowflake.copy_chunk_files: must be between 1 and {COPY_FILES_LIMIT} (Snowflake's limit for the files of one COPY INTO)"
+            ));
+        }
+        if !is_stage_name(&self.internal_stage) {
+            problems.push(format!(
+                "snowflake.internal_stage: `{}` is not a stage name; write it like \"PLANTLINE_LOAD_STAGE\" or \"DB.SCHEMA.STAGE\", without `@` or a path",
+                self.internal_stage
+            ));
+        }
     }
 
     /// The keys of each authenticator: exactly one source of its secret, and no key of another.
@@ -406,6 +489,12 @@ pub(crate) fn is_plain_identifier(name: &str) -> bool {
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+}
+
+/// True for a plain stage name, optionally qualified by schema or database and schema.
+fn is_stage_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() <= 3 && parts.iter().all(|p| is_plain_identifier(p))
 }
 
 #[cfg(test)]
@@ -518,6 +607,46 @@ mod tests {
         let err = toml::from_str::<SnowflakeConfig>(&format!("{base}\nauthenticator = \"okta\""))
             .unwrap_err();
         assert!(err.to_string().contains("unknown variant `okta`"), "{err}");
+    }
+
+    #[test]
+    fn load_modes_name_the_stage_they_need() {
+        let cfg: SnowflakeConfig = toml::from_str(minimal()).unwrap();
+        assert_eq!(cfg.load_mode, LoadMode::Rows);
+        assert_eq!(cfg.internal_stage, "PLANTLINE_LOAD_STAGE");
+        assert_eq!(cfg.copy_chunk_files, 1000);
+        let cfg: SnowflakeConfig =
+            toml::from_str(&format!("{}\nload_mode = \"external_stage\"", minimal())).unwrap();
+        assert_eq!(
+            cfg.problems(),
+            vec![
+                "snowflake.external_stage: load_mode = \"external_stage\" needs the stage over the readings Delta table; create it with the template `collector snowflake init` prints and set external_stage = \"PLANTLINE_DELTA_STAGE\""
+            ]
+        );
+        let cfg: SnowflakeConfig = toml::from_str(&format!(
+            "{}\nload_mode = \"internal_stage\"\nexternal_stage = \"@S/readings\"\ninternal_stage = \"a b\"\ncopy_chunk_files = 1001",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.problems(),
+            vec![
+                "snowflake.external_stage: is not used with load_mode = \"internal_stage\"; remove it or set load_mode = \"external_stage\"",
+                "snowflake.copy_chunk_files: must be between 1 and 1000 (Snowflake's limit for the files of one COPY INTO)",
+                "snowflake.internal_stage: `a b` is not a stage name; write it like \"PLANTLINE_LOAD_STAGE\" or \"DB.SCHEMA.STAGE\", without `@` or a path",
+            ]
+        );
+        let cfg: SnowflakeConfig = toml::from_str(&format!(
+            "{}\nload_mode = \"external_stage\"\nexternal_stage = \"PLANT.RAW.PLANTLINE_DELTA_STAGE\"",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(cfg.load_mode, LoadMode::ExternalStage);
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        let err =
+            toml::from_str::<SnowflakeConfig>(&format!("{}\nload_mode = \"copy\"", minimal()))
+                .unwrap_err();
+        assert!(err.to_string().contains("unknown variant `copy`"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn sql_type(self) -> &'static str {
+    pub(crate) fn sql_type(self) -> &'static str {
         match self {
             Self::Int => "NUMBER(19,0)",
             Self::Timestamp => "TIMESTAMP_TZ",

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use tracing::info;
 
 use super::client::{SnowflakeClient, SnowflakeError};
-use super::config::{CONTROL_TABLE, SnowflakeConfig, is_plain_identifier};
+use super::config::{CONTROL_TABLE, LoadMode, SnowflakeConfig, is_plain_identifier};
 use super::ddl;
 use super::views;
 
@@ -121,6 +121,12 @@ impl InitScript {
         let quarantined_rows = q(&cfg.quarantined_rows_table_name());
         let quarantine = q(QUARANTINE_TABLE);
         let loader = ident(cfg.role.as_deref().unwrap_or(DEFAULT_LOADER_ROLE));
+        // a qualified stage name stays as written; a bare one lives beside the tables
+        let internal_stage = if cfg.internal_stage.contains('.') {
+            cfg.internal_stage.to_ascii_uppercase()
+        } else {
+            q(&cfg.internal_stage)
+        };
         let reporting = ident(REPORTING_ROLE);
         let object = |object: String, sql: String| InitStatement {
             object,
@@ -219,6 +225,14 @@ impl InitScript {
                         })
                     }),
                 )
+                .chain(
+                    (cfg.load_mode == LoadMode::InternalStage).then(|| {
+                        object(
+                            format!("stage {internal_stage}"),
+                            format!("CREATE STAGE IF NOT EXISTS {internal_stage} FILE_FORMAT = (TYPE = PARQUET)"),
+                        )
+                    }),
+                )
                 .collect(),
                 template: None,
             },
@@ -295,6 +309,13 @@ impl InitScript {
             loader_grants.push(grant(
                 format!("select, insert on {table} to {loader}"),
                 format!("GRANT SELECT, INSERT ON TABLE {table} TO ROLE {loader}"),
+            ));
+        }
+        if cfg.load_mode == LoadMode::InternalStage {
+            // PUT needs WRITE, COPY ... PURGE needs READ and WRITE
+            loader_grants.push(grant(
+                format!("read, write on stage {internal_stage} to {loader}"),
+                format!("GRANT READ, WRITE ON STAGE {internal_stage} TO ROLE {loader}"),
             ));
         }
         let user = ident(&cfg.user);
@@ -536,6 +557,20 @@ mod tests {
             "-- delta.url is not an s3:// location; put the table's S3 location below.\n"
         ));
         assert!(text.contains("--   URL = 's3://<bucket>/<path-to-the-delta-table>/'\n"));
+    }
+
+    #[test]
+    fn the_internal_stage_mode_gets_its_stage_and_the_loader_may_put_into_it() {
+        let script = InitScript::new(&cfg("load_mode = \"internal_stage\""), "s3://l/t").unwrap();
+        let sql: Vec<&str> = script.statements().iter().map(|s| s.sql.as_str()).collect();
+        assert!(sql.contains(
+            &"CREATE STAGE IF NOT EXISTS PLANT.RAW.PLANTLINE_LOAD_STAGE FILE_FORMAT = (TYPE = PARQUET)"
+        ));
+        assert!(sql.contains(
+            &"GRANT READ, WRITE ON STAGE PLANT.RAW.PLANTLINE_LOAD_STAGE TO ROLE PLANTLINE_LOADER"
+        ));
+        let rows = InitScript::new(&cfg(""), "s3://l/t").unwrap();
+        assert!(!rows.render().contains("PLANTLINE_LOAD_STAGE"));
     }
 
     #[test]

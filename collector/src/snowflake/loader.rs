@@ -6,6 +6,11 @@
 //! temporary table, inserted into the target where the merge key is new, and the control row
 //! is moved to that version. Small versions share a transaction.
 //!
+//! With `load_mode = "internal_stage"` or `"external_stage"` the readings table's rows are not
+//! read here: Snowflake loads the added files with `COPY INTO` from a stage (see `stage`), and
+//! the same insert, watermark and transaction follow. The gaps and quarantined-rows tables are
+//! always loaded as rows.
+//!
 //! The insert is `INSERT ... SELECT ... WHERE NOT EXISTS`, which is exactly `MERGE ... WHEN NOT
 //! MATCHED THEN INSERT` on the merge key; it is written that way because it behaves the same
 //! in every SQL engine that speaks the protocol, including local stand-ins whose `MERGE` cannot
@@ -32,16 +37,17 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use deltalake::kernel::Action;
 use deltalake::logstore::object_store::ObjectStoreExt as _;
-use deltalake::{DeltaTable, DeltaTableError, ObjectStoreError, Path};
+use deltalake::{DeltaTable, DeltaTableError, ObjectStore, ObjectStoreError, Path};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
 use tracing::{info, warn};
 
 use super::client::{BindValue, SnowflakeClient, SnowflakeError};
-use super::config::{CONTROL_TABLE, SnowflakeConfig};
+use super::config::{CONTROL_TABLE, LoadMode, SnowflakeConfig};
 use super::ddl::{
     Column, GAPS, Kind, Presence, QUARANTINED_ROWS, READINGS, TableDef, create_control_table,
 };
+use super::stage::{self, AddedFile};
 use crate::delta::Tables;
 
 /// Why a load stopped. Everything loaded before the failing transaction stays loaded.
@@ -86,6 +92,10 @@ pub enum LoadError {
         column: &'static str,
         problem: String,
     },
+    #[error(
+        "COPY INTO from {from} did not load what it was given: {detail}; nothing of these versions was applied"
+    )]
+    Copy { from: String, detail: String },
     #[error(
         "another loader moved {table}'s load watermark away from version {expected} while this one was loading; nothing was applied, run the load again"
     )]
@@ -134,6 +144,10 @@ pub struct LoadReport {
     pub columns_added: Vec<String>,
     /// Transactions that were retried after a transient failure.
     pub retries: u32,
+    /// Stage modes: `COPY INTO` statements run by committed transactions.
+    pub copy_statements: u64,
+    /// `internal_stage`: files uploaded with `PUT`, retried attempts included.
+    pub files_uploaded: u64,
     /// The data-quality tables loaded after the readings table by [`load_tables`] (gaps, then
     /// quarantined rows); empty for [`load`].
     pub side_tables: Vec<LoadReport>,
@@ -153,6 +167,24 @@ struct Group {
     versions: Option<RangeInclusive<u64>>,
     rows: BTreeMap<Vec<KeyPart>, Vec<BindValue>>,
     rows_read: u64,
+    /// Stage modes: the files to load, instead of `rows`.
+    files: Vec<AddedFile>,
+    /// Stage modes: rows in `files` as the Delta statistics count them (0 without them).
+    estimated_rows: u64,
+}
+
+impl Group {
+    fn size(&self) -> u64 {
+        self.rows.len() as u64 + self.estimated_rows
+    }
+}
+
+/// What one attempt at a group applied.
+#[derive(Default)]
+struct Applied {
+    rows_read: u64,
+    rows_inserted: u64,
+    copy_statements: u64,
 }
 
 /// One target: a Snowflake table filled from a Delta table.
@@ -161,6 +193,8 @@ struct Target<'a> {
     /// The Snowflake table name (unqualified, upper case).
     name: String,
     key_indexes: Vec<usize>,
+    /// Rows, or files through a stage.
+    mode: LoadMode,
 }
 
 impl<'a> Target<'a> {
@@ -179,6 +213,7 @@ impl<'a> Target<'a> {
             def,
             name,
             key_indexes,
+            mode: LoadMode::Rows,
         }
     }
 
@@ -208,7 +243,8 @@ pub async fn load(
     if !problems.is_empty() {
         return Err(LoadError::Config { problems });
     }
-    let target = Target::new(&READINGS, cfg.table_name());
+    let mut target = Target::new(&READINGS, cfg.table_name());
+    target.mode = cfg.load_mode;
     load_one(client, table, cfg, &target).await
 }
 
@@ -297,6 +333,15 @@ async fn load_one(
                     file: add.path,
                 });
             }
+            if target.mode != LoadMode::Rows {
+                group.estimated_rows += records_in(add.stats.as_deref());
+                group.files.push(AddedFile {
+                    version,
+                    path: add.path,
+                    partition_values: add.partition_values,
+                });
+                continue;
+            }
             let rows = read_file(
                 store.as_ref(),
                 target.def,
@@ -314,9 +359,17 @@ async fn load_one(
             Some(range) => *range.start()..=version,
             None => version..=version,
         });
-        if group.rows.len() >= cfg.rows_per_transaction || version == latest {
+        if group.size() >= cfg.rows_per_transaction as u64 || version == latest {
             let applied = std::mem::take(&mut group);
-            watermark = apply_group(client, cfg, target, watermark, applied, &mut report).await?;
+            watermark = apply_group(
+                client,
+                cfg,
+                (target, store.as_ref()),
+                watermark,
+                applied,
+                &mut report,
+            )
+            .await?;
         }
     }
     report.loaded_version = u64::try_from(watermark).ok();
@@ -404,7 +457,7 @@ fn is_retryable(e: &LoadError) -> bool {
 async fn apply_group(
     client: &mut SnowflakeClient,
     cfg: &SnowflakeConfig,
-    target: &Target<'_>,
+    (target, store): (&Target<'_>, &dyn ObjectStore),
     watermark: i64,
     group: Group,
     report: &mut LoadReport,
@@ -427,26 +480,48 @@ async fn apply_group(
                         last_version = last,
                         "the watermark shows the earlier attempt committed; nothing redone"
                     );
-                    Ok(0)
+                    Ok(Applied::default())
                 }
-                Ok(false) => try_group(client, cfg, target, watermark, last, &group).await,
+                Ok(false) => {
+                    try_group(
+                        client,
+                        cfg,
+                        (target, store),
+                        watermark,
+                        last,
+                        &group,
+                        report,
+                    )
+                    .await
+                }
                 Err(e) => Err(e),
             }
         } else {
-            try_group(client, cfg, target, watermark, last, &group).await
+            try_group(
+                client,
+                cfg,
+                (target, store),
+                watermark,
+                last,
+                &group,
+                report,
+            )
+            .await
         };
         match result {
-            Ok(inserted) => {
+            Ok(applied) => {
+                let inserted = applied.rows_inserted;
                 report.versions_loaded += versions.end() - versions.start() + 1;
                 report.transactions += 1;
-                report.rows_read += group.rows_read;
+                report.rows_read += applied.rows_read;
                 report.rows_inserted += inserted;
+                report.copy_statements += applied.copy_statements;
                 info!(
                     component = "snowflake",
                     table = %target.name,
                     first_version = versions.start(),
                     last_version = versions.end(),
-                    rows_read = group.rows_read,
+                    rows_read = applied.rows_read,
                     rows_inserted = inserted,
                     "loaded Delta versions into Snowflake"
                 );
@@ -508,20 +583,48 @@ async fn recover(
     }
 }
 
-/// One attempt at a group: staging table, transaction, rows inserted.
+/// One attempt at a group: staging table (or staged files), transaction, rows inserted.
 async fn try_group(
     client: &mut SnowflakeClient,
     cfg: &SnowflakeConfig,
-    target: &Target<'_>,
+    (target, store): (&Target<'_>, &dyn ObjectStore),
     watermark: i64,
     last: i64,
     group: &Group,
-) -> Result<u64, LoadError> {
+    report: &mut LoadReport,
+) -> Result<Applied, LoadError> {
     // A session about to be renewed would lose the staging table between here and the
     // transaction, so it is renewed first when its token has less than a minute to go.
     client
         .renew_if_due(std::time::Duration::from_mins(1))
         .await?;
+    if target.mode != LoadMode::Rows {
+        let (chunks, uploaded) =
+            stage::prepare(client, cfg, target.def, &target.name, store, &group.files).await?;
+        report.files_uploaded += uploaded;
+        client.begin().await?;
+        let applied = async {
+            move_watermark(client, &target.name, watermark, last).await?;
+            stage::copy_and_merge(client, cfg, target.def, &target.name, &chunks).await
+        }
+        .await;
+        return match applied {
+            Ok(counts) => {
+                client.commit().await?;
+                Ok(Applied {
+                    rows_read: counts.rows_read,
+                    rows_inserted: counts.rows_inserted,
+                    copy_statements: counts.copy_statements,
+                })
+            }
+            Err(e) => {
+                if let Err(rollback) = client.rollback().await {
+                    warn!(component = "snowflake", error = %rollback, "rollback after a failed load failed");
+                }
+                Err(e)
+            }
+        };
+    }
     let staging = format!("{}_STAGING", target.name);
     // DDL commits an open transaction in Snowflake, so the session's staging table is made
     // before the transaction starts; it lives until the session ends.
@@ -538,7 +641,11 @@ async fn try_group(
     match apply_in_transaction(client, cfg, target, &staging, watermark, last, group).await {
         Ok(inserted) => {
             client.commit().await?;
-            Ok(inserted)
+            Ok(Applied {
+                rows_read: group.rows_read,
+                rows_inserted: inserted,
+                copy_statements: 0,
+            })
         }
         Err(e) => {
             if let Err(rollback) = client.rollback().await {
@@ -559,26 +666,7 @@ async fn apply_in_transaction(
     group: &Group,
 ) -> Result<u64, LoadError> {
     let name = &target.name;
-    // Moving the watermark first takes the control row's lock: a second loader waits here
-    // and then finds the watermark moved, instead of inserting the same versions.
-    let moved = client
-        .execute(
-            &format!(
-                "UPDATE {CONTROL_TABLE} SET LAST_VERSION = ?, LOADED_AT = SYSDATE() WHERE TABLE_NAME = ? AND LAST_VERSION = ?"
-            ),
-            &[
-                BindValue::Fixed(last),
-                BindValue::Text(name.clone()),
-                BindValue::Fixed(watermark),
-            ],
-        )
-        .await?;
-    if moved.rows_affected().unwrap_or(0) == 0 {
-        return Err(LoadError::Conflict {
-            table: name.clone(),
-            expected: watermark,
-        });
-    }
+    move_watermark(client, name, watermark, last).await?;
     if group.rows.is_empty() {
         return Ok(0);
     }
@@ -621,6 +709,44 @@ async fn apply_in_transaction(
         )
         .await?;
     Ok(inserted.rows_affected().unwrap_or(0))
+}
+
+/// Moves `name`'s watermark from `watermark` to `last`, the first statement of a load
+/// transaction. Taking the control row's lock first makes a second loader wait here and then
+/// find the watermark moved, instead of inserting the same versions.
+async fn move_watermark(
+    client: &mut SnowflakeClient,
+    name: &str,
+    watermark: i64,
+    last: i64,
+) -> Result<(), LoadError> {
+    let moved = client
+        .execute(
+            &format!(
+                "UPDATE {CONTROL_TABLE} SET LAST_VERSION = ?, LOADED_AT = SYSDATE() WHERE TABLE_NAME = ? AND LAST_VERSION = ?"
+            ),
+            &[
+                BindValue::Fixed(last),
+                BindValue::Text(name.to_owned()),
+                BindValue::Fixed(watermark),
+            ],
+        )
+        .await?;
+    if moved.rows_affected().unwrap_or(0) == 0 {
+        return Err(LoadError::Conflict {
+            table: name.to_owned(),
+            expected: watermark,
+        });
+    }
+    Ok(())
+}
+
+/// The rows a file holds by its Delta statistics (`numRecords`); 0 when they are missing.
+fn records_in(stats: Option<&str>) -> u64 {
+    stats
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .and_then(|v| v.get("numRecords").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)
 }
 
 async fn read_file(

@@ -24,6 +24,7 @@ mod config;
 mod ddl;
 mod init;
 mod loader;
+mod stage;
 pub mod views;
 
 pub use auth::{
@@ -32,9 +33,9 @@ pub use auth::{
 };
 pub use client::{
     BindValue, ColumnInfo, ConnectorTransport, QueryResult, RetryPolicy, Rowset, SnowflakeClient,
-    SnowflakeError, StatementRequest, Transport, TransportFuture,
+    SnowflakeError, StatementRequest, Transport, TransportFuture, UploadTarget,
 };
-pub use config::{CONTROL_TABLE, SessionParameter, SnowflakeConfig};
+pub use config::{CONTROL_TABLE, LoadMode, SessionParameter, SnowflakeConfig};
 pub use ddl::READINGS_CLUSTER_KEY;
 pub use init::{
     DEFAULT_LOADER_ROLE, GAPS_TABLE, InitError, InitScript, InitStatement, QUARANTINE_TABLE,

@@ -31,6 +31,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use bytes::Bytes;
+
+use super::parquet_file::{BatchEncoder, ENCODE_CHUNK_ROWS};
 use crate::buffer::{Buffer, BufferError, PendingBatch};
 use crate::config::BatchConfig;
 use crate::contract::BatchKey;
@@ -264,17 +267,12 @@ impl Batcher {
     }
 
     async fn upload(&self, batch: &PendingBatch) -> Result<(), StepError> {
-        let for_rows = batch.clone();
-        let (rows, gaps) = self
-            .blocking(move |b| Ok((b.batch_rows(&for_rows)?, b.batch_gaps(&for_rows)?)))
-            .await?;
-        let body = super::encode(&rows, &gaps).map_err(|e| {
-            StepError::Fatal(BatcherError::Encode {
-                first_seq: batch.first_seq,
-                last_seq: batch.last_seq,
-                message: e.to_string(),
-            })
-        })?;
+        let buffer = Arc::clone(&self.buffer);
+        let for_encode = batch.clone();
+        let (body, rows, gaps) =
+            tokio::task::spawn_blocking(move || encode_batch(&buffer, &for_encode))
+                .await
+                .map_err(|e| StepError::Fatal(BatcherError::Join(e.to_string())))??;
         let key = BatchKey::new(self.buffer.gateway(), batch.first_seq).to_key(self.sink.prefix());
         let started = Instant::now();
         self.sink
@@ -284,15 +282,15 @@ impl Batcher {
             .map_err(|e| StepError::Upload(e.to_string()))?;
         let done = batch.clone();
         self.blocking(move |b| b.complete_batch(&done)).await?;
-        crate::metrics::global().batch_uploaded(rows.len(), started.elapsed());
+        crate::metrics::global().batch_uploaded(rows, started.elapsed());
         info!(
             component = "batcher",
             key,
-            rows = rows.len(),
+            rows,
             bytes = body.len(),
             first_seq = batch.first_seq,
             last_seq = batch.last_seq,
-            gaps = gaps.len(),
+            gaps,
             upload_ms = crate::millis(started.elapsed()),
             "batch uploaded"
         );
@@ -310,6 +308,38 @@ impl Batcher {
             .map_err(|e| StepError::Fatal(BatcherError::Join(e.to_string())))?
             .map_err(|e| StepError::Fatal(e.into()))
     }
+}
+
+/// Reads the batch from the buffer and encodes it a slice at a time (see
+/// [`super::parquet_file::ENCODE_CHUNK_ROWS`]). Returns the file, its rows and its gap records.
+fn encode_batch(buffer: &Buffer, batch: &PendingBatch) -> Result<(Bytes, usize, usize), StepError> {
+    let encode_error = |e: parquet::errors::ParquetError| {
+        StepError::Fatal(BatcherError::Encode {
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq,
+            message: e.to_string(),
+        })
+    };
+    let buffer_error = |e: BufferError| StepError::Fatal(e.into());
+    let gaps = buffer.batch_gaps(batch).map_err(buffer_error)?;
+    let expected = usize::try_from(batch.last_seq - batch.first_seq + 1).unwrap_or(0);
+    let mut encoder = BatchEncoder::new(expected).map_err(encode_error)?;
+    let mut after = batch.first_seq.saturating_sub(1);
+    let mut rows = 0;
+    loop {
+        let chunk = buffer
+            .batch_rows_after(batch, after, ENCODE_CHUNK_ROWS)
+            .map_err(buffer_error)?;
+        let Some(last) = chunk.last() else { break };
+        after = last.seq;
+        rows += chunk.len();
+        encoder.write(&chunk).map_err(encode_error)?;
+        if chunk.len() < ENCODE_CHUNK_ROWS {
+            break;
+        }
+    }
+    let body = encoder.finish(&gaps).map_err(encode_error)?;
+    Ok((body, rows, gaps.len()))
 }
 
 enum StepError {
@@ -411,6 +441,27 @@ mod tests {
         // One row is left and not yet due.
         assert!(!batcher.step(false).await.ok().unwrap());
         assert_eq!(buffer.stats().unwrap().rows, 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_encoded_a_slice_at_a_time_equals_the_whole_batch_encoded_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _) = setup(dir.path(), 4).await;
+        let rows = i64::try_from(ENCODE_CHUNK_ROWS * 2 + 5).unwrap();
+        buffer.append(&readings(1..=rows)).unwrap();
+        let batch = buffer.cut_batch(usize::MAX, "plant-a").unwrap().unwrap();
+        let (streamed, count, gaps) = encode_batch(&buffer, &batch).ok().unwrap();
+        assert_eq!((count, gaps), (ENCODE_CHUNK_ROWS * 2 + 5, 0));
+        let whole = crate::batch::encode(&buffer.batch_rows(&batch).unwrap(), &[]).unwrap();
+        assert_eq!(
+            streamed, whole,
+            "a retry by either path writes the same bytes"
+        );
+        let back = crate::batch::read_rows(streamed).unwrap();
+        assert_eq!(
+            back.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=rows).collect::<Vec<_>>()
+        );
     }
 
     #[tokio::test]

@@ -14,57 +14,105 @@ use parquet::schema::types::ColumnPath;
 
 use crate::contract::{self, CONTRACT_VERSION, Gap, Row, column, metadata};
 
+/// Rows handed to the Parquet writer at a time. A batch is read from the buffer and encoded in
+/// slices of this many rows, so the agent's memory holds one slice as rows and Arrow arrays plus
+/// the batch's compressed pages, not the whole batch three times over (rows, arrays, pages): at
+/// the default `batch.max_rows` of 50,000 that is the difference between a few MB and about
+/// 30 MB at every cut. The slicing decides where the writer checks its page limits, so every
+/// encoder of a batch uses this one size and a retried batch keeps its bytes.
+pub const ENCODE_CHUNK_ROWS: usize = 4096;
+
 /// Encodes rows (sorted by `seq`, one gateway) as a Parquet file, with the gap records the
 /// batch carries in its `plantline.gaps` metadata (left out when there are none). The bytes
 /// depend only on the rows, the gaps and this binary's version, so re-encoding a retried batch
-/// gives identical bytes.
+/// gives identical bytes; they equal those of [`BatchEncoder`] fed the same rows.
 pub fn encode(rows: &[Row], gaps: &[Gap]) -> Result<Bytes, parquet::errors::ParquetError> {
-    let batch = contract::to_record_batch(rows);
-    let mut kv = vec![KeyValue::new(
-        metadata::CONTRACT_VERSION.to_owned(),
-        CONTRACT_VERSION.to_string(),
-    )];
-    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-        kv.push(KeyValue::new(
-            metadata::GATEWAY.to_owned(),
-            first.gateway.clone(),
-        ));
-        kv.push(KeyValue::new(
-            metadata::FIRST_SEQ.to_owned(),
-            first.seq.to_string(),
-        ));
-        kv.push(KeyValue::new(
-            metadata::LAST_SEQ.to_owned(),
-            last.seq.to_string(),
-        ));
+    let mut encoder = BatchEncoder::new(rows.len())?;
+    for chunk in rows.chunks(ENCODE_CHUNK_ROWS) {
+        encoder.write(chunk)?;
     }
-    if !gaps.is_empty() {
-        kv.push(KeyValue::new(
-            metadata::GAPS.to_owned(),
-            contract::gaps_to_json(gaps),
-        ));
+    encoder.finish(gaps)
+}
+
+/// Encodes one batch file from slices of rows, in `seq` order, of at most
+/// [`ENCODE_CHUNK_ROWS`] each (all but the last exactly that many, or the bytes differ from
+/// [`encode`]'s). The whole batch is one row group, as the contract says; what the writer keeps
+/// of it until [`BatchEncoder::finish`] is its compressed pages.
+pub struct BatchEncoder {
+    writer: ArrowWriter<Vec<u8>>,
+    gateway: Option<String>,
+    first_seq: Option<i64>,
+    last_seq: i64,
+}
+
+impl BatchEncoder {
+    /// `expected_rows` only sizes the output buffer.
+    pub fn new(expected_rows: usize) -> Result<Self, parquet::errors::ParquetError> {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).expect("3 is inside zstd's level range 1..=22"),
+            ))
+            .set_dictionary_enabled(true)
+            // Already on through the line above; named so a later change of the default for all
+            // columns cannot silently turn it off for the texts of string tags.
+            .set_column_dictionary_enabled(ColumnPath::from(column::VALUE_TEXT), true)
+            .set_statistics_enabled(EnabledStatistics::Chunk)
+            // One row group per batch (batch contract); the batch's size is bounded by
+            // `batch.max_rows`, so the writer needs no bound of its own.
+            .set_max_row_group_row_count(None)
+            .set_created_by(format!(
+                "plantline edge-agent {}",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                metadata::CONTRACT_VERSION.to_owned(),
+                CONTRACT_VERSION.to_string(),
+            )]))
+            .build();
+        // About what zstd makes of a reading; a larger batch grows the buffer as it goes.
+        let out = Vec::with_capacity(expected_rows.min(1 << 20) * 16 + 1024);
+        Ok(Self {
+            writer: ArrowWriter::try_new(out, contract::schema(), Some(props))?,
+            gateway: None,
+            first_seq: None,
+            last_seq: 0,
+        })
     }
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("3 is inside zstd's level range 1..=22"),
-        ))
-        .set_dictionary_enabled(true)
-        // Already on through the line above; named so a later change of the default for all
-        // columns cannot silently turn it off for the texts of string tags.
-        .set_column_dictionary_enabled(ColumnPath::from(column::VALUE_TEXT), true)
-        .set_statistics_enabled(EnabledStatistics::Chunk)
-        .set_max_row_group_row_count(Some(rows.len().max(1)))
-        .set_created_by(format!(
-            "plantline edge-agent {}",
-            env!("CARGO_PKG_VERSION")
-        ))
-        .set_key_value_metadata(Some(kv))
-        .build();
-    let mut out = Vec::with_capacity(rows.len() * 16 + 1024);
-    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
-    writer.write(&batch)?;
-    writer.close()?;
-    Ok(Bytes::from(out))
+
+    /// Encodes the next slice of the batch.
+    pub fn write(&mut self, rows: &[Row]) -> Result<(), parquet::errors::ParquetError> {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(());
+        };
+        if self.first_seq.is_none() {
+            self.first_seq = Some(first.seq);
+            self.gateway = Some(first.gateway.clone());
+        }
+        self.last_seq = last.seq;
+        self.writer.write(&contract::to_record_batch(rows))
+    }
+
+    /// Writes the footer, with the batch's ends and its gap records (left out when there are
+    /// none), and returns the file.
+    pub fn finish(mut self, gaps: &[Gap]) -> Result<Bytes, parquet::errors::ParquetError> {
+        if let (Some(gateway), Some(first_seq)) = (self.gateway.take(), self.first_seq) {
+            for (key, value) in [
+                (metadata::GATEWAY, gateway),
+                (metadata::FIRST_SEQ, first_seq.to_string()),
+                (metadata::LAST_SEQ, self.last_seq.to_string()),
+            ] {
+                self.writer
+                    .append_key_value_metadata(KeyValue::new(key.to_owned(), value));
+            }
+        }
+        if !gaps.is_empty() {
+            self.writer.append_key_value_metadata(KeyValue::new(
+                metadata::GAPS.to_owned(),
+                contract::gaps_to_json(gaps),
+            ));
+        }
+        Ok(Bytes::from(self.writer.into_inner()?))
+    }
 }
 
 /// Reads the gap records of a batch file (empty when it has no `plantline.gaps` metadata).

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::sqlite::{
-    BufferError, DROP_REASONS, PendingBatch, dropped_key, read_gaps, read_pending, used_bytes,
+    BufferError, DROP_REASONS, PAGE_CACHE_KIB, PendingBatch, dropped_key, read_gaps, read_pending,
+    used_bytes,
 };
 use crate::contract::Gap;
 
@@ -90,6 +91,10 @@ pub fn inspect(path: &Path) -> Result<BufferReport, BufferError> {
     )
     .map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(err)?;
+    // Every /metrics scrape and status page view opens this connection and scans `readings`;
+    // with SQLite's default 2 MiB cache each scan would take that much heap while it runs.
+    conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)
         .map_err(err)?;
     // One read transaction, so the figures belong to the same moment while the agent writes.
     let tx = conn.transaction().map_err(err)?;

@@ -335,7 +335,7 @@ unit = "degC"
         assert_eq!(key.as_deref(), Some("modbus[0].tags[0].units"));
         assert_eq!(
             err.to_string(),
-            "plant.toml:16:1: modbus[0].tags[0].units: unknown field `units`, expected one of `name`, `register`, `address`, `type`, `bit`, `length`, `byte_order`, `scale`, `offset`, `unit`, `range`, `deadband`, `deadband_percent`, `heartbeat`"
+            "plant.toml:16:1: modbus[0].tags[0].units: unknown field `units`, expected one of `name`, `register`, `address`, `type`, `bit`, `length`, `byte_order`, `scale`, `offset`, `unit`, `description`, `range`, `deadband`, `deadband_percent`, `heartbeat`"
         );
     }
 

@@ -46,6 +46,51 @@ pub struct AgentConfig {
     /// S3 path. Leave the table out for no live stream.
     #[serde(default)]
     pub kinesis: Option<KinesisConfig>,
+    /// Where the devices sit in the plant (area, line, machine) and what their tags mean,
+    /// published with every tag's unit and data type as the gateway's tag catalog. Leave it
+    /// out for a catalog with units and data types only.
+    #[serde(default)]
+    pub assets: Assets,
+}
+
+/// The asset hierarchy of the gateway's devices (`[assets]`). It sits apart from `[[modbus]]`,
+/// `[[mqtt]]` and `[[file_drop]]` because it is keyed by device name, which covers the devices of
+/// every source alike, including those whose names a subscription or a file builds at run time.
+/// `site` is the map's top-level `site`: it is in every reading, so it cannot vary per device.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assets {
+    /// The plant area of this gateway's devices (for example `press-shop`), unless a device
+    /// names its own.
+    pub area: Option<String>,
+    /// The production line of this gateway's devices (for example `line1`), unless a device
+    /// names its own.
+    pub line: Option<String>,
+    /// The machine of this gateway's devices, for a gateway that serves one machine; usually
+    /// given per device instead.
+    pub machine: Option<String>,
+    /// Per device, by its name as in the readings (`[assets.devices.press-3]`): its own area,
+    /// line and machine, and descriptions of its tags.
+    #[serde(default)]
+    pub devices: std::collections::BTreeMap<String, DeviceAssets>,
+}
+
+/// One device's place in the plant (`[assets.devices.<device>]`); a key left out takes the
+/// gateway's value from `[assets]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceAssets {
+    /// The plant area of the device.
+    pub area: Option<String>,
+    /// The production line of the device.
+    pub line: Option<String>,
+    /// The machine the device belongs to or is (for example `press-3`).
+    pub machine: Option<String>,
+    /// What each tag of the device means, by tag name (`oil_temp = "Hydraulic oil temperature
+    /// at the tank return"`). For Modbus tags the tag's own `description` wins; give a tag a
+    /// description in one place only.
+    #[serde(default)]
+    pub descriptions: std::collections::BTreeMap<String, String>,
 }
 
 /// The Kinesis live stream: best effort and low latency, never in the way of the S3 batches.
@@ -708,6 +753,9 @@ pub struct ModbusTag {
     pub offset: f64,
     /// Engineering unit carried with every reading (for example `degC`, `bar`, `A`, `kWh`).
     pub unit: Option<String>,
+    /// What the value is, in words, for the tag catalog (for example `"Hydraulic oil
+    /// temperature at the tank return"`). Not sent with the readings.
+    pub description: Option<String>,
     /// Engineering range `[min, max]` of the scaled value. A value outside it is clamped to the
     /// nearer limit and its quality becomes `uncertain` (a broken sensor or a wrong scale).
     pub range: Option<[f64; 2]>,
@@ -747,6 +795,7 @@ impl ModbusTag {
             scale: Self::default_scale(),
             offset: 0.0,
             unit: None,
+            description: None,
             range: None,
             deadband: None,
             deadband_percent: None,
@@ -1087,6 +1136,29 @@ pub struct MqttSubscription {
     /// Added after scaling (a field's own `offset` wins).
     #[serde(default)]
     pub offset: f64,
+    /// What the value is: `number` (the default) or `string`, as for Modbus tags. A `string`
+    /// value is recorded as text (the batch's `value_text` column) as the payload has it; with
+    /// `number` a text that is not a number is a bad payload (`not_numeric`). Applies to `tag`
+    /// and `value`; each of `fields` has its own `type`.
+    #[serde(rename = "type", default)]
+    pub value_type: ValueType,
+    /// `sparkplug_b` only: when data comes from an edge node (or a device of it) whose birth the
+    /// agent has not seen, as after an agent restart, ask the node for its births again: an
+    /// `NCMD` with `Node Control/Rebirth` = true, at most once per edge node every 30 s. `true`
+    /// by default; `false` when another host application (Ignition) alone may send commands.
+    pub rebirth: Option<bool>,
+}
+
+/// Whether a value from a payload or a dropped file is a number or text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueType {
+    /// A number (JSON `true`/`false` count as 1 and 0, text holding a number is read as one).
+    #[default]
+    Number,
+    /// Text, recorded in the batch's `value_text` column, never as a number; scale and offset
+    /// do not apply.
+    String,
 }
 
 impl MqttSubscription {
@@ -1112,6 +1184,9 @@ pub struct MqttField {
     pub scale: Option<f64>,
     /// Added after scaling; defaults to the subscription's `offset`.
     pub offset: Option<f64>,
+    /// `number` or `string`; defaults to the subscription's `type`.
+    #[serde(rename = "type")]
+    pub value_type: Option<ValueType>,
 }
 
 /// How an MQTT payload is read.
@@ -1214,6 +1289,11 @@ pub struct FileValue {
     /// Added after scaling.
     #[serde(default)]
     pub offset: f64,
+    /// `number` (the default) or `string`: a `string` column is recorded as text (the batch's
+    /// `value_text` column), as the file has it; with `number` a cell that is not a number
+    /// fails the row.
+    #[serde(rename = "type", default)]
+    pub value_type: ValueType,
 }
 
 impl FileValue {

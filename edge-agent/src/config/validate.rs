@@ -119,7 +119,107 @@ pub fn validate(config: &AgentConfig) -> Vec<Problem> {
     problems.extend(crate::sources::file_drop::check::check_file_drops(
         &config.file_drop,
     ));
+    check_assets(&mut problems, config);
     problems
+}
+
+/// `[assets]` and the tags' descriptions: no empty names, no device that no source can
+/// produce, one description per tag.
+fn check_assets(problems: &mut Vec<Problem>, config: &AgentConfig) {
+    let empty = |value: &Option<String>| value.as_deref().is_some_and(|v| v.trim().is_empty());
+    let assets = &config.assets;
+    for (name, value) in [
+        ("area", &assets.area),
+        ("line", &assets.line),
+        ("machine", &assets.machine),
+    ] {
+        if empty(value) {
+            problems.push(Problem::new(
+                format!("assets.{name}"),
+                format!("the {name} is empty; name it, for example {name} = \"{}\", or leave the key out", example_asset(name)),
+            ));
+        }
+    }
+    // Subscriptions and dropped files may build device names from topics and file contents,
+    // so a device named only in `[assets]` may still turn up at run time.
+    let devices_built_at_run_time = config
+        .mqtt
+        .iter()
+        .any(|broker| !broker.subscriptions.is_empty())
+        || config
+            .file_drop
+            .iter()
+            .any(|drop| drop.device.contains('{'));
+    let literal_devices: std::collections::BTreeSet<&str> = config
+        .modbus
+        .iter()
+        .map(|d| d.name.as_str())
+        .chain(config.file_drop.iter().map(|d| d.device.as_str()))
+        .collect();
+    for (device, own) in &assets.devices {
+        let key = format!("assets.devices.{device}");
+        if !devices_built_at_run_time && !literal_devices.contains(device.as_str()) {
+            problems.push(Problem::new(
+                key.clone(),
+                format!(
+                    "no source of this map has a device named `{device}`; use the device's name as in [[modbus]] `name` (known: {}), or remove the table",
+                    literal_devices.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        for (name, value) in [
+            ("area", &own.area),
+            ("line", &own.line),
+            ("machine", &own.machine),
+        ] {
+            if empty(value) {
+                problems.push(Problem::new(
+                    format!("{key}.{name}"),
+                    format!("the {name} is empty; name it, for example {name} = \"{}\", or leave the key out to use [assets] {name}", example_asset(name)),
+                ));
+            }
+        }
+        let modbus = config.modbus.iter().find(|d| &d.name == device);
+        for (tag, text) in &own.descriptions {
+            let tag_key = format!("{key}.descriptions.{tag}");
+            if text.trim().is_empty() {
+                problems.push(Problem::new(
+                    tag_key.clone(),
+                    "the description is empty; say what the value is, for example \"Hydraulic oil temperature\", or remove the key",
+                ));
+            }
+            let Some(modbus) = modbus else { continue };
+            match modbus.tags.iter().position(|t| &t.name == tag) {
+                None => problems.push(Problem::new(
+                    tag_key,
+                    format!("device `{device}` has no tag `{tag}`; use a tag name from its [[modbus.tags]], or remove the key"),
+                )),
+                Some(j) if modbus.tags[j].description.is_some() => problems.push(Problem::new(
+                    tag_key,
+                    format!("tag `{tag}` of `{device}` also has a `description` in its [[modbus.tags]]; keep one of the two"),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    for (i, device) in config.modbus.iter().enumerate() {
+        for (j, tag) in device.tags.iter().enumerate() {
+            if empty(&tag.description) {
+                problems.push(Problem::new(
+                    format!("modbus[{i}].tags[{j}].description"),
+                    "the description is empty; say what the value is, for example description = \"Hydraulic oil temperature\", or leave the key out",
+                ));
+            }
+        }
+    }
+}
+
+fn example_asset(name: &str) -> &'static str {
+    match name {
+        "area" => "press-shop",
+        "line" => "line1",
+        _ => "press-3",
+    }
 }
 
 fn check_metrics(problems: &mut Vec<Problem>, metrics: &super::model::MetricsConfig) {
@@ -1366,6 +1466,30 @@ mod tests {
                 "plant.toml:14: modbus[0].tags[0].offset: offset NaN is not a finite number; use a finite number such as -40",
                 "plant.toml:15: modbus[0].tags[0].unit: the unit is empty; name the unit, for example unit = \"degC\", or leave the key out",
                 "plant.toml:21: modbus[0].tags[1].scale: scale inf would make every reading meaningless; use a finite, non-zero multiplier such as 0.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn assets_name_real_devices_and_tags_and_nothing_is_empty() {
+        let t = tag("oil_temp", "holding", 0, "f32")
+            + "description = \"Hydraulic oil temperature\"\n"
+            + &tag("strokes", "holding", 2, "u32")
+            + "description = \" \"\n";
+        let assets = "[assets]\narea = \"\"\nline = \"line1\"\n\
+            [assets.devices.press-3]\nmachine = \"\"\n\
+            [assets.devices.press-3.descriptions]\noil_temp = \"Oil\"\nspeed = \"Ram speed\"\n\
+            [assets.devices.press-9]\nmachine = \"press-9\"\n";
+        let text = format!("{HEAD}{assets}{}", device("press-3", &t));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:6: assets.area: the area is empty; name it, for example area = \"press-shop\", or leave the key out",
+                "plant.toml:9: assets.devices.press-3.machine: the machine is empty; name it, for example machine = \"press-3\", or leave the key out to use [assets] machine",
+                "plant.toml:11: assets.devices.press-3.descriptions.oil_temp: tag `oil_temp` of `press-3` also has a `description` in its [[modbus.tags]]; keep one of the two",
+                "plant.toml:12: assets.devices.press-3.descriptions.speed: device `press-3` has no tag `speed`; use a tag name from its [[modbus.tags]], or remove the key",
+                "plant.toml:13: assets.devices.press-9: no source of this map has a device named `press-9`; use the device's name as in [[modbus]] `name` (known: press-3), or remove the table",
+                "plant.toml:29: modbus[0].tags[1].description: the description is empty; say what the value is, for example description = \"Hydraulic oil temperature\", or leave the key out",
             ]
         );
     }

@@ -65,9 +65,22 @@ pub struct MapState {
     pub rejected: Option<String>,
 }
 
+/// A tag's last reading as the table keeps it: its names are the keys it is filed under, so
+/// taking a new reading allocates nothing (unless the unit changed), at any number of tags.
+#[derive(Debug)]
+struct TagEntry {
+    value: Option<f64>,
+    unit: Option<String>,
+    quality: &'static str,
+    ts_us: i64,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    tags: BTreeMap<(String, String), TagState>,
+    /// Device, then tag: the page's order.
+    tags: BTreeMap<String, BTreeMap<String, TagEntry>>,
+    /// Entries in `tags`, held against [`MAX_TAGS`].
+    tag_count: usize,
     tags_over_limit: u64,
     devices: BTreeMap<String, DeviceState>,
     map: MapState,
@@ -110,17 +123,26 @@ impl Live {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Takes readings whose commit to the buffer succeeded.
+    /// Takes readings whose commit to the buffer succeeded. Called for every commit (10,000
+    /// readings a second on a large gateway), so known devices and tags are found by reference
+    /// and updated in place.
     pub fn committed(&self, readings: &[Reading]) {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         for r in readings {
+            if !inner.devices.contains_key(r.device.as_str()) {
+                inner.devices.insert(
+                    r.device.clone(),
+                    DeviceState {
+                        device: r.device.clone(),
+                        ..DeviceState::default()
+                    },
+                );
+            }
             let device = inner
                 .devices
-                .entry(r.device.clone())
-                .or_insert_with(|| DeviceState {
-                    device: r.device.clone(),
-                    ..DeviceState::default()
-                });
+                .get_mut(r.device.as_str())
+                .expect("the device was inserted just above if it was missing");
             device.readings += 1;
             if r.quality == Quality::Bad {
                 device.bad += 1;
@@ -129,21 +151,32 @@ impl Live {
                 device.last_error = None;
                 device.last_error_ms = None;
             }
-            let state = TagState {
-                device: r.device.clone(),
-                tag: r.tag.clone(),
-                value: r.value,
-                unit: r.unit.clone(),
-                quality: r.quality.as_str(),
-                ts_us: r.ts_us,
-            };
-            let full = inner.tags.len() >= MAX_TAGS;
-            match inner.tags.get_mut(&(r.device.clone(), r.tag.clone())) {
-                Some(old) if old.ts_us <= r.ts_us => *old = state,
+            let known = inner
+                .tags
+                .get_mut(r.device.as_str())
+                .and_then(|tags| tags.get_mut(r.tag.as_str()));
+            match known {
+                Some(old) if old.ts_us <= r.ts_us => {
+                    old.value = r.value;
+                    old.quality = r.quality.as_str();
+                    old.ts_us = r.ts_us;
+                    if old.unit != r.unit {
+                        old.unit.clone_from(&r.unit);
+                    }
+                }
                 Some(_) => {}
-                None if full => inner.tags_over_limit += 1,
+                None if inner.tag_count >= MAX_TAGS => inner.tags_over_limit += 1,
                 None => {
-                    inner.tags.insert((r.device.clone(), r.tag.clone()), state);
+                    inner.tags.entry(r.device.clone()).or_default().insert(
+                        r.tag.clone(),
+                        TagEntry {
+                            value: r.value,
+                            unit: r.unit.clone(),
+                            quality: r.quality.as_str(),
+                            ts_us: r.ts_us,
+                        },
+                    );
+                    inner.tag_count += 1;
                 }
             }
         }
@@ -184,14 +217,29 @@ impl Live {
     pub fn forget_device(&self, device: &str) {
         let mut inner = self.lock();
         inner.devices.remove(device);
-        inner.tags.retain(|(d, _), _| d != device);
+        if let Some(tags) = inner.tags.remove(device) {
+            inner.tag_count -= tags.len();
+        }
     }
 
     /// A copy for one page view, in device then tag order.
     pub fn snapshot(&self) -> LiveSnapshot {
         let inner = self.lock();
         LiveSnapshot {
-            tags: inner.tags.values().cloned().collect(),
+            tags: inner
+                .tags
+                .iter()
+                .flat_map(|(device, tags)| {
+                    tags.iter().map(move |(tag, e)| TagState {
+                        device: device.clone(),
+                        tag: tag.clone(),
+                        value: e.value,
+                        unit: e.unit.clone(),
+                        quality: e.quality,
+                        ts_us: e.ts_us,
+                    })
+                })
+                .collect(),
             tags_over_limit: inner.tags_over_limit,
             devices: inner.devices.values().cloned().collect(),
             map: inner.map.clone(),
@@ -244,6 +292,24 @@ mod tests {
         assert!(live.snapshot().map.rejected.is_some());
         live.map_loaded("/etc/plantline/agent.toml", "plant", "gw-1");
         assert_eq!(live.snapshot().map.rejected, None);
+    }
+
+    #[test]
+    fn the_table_stops_growing_at_its_bound_and_a_removed_device_frees_room() {
+        let live = Live::default();
+        let flood: Vec<Reading> = (0..=MAX_TAGS)
+            .map(|i| reading("mqtt", &format!("t{i}"), 1, Some(1.0), Quality::Good))
+            .collect();
+        live.committed(&flood);
+        let snap = live.snapshot();
+        assert_eq!((snap.tags.len(), snap.tags_over_limit), (MAX_TAGS, 1));
+        // A known tag still takes new readings while the table is full.
+        live.committed(&[reading("mqtt", "t0", 2, Some(5.0), Quality::Good)]);
+        assert_eq!(live.snapshot().tags[0].value, Some(5.0));
+
+        live.forget_device("mqtt");
+        live.committed(&[reading("plc", "t", 1, Some(1.0), Quality::Good)]);
+        assert_eq!(live.snapshot().tags.len(), 1);
     }
 
     #[test]

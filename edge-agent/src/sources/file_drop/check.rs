@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::mapping::{FileNamePattern, Template, TimeFormat};
-use crate::config::{FileDrop, Problem};
+use crate::config::{FileDrop, Problem, ValueType};
 
 /// The shortest folder listing interval accepted.
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -114,6 +114,7 @@ fn check_one(problems: &mut Vec<Problem>, key: &str, drop: &FileDrop) {
     check_values(problems, key, drop, &parts);
 }
 
+#[allow(clippy::float_cmp)] // scale and offset are left out exactly when they are 1 and 0
 fn check_values(problems: &mut Vec<Problem>, key: &str, drop: &FileDrop, parts: &[String]) {
     let mut columns: HashMap<(&str, Option<&str>), usize> = HashMap::new();
     for (j, value) in drop.values.iter().enumerate() {
@@ -143,6 +144,21 @@ fn check_values(problems: &mut Vec<Problem>, key: &str, drop: &FileDrop, parts: 
                     format!("{vkey}.tag"),
                     "the tag is empty; name the value, or leave the key out to use the column's name",
                 ));
+            }
+        }
+        if value.value_type == ValueType::String {
+            for (name, set) in [
+                ("scale", value.scale != 1.0),
+                ("offset", value.offset != 0.0),
+            ] {
+                if set {
+                    problems.push(problem(
+                        format!("{vkey}.{name}"),
+                        format!(
+                            "{name} does not apply to type = \"string\" (the cell is recorded as text, as it is); remove the key"
+                        ),
+                    ));
+                }
             }
         }
         if !value.scale.is_finite() || value.scale == 0.0 {
@@ -234,6 +250,32 @@ values = []
                 "plant.toml:23: file_drop[1].name: duplicate file drop name `stand` (first used by file_drop[0]); give each [[file_drop]] its own name",
                 "plant.toml:24: file_drop[1].folder: folder `drop` is already watched by file_drop[0]; each file would be read by both, give each [[file_drop]] its own folder",
                 "plant.toml:29: file_drop[1].values: no value columns; add at least one [[file_drop.values]] table with column = \"...\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_text_column_takes_no_scale_or_offset() {
+        let text = format!(
+            "{HEAD}[[file_drop]]
+name = \"stand\"
+folder = \"drop\"
+format = \"csv\"
+timestamp = \"t\"
+timestamp_format = \"epoch_ms\"
+device = \"rig\"
+[[file_drop.values]]
+column = \"recipe\"
+type = \"string\"
+scale = 2.0
+offset = 1.0
+"
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "plant.toml:15: file_drop[0].values[0].scale: scale does not apply to type = \"string\" (the cell is recorded as text, as it is); remove the key",
+                "plant.toml:16: file_drop[0].values[0].offset: offset does not apply to type = \"string\" (the cell is recorded as text, as it is); remove the key",
             ]
         );
     }

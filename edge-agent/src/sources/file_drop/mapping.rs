@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::Reading;
-use crate::config::FileDrop;
+use crate::config::{FileDrop, ValueType};
 use crate::contract::Quality;
 use crate::sources::mqtt::payload::parse_rfc3339;
 
@@ -406,6 +406,8 @@ pub(super) struct ValueColumn {
     pub(super) unit: Option<String>,
     pub(super) scale: f64,
     pub(super) offset: f64,
+    /// `type = "string"`: the cell is recorded as text, unscaled.
+    pub(super) text: bool,
 }
 
 /// A source's whole mapping, parsed once.
@@ -443,6 +445,7 @@ impl Mapping {
                     unit: v.unit.clone(),
                     scale: v.scale,
                     offset: v.offset,
+                    text: v.value_type == ValueType::String,
                 })
             })
             .collect::<Result<_, MappingError>>()?;
@@ -482,6 +485,18 @@ impl Mapping {
             };
             let text = text.trim();
             if text.is_empty() {
+                continue;
+            }
+            if value.text {
+                readings.push(Reading {
+                    ts_us,
+                    device: device.clone(),
+                    tag: value.tag.render("tag", cell, file)?,
+                    value: None,
+                    value_text: Some(text.to_owned()),
+                    quality: Quality::Good,
+                    unit: value.unit.clone(),
+                });
                 continue;
             }
             let raw = parse_number(text).ok_or_else(|| MappingError::NotANumber {

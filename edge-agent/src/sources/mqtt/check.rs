@@ -11,7 +11,9 @@ use super::sparkplug;
 use super::tls;
 use super::topic::{self, Template};
 use crate::buffer::dead_letter;
-use crate::config::{MqttBroker, MqttProtocol, MqttSubscription, PayloadFormat, Problem};
+use crate::config::{
+    MqttBroker, MqttProtocol, MqttSubscription, PayloadFormat, Problem, ValueType,
+};
 
 /// The shortest keep-alive accepted (rumqttc's minimum); the protocol's longest is 65535 s.
 /// `max_packet_size` within what a client can use and MQTT allows.
@@ -260,6 +262,12 @@ fn check_subscription(problems: &mut Vec<Problem>, key: &str, sub: &MqttSubscrip
         check_sparkplug(problems, key, sub, filter_ok);
         return;
     }
+    if sub.rebirth.is_some() {
+        problems.push(problem(
+            format!("{key}.rebirth"),
+            "rebirth only applies to payload = \"sparkplug_b\" (it asks Sparkplug edge nodes for their births); remove the key",
+        ));
+    }
     let filter = filter_ok.then_some(&sub.topic);
     if sub.device.is_empty() {
         problems.push(problem(
@@ -329,7 +337,12 @@ fn check_sparkplug(
             "metrics are recorded as the edge node sends them",
         ),
     ];
-    for (name, set, why) in unused {
+    let unused_type = (
+        "type",
+        sub.value_type != ValueType::Number,
+        "each metric's datatype comes from its birth",
+    );
+    for (name, set, why) in unused.into_iter().chain([unused_type]) {
         if set {
             problems.push(problem(
                 format!("{key}.{name}"),
@@ -342,6 +355,7 @@ fn check_sparkplug(
 }
 
 /// One value per message: `tag` and (for JSON) `value`.
+#[allow(clippy::float_cmp)] // scale and offset are left out exactly when they are 1 and 0
 fn check_single_value(
     problems: &mut Vec<Problem>,
     key: &str,
@@ -370,6 +384,41 @@ fn check_single_value(
             )),
             (None, false) => {}
         }
+    if sub.value_type == ValueType::String {
+        check_text_value(
+            problems,
+            key,
+            json,
+            Some(sub.scale).filter(|s| *s != 1.0),
+            Some(sub.offset).filter(|o| *o != 0.0),
+        );
+    }
+}
+
+/// A `type = "string"` value: text from a JSON payload, taken as it is.
+fn check_text_value(
+    problems: &mut Vec<Problem>,
+    key: &str,
+    json: bool,
+    scale: Option<f64>,
+    offset: Option<f64>,
+) {
+    if !json {
+        problems.push(problem(
+            format!("{key}.type"),
+            "type = \"string\" needs payload = \"json\" (a text value found by JSON pointer); a number payload is a number, remove the key",
+        ));
+    }
+    for (name, set) in [("scale", scale.is_some()), ("offset", offset.is_some())] {
+        if set {
+            problems.push(problem(
+                format!("{key}.{name}"),
+                format!(
+                    "{name} does not apply to type = \"string\" (text is recorded as it is); remove the key"
+                ),
+            ));
+        }
+    }
 }
 
 /// Several values per message, each in `[[mqtt.subscriptions.fields]]`.
@@ -411,11 +460,15 @@ fn check_fields(
         }
         check_template(problems, &format!("{field_key}.tag"), &field.tag, filter);
         check_pointer(problems, &format!("{field_key}.value"), &field.value);
-        if let Some(scale) = field.scale {
-            check_scale(problems, &format!("{field_key}.scale"), scale);
-        }
-        if let Some(offset) = field.offset {
-            check_offset(problems, &format!("{field_key}.offset"), offset);
+        if field.value_type.unwrap_or(sub.value_type) == ValueType::String {
+            check_text_value(problems, &field_key, true, field.scale, field.offset);
+        } else {
+            if let Some(scale) = field.scale {
+                check_scale(problems, &format!("{field_key}.scale"), scale);
+            }
+            if let Some(offset) = field.offset {
+                check_offset(problems, &format!("{field_key}.offset"), offset);
+            }
         }
         check_unit(
             problems,
@@ -546,6 +599,55 @@ mod tests {
         );
         assert_eq!(broker.subscriptions[0].qos, 1);
         assert_eq!(broker.max_dead_letters, 1000);
+    }
+
+    #[test]
+    fn text_values_and_rebirth_apply_only_where_they_mean_something() {
+        let text = r#"[[mqtt]]
+name = "b"
+host = "127.0.0.1"
+client_id = "gw-1"
+[[mqtt.subscriptions]]
+topic = "plant/+/recipe"
+device = "{1}"
+tag = "recipe"
+value = "/name"
+type = "string"
+scale = 2.0
+rebirth = true
+[[mqtt.subscriptions]]
+topic = "plant/+/state"
+payload = "number"
+device = "{1}"
+tag = "state"
+type = "string"
+[[mqtt.subscriptions]]
+topic = "plant/+/batch"
+device = "{1}"
+[[mqtt.subscriptions.fields]]
+tag = "batch"
+value = "/batch"
+type = "string"
+offset = 1.0
+[[mqtt.subscriptions.fields]]
+tag = "count"
+value = "/count"
+[[mqtt.subscriptions]]
+topic = "spBv1.0/line3/#"
+payload = "sparkplug_b"
+type = "string"
+rebirth = false
+"#;
+        assert_eq!(
+            problems(text),
+            vec![
+                "plant.toml:15: mqtt[0].subscriptions[0].scale: scale does not apply to type = \"string\" (text is recorded as it is); remove the key",
+                "plant.toml:16: mqtt[0].subscriptions[0].rebirth: rebirth only applies to payload = \"sparkplug_b\" (it asks Sparkplug edge nodes for their births); remove the key",
+                "plant.toml:22: mqtt[0].subscriptions[1].type: type = \"string\" needs payload = \"json\" (a text value found by JSON pointer); a number payload is a number, remove the key",
+                "plant.toml:30: mqtt[0].subscriptions[2].fields[0].offset: offset does not apply to type = \"string\" (text is recorded as it is); remove the key",
+                "plant.toml:37: mqtt[0].subscriptions[3].type: type does not apply to payload = \"sparkplug_b\" (each metric's datatype comes from its birth); remove the key",
+            ]
+        );
     }
 
     #[test]

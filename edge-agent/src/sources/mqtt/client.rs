@@ -8,7 +8,8 @@
 //! - the *mapper* turns a message into readings (through [`Router`], as `probe` does), sends them
 //!   to the buffer writer together with a oneshot that fires when they are committed, sends a bad
 //!   payload's dead letter to the dead-letter writer the same way, and queues the message with
-//!   both oneshots for acknowledgement;
+//!   both oneshots for acknowledgement; for Sparkplug data whose birth is missing it also queues
+//!   a rebirth request to the edge node ([`super::sparkplug::rebirth`]);
 //! - the [*dead-letter writer*](super::dead_letters) commits dead letters to the buffer file's
 //!   dead-letter table on its own connection;
 //! - the *acker* takes the queue in arrival order, waits for each message's commits and only then
@@ -35,6 +36,7 @@ use super::connection::{self, Connection, Happened, Message, Requests};
 use super::dead_letters::{DeadLetterWriter, Recording};
 use super::payload::shown;
 use super::route::{Route, Router};
+use super::sparkplug::rebirth::{self, Limiter};
 use super::topic;
 use crate::config::MqttBroker;
 use crate::sources::Delivery;
@@ -94,6 +96,9 @@ struct Mapper {
     router: Router,
     /// Bad payloads per subscription (same index as the router's), for the log line.
     bad_payloads: Vec<u64>,
+    /// Where Sparkplug rebirth requests are published.
+    requests: Requests,
+    rebirths: Limiter,
 }
 
 /// Runs one broker's source until `shutdown` is cancelled. `buffer` is the buffer file, where
@@ -157,6 +162,8 @@ pub async fn run_broker(
             broker: broker.name.clone(),
             bad_payloads: vec![0; router.routes().len()],
             router,
+            requests: requests.clone(),
+            rebirths: Limiter::default(),
         };
         let outputs = Outputs {
             deliveries: &deliveries,
@@ -248,7 +255,7 @@ async fn poll_events(
             }
             Ok(Happened::Subscribed { codes, refused }) => {
                 // A refused filter (an ACL, a broker limit) shows in the codes.
-                if refused {
+                if refused.is_some() {
                     warn!(codes = %codes, "subscribed, but the broker refused a filter");
                 } else {
                     info!(codes = %codes, "subscribed");
@@ -335,6 +342,9 @@ impl Mapper {
                 (Vec::new(), None)
             } else if let Some((index, route)) = self.router.route(&message.topic) {
                 let mapped = route.map(&message.topic, &message.payload, arrival_us);
+                if let Some(command) = route.rebirth_command(&message.topic, &mapped.problems) {
+                    request_rebirth(&self.requests, &mut self.rebirths, &command);
+                }
                 let dead_letter = (!mapped.problems.is_empty()).then(|| {
                     self.bad_payloads[index] += 1;
                     count_and_log(
@@ -395,6 +405,30 @@ impl Mapper {
             {
                 return;
             }
+        }
+    }
+}
+
+/// Asks an edge node for its births, unless it was asked within the interval. The message that
+/// lacked them is dead-lettered as usual; the node's answer makes the next ones decodable.
+fn request_rebirth(requests: &Requests, rebirths: &mut Limiter, command: &str) {
+    if !rebirths.admit(command, std::time::Instant::now()) {
+        return;
+    }
+    let now_ms = u64::try_from(now_us() / 1000).unwrap_or(0);
+    match requests.try_publish(command, rebirth::request_payload(now_ms)) {
+        Ok(()) => info!(
+            topic = command,
+            "Sparkplug rebirth requested: data came from an edge node whose birth the agent has not seen"
+        ),
+        Err(e) => {
+            // The request queue is full or the connection is stopping: ask with the next
+            // message instead.
+            rebirths.forget(command);
+            warn!(
+                topic = command,
+                "cannot queue the Sparkplug rebirth request: {e}"
+            );
         }
     }
 }

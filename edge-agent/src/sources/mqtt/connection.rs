@@ -2,9 +2,10 @@
 //!
 //! It builds the connection options (client id, session, credentials, TLS) for either
 //! protocol, and turns rumqttc's two event loops and two clients into one [`Connection`] (what
-//! happened on the wire) and one [`Requests`] handle (acknowledge, subscribe, disconnect). The
-//! tasks of [`super::client`] and the routing of [`super::route`] see only these, so both
-//! protocols share one mapping, one acknowledgement order and one reconnect policy.
+//! happened on the wire) and one [`Requests`] handle (acknowledge, subscribe, publish a
+//! command, disconnect). The tasks of [`super::client`] and the routing of [`super::route`] see
+//! only these, so both protocols share one mapping, one acknowledgement order and one reconnect
+//! policy.
 //!
 //! # The session, by protocol
 //! - 3.1.1: `clean_session = false` asks the broker to keep the session; how long it keeps one
@@ -30,12 +31,12 @@ use crate::config::{MqttBroker, MqttProtocol, MqttTls};
 
 /// A PUBLISH from the broker, whatever the protocol.
 #[derive(Debug)]
-pub(super) struct Message {
-    pub(super) topic: String,
-    pub(super) payload: Bytes,
-    pub(super) retain: bool,
-    pub(super) dup: bool,
-    pub(super) pkid: u16,
+pub(crate) struct Message {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) retain: bool,
+    pub(crate) dup: bool,
+    pub(crate) pkid: u16,
     /// The packet as the protocol's client needs it to acknowledge.
     received: Received,
 }
@@ -73,7 +74,7 @@ impl Message {
 
     /// A QoS 1 message as MQTT 3.1.1 would deliver it, for tests of the tasks.
     #[cfg(test)]
-    pub(super) fn test_v4(topic: &str, pkid: u16, payload: &'static [u8]) -> Self {
+    pub(crate) fn test_v4(topic: &str, pkid: u16, payload: &'static [u8]) -> Self {
         let mut publish = rumqttc::Publish::new(topic, rumqttc::QoS::AtLeastOnce, payload);
         publish.pkid = pkid;
         Self::v4(publish)
@@ -81,7 +82,7 @@ impl Message {
 
     /// A QoS 1 message as MQTT 5 would deliver it, for tests of the tasks.
     #[cfg(test)]
-    pub(super) fn test_v5(topic: &str, pkid: u16, payload: &'static [u8]) -> Self {
+    pub(crate) fn test_v5(topic: &str, pkid: u16, payload: &'static [u8]) -> Self {
         let mut publish = packet5::Publish::new(
             topic,
             rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
@@ -95,14 +96,14 @@ impl Message {
 
 /// The client side of a connection: requests queued for its event loop.
 #[derive(Clone)]
-pub(super) enum Requests {
+pub(crate) enum Requests {
     V4(rumqttc::AsyncClient),
     V5(v5::AsyncClient),
 }
 
 impl Requests {
     /// Queues the acknowledgement of `message` (nothing for QoS 0).
-    pub(super) async fn ack(&self, message: &Message) -> Result<(), String> {
+    pub(crate) async fn ack(&self, message: &Message) -> Result<(), String> {
         match (self, &message.received) {
             (Self::V4(client), Received::V4(publish)) => {
                 client.ack(publish).await.map_err(|e| e.to_string())
@@ -115,7 +116,7 @@ impl Requests {
     }
 
     /// Queues one SUBSCRIBE for all `filters` (topic filter and QoS).
-    pub(super) fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
+    pub(crate) fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
         match self {
             Self::V4(client) => client
                 .try_subscribe_many(
@@ -134,8 +135,26 @@ impl Requests {
         }
     }
 
+    /// Queues a QoS 0 PUBLISH (not retained) without waiting: a full request queue is an
+    /// error, never a stall of the caller.
+    pub(crate) fn try_publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Self::V4(client) => client
+                .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Self::V5(client) => client
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// Queues a DISCONNECT; false when the event loop is gone.
-    pub(super) fn try_disconnect(&self) -> bool {
+    pub(crate) fn try_disconnect(&self) -> bool {
         match self {
             Self::V4(client) => client.try_disconnect().is_ok(),
             Self::V5(client) => client.try_disconnect().is_ok(),
@@ -144,13 +163,13 @@ impl Requests {
 
     /// A client whose requests go to `requests`, for tests of the acknowledgement order.
     #[cfg(test)]
-    pub(super) fn test_v4(requests: flume::Sender<rumqttc::Request>) -> Self {
+    pub(crate) fn test_v4(requests: flume::Sender<rumqttc::Request>) -> Self {
         Self::V4(rumqttc::AsyncClient::from_senders(requests))
     }
 
     /// The same for MQTT 5.
     #[cfg(test)]
-    pub(super) fn test_v5(requests: flume::Sender<v5::Request>) -> Self {
+    pub(crate) fn test_v5(requests: flume::Sender<v5::Request>) -> Self {
         Self::V5(v5::AsyncClient::from_senders(requests))
     }
 }
@@ -175,17 +194,18 @@ fn qos_v5(level: u8) -> rumqttc::v5::mqttbytes::QoS {
 #[derive(Debug)]
 // A `Happened` lives from one poll to its match; boxing the message would allocate per message.
 #[allow(clippy::large_enum_variant)]
-pub(super) enum Happened {
+pub(crate) enum Happened {
     /// The broker accepted the connection (CONNACK).
     Connected {
         session_present: bool,
         /// MQTT 5: the session expiry the broker granted, when it sets one.
         session_expiry_s: Option<u32>,
     },
-    /// The broker answered a SUBSCRIBE: its codes, in words, and whether it refused a filter.
+    /// The broker answered a SUBSCRIBE: its codes, in words, and the position of the first
+    /// filter it refused, if any.
     Subscribed {
         codes: String,
-        refused: bool,
+        refused: Option<usize>,
     },
     Message(Message),
     /// MQTT 5: the broker closes the connection and says why.
@@ -197,9 +217,9 @@ pub(super) enum Happened {
 
 /// Why the connection failed: rumqttc's error in words, and the fix when it is a TLS one.
 #[derive(Debug)]
-pub(super) struct Failure {
-    pub(super) reason: String,
-    pub(super) hint: Option<&'static str>,
+pub(crate) struct Failure {
+    pub(crate) reason: String,
+    pub(crate) hint: Option<&'static str>,
 }
 
 impl std::fmt::Display for Failure {
@@ -213,7 +233,7 @@ impl std::fmt::Display for Failure {
 
 /// The event loop side of a connection; each `next` call drives it (connects, reconnects after
 /// a failure, sends queued requests) until something happens.
-pub(super) struct Connection {
+pub(crate) struct Connection {
     event_loop: EventLoop,
     tls: Option<MqttTls>,
 }
@@ -229,7 +249,7 @@ const REQUEST_CAPACITY: usize = 64;
 
 /// The connection to `broker` by its protocol, its files (password, TLS) read now. Nothing is
 /// sent before the first [`Connection::next`].
-pub(super) fn connect(broker: &MqttBroker) -> Result<(Requests, Connection), MqttError> {
+pub(crate) fn connect(broker: &MqttBroker) -> Result<(Requests, Connection), MqttError> {
     let (requests, event_loop) = match broker.protocol {
         MqttProtocol::V311 => {
             let (client, event_loop) =
@@ -251,7 +271,7 @@ pub(super) fn connect(broker: &MqttBroker) -> Result<(Requests, Connection), Mqt
 impl Connection {
     /// The next thing that happened, or the failure of the connection (the next call connects
     /// again).
-    pub(super) async fn next(&mut self) -> Result<Happened, Failure> {
+    pub(crate) async fn next(&mut self) -> Result<Happened, Failure> {
         match &mut self.event_loop {
             EventLoop::V4(event_loop) => event_loop
                 .poll()
@@ -268,7 +288,7 @@ impl Connection {
 
     /// Reads the TLS files again before the next connect, so renewed certificates are used;
     /// when they cannot be read, the ones read before stay.
-    pub(super) fn renew_tls(&mut self) {
+    pub(crate) fn renew_tls(&mut self) {
         let Some(tls) = &self.tls else { return };
         match tls::client_config(tls) {
             Ok(config) => {
@@ -298,7 +318,7 @@ fn happened_v4(event: rumqttc::Event) -> Happened {
             refused: ack
                 .return_codes
                 .iter()
-                .any(|c| matches!(c, SubscribeReasonCode::Failure)),
+                .position(|c| matches!(c, SubscribeReasonCode::Failure)),
             codes: format!("{:?}", ack.return_codes),
         },
         Event::Incoming(Packet::Publish(publish)) => Happened::Message(Message::v4(publish)),
@@ -319,7 +339,7 @@ fn happened_v5(event: v5::Event) -> Happened {
             refused: ack
                 .return_codes
                 .iter()
-                .any(|c| !matches!(c, SubscribeReasonCode::Success(_))),
+                .position(|c| !matches!(c, SubscribeReasonCode::Success(_))),
             codes: format!("{:?}", ack.return_codes),
         },
         Event::Incoming(Incoming::Publish(publish)) => Happened::Message(Message::v5(publish)),
@@ -396,9 +416,8 @@ fn keep_alive(broker: &MqttBroker) -> Duration {
 }
 
 /// The MQTT 3.1.1 options of the agent's session with `broker`: its client id and session
-/// setting, manual acknowledgements, the credentials and TLS (files read now). `probe` connects
-/// with these too (with its own client id), whatever the broker's protocol.
-pub(crate) fn options(broker: &MqttBroker) -> Result<rumqttc::MqttOptions, MqttError> {
+/// setting, manual acknowledgements, the credentials and TLS (files read now).
+fn options(broker: &MqttBroker) -> Result<rumqttc::MqttOptions, MqttError> {
     let mut options = rumqttc::MqttOptions::new(&broker.client_id, &broker.host, broker.port());
     options
         .set_keep_alive(keep_alive(broker))

@@ -13,11 +13,13 @@
 //!
 //! # Bad payloads
 //! A message whose payload gives no reading, or not all of them (not JSON, not UTF-8 text, not a
-//! number, a missing field, a value that is not numeric or not finite, a bad timestamp, an empty
+//! number, a missing field, a value that is not numeric (or, for `type = "string"`, not
+//! text) or not finite, a bad timestamp, an empty
 //! device or tag name), is
 //! - counted in `plantline_mqtt_bad_payloads_total{broker, subscription, reason}`, where
 //!   `reason` is the code of its first problem ([`payload::PayloadError::reason`]: `not_json`,
-//!   `not_text`, `not_a_number`, `missing_field`, `not_numeric`, `not_finite`, `bad_timestamp`,
+//!   `not_text`, `not_a_number`, `missing_field`, `not_numeric`, `not_string` (a `type =
+//!   "string"` value that is null, an object or an array), `not_finite`, `bad_timestamp`,
 //!   `empty_name`, `topic_level`, and for Sparkplug B the `sparkplug_…` codes of
 //!   [`sparkplug::SparkplugError::reason`]);
 //! - logged as `bad payload`, one line per problem;
@@ -44,5 +46,5 @@ mod tls;
 pub mod topic;
 
 pub use client::{BACKOFF_CAP, BACKOFF_START, MqttError, run_broker};
-pub(crate) use connection::options;
+pub(crate) use connection::{Connection, Happened, Message, Requests, connect};
 pub use tls::TlsError;

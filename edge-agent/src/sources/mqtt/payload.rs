@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::sparkplug::SparkplugError;
 use super::topic::{Template, TopicError};
 use crate::Reading;
-use crate::config::{MqttSubscription, PayloadFormat, TimestampFormat};
+use crate::config::{MqttSubscription, PayloadFormat, TimestampFormat, ValueType};
 use crate::contract::Quality;
 
 /// How many bytes of a bad payload a log line shows.
@@ -27,6 +27,14 @@ pub enum PayloadError {
     Missing { topic: String, pointer: String },
     #[error("topic `{topic}`: the value at `{pointer}` is {found}, not a number")]
     NotNumeric {
+        topic: String,
+        pointer: String,
+        found: String,
+    },
+    #[error(
+        "topic `{topic}`: the value at `{pointer}` is {found}, not text (the mapping declares type = \"string\")"
+    )]
+    NotString {
         topic: String,
         pointer: String,
         found: String,
@@ -62,6 +70,7 @@ impl PayloadError {
             Self::NotANumber { .. } => "not_a_number",
             Self::Missing { .. } => "missing_field",
             Self::NotNumeric { .. } => "not_numeric",
+            Self::NotString { .. } => "not_string",
             Self::NotFinite { .. } => "not_finite",
             Self::BadTimestamp { .. } => "bad_timestamp",
             Self::EmptyName { .. } => "empty_name",
@@ -77,6 +86,8 @@ struct ValueRule {
     tag: Template,
     /// JSON pointer; `None` for a `number` payload.
     pointer: Option<String>,
+    /// `type = "string"`: the value is recorded as text, unscaled.
+    text: bool,
     unit: Option<String>,
     scale: f64,
     offset: f64,
@@ -111,6 +122,7 @@ impl Mapping {
                     // A sparkplug_b subscription is routed to its decoder, never mapped here.
                     PayloadFormat::Number | PayloadFormat::SparkplugB => None,
                 },
+                text: sub.value_type == ValueType::String,
                 unit: sub.unit.clone(),
                 scale: sub.scale,
                 offset: sub.offset,
@@ -120,6 +132,7 @@ impl Mapping {
             values.push(ValueRule {
                 tag: Template::parse(&field.tag)?,
                 pointer: Some(field.value.clone()),
+                text: field.value_type.unwrap_or(sub.value_type) == ValueType::String,
                 unit: field.unit.clone().or_else(|| sub.unit.clone()),
                 scale: field.scale.unwrap_or(sub.scale),
                 offset: field.offset.unwrap_or(sub.offset),
@@ -170,6 +183,19 @@ impl Mapping {
         };
         for rule in &self.values {
             let result = render_name(&rule.tag, topic, "tag").and_then(|tag| {
+                if rule.text
+                    && let (Some(doc), Some(pointer)) = (&document, &rule.pointer)
+                {
+                    return Ok(Reading {
+                        ts_us,
+                        device: device.clone(),
+                        tag,
+                        value: None,
+                        value_text: Some(text_at(doc, pointer, topic)?),
+                        quality: Quality::Good,
+                        unit: rule.unit.clone(),
+                    });
+                }
                 let (raw, pointer) = match (&document, &rule.pointer) {
                     (Some(doc), Some(pointer)) => {
                         (number_at(doc, pointer, topic)?, pointer.as_str())
@@ -251,6 +277,24 @@ pub fn number_at(doc: &Value, pointer: &str, topic: &str) -> Result<f64, Payload
         pointer: pointer.to_owned(),
         found: describe(value),
     })
+}
+
+/// The text at a JSON pointer, for a `type = "string"` value: a JSON string as it is, a number
+/// or `true`/`false` as JSON writes it (a recipe number sent as a number is still its name).
+pub fn text_at(doc: &Value, pointer: &str, topic: &str) -> Result<String, PayloadError> {
+    let value = doc.pointer(pointer).ok_or_else(|| PayloadError::Missing {
+        topic: topic.to_owned(),
+        pointer: pointer.to_owned(),
+    })?;
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(_) | Value::Bool(_) => Ok(value.to_string()),
+        Value::Null | Value::Array(_) | Value::Object(_) => Err(PayloadError::NotString {
+            topic: topic.to_owned(),
+            pointer: pointer.to_owned(),
+            found: describe(value),
+        }),
+    }
 }
 
 fn timestamp_at(
@@ -441,6 +485,8 @@ mod tests {
             unit: None,
             scale: 1.0,
             offset: 0.0,
+            value_type: ValueType::Number,
+            rebirth: None,
         }
     }
 
@@ -591,6 +637,7 @@ mod tests {
                 unit: None,
                 scale: None,
                 offset: None,
+                value_type: None,
             },
             MqttField {
                 tag: "rh".to_owned(),
@@ -598,6 +645,7 @@ mod tests {
                 unit: Some("%".to_owned()),
                 scale: Some(100.0),
                 offset: None,
+                value_type: None,
             },
             MqttField {
                 tag: "co2".to_owned(),
@@ -605,6 +653,7 @@ mod tests {
                 unit: None,
                 scale: None,
                 offset: None,
+                value_type: None,
             },
         ];
         let mapped = Mapping::new(&sub).unwrap().map(
@@ -626,6 +675,67 @@ mod tests {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
             vec!["topic `plant/room-1/x/telemetry`: no value at JSON pointer `/c`"]
+        );
+    }
+
+    #[test]
+    fn a_string_value_is_recorded_as_text_and_a_number_value_still_refuses_text() {
+        let mut sub = subscription("{1}", None, None);
+        let field = |tag: &str, value_type| MqttField {
+            tag: tag.to_owned(),
+            value: format!("/{tag}"),
+            unit: None,
+            scale: None,
+            offset: None,
+            value_type,
+        };
+        sub.fields = vec![
+            field("recipe", Some(ValueType::String)),
+            field("batch", Some(ValueType::String)),
+            field("step", Some(ValueType::String)),
+            field("speed", None),
+            field("mode", None),
+            field("alarm", Some(ValueType::String)),
+        ];
+        let mapped = Mapping::new(&sub).unwrap().map(
+            "plant/press-3/x/telemetry",
+            r#"{"recipe": "PX-200 \u00d6l", "batch": 4711, "step": "", "speed": 12, "mode": "auto", "alarm": null}"#.as_bytes(),
+            9,
+        );
+        let text = |tag: &str, text: &str| Reading {
+            ts_us: 9,
+            device: "press-3".to_owned(),
+            tag: tag.to_owned(),
+            value: None,
+            value_text: Some(text.to_owned()),
+            quality: Quality::Good,
+            unit: None,
+        };
+        assert_eq!(
+            mapped.readings,
+            vec![
+                text("recipe", "PX-200 Öl"),
+                text("batch", "4711"),
+                text("step", ""),
+                reading(9, "press-3", "speed", 12.0, None),
+            ]
+        );
+        assert_eq!(
+            mapped
+                .problems
+                .iter()
+                .map(|p| (p.reason(), p.to_string()))
+                .collect::<Vec<_>>(),
+            vec![
+                (
+                    "not_numeric",
+                    "topic `plant/press-3/x/telemetry`: the value at `/mode` is `\"auto\"`, not a number".to_owned()
+                ),
+                (
+                    "not_string",
+                    "topic `plant/press-3/x/telemetry`: the value at `/alarm` is null, not text (the mapping declares type = \"string\")".to_owned()
+                ),
+            ]
         );
     }
 

@@ -16,6 +16,8 @@ pub struct Route {
     /// The subscription's topic filter, as in the config.
     pub filter: String,
     decode: Decode,
+    /// Whether edge nodes whose births are missing are asked for them (`sparkplug_b` only).
+    rebirth: bool,
 }
 
 /// How a subscription's messages become readings.
@@ -55,6 +57,7 @@ impl Router {
                 };
                 Ok(Route {
                     filter: s.topic.clone(),
+                    rebirth: matches!(decode, Decode::Sparkplug(_)) && s.rebirth.unwrap_or(true),
                     decode,
                 })
             })
@@ -89,6 +92,19 @@ impl Route {
                     problems: message.problems.into_iter().map(Into::into).collect(),
                 }
             }
+        }
+    }
+
+    /// The `NCMD` topic to ask for the births that a message on `topic` lacked (its `problems`
+    /// say so), when the subscription asks for rebirths; `None` otherwise.
+    pub fn rebirth_command(&self, topic: &str, problems: &[PayloadError]) -> Option<String> {
+        let lacks_birth = problems
+            .iter()
+            .any(|p| matches!(p, PayloadError::Sparkplug(e) if e.needs_birth()));
+        if self.rebirth && lacks_birth {
+            super::sparkplug::rebirth::command_topic(topic)
+        } else {
+            None
         }
     }
 
@@ -155,6 +171,41 @@ value = "/h"
         assert_eq!(router.route("rooms/4/climate").unwrap().0, 1);
         assert_eq!(router.route("meters/m-1/kwh").unwrap().0, 0);
         assert!(router.route("meters/m-1/kwh/extra").is_none());
+    }
+
+    #[test]
+    fn sparkplug_data_without_a_birth_asks_its_edge_node_unless_turned_off() {
+        let config = |extra: &str| -> MqttBroker {
+            toml::from_str(&format!(
+                "name = \"b\"\nhost = \"127.0.0.1\"\nclient_id = \"gw\"\n[[subscriptions]]\ntopic = \"spBv1.0/line3/#\"\npayload = \"sparkplug_b\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        // An NDATA with no metrics: a valid (empty) protobuf payload.
+        let topic = "spBv1.0/line3/DDATA/press-7/motor-1";
+        let router = Router::new(&config("")).unwrap();
+        let (_, route) = router.route(topic).unwrap();
+        let mapped = route.map(topic, b"", 7);
+        assert_eq!(mapped.problems[0].reason(), "sparkplug_no_birth");
+        assert_eq!(
+            route.rebirth_command(topic, &mapped.problems).as_deref(),
+            Some("spBv1.0/line3/NCMD/press-7")
+        );
+        let bad = route.map("spBv1.0/line3/NDATA/press-7", b"\x0a\x05\xff", 7);
+        assert_eq!(
+            route.rebirth_command("spBv1.0/line3/NDATA/press-7", &bad.problems),
+            None,
+            "a broken payload is no reason to ask for births"
+        );
+
+        let off = Router::new(&config("rebirth = false")).unwrap();
+        let (_, route) = off.route(topic).unwrap();
+        let mapped = route.map(topic, b"", 7);
+        assert_eq!(route.rebirth_command(topic, &mapped.problems), None);
+
+        let json = Router::new(&broker()).unwrap();
+        let (_, route) = json.route("rooms/4/climate").unwrap();
+        assert_eq!(route.rebirth_command("rooms/4/climate", &[]), None);
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - The probe never touches the agent's session: it connects with its own client id
 //!   (`<client_id>-probe-<4 hex digits>`) and a clean session, subscribes at QoS 0 and sends no
 //!   acknowledgement the agent's session waits for, so a running agent still gets every message.
+//! - It connects as the source does ([`crate::sources::mqtt::connect`]): the broker's protocol
+//!   (`protocol = "5"` speaks MQTT 5), TLS and credentials, so what the probe reaches the agent
+//!   reaches too. It never publishes (no Sparkplug rebirth requests).
 //! - Connecting and subscribing run under a timeout; an unreachable broker or a refused filter is
 //!   an error (exit code 1), never a hang.
 //! - A retained message (the broker's replay of a topic's last value on subscribe) is shown with
@@ -16,10 +19,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter,
-    SubscribeReasonCode,
-};
 use tokio::time::Instant;
 
 use super::ProbeError;
@@ -27,6 +26,7 @@ use crate::buffer::dead_letter::{PAYLOAD_BYTES, shown_payload};
 use crate::buffer::format_micros;
 use crate::config::{AgentConfig, ConfigDuration, MqttBroker};
 use crate::sources::mqtt::route::Router;
+use crate::sources::mqtt::{Connection, Happened, Message, Requests, connect};
 
 /// How long the broker may take to accept the connection and to confirm the subscriptions.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,12 +66,11 @@ pub async fn probe_mqtt(
         reason: e.to_string(),
     };
     let router = Router::new(broker).map_err(|e| mqtt_config(&e))?;
-    let mut options = crate::sources::mqtt::options(broker).map_err(|e| mqtt_config(&e))?;
     let client_id = format!("{}-probe-{:04x}", broker.client_id, rand::random::<u16>());
-    options
-        .set_client_id(client_id.clone())
-        .set_clean_session(true)
-        .set_manual_acks(false);
+    let mut own = broker.clone();
+    own.client_id.clone_from(&client_id);
+    own.clean_session = true;
+    let (requests, mut connection) = connect(&own).map_err(|e| mqtt_config(&e))?;
     let unreachable = |reason: String| ProbeError::BrokerUnreachable {
         broker: broker.name.clone(),
         host: broker.host.clone(),
@@ -79,10 +78,9 @@ pub async fn probe_mqtt(
         reason,
     };
 
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
     let early = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        subscribe(&client, &mut eventloop, &filters),
+        subscribe(&requests, &mut connection, &filters),
     )
     .await
     .map_err(|_| unreachable(format!("no answer within {}s", HANDSHAKE_TIMEOUT.as_secs())))?
@@ -94,10 +92,11 @@ pub async fn probe_mqtt(
         },
     })?;
     print(&format!(
-        "listening to broker {} at {}:{} as {client_id} (clean session, QoS 0) for {}: {}",
+        "listening to broker {} at {}:{} as {client_id} (MQTT {}, clean session, QoS 0) for {}: {}",
         broker.name,
         broker.host,
         broker.port(),
+        broker.protocol,
         args.listen,
         filters.join(", ")
     ));
@@ -112,11 +111,11 @@ pub async fn probe_mqtt(
     while args.max_messages.is_none_or(|max| summary.messages < max) {
         let event = tokio::select! {
             () = tokio::time::sleep_until(deadline) => break,
-            event = eventloop.poll() => event,
+            event = connection.next() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                shown.message(&publish, &mut summary, &mut print);
+            Ok(Happened::Message(message)) => {
+                shown.message(&message, &mut summary, &mut print);
             }
             Ok(_) => {}
             Err(e) => {
@@ -128,10 +127,10 @@ pub async fn probe_mqtt(
     if let Some(reason) = lost {
         return Err(unreachable(format!("the connection broke: {reason}")));
     }
-    let _ = client.try_disconnect();
+    let _ = requests.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Ok(event) = eventloop.poll().await {
-            if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+        while let Ok(event) = connection.next().await {
+            if matches!(event, Happened::Closed) {
                 break;
             }
         }
@@ -188,40 +187,33 @@ enum Handshake {
 /// Connects and subscribes at QoS 0; returns the messages that came before the broker
 /// confirmed the subscriptions, to be shown first.
 async fn subscribe(
-    client: &AsyncClient,
-    eventloop: &mut EventLoop,
+    requests: &Requests,
+    connection: &mut Connection,
     filters: &[&str],
-) -> Result<Vec<Publish>, Handshake> {
+) -> Result<Vec<Message>, Handshake> {
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+        match connection.next().await {
+            Ok(Happened::Connected { .. }) => break,
             Ok(_) => {}
             Err(e) => return Err(Handshake::Failed(e.to_string())),
         }
     }
-    client
-        .try_subscribe_many(
-            filters
-                .iter()
-                .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtMostOnce)),
-        )
-        .map_err(|e| Handshake::Failed(e.to_string()))?;
+    let at_most_once: Vec<(String, u8)> = filters.iter().map(|f| ((*f).to_owned(), 0)).collect();
+    requests
+        .subscribe(&at_most_once)
+        .map_err(Handshake::Failed)?;
     let mut early = Vec::new();
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                return match ack
-                    .return_codes
-                    .iter()
-                    .position(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
+        match connection.next().await {
+            Ok(Happened::Subscribed { refused, .. }) => {
+                return match refused {
                     Some(i) => Err(Handshake::Refused(
                         filters.get(i).copied().unwrap_or_default().to_owned(),
                     )),
                     None => Ok(early),
                 };
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => early.push(publish),
+            Ok(Happened::Message(message)) => early.push(message),
             Ok(_) => {}
             Err(e) => return Err(Handshake::Failed(e.to_string())),
         }
@@ -237,7 +229,7 @@ impl Shown<'_> {
     /// Prints one message: its topic and payload, then a line per reading and per problem.
     fn message(
         &self,
-        publish: &Publish,
+        publish: &Message,
         summary: &mut MqttProbeSummary,
         print: &mut impl FnMut(&str),
     ) {
@@ -264,7 +256,11 @@ impl Shown<'_> {
             } else {
                 ""
             };
-            let value = r.value.map_or_else(|| "none".to_owned(), |v| v.to_string());
+            let value = match (&r.value, &r.value_text) {
+                (Some(v), _) => v.to_string(),
+                (None, Some(text)) => format!("{text:?}"),
+                (None, None) => "none".to_owned(),
+            };
             let unit = r
                 .unit
                 .as_ref()

@@ -98,6 +98,12 @@ impl SparkplugError {
             Self::BadTimestamp { .. } => "bad_timestamp",
         }
     }
+
+    /// Whether the message came without the birth it needs: its edge node should be asked for
+    /// its births again.
+    pub fn needs_birth(&self) -> bool {
+        matches!(self, Self::NoBirth { .. })
+    }
 }
 
 /// What one message gave: readings (values, or stale marks after a death) and problems.

@@ -60,11 +60,18 @@
 //! `sparkplug_bad_value` (a value that is not of its datatype, out of its range, or not finite)
 //! and `bad_timestamp`. The good metrics of the same message are still recorded.
 //!
+//! # Rebirth requests
+//! After an agent restart, or a sensor map edit that restarts the broker's source, the agent
+//! knows no births while the edge nodes keep sending data. A message that is `sparkplug_no_birth`
+//! stays a dead letter (counted, with its reason), and the agent asks its edge node for its
+//! births again, as a Sparkplug host application does ([`rebirth`]): an `NCMD` to
+//! `spBv1.0/<group>/NCMD/<edge node>` with `Node Control/Rebirth` = true, at QoS 0, at most once
+//! per edge node every 30 s ([`REBIRTH_INTERVAL`]). The node answers with an NBIRTH and its
+//! DBIRTHs, and its data is decoded from then on. `rebirth = false` on the subscription turns
+//! the requests off (for a broker where only another host application may send commands); the
+//! agent then waits for the node's next NBIRTH. `probe` never sends requests.
+//!
 //! # Not done
-//! - Rebirth requests: the agent never publishes (`NCMD` `Node Control/Rebirth`). After an
-//!   agent restart, or a sensor map edit that restarts the broker's source, an edge node's data
-//!   is dead-lettered as `sparkplug_no_birth` until the node sends its next NBIRTH (when it
-//!   reconnects, or when a host application such as Ignition asks for one).
 //! - Births are kept in memory only, not in the buffer file.
 //! - Edge node quality properties (Ignition's `Quality`) are not read; the quality of a value is
 //!   `good`, of a null metric or a stale mark `bad`.
@@ -72,11 +79,13 @@
 mod decoder;
 mod names;
 mod proto;
+pub mod rebirth;
 mod topic;
 mod value;
 
 pub use decoder::{Decoded, Decoder, SparkplugError};
 pub use names::tag_name;
+pub use rebirth::REBIRTH_INTERVAL;
 pub use topic::{NAMESPACE, check_filter};
 
 #[cfg(test)]
