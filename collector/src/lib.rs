@@ -6,6 +6,7 @@
 //! cancelled. Both are what `main.rs` calls; tests drive them the same way.
 
 mod apply;
+pub mod backfill;
 pub mod config;
 pub mod delta;
 #[cfg(feature = "demo")]

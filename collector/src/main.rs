@@ -42,6 +42,34 @@ enum Command {
     },
     /// Check a config file and report every problem with its key and the fix.
     Validate { config: PathBuf },
+    /// Apply the archived batches (`raw.archive_prefix`) again to the configured tables, per
+    /// gateway in seq order, leaving the archive as it is; rows already in the table are
+    /// filtered by the watermark, so a re-run resumes where a killed one stopped. Progress on
+    /// stderr. Exit codes: 0 done, 1 a gateway failed, 78 invalid config.
+    Backfill {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Only this gateway (repeatable); default every gateway in the archive.
+        #[arg(long = "gateway", value_name = "ID")]
+        gateways: Vec<String>,
+        /// Only archived files whose first seq is at or above this.
+        #[arg(long, value_name = "SEQ")]
+        from_seq: Option<i64>,
+    },
+    /// Move quarantined batch files (with their reason objects) back to the raw zone and apply
+    /// them in a pass, after a rule or schema fix; files that fail again return to the
+    /// quarantine with a fresh reason. Exit codes: 0 done, 1 a gateway failed, 78 invalid config.
+    Reprocess {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Only this gateway (repeatable); default every gateway in the quarantine.
+        #[arg(long = "gateway", value_name = "ID")]
+        gateways: Vec<String>,
+        /// Only files whose reason names this kind (`rule_failed`, `foreign_schema`, ...) or
+        /// this rule.
+        #[arg(long, value_name = "KIND_OR_RULE")]
+        reason: Option<String>,
+    },
     /// Read the agents' Kinesis live stream (`[stream]`) into the live Delta table until SIGINT
     /// or SIGTERM, committing rows with each shard's position every `stream.flush_interval`.
     /// Exit codes: 0 stopped by a signal, 1 failed (table or stream unreachable), 78 invalid
@@ -115,14 +143,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Our own components log at info; the libraries below (Delta kernel, HTTP, AWS) only when
     // something is wrong. The demo prints its own summary, so it logs warnings only.
+    // Backfill and reprocess show progress and a summary instead of a log line per commit.
+    let shows_progress = matches!(
+        cli.command,
+        Command::Backfill { .. } | Command::Reprocess { .. }
+    );
     #[cfg(feature = "demo")]
-    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+    let default_filter = if matches!(cli.command, Command::Demo(_)) || shows_progress {
         "warn"
     } else {
         "warn,collector=info,edge_agent=info"
     };
     #[cfg(not(feature = "demo"))]
-    let default_filter = "warn,collector=info,edge_agent=info";
+    let default_filter = if shows_progress {
+        "warn"
+    } else {
+        "warn,collector=info,edge_agent=info"
+    };
     edge_agent::process::init_logging(default_filter, false);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,16 +173,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Validate { config } => match CollectorConfig::load(&config) {
-                Ok(_) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            },
+            Command::Validate { config } => validate(&config),
             Command::Snowflake {
                 command:
                     SnowflakeCommand::Init {
@@ -162,43 +190,31 @@ fn main() -> ExitCode {
                 dry_run,
                 no_snowflake_check,
             } => vacuum(&config, retention, full, dry_run, !no_snowflake_check).await,
-            Command::RunOnce { config } => {
-                let Some(config) = load(&config) else {
-                    return ExitCode::from(EXIT_CONFIG);
-                };
-                match collector::run_once(&config).await {
-                    Ok(report) => {
-                        print!("{}", collector::summary::pass_summary(&report));
-                        if report.is_clean() {
-                            ExitCode::SUCCESS
-                        } else {
-                            ExitCode::FAILURE
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(component = "collector", "{e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
+            Command::RunOnce { config } => run_once(&config).await,
             Command::Stream { config } => stream(&config).await,
-            Command::Run { config } => {
-                let Some(config) = load(&config) else {
-                    return ExitCode::from(EXIT_CONFIG);
-                };
-                let shutdown = CancellationToken::new();
-                tokio::spawn(edge_agent::process::cancel_on_signal(
-                    shutdown.clone(),
-                    "collector",
-                ));
-                match collector::run(config, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(component = "collector", "{e}");
-                        ExitCode::FAILURE
-                    }
-                }
+            Command::Backfill {
+                config,
+                gateways,
+                from_seq,
+            } => {
+                let options = collector::backfill::BackfillOptions { gateways, from_seq };
+                replay(&config, |c| async move {
+                    collector::backfill::backfill(&c, &options).await
+                })
+                .await
             }
+            Command::Reprocess {
+                config,
+                gateways,
+                reason,
+            } => {
+                let options = collector::backfill::ReprocessOptions { gateways, reason };
+                replay(&config, |c| async move {
+                    collector::backfill::reprocess(&c, &options).await
+                })
+                .await
+            }
+            Command::Run { config } => run(&config).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => match collector::demo::run(args).await {
                 Ok(summary) => {
@@ -212,6 +228,57 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+fn validate(path: &std::path::Path) -> ExitCode {
+    match CollectorConfig::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn run_once(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match collector::run_once(&config).await {
+        Ok(report) => {
+            print!("{}", collector::summary::pass_summary(&report));
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            tracing::error!(component = "collector", "{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(edge_agent::process::cancel_on_signal(
+        shutdown.clone(),
+        "collector",
+    ));
+    match collector::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(component = "collector", "{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn snowflake_init(path: &std::path::Path, apply: bool, skip_grants: bool) -> ExitCode {
@@ -316,6 +383,33 @@ async fn vacuum(
         Ok(reports) => {
             print!("{}", collector::summary::vacuum_summary(&reports));
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("collector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a backfill or reprocess and maps its outcome to an exit code.
+async fn replay<F, Fut>(path: &std::path::Path, work: F) -> ExitCode
+where
+    F: FnOnce(CollectorConfig) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<collector::backfill::WorkReport, collector::backfill::BackfillError>,
+        >,
+{
+    let Some(config) = load(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match work(config).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("collector: {e}");

@@ -188,6 +188,8 @@ pub struct RawZone {
     prefix: String,
     archive_prefix: String,
     quarantine_prefix: String,
+    /// Set for a backfill: [`RawZone::archive`] does nothing.
+    leave_applied: bool,
 }
 
 impl RawZone {
@@ -249,7 +251,16 @@ impl RawZone {
             prefix: prefix.to_owned(),
             archive_prefix: archive_prefix.to_owned(),
             quarantine_prefix: DEFAULT_QUARANTINE_PREFIX.to_owned(),
+            leave_applied: false,
         }
+    }
+
+    /// Leaves applied batches where they are instead of archiving them: a backfill reads the
+    /// archive itself, which must stay intact.
+    #[must_use]
+    pub fn leaving_applied_in_place(mut self) -> Self {
+        self.leave_applied = true;
+        self
     }
 
     /// Sets the key prefix bad files are moved to (default `quarantine/`).
@@ -423,6 +434,9 @@ impl RawZone {
     /// Moves a batch to the archive prefix: copy, then delete. A batch already gone (archived
     /// by another collector) counts as archived.
     pub async fn archive(&self, file: &BatchFile) -> Result<(), RawZoneError> {
+        if self.leave_applied {
+            return Ok(());
+        }
         let archive_key = self.archive_key(&file.key);
         let archive_err = |source| RawZoneError::Archive {
             key: file.object_key.clone(),

@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 
 use super::auth::{AuthError, Credentials, Secret};
 use super::config::{SessionParameter, SnowflakeConfig};
+use super::s3_stage::{EncryptionMaterial, StageCredentials, StageUploadError, upload_to_s3_stage};
 
 /// How much of a statement's SQL an error message carries.
 const SQL_IN_ERRORS: usize = 200;
@@ -104,6 +105,13 @@ pub enum SnowflakeError {
         "uploading `{file}` for a PUT failed: {detail}; use load_mode = \"external_stage\" or \"rows\" with this account"
     )]
     Upload { file: String, detail: String },
+    #[error("uploading `{file}` for a PUT into an S3 stage failed: {source}")]
+    StageUpload {
+        file: String,
+        // boxed: S3's errors are large, and every statement's result carries this type
+        #[source]
+        source: Box<StageUploadError>,
+    },
     #[error("column {column} of the result of `{sql}` holds {found}, expected {expected}")]
     Value {
         sql: String,
@@ -266,6 +274,22 @@ pub struct UploadTarget {
     /// A URL the file can be sent to with a plain HTTP `PUT` (GCS stages).
     #[serde(default)]
     pub presigned_url: Option<String>,
+    /// The bucket's region (S3 stages).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Temporary credentials for the upload (S3 stages); `Debug` redacts the secrets.
+    #[serde(default)]
+    pub creds: StageCredentials,
+    /// A host name replacing the default S3 endpoint (FIPS, `PrivateLink`).
+    #[serde(default)]
+    pub end_point: Option<String>,
+    /// Whether to use the bucket's regional S3 endpoint.
+    #[serde(default, rename = "useS3RegionalUrl")]
+    pub use_s3_regional_url: bool,
+    /// The key to encrypt the file with before uploading: the answer's `encryptionMaterial`,
+    /// which sits beside `stageInfo`; `None` for stages without client-side encryption.
+    #[serde(skip)]
+    pub encryption: Option<EncryptionMaterial>,
 }
 
 impl QueryResult {
@@ -833,8 +857,9 @@ impl ConnectorTransport {
 
 impl ConnectorTransport {
     /// Moves a file where a `PUT` answer said: a presigned URL takes a plain HTTP `PUT`, a
-    /// `LOCAL_FS` stage (a server on this machine) a file write. S3 and Azure stages need the
-    /// cloud SDKs and Snowflake's client-side encryption, which this client does not carry.
+    /// `LOCAL_FS` stage (a server on this machine) a file write, an S3 stage an S3 `PUT` with
+    /// the answer's temporary credentials, encrypted client-side when the answer carries
+    /// encryption material. Azure stages are not supported.
     async fn upload_file(
         &self,
         target: &UploadTarget,
@@ -846,6 +871,14 @@ impl ConnectorTransport {
             detail,
         };
         if let Some(url) = &target.presigned_url {
+            if target.encryption.is_some() {
+                // GCS stages carry the key material in other headers; sending the plain file
+                // would leave Snowflake a file it cannot read
+                return Err(upload_err(format!(
+                    "the stage on {} encrypts files client-side, which this client does only for S3 stages",
+                    target.location_type
+                )));
+            }
             let response = self
                 .http
                 .put(url)
@@ -874,8 +907,16 @@ impl ConnectorTransport {
                 .await
                 .map_err(|e| upload_err(format!("writing {}: {e}", path.display())));
         }
+        if target.location_type == "S3" {
+            return upload_to_s3_stage(target, file_name, bytes)
+                .await
+                .map_err(|source| SnowflakeError::StageUpload {
+                    file: file_name.to_owned(),
+                    source: Box::new(source),
+                });
+        }
         Err(upload_err(format!(
-            "the stage is on {} at `{}`, which this client cannot upload to (only presigned URLs and LOCAL_FS)",
+            "the stage is on {} at `{}`, which this client cannot upload to (only S3, presigned URLs and LOCAL_FS)",
             target.location_type, target.location
         )))
     }
@@ -914,17 +955,16 @@ fn decode_query_answer(envelope: Envelope, sql: String) -> Result<QueryResult, S
             chunks: chunks.len(),
         });
     }
-    if data
+    let encryption = data
         .encryption_material
         .as_ref()
-        .is_some_and(|m| !m.is_null())
-    {
-        return Err(SnowflakeError::Upload {
-            file: sql,
-            detail: "the stage encrypts files client-side, which this client does not do"
-                .to_owned(),
-        });
-    }
+        .map(EncryptionMaterial::from_answer)
+        .transpose()
+        .map_err(|e| SnowflakeError::Protocol {
+            sql: sql.clone(),
+            detail: format!("encryptionMaterial does not parse: {e}"),
+        })?
+        .flatten();
     let rows = match data.query_result_format.as_deref() {
         Some("arrow") => {
             let encoded = data.rowset_base64.unwrap_or_default();
@@ -942,7 +982,10 @@ fn decode_query_answer(envelope: Envelope, sql: String) -> Result<QueryResult, S
         query_id: data.query_id,
         columns: data.rowtype,
         rows,
-        upload: data.stage_info,
+        upload: data.stage_info.map(|target| UploadTarget {
+            encryption,
+            ..target
+        }),
         sql,
     })
 }
@@ -1290,6 +1333,43 @@ mod tests {
         assert_eq!(
             BindValue::Null.to_json(),
             json!({"type": "ANY", "value": null})
+        );
+    }
+
+    #[test]
+    fn a_put_answer_for_an_s3_stage_carries_its_encryption_material_to_the_upload() {
+        let envelope: Envelope = serde_json::from_value(json!({
+            "success": true,
+            "data": {
+                "command": "UPLOAD",
+                "src_locations": ["part-0.parquet"],
+                "stageInfo": {
+                    "locationType": "S3",
+                    "location": "sfc-bucket/stages/abc/",
+                    "region": "us-west-2",
+                    "creds": {"AWS_KEY_ID": "ASIA1", "AWS_SECRET_KEY": "s3cret-v4lue", "AWS_TOKEN": "t0ken-v4lue"},
+                    "endPoint": null,
+                    "useS3RegionalUrl": true
+                },
+                "encryptionMaterial": {
+                    "queryStageMasterKey": "AAAAAAAAAAAAAAAAAAAAAA==",
+                    "queryId": "q-1",
+                    "smkId": 42
+                },
+                "rowtype": []
+            }
+        }))
+        .unwrap();
+        let answer = decode_query_answer(envelope, "PUT".into()).unwrap();
+        let target = answer.upload.unwrap();
+        assert_eq!(target.location_type, "S3");
+        assert_eq!(target.region.as_deref(), Some("us-west-2"));
+        assert!(target.use_s3_regional_url);
+        assert!(target.encryption.is_some());
+        let shown = format!("{target:?}");
+        assert!(
+            !shown.contains("v4lue") && !shown.contains("AAAA"),
+            "{shown}"
         );
     }
 

@@ -24,6 +24,7 @@ mod config;
 mod ddl;
 mod init;
 mod loader;
+mod s3_stage;
 mod stage;
 pub mod views;
 
@@ -42,3 +43,7 @@ pub use init::{
     QUARANTINED_ROWS_TABLE, REPORTING_ROLE, StatementKind, TAGS_TABLE,
 };
 pub use loader::{LoadError, LoadReport, load, load_tables};
+pub use s3_stage::{
+    EncryptedFile, EncryptionMaterial, StageCredentials, StageUploadError, encrypt_for_stage,
+    upload_to_s3_stage,
+};
