@@ -37,16 +37,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn cache_dir() -> PathBuf {
-    std::env::var_os("PLANTLINE_CACHE").map_or_else(
-        || {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set for a bench run"))
-                .join(".cache/plantline")
-        },
-        PathBuf::from,
-    )
-}
-
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -203,7 +193,10 @@ fn count(python: &Path, script: &Path, what: &str, path: &Path) -> u64 {
 }
 
 fn venv_python(name: &str, how: &str) -> PathBuf {
-    let python = cache_dir().join("venv").join(name).join("bin/python");
+    let python = pipeline_e2e::cache_dir()
+        .join("venv")
+        .join(name)
+        .join("bin/python");
     assert!(python.exists(), "{} is missing: {how}", python.display());
     python
 }

@@ -186,7 +186,7 @@ fn main() {
             })
             .unwrap_or_else(|| "unknown CPU".to_owned());
         println!(
-            "log growth: {total} commits of {ROWS_PER_COMMIT} readings to two local tables, on {} ({} CPUs)",
+            "log growth: {total} commits of {ROWS_PER_COMMIT} readings to three local tables, on {} ({} CPUs)",
             machine,
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         );
