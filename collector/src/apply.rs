@@ -19,6 +19,25 @@
 //!   the clock cannot send a reading to both tables, or to neither.
 //!
 //! The rules' clock is read once per chunk ([`crate::rules::Judge`]).
+//!
+//! # The fresh lane (batch contract v3)
+//! The readings table keeps one fresh range [Fs, Fe] per gateway beside its watermark W
+//! ([`crate::delta::FreshRange`]). Main-lane chunks keep readings with `seq > W` outside the
+//! range and record no gap inside it. A gateway's fresh batches are applied after its main
+//! chunks, in key order ([`apply_fresh`]):
+//! - readings at or below W, or inside a live range (`W < Fe`), are dropped (replays; a file that
+//!   continues the range only adds readings above Fe);
+//! - a file with no live range, or contiguous with it (`first seq <= Fe + 1`), is applied: the
+//!   range becomes [Fs, last applied] (live range) or [first applied, last applied];
+//! - a file that starts a new run while the range is live (`first seq > Fe + 1`, `W < Fe`) waits
+//!   in the raw zone with every later fresh file: the gateway starts a new run only after its main
+//!   lane uploaded everything up to Fe, so a later pass applies it;
+//! - `flag` rules flag fresh readings as main ones; a reading a `quarantine` or `fail` rule would
+//!   take ends the file's apply just before it: it and the rest of the file are the main lane's;
+//! - no gaps: the fresh lane holds copies, the main lane reports what is missing.
+//!
+//! Exactly once: the main lane keeps `seq > W` minus the range, the fresh lane keeps `seq > W`
+//! minus the range, and every commit lands only if W and the range are what it was built on.
 
 use std::collections::BTreeSet;
 
@@ -27,8 +46,8 @@ use edge_agent::contract;
 use tracing::{info, warn};
 
 use crate::delta::{
-    CommitFailure, DeltaError, GapRow, QuarantinedRow, Tables, backoff, filter_above, seq_column,
-    with_flags,
+    CommitFailure, DeltaError, FreshRange, GapRow, QuarantinedRow, Tables, backoff, filter_above,
+    seq_column, with_flags, without_range,
 };
 use crate::gaps::{self, Jump, QuarantinedRange};
 use crate::quarantine::{QuarantineError, quarantined_batches};
@@ -149,7 +168,10 @@ async fn attempt(
     now_us: i64,
     done: &mut ChunkOutcome,
 ) -> Result<(), AttemptError> {
-    let w_readings = tables.readings.watermark(gateway).await?;
+    let marks = tables.readings.marks(gateway).await?;
+    let w_readings = marks.watermark;
+    // The fresh lane's rows above the watermark: in the table already, skipped here, no gap.
+    let fresh_range = marks.fresh.filter(|r| r.is_live(w_readings));
     let w_gaps = tables.gaps.watermark(gateway).await?;
     let w_quarantined = tables.quarantined_rows.watermark(gateway).await?;
 
@@ -161,15 +183,18 @@ async fn attempt(
             flat.push(batch.clone());
         }
     }
-    let (fresh, high, skipped) = filter_above(&flat, w_readings);
+    let (above, high, skipped) = filter_above(&flat, w_readings);
     done.rows_skipped = skipped;
     done.watermark_after = w_readings;
     done.version = None;
     done.rows_applied = 0;
     done.rows_flagged = 0;
-    let Some(high) = high.filter(|_| !fresh.is_empty()) else {
+    let Some(high) = high.filter(|_| !above.is_empty()) else {
         return Ok(());
     };
+    // The watermark still moves to `high` when every new reading lies in the fresh range.
+    let (new_rows, in_range) = without_range(above.clone(), fresh_range);
+    done.rows_skipped += in_range;
 
     // Readings an earlier attempt already decided: the quarantined ones are in the table.
     let decided_up_to = w_quarantined.filter(|&q| w_readings.is_none_or(|w| q > w));
@@ -188,7 +213,7 @@ async fn attempt(
     let mut new_quarantined = Vec::new();
     let mut flag_counts = RuleCountsByName::new();
     let mut quarantine_counts = RuleCountsByName::new();
-    for (index, batch) in &fresh {
+    for (index, batch) in &new_rows {
         let file_key = &files[owners[*index]].file.object_key;
         let sorted = sort_rows(
             batch,
@@ -207,8 +232,9 @@ async fn attempt(
         done.rows_skipped += sorted.already_quarantined;
     }
 
-    // Gaps, from the readings that reached the collector (quarantined ones included).
-    let seqs: Vec<(&str, &[i64])> = fresh
+    // Gaps, from the readings that reached the collector (quarantined ones and those the fresh
+    // lane applied included).
+    let seqs: Vec<(&str, &[i64])> = above
         .iter()
         .map(|(i, b)| {
             (
@@ -254,13 +280,16 @@ async fn attempt(
         }
     }
     let gap_floor = w_gaps.max(w_readings);
-    let new_gaps: Vec<GapRow> = gaps::explain(
-        gateway,
-        &jumps,
-        &agent,
-        &quarantined_files,
-        gap_floor,
-        now_us,
+    let new_gaps: Vec<GapRow> = gaps::outside_fresh_range(
+        gaps::explain(
+            gateway,
+            &jumps,
+            &agent,
+            &quarantined_files,
+            gap_floor,
+            now_us,
+        ),
+        fresh_range,
     );
 
     // 1. quarantined rows.
@@ -318,7 +347,7 @@ async fn attempt(
     Ok(())
 }
 
-/// Judges the rows of one fresh batch: readings above `decided_up_to` by the rules, those at or
+/// Judges the rows of one batch: readings above `decided_up_to` by the rules, those at or
 /// below it by what the `quarantined_rows` table holds (`already`).
 #[allow(clippy::too_many_arguments)]
 fn sort_rows(
@@ -422,4 +451,233 @@ fn sort_rows(
         start = end;
     }
     sorted
+}
+
+/// What applying a gateway's fresh-lane batches did.
+#[derive(Debug, Default)]
+pub(crate) struct FreshOutcome {
+    /// The readings table version of the commit, `None` when nothing was new.
+    pub(crate) version: Option<u64>,
+    pub(crate) rows_applied: usize,
+    /// Readings dropped: at or below the watermark, or inside the fresh range already.
+    pub(crate) rows_skipped: usize,
+    pub(crate) rows_flagged: usize,
+    /// The gateway's fresh range afterwards.
+    pub(crate) range_after: Option<FreshRange>,
+    /// The first this many files are done with (applied, replays, or stopped by a rule) and go to
+    /// the archive; the others wait in the raw zone for a later pass.
+    pub(crate) settled: usize,
+    /// What each `flag` rule did.
+    pub(crate) rules: RuleCountsByName,
+    pub(crate) conflicts: u32,
+}
+
+/// Applies `files` (one gateway's valid fresh-lane batches, in key order) to the readings table
+/// in one commit, as the module documentation says, retrying from the top with backoff when the
+/// commit loses a race, up to `attempts` times.
+pub(crate) async fn apply_fresh(
+    tables: &mut Tables,
+    gateway: &str,
+    files: &[ValidBatch],
+    judge: &mut Judge<'_>,
+    attempts: u32,
+) -> Result<FreshOutcome, ApplyError> {
+    let mut done = FreshOutcome::default();
+    loop {
+        match fresh_attempt(tables, gateway, files, judge, &mut done).await {
+            Ok(()) => return Ok(done),
+            Err(AttemptError::Failed(e)) => return Err(e),
+            Err(AttemptError::Conflict(source)) => {
+                done.conflicts += 1;
+                if done.conflicts >= attempts {
+                    return Err(DeltaError::Contended {
+                        gateway: gateway.to_owned(),
+                        attempts: done.conflicts,
+                    }
+                    .into());
+                }
+                let pause = backoff(done.conflicts);
+                warn!(
+                    component = "delta",
+                    gateway,
+                    lane = "fresh",
+                    attempt = done.conflicts,
+                    pause_ms = pause.as_millis(),
+                    error = %source,
+                    "fresh-lane commit lost a race with another writer of this gateway; re-reading the watermark and fresh range"
+                );
+                tokio::time::sleep(pause).await;
+                tables.reload().await?;
+            }
+        }
+    }
+}
+
+async fn fresh_attempt(
+    tables: &mut Tables,
+    gateway: &str,
+    files: &[ValidBatch],
+    judge: &mut Judge<'_>,
+    done: &mut FreshOutcome,
+) -> Result<(), AttemptError> {
+    let marks = tables.readings.marks(gateway).await?;
+    let w = marks.watermark;
+    let w_quarantined = tables.quarantined_rows.watermark(gateway).await?;
+    done.version = None;
+    done.rows_applied = 0;
+    done.rows_skipped = 0;
+    done.rows_flagged = 0;
+    done.range_after = marks.fresh;
+    done.settled = 0;
+    if w_quarantined.is_some_and(|q| w.is_none_or(|w| q > w)) {
+        // A main-lane chunk committed its quarantined readings but not yet its readings: its
+        // retry decides those readings first, so they never land in both tables.
+        return Ok(());
+    }
+    let mut range = marks.fresh;
+    let mut kept = Vec::new();
+    let mut rows_kept = 0;
+    let mut rows_flagged = 0;
+    let mut flag_counts = RuleCountsByName::new();
+    for file in files {
+        let live = range.filter(|r| r.is_live(w));
+        if let Some(r) = live
+            && file.first_seq > r.last + 1
+        {
+            // A new run while the main lane has not passed the range: later, with all after it.
+            break;
+        }
+        let floor = match live {
+            Some(r) => Some(w.map_or(r.last, |w| w.max(r.last))),
+            None => w,
+        };
+        let (above, _, skipped) = filter_above(&file.data, floor);
+        done.rows_skipped += skipped;
+        done.settled += 1;
+        let mut applied: Option<(i64, i64)> = None;
+        for (_, batch) in &above {
+            let judged = judge_fresh(batch, judge, &mut flag_counts);
+            if let Some(run) = judged.kept {
+                let seqs = seq_column(&run);
+                let (lo, hi) = (seqs.value(0), seqs.value(seqs.len() - 1));
+                applied = Some(applied.map_or((lo, hi), |(first, _)| (first, hi)));
+                rows_kept += run.num_rows();
+                kept.push(run);
+            }
+            rows_flagged += judged.rows_flagged;
+            if let Some(stop) = judged.stopped_at {
+                info!(
+                    lane = "fresh",
+                    key = %file.file.object_key,
+                    seq = stop.0,
+                    rule = %stop.1,
+                    "a reading breaks a quarantine or fail rule; the fresh apply of this file stops before it and leaves it to the main lane"
+                );
+                break;
+            }
+        }
+        if let Some((first, last)) = applied {
+            range = Some(match live {
+                Some(r) => FreshRange {
+                    first: r.first,
+                    last,
+                },
+                None => FreshRange { first, last },
+            });
+        }
+    }
+    done.range_after = range;
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let range = range.expect("readings were kept, so the range covers them");
+    let version = tables.readings.commit_fresh(gateway, kept, range).await?;
+    for (rule, counts) in flag_counts {
+        done.rules.entry(rule).or_default().add(&counts);
+    }
+    done.version = Some(version);
+    done.rows_applied = rows_kept;
+    done.rows_flagged = rows_flagged;
+    info!(
+        lane = "fresh",
+        rows_applied = rows_kept,
+        rows_flagged,
+        fresh_first = range.first,
+        fresh_last = range.last,
+        version,
+        "committed fresh-lane readings"
+    );
+    Ok(())
+}
+
+/// One fresh batch's readings, judged.
+struct FreshJudged {
+    /// The readings before the first one a `quarantine` or `fail` rule takes, with `dq_flags`.
+    kept: Option<RecordBatch>,
+    rows_flagged: usize,
+    /// The `seq` a rule stopped the apply at, and that rule's name.
+    stopped_at: Option<(i64, String)>,
+}
+
+/// Judges `batch` for the fresh lane: `flag` rules flag as for the main lane; the first reading
+/// a `quarantine` or `fail` rule takes ends what is kept.
+fn judge_fresh(
+    batch: &RecordBatch,
+    judge: &mut Judge<'_>,
+    flag_counts: &mut RuleCountsByName,
+) -> FreshJudged {
+    let rules = judge.rules();
+    let n = batch.num_rows();
+    if rules.is_empty() {
+        return FreshJudged {
+            kept: Some(with_flags(batch, None)),
+            rows_flagged: 0,
+            stopped_at: None,
+        };
+    }
+    let verdicts = judge.judge_batch(batch);
+    let stop = verdicts
+        .iter()
+        .position(|v| v.quarantine.is_some() || v.fail.is_some());
+    let end = stop.unwrap_or(n);
+    let mut flags: Vec<Option<String>> = Vec::with_capacity(end);
+    let mut rows_flagged = 0;
+    for verdict in &verdicts[..end] {
+        if verdict.flags.is_empty() {
+            flags.push(None);
+            continue;
+        }
+        rows_flagged += 1;
+        let names: Vec<&str> = verdict
+            .flags
+            .iter()
+            .map(|&r| rules.rules()[r].name.as_str())
+            .collect();
+        for name in &names {
+            flag_counts.entry((*name).to_owned()).or_default().flagged += 1;
+        }
+        flags.push(Some(names.join(",")));
+    }
+    let stopped_at = stop.map(|i| {
+        let verdict = &verdicts[i];
+        let violation = verdict
+            .fail
+            .as_ref()
+            .or(verdict.quarantine.as_ref())
+            .expect("the stop is where a quarantine or fail rule was broken");
+        (
+            seq_column(batch).value(i),
+            rules.rules()[violation.rule].name.clone(),
+        )
+    });
+    let kept = (end > 0).then(|| {
+        let flags = StringArray::from(flags);
+        let flags = (flags.null_count() < end).then_some(flags);
+        with_flags(&batch.slice(0, end), flags)
+    });
+    FreshJudged {
+        kept,
+        rows_flagged,
+        stopped_at,
+    }
 }

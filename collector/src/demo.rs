@@ -190,6 +190,8 @@ fn agent_config(
         batch: BatchConfig {
             max_rows: 200,
             max_age: ConfigDuration::from_secs(2),
+            // The demo uploads to a local folder with no backlog to speak of.
+            fresh_lane: true,
         },
         upload: UploadConfig {
             s3: None,

@@ -21,13 +21,19 @@
 //!    fails) ends the gateway's pass after applying the batches read before it; later batches
 //!    wait for the next pass, so the watermark never passes a file that was not looked at.
 //!    Other gateways carry on.
+//! 6. The fresh lane (batch contract v3, `gateway=<id>/fresh/`) is listed before the main lane
+//!    and applied after it, in key order, against the gateway's fresh range
+//!    ([`crate::apply`] has the rules). Its files are validated and quarantined like main ones
+//!    (rules never fail a fresh file: a reading a rule would take ends its apply instead), then
+//!    archived; a file that starts a new run before the main lane passed the range waits in the
+//!    raw zone (deferred) with every later fresh file. The main lane alone moves the watermark.
 
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::apply::{ApplyError, apply_chunk};
-use crate::delta::{DeltaError, GapRow, Tables};
+use crate::apply::{ApplyError, apply_chunk, apply_fresh};
+use crate::delta::{DeltaError, FreshRange, GapRow, Tables, without_range};
 use crate::quarantine::{QuarantineError, QuarantinedFile, Reason, quarantine};
-use crate::raw_zone::{RawZone, RawZoneError, ValidBatch};
+use crate::raw_zone::{BatchFile, RawZone, RawZoneError, ValidBatch};
 use crate::rules::{Judge, RuleAction, RuleCounts, RuleCountsByName, RuleSet};
 
 /// How a pass works: commit size and the row-level rules.
@@ -44,6 +50,9 @@ pub struct IngestOptions {
     pub start_after: Option<i64>,
     /// Called after each chunk is applied and archived, for progress reports.
     pub on_chunk: Option<ChunkHook>,
+    /// Whether the gateways' fresh lanes (`gateway=<id>/fresh/`) are listed and applied. Off for
+    /// a backfill: the archive's main lane holds every reading.
+    pub fresh_lane: bool,
 }
 
 /// What one chunk of a gateway's batch files amounted to, for progress reports.
@@ -83,7 +92,15 @@ impl IngestOptions {
             commit_attempts: 5,
             start_after: None,
             on_chunk: None,
+            fresh_lane: true,
         }
+    }
+
+    /// The same options, leaving the fresh lane alone (neither listed nor applied).
+    #[must_use]
+    pub fn without_fresh_lane(mut self) -> Self {
+        self.fresh_lane = false;
+        self
     }
 
     /// The same options, listing only batch files whose first `seq` is above `seq`.
@@ -156,12 +173,25 @@ impl IngestError {
 pub struct GatewayReport {
     /// The gateway id.
     pub gateway: String,
-    /// Batch files applied (including those whose rows were all duplicates) and archived.
+    /// Batch files applied (including those whose rows were all duplicates) and archived, both
+    /// lanes.
     pub files_applied: usize,
-    /// Rows appended to the Delta table.
+    /// Rows appended to the Delta table, both lanes.
     pub rows_applied: usize,
-    /// Rows dropped because their `seq` was at or below the watermark.
+    /// Rows dropped because their `seq` was at or below the watermark, or inside the fresh range
+    /// (the fresh lane applied them first).
     pub rows_skipped: usize,
+    /// Fresh-lane files applied (or dropped as replays, or ended by a rule) and archived; part of
+    /// `files_applied`.
+    pub fresh_files_applied: usize,
+    /// Rows the fresh lane appended; part of `rows_applied`.
+    pub fresh_rows_applied: usize,
+    /// Fresh-lane files left in the raw zone for a later pass: they start a new run before the
+    /// main lane passed the current one. Their keys, in key order.
+    pub fresh_deferred: Vec<String>,
+    /// The gateway's fresh range as this pass's fresh apply left it (`None` when the pass had no
+    /// valid fresh file to look at, or the gateway has no range).
+    pub fresh_range: Option<FreshRange>,
     /// Rows a `quarantine` rule moved to the `quarantined_rows` table.
     pub rows_quarantined: usize,
     /// Rows applied with at least one `flag` rule named in `dq_flags`.
@@ -313,10 +343,13 @@ async fn ingest_gateway_into(
         .await
         .map_err(delta_err)?;
 
-    let listing = raw
-        .list_batches(gateway, options.start_after)
-        .await
-        .map_err(raw_err)?;
+    let listing = if options.fresh_lane {
+        // The fresh lane first: see `RawZone::list_batches`.
+        raw.list_batches(gateway, options.start_after).await
+    } else {
+        raw.list_main_batches(gateway, options.start_after).await
+    }
+    .map_err(raw_err)?;
     for key in &listing.in_flight {
         warn!(key = %key, "upload in flight in a gateway folder; left alone");
     }
@@ -340,16 +373,19 @@ async fn ingest_gateway_into(
         // One clock reading per chunk: every reading of a commit is judged at the same instant.
         let now_us = chrono::Utc::now().timestamp_micros();
         let mut judge = Judge::new(&options.rules, now_us);
-        // Readings at or below this were decided by an earlier attempt; `fail` rules skip them.
-        let decided = if options.rules.has(RuleAction::Fail) {
-            tables
+        // Readings at or below this were decided by an earlier attempt, and those of the fresh
+        // range by the fresh lane; `fail` rules skip them.
+        let (decided, fresh_range) = if options.rules.has(RuleAction::Fail) {
+            let marks = tables.readings.marks(gateway).await.map_err(delta_err)?;
+            let decided = tables
                 .quarantined_rows
                 .watermark(gateway)
                 .await
                 .map_err(delta_err)?
-                .max(report.watermark)
+                .max(marks.watermark);
+            (decided, marks.fresh.filter(|r| r.is_live(marks.watermark)))
         } else {
-            report.watermark
+            (report.watermark, None)
         };
         let mut valid: Vec<ValidBatch> = Vec::with_capacity(chunk.len());
         let mut stop = None;
@@ -357,10 +393,12 @@ async fn ingest_gateway_into(
         for file in chunk {
             let (object_key, last_seq, reason) = match raw.read_batch(file).await {
                 Ok(batch) => {
-                    let failure = batch
-                        .data
-                        .iter()
-                        .find_map(|b| judge.first_failure(b, decided));
+                    let failure = batch.data.iter().find_map(|b| {
+                        let (outside, _) = without_range(vec![(0, b.clone())], fresh_range);
+                        outside
+                            .iter()
+                            .find_map(|(_, part)| judge.first_failure(part, decided))
+                    });
                     match failure {
                         None => {
                             valid.push(batch);
@@ -450,10 +488,135 @@ async fn ingest_gateway_into(
             });
         }
     }
+    if !listing.fresh.is_empty() {
+        apply_fresh_lane(raw, tables, gateway, &listing.fresh, options, report).await?;
+    }
     report
         .rules
         .retain(|_, counts: &mut RuleCounts| !counts.is_zero());
     Ok(())
+}
+
+/// Applies one gateway's fresh-lane files (in key order), after its main lane: validated and
+/// quarantined like main files, applied against the fresh range, archived; the files from the
+/// first one that must wait on are left in the raw zone.
+async fn apply_fresh_lane(
+    raw: &RawZone,
+    tables: &mut Tables,
+    gateway: &str,
+    files: &[BatchFile],
+    options: &IngestOptions,
+    report: &mut GatewayReport,
+) -> Result<(), IngestError> {
+    let raw_err = |source| IngestError::RawZone {
+        gateway: gateway.to_owned(),
+        source,
+    };
+    let quarantine_err = |source| IngestError::Quarantine {
+        gateway: gateway.to_owned(),
+        source,
+    };
+    let chunk_size = options.max_files_per_commit.max(1);
+    let mut next = 0;
+    while next < files.len() {
+        let chunk = &files[next..(next + chunk_size).min(files.len())];
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let mut judge = Judge::new(&options.rules, now_us);
+        let mut valid: Vec<ValidBatch> = Vec::with_capacity(chunk.len());
+        let mut stop = None;
+        let mut looked_at = 0;
+        for file in chunk {
+            let (object_key, last_seq, reason) = match raw.read_batch(file).await {
+                Ok(batch) => {
+                    valid.push(batch);
+                    looked_at += 1;
+                    continue;
+                }
+                Err(RawZoneError::Invalid {
+                    key,
+                    problem,
+                    last_seq,
+                }) => (key, last_seq, Reason::from_problem(&problem)),
+                Err(e) => {
+                    stop = Some(raw_err(e));
+                    break;
+                }
+            };
+            match quarantine(raw, gateway, &object_key, file.size, last_seq, reason).await {
+                Ok(moved) => record_quarantined(report, moved),
+                Err(e) => {
+                    stop = Some(quarantine_err(e));
+                    break;
+                }
+            }
+            looked_at += 1;
+        }
+        let mut deferred = false;
+        if !valid.is_empty() {
+            let outcome = apply_fresh(tables, gateway, &valid, &mut judge, options.commit_attempts)
+                .await
+                .map_err(|e| IngestError::from_apply(gateway, e))?;
+            report.rows_applied += outcome.rows_applied;
+            report.fresh_rows_applied += outcome.rows_applied;
+            report.fresh_range = outcome.range_after;
+            report.rows_skipped += outcome.rows_skipped;
+            report.rows_flagged += outcome.rows_flagged;
+            for (rule, counts) in &outcome.rules {
+                report.rules.entry(rule.clone()).or_default().add(counts);
+            }
+            if let Some(version) = outcome.version {
+                report.delta_version = Some(version);
+                report.commits += 1;
+            }
+            info!(
+                lane = "fresh",
+                files = outcome.settled,
+                rows_applied = outcome.rows_applied,
+                rows_skipped = outcome.rows_skipped,
+                fresh_range = ?outcome.range_after.map(|r| (r.first, r.last)),
+                version = ?outcome.version,
+                "fresh lane applied"
+            );
+            for batch in &valid[..outcome.settled] {
+                raw.archive(&batch.file).await.map_err(raw_err)?;
+                report.files_applied += 1;
+                report.fresh_files_applied += 1;
+            }
+            if outcome.settled < valid.len() {
+                deferred = true;
+                record_deferred(report, files, &valid[outcome.settled].file);
+            }
+        }
+        if let Some(e) = stop {
+            return Err(e);
+        }
+        if deferred {
+            break;
+        }
+        next += looked_at;
+    }
+    Ok(())
+}
+
+/// Reports the fresh files that wait for a later pass: `first_waiting` and every file of
+/// `files` after it (a range only grows in key order) that was not quarantined.
+fn record_deferred(report: &mut GatewayReport, files: &[BatchFile], first_waiting: &BatchFile) {
+    let from = files
+        .iter()
+        .position(|f| f.object_key == first_waiting.object_key)
+        .expect("the valid files are files of this listing");
+    let waiting: Vec<String> = files[from..]
+        .iter()
+        .filter(|f| !report.quarantined.iter().any(|q| q.key == f.object_key))
+        .map(|f| f.object_key.clone())
+        .collect();
+    report.fresh_deferred.extend(waiting);
+    info!(
+        lane = "fresh",
+        key = %first_waiting.object_key,
+        waiting = report.fresh_deferred.len(),
+        "fresh batch starts a new run before the main lane passed the current one; left for a later pass"
+    );
 }
 
 /// Logs and reports one quarantined file; `None` means another collector moved it first.

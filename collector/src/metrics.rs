@@ -87,6 +87,9 @@ struct GatewayCounts {
     rows_quarantined: u64,
     rows_flagged: u64,
     errors: u64,
+    fresh_files_applied: u64,
+    fresh_rows_applied: u64,
+    fresh_files_deferred: u64,
     watermark: Option<i64>,
 }
 
@@ -201,6 +204,9 @@ impl Metrics {
             c.rows_skipped += count(gw.rows_skipped);
             c.rows_quarantined += count(gw.rows_quarantined);
             c.rows_flagged += count(gw.rows_flagged);
+            c.fresh_files_applied += count(gw.fresh_files_applied);
+            c.fresh_rows_applied += count(gw.fresh_rows_applied);
+            c.fresh_files_deferred += count(gw.fresh_deferred.len());
             if gw.error.is_some() {
                 c.errors += 1;
                 failed += 1;
@@ -448,7 +454,7 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         let p = "plantline_collector";
         let gateways = lock(&self.gateways).clone();
-        let per_gateway: [(&str, &str, Field); 7] = [
+        let per_gateway: [(&str, &str, Field); 10] = [
             (
                 "files_seen_total",
                 "Batch files a pass picked up from the gateway's folder (applied or quarantined).",
@@ -478,6 +484,21 @@ impl Metrics {
                 "rows_flagged_total",
                 "Readings applied with at least one flag rule named in dq_flags.",
                 |c| c.rows_flagged,
+            ),
+            (
+                "fresh_files_applied_total",
+                "Fresh-lane batch files (contract v3) applied and archived; also counted in files_applied_total.",
+                |c| c.fresh_files_applied,
+            ),
+            (
+                "fresh_rows_applied_total",
+                "Readings the fresh lane appended ahead of the main lane; also counted in rows_applied_total.",
+                |c| c.fresh_rows_applied,
+            ),
+            (
+                "fresh_files_deferred_total",
+                "Fresh-lane batch files a pass left for a later one: a new run that waits until the main lane passed the current range.",
+                |c| c.fresh_files_deferred,
             ),
             (
                 "gateway_errors_total",

@@ -147,6 +147,10 @@ async fn pass(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
             rows_quarantined = gw.rows_quarantined,
             rows_flagged = gw.rows_flagged,
             gaps = gw.gaps.len(),
+            fresh_files = gw.fresh_files_applied,
+            fresh_rows = gw.fresh_rows_applied,
+            fresh_deferred = gw.fresh_deferred.len(),
+            fresh_range = ?gw.fresh_range.map(|r| (r.first, r.last)),
             watermark = gw.watermark,
             "gateway applied"
         );

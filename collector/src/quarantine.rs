@@ -6,7 +6,8 @@
 //!   same answer. They quarantine the object at once: not Parquet, truncated, undecodable, a
 //!   foreign schema, an unknown or newer contract version, rows of another gateway than the
 //!   folder, unsorted or duplicate `seq`, an unknown quality, a key that does not match the first
-//!   `seq`, an empty file, and a key that is not a batch key under a gateway folder.
+//!   `seq`, an empty file, a key that is not a batch key under a gateway folder, and a footer
+//!   that does not match the lane of the file's folder (contract v3).
 //! - *Transient* problems (the store cannot be reached, a read times out, the quarantine move
 //!   itself fails) never quarantine: the gateway stops for this pass and is retried on the next.
 //! - The gateway's later batches are applied in the same pass. Its watermark moves past the
@@ -27,7 +28,7 @@
 //! An original that vanished before the copy was moved by another collector.
 
 use chrono::{SecondsFormat, Utc};
-use edge_agent::contract::{BatchKey, ContractError, column};
+use edge_agent::contract::{BatchKey, ContractError, Lane, column};
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -110,6 +111,9 @@ pub enum ProblemKind {
     MalformedGaps,
     /// A reading broke a row-level rule whose action is `fail`.
     RuleFailed,
+    /// The footer does not match the lane of the folder (contract v3): a fresh-lane file without
+    /// `plantline.lane = fresh` and contract v3, or a main-lane file claiming the fresh lane.
+    LaneMismatch,
 }
 
 impl ProblemKind {
@@ -130,6 +134,7 @@ impl ProblemKind {
             Self::ForeignKey => "foreign_key",
             Self::MalformedGaps => "malformed_gaps",
             Self::RuleFailed => "rule_failed",
+            Self::LaneMismatch => "lane_mismatch",
         }
     }
 }
@@ -174,6 +179,9 @@ impl From<&BatchProblem> for ProblemKind {
                 Self::ContractVersion
             }
             BatchProblem::MalformedGaps { .. } => Self::MalformedGaps,
+            BatchProblem::FreshLaneFooter { .. } | BatchProblem::MainLaneClaimsFresh => {
+                Self::LaneMismatch
+            }
         }
     }
 }
@@ -222,7 +230,7 @@ impl Reason {
         Self {
             kind: ProblemKind::ForeignKey,
             message:
-                "is not a batch key; expected `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`"
+                "is not a batch key; expected `<prefix>gateway=<id>/<first seq, 20 digits>.parquet` (main lane) or `<prefix>gateway=<id>/fresh/<first seq, 20 digits>.parquet` (fresh lane)"
                     .to_owned(),
             rule: None,
         }
@@ -359,7 +367,7 @@ pub async fn quarantine(
     }))
 }
 
-/// The batch files of `gateway` in the quarantine whose key's first `seq` lies in
+/// The main-lane batch files of `gateway` in the quarantine whose key's first `seq` lies in
 /// `from..=to`, in `seq` order, with their last `seq` when the reason object records it.
 pub async fn quarantined_batches(
     raw: &RawZone,
@@ -388,7 +396,9 @@ pub async fn quarantined_batches(
         let Ok(key) = BatchKey::parse(raw.quarantine_prefix(), meta.location.as_ref()) else {
             continue;
         };
-        if key.gateway == gateway && (from..=to).contains(&key.first_seq) {
+        // A quarantined fresh-lane file explains no gap: the main lane carries its rows.
+        if key.gateway == gateway && key.lane == Lane::Main && (from..=to).contains(&key.first_seq)
+        {
             keys.push((key.first_seq, meta.location.as_ref().to_owned()));
         }
     }
@@ -468,6 +478,14 @@ mod tests {
         assert_eq!(
             quarantine_key(&raw, "gw-1", "raw/gateway=gw-1/sub/notes.txt"),
             "bad/gateway=gw-1/sub/notes.txt"
+        );
+        assert_eq!(
+            quarantine_key(
+                &raw,
+                "gw-1",
+                "raw/gateway=gw-1/fresh/00000000000000000007.parquet"
+            ),
+            "bad/gateway=gw-1/fresh/00000000000000000007.parquet"
         );
     }
 }

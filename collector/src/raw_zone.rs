@@ -1,17 +1,23 @@
 //! The raw zone: the bucket (or local folder) the gateways upload their Parquet batches to.
 //!
 //! One `object_store` serves both S3 and local folders, so the demo runs without S3. Keys follow
-//! the batch contract: `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`. Applied batches
-//! move to `<archive_prefix>gateway=<id>/<same file>`; files that break the contract move to
-//! `<quarantine_prefix>gateway=<id>/<same file>` (see [`crate::quarantine`]).
+//! the batch contract: `<prefix>gateway=<id>/<first seq, 20 digits>.parquet` for the main lane,
+//! `<prefix>gateway=<id>/fresh/<first seq, 20 digits>.parquet` for the fresh lane (contract v3).
+//! Applied batches move to `<archive_prefix>gateway=<id>/<same path>` (a fresh batch keeps its
+//! `fresh/` folder); files that break the contract move to
+//! `<quarantine_prefix>gateway=<id>/<same path>` (see [`crate::quarantine`]).
 //!
 //! # Invariants
 //! - A key that does not parse as a batch key is never read or applied: it is quarantined, except
 //!   an in-flight upload (a name starting with `.`, the agent's folder sink renames it into place).
+//! - A gateway's fresh folder is listed before its main folder, so a pass that sees a fresh batch
+//!   also sees every main batch the gateway uploaded before it.
 //! - A batch is handed out only after its bytes passed the contract: Parquet, the schema of a
-//!   contract version this collector reads (v1 or v2; the one its footer names, when it names
+//!   contract version this collector reads (v1 to v3; the one its footer names, when it names
 //!   one), sorted unique `seq`, known quality names, no row with both `value` and `value_text`,
-//!   the gateway of its folder, and a first `seq` equal to the one in its key.
+//!   the gateway of its folder, a first `seq` equal to the one in its key, and the lane of its
+//!   folder: a fresh-lane file names v3 and carries `plantline.lane = fresh`, a main-lane file
+//!   does not carry `plantline.lane = fresh`.
 //! - Whatever version a file was written against, its rows are handed out in the current
 //!   contract schema: a v1 file's rows get a null `value_text`. The agent's gap records in the footer
 //!   ([`crate::gaps::agent`]) are parsed with it; a malformed value quarantines the file.
@@ -23,7 +29,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
-use edge_agent::contract::{self, BatchKey, ContractError};
+use edge_agent::contract::{self, BatchKey, ContractError, Lane};
 
 use crate::gaps::{self, AgentGap};
 use futures::TryStreamExt;
@@ -66,10 +72,22 @@ pub enum BatchProblem {
     )]
     NewerContract { found: String },
     #[error(
-        "names batch contract version `{found}`, which does not exist; the producer must write `{}`",
+        "names batch contract version `{found}`, which does not exist; the producer must write `{}` (main lane) or `{}` (fresh lane)",
+        contract::MAIN_LANE_VERSION,
         contract::CONTRACT_VERSION
     )]
     UnknownContract { found: String },
+    #[error(
+        "lies in the fresh lane (`gateway=<id>/fresh/`) but {found}; a fresh-lane file names batch contract v{} and carries `{}` = `fresh`",
+        contract::CONTRACT_VERSION,
+        contract::metadata::LANE
+    )]
+    FreshLaneFooter { found: String },
+    #[error(
+        "carries `{}` = `fresh` but lies in the main lane (directly in `gateway=<id>/`); fresh-lane files belong in `gateway=<id>/fresh/`",
+        contract::metadata::LANE
+    )]
+    MainLaneClaimsFresh,
     #[error(
         "has a malformed `{key}` footer entry: {detail}; the agent writes a JSON array of gap records (docs/data-quality.md)",
         key = crate::gaps::METADATA_KEY
@@ -143,8 +161,10 @@ pub struct ForeignObject {
 /// One gateway's folder, listed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchListing {
-    /// Batch files in `seq` order.
+    /// Main-lane batch files in `seq` order.
     pub batches: Vec<BatchFile>,
+    /// Fresh-lane batch files (`gateway=<id>/fresh/`) in key order; listed before the main lane.
+    pub fresh: Vec<BatchFile>,
     /// Objects whose key is not a batch key (quarantined by the ingest), sorted by key.
     pub foreign: Vec<ForeignObject>,
     /// Names starting with `.`: uploads in flight (the agent's folder sink writes
@@ -334,14 +354,72 @@ impl RawZone {
         Ok(out)
     }
 
-    /// The batch files of `gateway` whose first `seq` is above `after` (all of them for
-    /// `None`), in `seq` order. Keys that are not batch keys are returned apart.
+    /// The batch files of `gateway`: its fresh lane first (all of it), then its main lane from
+    /// the first `seq` above `after` (all of it for `None`), each in key order. Keys that are not
+    /// batch keys of their folder are returned apart.
     pub async fn list_batches(
         &self,
         gateway: &str,
         after: Option<i64>,
     ) -> Result<BatchListing, RawZoneError> {
+        let mut out = self.list_fresh(gateway).await?;
+        let main = self.list_main_batches(gateway, after).await?;
+        out.batches = main.batches;
+        out.foreign.extend(main.foreign);
+        out.in_flight.extend(main.in_flight);
+        out.foreign.sort_by(|a, b| a.object_key.cmp(&b.object_key));
+        out.in_flight.sort();
+        Ok(out)
+    }
+
+    /// The fresh-lane folder of `gateway` (`gateway=<id>/fresh/`), listed.
+    async fn list_fresh(&self, gateway: &str) -> Result<BatchListing, RawZoneError> {
+        let folder = BatchKey::lane_prefix(&self.prefix, gateway, Lane::Fresh);
+        let list_err = |source| RawZoneError::List {
+            prefix: folder.clone(),
+            source,
+        };
+        let folder_path = Path::parse(&folder).map_err(|e| list_err(e.into()))?;
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&folder_path))
+            .try_collect()
+            .await
+            .map_err(list_err)?;
+        let mut out = BatchListing::default();
+        for meta in objects {
+            let object_key = meta.location.as_ref().to_owned();
+            match BatchKey::parse(&self.prefix, &object_key) {
+                Ok(key) if key.gateway == gateway && key.lane == Lane::Fresh => {
+                    out.fresh.push(BatchFile {
+                        key,
+                        object_key,
+                        size: meta.size,
+                    });
+                }
+                _ if meta.location.filename().is_some_and(|n| n.starts_with('.')) => {
+                    out.in_flight.push(object_key);
+                }
+                _ => out.foreign.push(ForeignObject {
+                    object_key,
+                    size: meta.size,
+                }),
+            }
+        }
+        out.fresh.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// The main-lane batch files of `gateway` whose first `seq` is above `after` (all of them for
+    /// `None`), in `seq` order, without listing the fresh lane. Keys that are not batch keys are
+    /// returned apart; the fresh folder is left out entirely.
+    pub async fn list_main_batches(
+        &self,
+        gateway: &str,
+        after: Option<i64>,
+    ) -> Result<BatchListing, RawZoneError> {
         let folder = BatchKey::gateway_prefix(&self.prefix, gateway);
+        let fresh_folder = BatchKey::lane_prefix(&self.prefix, gateway, Lane::Fresh);
         let list_err = |source| RawZoneError::List {
             prefix: folder.clone(),
             source,
@@ -363,8 +441,15 @@ impl RawZone {
         let mut out = BatchListing::default();
         for meta in objects {
             let object_key = meta.location.as_ref().to_owned();
+            if object_key.starts_with(&fresh_folder) {
+                continue;
+            }
             match BatchKey::parse(&self.prefix, &object_key) {
-                Ok(key) if key.gateway == gateway && after.is_none_or(|a| key.first_seq > a) => {
+                Ok(key)
+                    if key.gateway == gateway
+                        && key.lane == Lane::Main
+                        && after.is_none_or(|a| key.first_seq > a) =>
+                {
                     out.batches.push(BatchFile {
                         key,
                         object_key,
@@ -479,6 +564,39 @@ fn unreadable(bytes: &[u8], detail: &dyn std::fmt::Display) -> BatchProblem {
     }
 }
 
+/// The lane rules of contract v3: a fresh-lane file names v3 and carries `plantline.lane =
+/// fresh`; a main-lane file does not carry `plantline.lane = fresh`.
+fn check_lane(
+    lane: Lane,
+    named_version: Option<u32>,
+    lane_entry: Option<&str>,
+) -> Result<(), BatchProblem> {
+    let fresh = Lane::Fresh.metadata_value();
+    match lane {
+        Lane::Main if lane_entry.is_some() && lane_entry == fresh => {
+            Err(BatchProblem::MainLaneClaimsFresh)
+        }
+        Lane::Main => Ok(()),
+        Lane::Fresh => {
+            let found = match (named_version, lane_entry) {
+                (Some(v), Some(l)) if v == Lane::Fresh.contract_version() && Some(l) == fresh => {
+                    return Ok(());
+                }
+                (None, _) => format!(
+                    "its footer names no `{}`",
+                    contract::metadata::CONTRACT_VERSION
+                ),
+                (Some(v), _) if v != Lane::Fresh.contract_version() => {
+                    format!("its footer names batch contract v{v}")
+                }
+                (_, None) => format!("its footer has no `{}` entry", contract::metadata::LANE),
+                (_, Some(l)) => format!("its footer says `{}` = `{l}`", contract::metadata::LANE),
+            };
+            Err(BatchProblem::FreshLaneFooter { found })
+        }
+    }
+}
+
 /// A decoded, contract-checked batch.
 struct Decoded {
     data: Vec<RecordBatch>,
@@ -497,6 +615,8 @@ fn decode(key: &BatchKey, bytes: Bytes) -> Result<Decoded, (BatchProblem, Option
     decode_checked(key, bytes, &mut footer_last_seq).map_err(|p| (p, footer_last_seq))
 }
 
+// The contract's checks in the order a reader meets them: footer, lane, schema, rows.
+#[allow(clippy::too_many_lines)]
 fn decode_checked(
     key: &BatchKey,
     bytes: Bytes,
@@ -507,6 +627,7 @@ fn decode_checked(
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(&e))?;
     let mut gaps = Vec::new();
     let mut named_version = None;
+    let mut lane_entry = None;
     if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
         *footer_last_seq = kv
             .iter()
@@ -538,12 +659,17 @@ fn decode_checked(
                     found: value.to_owned(),
                 });
             }
-            if entry.key == gaps::METADATA_KEY {
+            if entry.key == contract::metadata::LANE {
+                lane_entry = Some(value.to_owned());
+            }
+            // Gap records ride the main lane only; a fresh-lane file's are not read.
+            if entry.key == gaps::METADATA_KEY && key.lane == Lane::Main {
                 gaps = gaps::agent::parse(value)
                     .map_err(|detail| BatchProblem::MalformedGaps { detail })?;
             }
         }
     }
+    check_lane(key.lane, named_version, lane_entry.as_deref())?;
     // A footer that names its version must come with that version's columns; a file without
     // one (written by hand, or by a tool) is taken as the version its columns match.
     let contract_version = match named_version {
@@ -604,4 +730,47 @@ fn decode_checked(
         rows,
         gaps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quarantine::ProblemKind;
+
+    #[test]
+    fn a_fresh_lane_file_must_name_v3_and_the_fresh_lane() {
+        assert_eq!(check_lane(Lane::Fresh, Some(3), Some("fresh")), Ok(()));
+        let found = |version, lane| match check_lane(Lane::Fresh, version, lane) {
+            Err(BatchProblem::FreshLaneFooter { found }) => found,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(found(Some(2), None), "its footer names batch contract v2");
+        assert_eq!(
+            found(Some(3), None),
+            "its footer has no `plantline.lane` entry"
+        );
+        assert_eq!(
+            found(Some(3), Some("bulk")),
+            "its footer says `plantline.lane` = `bulk`"
+        );
+        assert_eq!(
+            found(None, Some("fresh")),
+            "its footer names no `plantline.contract_version`"
+        );
+    }
+
+    #[test]
+    fn a_main_lane_file_must_not_claim_the_fresh_lane() {
+        for version in [None, Some(1), Some(2), Some(3)] {
+            assert_eq!(check_lane(Lane::Main, version, None), Ok(()));
+        }
+        assert_eq!(
+            check_lane(Lane::Main, Some(3), Some("fresh")),
+            Err(BatchProblem::MainLaneClaimsFresh)
+        );
+        assert_eq!(
+            ProblemKind::from(&BatchProblem::MainLaneClaimsFresh).as_str(),
+            "lane_mismatch"
+        );
+    }
 }

@@ -38,6 +38,16 @@ pub fn pass_summary(report: &PassReport) -> String {
         if !gw.gaps.is_empty() {
             let _ = write!(out, ", {} gaps recorded", gw.gaps.len());
         }
+        if gw.fresh_files_applied > 0 {
+            let _ = write!(
+                out,
+                ", fresh lane {} files, {} rows",
+                gw.fresh_files_applied, gw.fresh_rows_applied
+            );
+        }
+        if !gw.fresh_deferred.is_empty() {
+            let _ = write!(out, ", {} fresh files deferred", gw.fresh_deferred.len());
+        }
         if let Some(error) = &gw.error {
             let _ = write!(out, "; ERROR {error}");
         }

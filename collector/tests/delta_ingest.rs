@@ -376,7 +376,7 @@ async fn bad_files_between_good_batches_are_quarantined_and_the_rest_applied_onc
             (
                 "raw/gateway=gw-a/notes.txt".to_owned(),
                 ProblemKind::ForeignKey,
-                "is not a batch key; expected `<prefix>gateway=<id>/<first seq, 20 digits>.parquet`".to_owned()
+                "is not a batch key; expected `<prefix>gateway=<id>/<first seq, 20 digits>.parquet` (main lane) or `<prefix>gateway=<id>/fresh/<first seq, 20 digits>.parquet` (fresh lane)".to_owned()
             ),
             (
                 key(4),

@@ -233,6 +233,12 @@ async fn init_applies_twice_and_every_view_matches_independent_numbers() {
         format!("column {db}.RAW.READINGS.DQ_FLAGS"),
         format!("column {db}.RAW.PLANTLINE_GAPS.READINGS"),
         format!("column {db}.RAW.PLANTLINE_GAPS.FILE_KEY"),
+        format!("column {db}.RAW.PLANTLINE_TAGS.AREA"),
+        format!("column {db}.RAW.PLANTLINE_TAGS.LINE"),
+        format!("column {db}.RAW.PLANTLINE_TAGS.MACHINE"),
+        format!("column {db}.RAW.PLANTLINE_TAGS.VALID_FROM"),
+        format!("column {db}.RAW.PLANTLINE_TAGS.VALID_TO"),
+        format!("column {db}.RAW.PLANTLINE_TAGS.CATALOG_HASH"),
         format!("view {db}.RAW.READINGS_HOURLY"),
         format!("view {db}.RAW.TAG_LATEST"),
         format!("view {db}.RAW.GATEWAY_FRESHNESS"),
@@ -560,7 +566,7 @@ fn printed_script_names_every_object_and_carries_no_secret() {
         "CREATE SCHEMA IF NOT EXISTS PLANT.RAW;\n",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.READINGS (SEQ NUMBER(19,0) NOT NULL, TS TIMESTAMP_TZ NOT NULL, SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, VALUE FLOAT, QUALITY VARCHAR NOT NULL, UNIT VARCHAR, VALUE_TEXT VARCHAR, DQ_FLAGS VARCHAR) CLUSTER BY (TO_DATE(TS), GATEWAY, TAG);\n",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_LOAD_CONTROL (",
-        "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_TAGS (",
+        "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_TAGS (GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, SITE VARCHAR NOT NULL, AREA VARCHAR, LINE VARCHAR, MACHINE VARCHAR, UNIT VARCHAR, DESCRIPTION VARCHAR, DATA_TYPE VARCHAR NOT NULL, SOURCE VARCHAR NOT NULL, VALID_FROM TIMESTAMP_TZ NOT NULL, VALID_TO TIMESTAMP_TZ, CATALOG_HASH VARCHAR NOT NULL);\n",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_GAPS (GATEWAY VARCHAR NOT NULL, FIRST_SEQ NUMBER(19,0) NOT NULL, LAST_SEQ NUMBER(19,0) NOT NULL, READINGS NUMBER(19,0) NOT NULL, REASON VARCHAR NOT NULL, DETECTED_AT TIMESTAMP_TZ NOT NULL, FILE_KEY VARCHAR NOT NULL);\n",
         "CREATE TABLE IF NOT EXISTS PLANT.RAW.PLANTLINE_QUARANTINED_ROWS (SEQ NUMBER(19,0) NOT NULL, ",
         ", RULE VARCHAR NOT NULL, RULE_CHECK VARCHAR NOT NULL, DETAIL VARCHAR NOT NULL, FILE_KEY VARCHAR NOT NULL, QUARANTINED_AT TIMESTAMP_TZ NOT NULL);\n",
@@ -569,6 +575,14 @@ fn printed_script_names_every_object_and_carries_no_secret() {
         "ALTER TABLE PLANT.RAW.READINGS ADD COLUMN IF NOT EXISTS DQ_FLAGS VARCHAR;\n",
         "ALTER TABLE PLANT.RAW.PLANTLINE_GAPS ADD COLUMN IF NOT EXISTS READINGS NUMBER(19,0);\n",
         "ALTER TABLE PLANT.RAW.PLANTLINE_GAPS ADD COLUMN IF NOT EXISTS FILE_KEY VARCHAR;\n",
+        "ALTER TABLE PLANT.RAW.PLANTLINE_TAGS ADD COLUMN IF NOT EXISTS MACHINE VARCHAR;\n",
+        "ALTER TABLE PLANT.RAW.PLANTLINE_TAGS ADD COLUMN IF NOT EXISTS VALID_FROM TIMESTAMP_TZ;\n",
+        "ALTER TABLE PLANT.RAW.PLANTLINE_TAGS ADD COLUMN IF NOT EXISTS CATALOG_HASH VARCHAR;\n",
+        "-- PLANT.RAW.PLANTLINE_TAGS: the tags dimension, each tag's site, area, line, machine, unit, data type and source as type-2 history",
+        "-- Join a reading to its tag as it was: t.GATEWAY = r.GATEWAY AND t.DEVICE = r.DEVICE AND t.TAG = r.TAG AND r.TS >= t.VALID_FROM AND (t.VALID_TO IS NULL OR r.TS < t.VALID_TO).\n",
+        "GRANT SELECT, INSERT, DELETE ON TABLE PLANT.RAW.PLANTLINE_TAGS TO ROLE PLANTLINE_LOADER;\n",
+        "GRANT SELECT, INSERT ON TABLE PLANT.RAW.PLANTLINE_QUARANTINE TO ROLE PLANTLINE_LOADER;\n",
+        "GRANT SELECT ON TABLE PLANT.RAW.PLANTLINE_TAGS TO ROLE PLANTLINE_REPORTING;\n",
         "GRANT SELECT, INSERT ON TABLE PLANT.RAW.PLANTLINE_GAPS TO ROLE PLANTLINE_LOADER;\n",
         "GRANT SELECT, INSERT ON TABLE PLANT.RAW.PLANTLINE_QUARANTINED_ROWS TO ROLE PLANTLINE_LOADER;\n",
         "GRANT SELECT ON TABLE PLANT.RAW.PLANTLINE_QUARANTINED_ROWS TO ROLE PLANTLINE_REPORTING;\n",
@@ -597,6 +611,18 @@ fn printed_script_names_every_object_and_carries_no_secret() {
         );
     }
     assert!(!stdout.contains(PASSWORD) && !stderr.contains(PASSWORD));
+    // the loader deletes from the tags table only
+    let deletes: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("GRANT") && l.contains("DELETE"))
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "GRANT SELECT, INSERT, DELETE ON TABLE PLANT.RAW.PLANTLINE_TAGS TO ROLE PLANTLINE_LOADER;"
+        ]
+    );
+    assert!(!stdout.contains("filled by later collector stages"));
 
     let skipped = collector(
         &[
@@ -665,7 +691,7 @@ fn apply_through_the_cli_is_idempotent_and_names_a_refused_statement() {
         "{stdout}"
     );
     assert!(
-        stdout.ends_with("snowflake init: 17 statements applied\n"),
+        stdout.ends_with("snowflake init: 23 statements applied\n"),
         "{stdout}"
     );
     assert!(!stdout.contains(PASSWORD) && !stderr.contains(PASSWORD));
@@ -679,7 +705,7 @@ fn apply_through_the_cli_is_idempotent_and_names_a_refused_statement() {
     assert_eq!(with_grants.status.code(), Some(1));
     assert!(
         stderr.contains(
-            "collector: creating role PLANTLINE_LOADER failed (statement 18 of 42): statement failed with code 001003"
+            "collector: creating role PLANTLINE_LOADER failed (statement 24 of 48): statement failed with code 001003"
         ),
         "{stderr}"
     );

@@ -433,7 +433,7 @@ async fn files_that_break_the_v2_rules_are_quarantined_with_the_reason() {
     let newer = s
         .put(
             4,
-            parquet_bytes(&contract::to_record_batch(&[number(4, 1.0)]), "3"),
+            parquet_bytes(&contract::to_record_batch(&[number(4, 1.0)]), "4"),
         )
         .await;
     let mut tables = Tables::open_or_create(&s.urls(), HashMap::new())
@@ -466,7 +466,7 @@ async fn files_that_break_the_v2_rules_are_quarantined_with_the_reason() {
                 newer.clone(),
                 ProblemKind::ContractVersion,
                 String::from(
-                    "was written against batch contract v3, this collector reads v1 to v2; upgrade the collector"
+                    "was written against batch contract v4, this collector reads v1 to v3; upgrade the collector"
                 )
             ),
         ]

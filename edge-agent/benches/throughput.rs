@@ -92,6 +92,8 @@ fn pipeline(readings: &[edge_agent::Reading]) -> Duration {
             BatchConfig {
                 max_rows: MAX_ROWS,
                 max_age: ConfigDuration::from_secs(60),
+                // The main lane's throughput; one backlog-free batch stream.
+                fresh_lane: false,
             },
             "plant-ost".into(),
         );

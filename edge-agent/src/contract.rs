@@ -37,7 +37,14 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 ///
 /// - v1: the nine columns `seq` to `unit`.
 /// - v2: adds the nullable `value_text` column at the end, for string tags.
-pub const CONTRACT_VERSION: u32 = 2;
+/// - v3: the columns of v2; adds the fresh lane ([`Lane::Fresh`]): during a backlog the gateway
+///   also uploads copies of its newest readings under `gateway=<id>/fresh/`, footer
+///   `plantline.lane = fresh`. A file names the lowest version that describes it, so main-lane
+///   files still carry `2` and only fresh-lane files carry `3`.
+pub const CONTRACT_VERSION: u32 = 3;
+
+/// The version a main-lane file carries: its columns and meaning are those of v2.
+pub const MAIN_LANE_VERSION: u32 = 2;
 
 /// The oldest contract version a consumer of this crate still accepts.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
@@ -58,6 +65,10 @@ pub mod metadata {
     /// [`Gap`]: super::Gap
     /// [`gaps_to_json`]: super::gaps_to_json
     pub const GAPS: &str = "plantline.gaps";
+    /// Contract v3: `fresh` on a fresh-lane file (see [`Lane`]); absent on a main-lane file.
+    ///
+    /// [`Lane`]: super::Lane
+    pub const LANE: &str = "plantline.lane";
 }
 
 /// Column names, in schema order.
@@ -108,7 +119,8 @@ pub fn schema() -> SchemaRef {
 pub fn schema_of_version(version: u32) -> Option<SchemaRef> {
     match version {
         1 => Some(Arc::new(Schema::new(v1_fields()))),
-        CONTRACT_VERSION => Some(schema()),
+        // v3 changed keys and metadata, not columns.
+        2 | 3 => Some(schema()),
         _ => None,
     }
 }
@@ -214,7 +226,52 @@ pub fn check_gateway_id(id: &str) -> Result<(), ContractError> {
     }
 }
 
-/// The object key of a batch: `<prefix>gateway=<id>/<first_seq as 20 digits>.parquet`.
+/// Which of a gateway's two upload lanes a batch belongs to (contract v3).
+///
+/// The **main** lane carries every reading exactly once, in `seq` order, one batch at a time;
+/// rows leave the gateway's buffer only through it. The **fresh** lane exists so that fresh
+/// readings reach the raw zone within `batch.max_age` while a backlog drains: during a backlog
+/// the gateway also uploads its newest readings as fresh-lane batches. Their rows are copies: the
+/// same readings (same `seq`, same content) go up again later in the main lane. Fresh-lane
+/// batches of a gateway never go backwards (each starts after the last one confirmed, or repeats
+/// it with more rows after a crash), and a fresh lane jumps ahead (starts a new range that is not
+/// contiguous with the last) only once the main lane has uploaded everything up to the end of the
+/// previous range. A consumer that ignores the fresh lane loses nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Lane {
+    #[default]
+    Main,
+    Fresh,
+}
+
+impl Lane {
+    /// The folder below `gateway=<id>/` that holds the lane's batches (`""` for the main lane).
+    pub fn folder(self) -> &'static str {
+        match self {
+            Lane::Main => "",
+            Lane::Fresh => "fresh/",
+        }
+    }
+
+    /// The value of the `plantline.lane` footer entry (`None` for the main lane, which has none).
+    pub fn metadata_value(self) -> Option<&'static str> {
+        match self {
+            Lane::Main => None,
+            Lane::Fresh => Some("fresh"),
+        }
+    }
+
+    /// The contract version a file of this lane carries.
+    pub fn contract_version(self) -> u32 {
+        match self {
+            Lane::Main => MAIN_LANE_VERSION,
+            Lane::Fresh => CONTRACT_VERSION,
+        }
+    }
+}
+
+/// The object key of a batch: `<prefix>gateway=<id>/<first_seq as 20 digits>.parquet` in the
+/// main lane, `<prefix>gateway=<id>/fresh/<first_seq as 20 digits>.parquet` in the fresh lane.
 ///
 /// The zero padding makes lexicographic listing order equal `seq` order, so a consumer can list
 /// with `start-after` and read batches in sequence. `prefix` is used verbatim (give it a trailing
@@ -223,43 +280,69 @@ pub fn check_gateway_id(id: &str) -> Result<(), ContractError> {
 pub struct BatchKey {
     pub gateway: String,
     pub first_seq: i64,
+    pub lane: Lane,
 }
 
 impl BatchKey {
+    /// The key of a main-lane batch.
     pub fn new(gateway: &str, first_seq: i64) -> Self {
         Self {
             gateway: gateway.to_owned(),
             first_seq,
+            lane: Lane::Main,
         }
     }
 
-    /// The folder (below the prefix) that holds all batches of one gateway.
+    /// The key of a fresh-lane batch.
+    pub fn fresh(gateway: &str, first_seq: i64) -> Self {
+        Self {
+            lane: Lane::Fresh,
+            ..Self::new(gateway, first_seq)
+        }
+    }
+
+    /// The folder (below the prefix) that holds all batches of one gateway, both lanes.
     pub fn gateway_prefix(prefix: &str, gateway: &str) -> String {
         format!("{prefix}gateway={gateway}/")
+    }
+
+    /// The folder (below the prefix) that holds one lane of one gateway. The main lane's folder is
+    /// the gateway's folder, so list it with a `/` delimiter to see only main-lane batches.
+    pub fn lane_prefix(prefix: &str, gateway: &str, lane: Lane) -> String {
+        format!("{prefix}gateway={gateway}/{}", lane.folder())
     }
 
     /// The full object key below `prefix`.
     pub fn to_key(&self, prefix: &str) -> String {
         format!(
             "{}{:020}.parquet",
-            Self::gateway_prefix(prefix, &self.gateway),
+            Self::lane_prefix(prefix, &self.gateway, self.lane),
             self.first_seq
         )
     }
 
-    /// Parses a full object key written by [`BatchKey::to_key`] with the same `prefix`.
+    /// Parses a full object key written by [`BatchKey::to_key`] with the same `prefix`, in
+    /// either lane.
     pub fn parse(prefix: &str, key: &str) -> Result<Self, ContractError> {
         let bad = || ContractError::Key(key.to_owned());
         let rest = key.strip_prefix(prefix).ok_or_else(bad)?;
         let rest = rest.strip_prefix("gateway=").ok_or_else(bad)?;
         let (gateway, file) = rest.split_once('/').ok_or_else(bad)?;
         check_gateway_id(gateway).map_err(|_| bad())?;
+        let (lane, file) = match file.strip_prefix(Lane::Fresh.folder()) {
+            Some(file) => (Lane::Fresh, file),
+            None => (Lane::Main, file),
+        };
         let digits = file.strip_suffix(".parquet").ok_or_else(bad)?;
         if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         let first_seq = digits.parse().map_err(|_| bad())?;
-        Ok(Self::new(gateway, first_seq))
+        Ok(Self {
+            gateway: gateway.to_owned(),
+            first_seq,
+            lane,
+        })
     }
 }
 
@@ -698,14 +781,14 @@ pub fn to_record_batch(rows: &[Row]) -> RecordBatch {
 }
 
 /// Checks a batch's schema against the contract version its column count names (v1 has 9
-/// columns, v2 10) and returns that version. Same names, order, types and nullability are
+/// columns, v2 and v3 10) and returns that version (2 for 10 columns). Same names, order, types and nullability are
 /// required (a non-nullable column in the file where the contract allows nulls is accepted).
 pub fn check_schema(found: &Schema) -> Result<u32, ContractError> {
     let v1_columns = v1_fields().len();
     let version = if found.fields().len() == v1_columns {
         1
     } else {
-        CONTRACT_VERSION
+        MAIN_LANE_VERSION
     };
     check_schema_of_version(found, version)?;
     Ok(version)
@@ -927,7 +1010,12 @@ mod tests {
         );
         assert_eq!(schema_of_version(CONTRACT_VERSION), Some(schema()));
         assert_eq!(schema_of_version(0), None);
-        assert_eq!(schema_of_version(3), None);
+        assert_eq!(
+            schema_of_version(3),
+            Some(schema()),
+            "v3 changed keys, not columns"
+        );
+        assert_eq!(schema_of_version(4), None);
     }
 
     /// A v1 batch as a v1 producer wrote it: the nine columns, no `value_text`.
@@ -1017,6 +1105,25 @@ mod tests {
     }
 
     #[test]
+    fn fresh_lane_keys_live_in_their_own_folder_and_parse_back() {
+        let key = BatchKey::fresh("gw-1", 4097);
+        let text = key.to_key("raw/");
+        assert_eq!(text, "raw/gateway=gw-1/fresh/00000000000000004097.parquet");
+        assert_eq!(BatchKey::parse("raw/", &text).unwrap(), key);
+        assert_eq!(BatchKey::parse("raw/", &text).unwrap().lane, Lane::Fresh);
+        let main = BatchKey::new("gw-1", 4097).to_key("raw/");
+        assert_eq!(BatchKey::parse("raw/", &main).unwrap().lane, Lane::Main);
+        assert_eq!(
+            BatchKey::lane_prefix("raw/", "gw-1", Lane::Fresh),
+            "raw/gateway=gw-1/fresh/"
+        );
+        assert_eq!(Lane::Fresh.contract_version(), 3);
+        assert_eq!(Lane::Main.contract_version(), 2);
+        assert!(schema_of_version(3).is_some());
+        assert!(schema_of_version(4).is_none());
+    }
+
+    #[test]
     fn foreign_keys_are_rejected() {
         for k in [
             "raw/gateway=gw-1/12.parquet",
@@ -1024,6 +1131,9 @@ mod tests {
             "raw/other/00000000000000000002.parquet",
             "raw/gateway=gw-1/00000000000000000002.csv",
             "archive/gateway=gw-1/00000000000000000002.parquet",
+            "raw/gateway=gw-1/fresh/12.parquet",
+            "raw/gateway=gw-1/stale/00000000000000000002.parquet",
+            "raw/gateway=gw-1/fresh/fresh/00000000000000000002.parquet",
         ] {
             assert_eq!(
                 BatchKey::parse("raw/", k),

@@ -51,6 +51,8 @@ async fn start_batcher(
     let config = BatchConfig {
         max_rows,
         max_age: ConfigDuration::from_secs(1),
+        // These tests count every file in the outbox as a main-lane batch.
+        fresh_lane: false,
     };
     let mut batcher = Batcher::new(Arc::clone(buffer), sink, config, "plant-a".into());
     let stop = CancellationToken::new();

@@ -495,6 +495,7 @@ fn buffer_command_shows_depth_seq_times_pending_batch_and_size_while_the_agent_h
              oldest reading  2023-11-14T22:13:20.001000Z\n\
              newest reading  2023-11-14T22:13:20.005000Z\n\
              pending batch   seq 1..=3 (site plant-a)\n\
+             fresh lane      none\n\
              file size       {file_bytes} bytes + {wal_bytes} bytes write-ahead log\n\
              in use          {used} bytes of max_bytes no bound\n\
              max age         no bound\n\
@@ -531,6 +532,7 @@ fn buffer_command_on_an_empty_buffer_says_none() {
              oldest reading  none\n\
              newest reading  none\n\
              pending batch   none\n\
+             fresh lane      none\n\
              file size       {file_bytes} bytes + 0 bytes write-ahead log\n\
              in use          {file_bytes} bytes of max_bytes no bound\n\
              max age         no bound\n\

@@ -166,6 +166,8 @@ timeout = "200ms"
             "plantline_agent_buffer_dropped_total counter",
             "plantline_agent_batches_uploaded_total counter",
             "plantline_agent_rows_uploaded_total counter",
+            "plantline_agent_fresh_batches_uploaded_total counter",
+            "plantline_agent_fresh_rows_uploaded_total counter",
             "plantline_agent_upload_failures_total counter",
             "plantline_agent_upload_duration_seconds histogram",
             "plantline_agent_last_upload_timestamp_seconds gauge",

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edge_agent::contract::{CONTRACT_VERSION, Quality, Row, metadata};
+use edge_agent::contract::{MAIN_LANE_VERSION, Quality, Row, metadata};
 use pipeline_e2e::PyModbusServer;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -179,7 +179,7 @@ async fn string_tags_arrive_as_exact_text_in_the_uploaded_parquet() {
     );
     assert!(rows.iter().all(|r| r.unit.is_none()));
 
-    // Every batch names contract v2 in its footer.
+    // Every (main-lane) batch names contract v2 in its footer.
     for path in common::parquet_files(&landing) {
         let bytes = bytes::Bytes::from(std::fs::read(&path).unwrap());
         let reader =
@@ -192,7 +192,7 @@ async fn string_tags_arrive_as_exact_text_in_the_uploaded_parquet() {
             .and_then(|e| e.value.clone());
         assert_eq!(
             version,
-            Some(CONTRACT_VERSION.to_string()),
+            Some(MAIN_LANE_VERSION.to_string()),
             "{}",
             path.display()
         );

@@ -311,6 +311,7 @@ async fn a_large_batch_goes_up_in_parts_and_a_retry_after_a_crash_writes_identic
         BatchConfig {
             max_rows: 400_000,
             max_age: ConfigDuration::from_secs(60),
+            fresh_lane: false,
         },
         "plant-a".into(),
     );
@@ -477,6 +478,7 @@ async fn a_body_changed_on_the_way_is_refused_deleted_and_sent_again_by_the_batc
         BatchConfig {
             max_rows: 5000,
             max_age: ConfigDuration::from_secs(1),
+            fresh_lane: false,
         },
         "plant-a".into(),
     );

@@ -12,7 +12,7 @@ use collector::config::{CollectorConfig, S3Credentials};
 use collector::snowflake::{BindValue, SnowflakeClient};
 use edge_agent::buffer::Buffer;
 use edge_agent::config::Durability;
-use edge_agent::contract::{BatchKey, Quality, Row};
+use edge_agent::contract::{BatchKey, Lane, Quality, Row};
 use pipeline_e2e::{
     FakeSnow, MotoServer, PyModbusServer, S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY,
     duckdb_query, free_port,
@@ -62,12 +62,26 @@ const EXPECTED: [(&str, Option<f64>); 10] = [
     ("missing_register", None),
 ];
 
+/// The [batch] and upload tuning of the agent's config.
+struct Tuning {
+    batch: &'static str,
+    upload: &'static str,
+}
+
+/// Small batches, no cap: a batch every half second at the PLC's rate.
+const SMALL_BATCHES: Tuning = Tuning {
+    batch: "max_rows = 50\nmax_age = \"1s\"",
+    upload: "",
+};
+
+#[allow(clippy::too_many_lines)] // one TOML template, read top to bottom
 fn agent_toml(
     dir: &Path,
     plc_port: u16,
-    moto: &MotoServer,
+    endpoint: &str,
     bucket: &str,
     metrics_port: u16,
+    tuning: &Tuning,
 ) -> String {
     format!(
         r#"
@@ -81,8 +95,7 @@ listen = "127.0.0.1:{metrics_port}"
 path = "{buffer}"
 
 [batch]
-max_rows = 50
-max_age = "1s"
+{batch}
 
 [upload.s3]
 bucket = "{bucket}"
@@ -90,6 +103,7 @@ prefix = "raw/"
 region = "{S3_REGION}"
 endpoint = "{endpoint}"
 timeout = "10s"
+{upload}
 
 [[modbus]]
 name = "press-7"
@@ -183,11 +197,13 @@ timeout = "500ms"
   byte_order = "BADC"
 "#,
         buffer = dir.join("buffer.db").display(),
-        endpoint = moto.endpoint(),
+        batch = tuning.batch,
+        upload = tuning.upload,
     )
 }
 
-fn collector_toml(moto: &MotoServer, raw: &str, lake: &str, snow: &FakeSnow, db: &str) -> String {
+/// The collector's config for the raw zone and the Delta table, without Snowflake.
+fn lake_toml(moto: &MotoServer, raw: &str, lake: &str) -> String {
     format!(
         r#"
 [raw]
@@ -200,7 +216,14 @@ url = "s3://{lake}/readings"
 endpoint = "{endpoint}"
 region = "{S3_REGION}"
 allow_http = true
+"#,
+        endpoint = moto.endpoint(),
+    )
+}
 
+fn collector_toml(moto: &MotoServer, raw: &str, lake: &str, snow: &FakeSnow, db: &str) -> String {
+    format!(
+        r#"{lake}
 [snowflake]
 url = "{snow}"
 account = "plantline"
@@ -211,7 +234,7 @@ schema = "RAW"
 warehouse = "LOAD_WH"
 request_timeout = "30s"
 "#,
-        endpoint = moto.endpoint(),
+        lake = lake_toml(moto, raw, lake),
         snow = snow.url(),
     )
 }
@@ -288,6 +311,24 @@ impl AgentProcess {
         child.wait().expect("the agent is our child");
     }
 
+    /// SIGSTOP: the agent holds still (nothing uploaded) until [`AgentProcess::thaw`].
+    fn freeze(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after [`AgentProcess::freeze`].
+    fn thaw(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.0.as_ref().expect("the agent is running");
+        let pid =
+            rustix::process::Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"))
+                .expect("a running child has a positive pid");
+        rustix::process::kill_process(pid, signal).expect("the agent is our child");
+    }
+
     /// SIGTERM, then the exit code of the clean shutdown.
     fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.0.take().expect("the agent is running");
@@ -327,8 +368,17 @@ fn http_get(port: u16, path: &str) -> String {
     response
 }
 
+/// The gateway's main-lane batches under `prefix`: every reading once, in `seq` order.
 fn batch_keys(moto: &MotoServer, bucket: &str, prefix: &str) -> Vec<String> {
-    moto.list_keys(bucket, &format!("{prefix}gateway={GATEWAY}/"))
+    lane_keys(moto, bucket, prefix, Lane::Main)
+}
+
+/// The gateway's batches of one lane under `prefix`, in key (= `seq`) order.
+fn lane_keys(moto: &MotoServer, bucket: &str, prefix: &str, lane: Lane) -> Vec<String> {
+    moto.list_keys(bucket, &BatchKey::gateway_prefix(prefix, GATEWAY))
+        .into_iter()
+        .filter(|key| BatchKey::parse(prefix, key).is_ok_and(|k| k.lane == lane))
+        .collect()
 }
 
 fn wait_for_batches(moto: &MotoServer, bucket: &str, at_least: usize, log: &Path) {
@@ -363,16 +413,21 @@ fn run_collector(config: &Path) -> Output {
     output
 }
 
-/// Every row of every batch in S3, in key order, checked against the batch contract.
+/// Every row of every main-lane batch in S3, in key order, checked against the batch contract.
 fn rows_in_s3(moto: &MotoServer, bucket: &str, prefix: &str) -> Vec<Row> {
+    rows_of(moto, bucket, prefix, &batch_keys(moto, bucket, prefix))
+}
+
+/// The rows of the batches `keys`, in that order, each checked against the batch contract.
+fn rows_of(moto: &MotoServer, bucket: &str, prefix: &str, keys: &[String]) -> Vec<Row> {
     let mut rows = Vec::new();
-    for key in batch_keys(moto, bucket, prefix) {
+    for key in keys {
         let body = moto
-            .get_object(bucket, &key)
+            .get_object(bucket, key)
             .expect("a listed key can be read");
         let batch = edge_agent::batch::read_rows(body.into())
             .unwrap_or_else(|e| panic!("{key} breaks the batch contract: {e}"));
-        let parsed = BatchKey::parse(prefix, &key).expect("the agent writes contract keys");
+        let parsed = BatchKey::parse(prefix, key).expect("the agent writes contract keys");
         assert_eq!(
             parsed.first_seq, batch[0].seq,
             "{key} is named after its first seq"
@@ -443,7 +498,14 @@ fn run_agent_with_a_hard_restart(
     let agent_config = dir.join("agent.toml");
     std::fs::write(
         &agent_config,
-        agent_toml(dir, plc.address().port(), moto, raw_bucket, metrics_port),
+        agent_toml(
+            dir,
+            plc.address().port(),
+            &moto.endpoint(),
+            raw_bucket,
+            metrics_port,
+            &SMALL_BATCHES,
+        ),
     )
     .unwrap();
     let validate = command("edge-agent")
@@ -656,5 +718,212 @@ async fn a_reading_travels_from_plc_register_to_snowflake_exactly_once() {
     assert_eq!(
         snowflake_count(&mut client, "SELECT COUNT(*) FROM READINGS", &[]).await,
         n
+    );
+}
+
+/// Waits until `ready` holds, polling every 200 ms, or fails naming `what` with the agent's log.
+fn wait_until(what: &str, limit: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}; agent log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One row of DuckDB's answer about the Delta table: readings, distinct `seq`, lowest and
+/// highest `seq`.
+fn table_seqs(moto: &MotoServer, lake_bucket: &str, local: &Path) -> (i64, i64, i64, i64) {
+    let _ = std::fs::remove_dir_all(local);
+    moto.download_prefix(lake_bucket, "readings/", local);
+    let rows = duckdb_query(&format!(
+        "SELECT count(*) AS n, count(DISTINCT seq) AS d, min(seq) AS lo, max(seq) AS hi \
+         FROM delta_scan('{}')",
+        local.display()
+    ));
+    let get = |name: &str| rows[0][name].as_i64().unwrap_or(0);
+    (get("n"), get("d"), get("lo"), get("hi"))
+}
+
+/// The fresh lane's rows in S3 now and the last `seq` of the main lane, after checking that the
+/// fresh rows start ahead of where the main lane has got to, with readings of the backlog
+/// between the two.
+fn fresh_ahead_of_main(moto: &MotoServer, raw_bucket: &str) -> (Vec<Row>, i64) {
+    let fresh_keys = lane_keys(moto, raw_bucket, "raw/", Lane::Fresh);
+    let main_keys = batch_keys(moto, raw_bucket, "raw/");
+    let fresh_rows = rows_of(moto, raw_bucket, "raw/", &fresh_keys);
+    let main_rows = rows_of(moto, raw_bucket, "raw/", &main_keys);
+    assert_exact_values(&fresh_rows, "fresh lane");
+    let fresh_first = fresh_rows[0].seq;
+    let main_last = main_rows.last().map_or(0, |r| r.seq);
+    assert!(
+        fresh_first > main_last + 1,
+        "the fresh lane starts ahead of the backlog: fresh from seq {fresh_first}, the main lane \
+         has reached seq {main_last}"
+    );
+    (fresh_rows, main_last)
+}
+
+/// Runs the collector while the agent is held still in the middle of a drain and checks that
+/// the table holds the main lane's readings so far and the fresh readings, each once, with the
+/// rest of the backlog not in it yet.
+fn collector_shows_fresh_before_backlog(
+    moto: &MotoServer,
+    (raw_bucket, lake_bucket): (&str, &str),
+    collector_config: &Path,
+    local: &Path,
+) {
+    let (fresh_rows, main_last) = fresh_ahead_of_main(moto, raw_bucket);
+    let fresh_last = fresh_rows.last().expect("a fresh batch holds rows").seq;
+    run_collector(collector_config);
+    let mid_drain = table_seqs(moto, lake_bucket, local);
+    let expected_n = main_last + i64::try_from(fresh_rows.len()).unwrap();
+    assert_eq!(
+        mid_drain,
+        (
+            expected_n,
+            expected_n,
+            if main_last > 0 { 1 } else { fresh_rows[0].seq },
+            fresh_last
+        ),
+        "mid-drain the table holds the main lane's first {main_last} readings and the fresh \
+         readings up to seq {fresh_last}, each once: the present before the backlog"
+    );
+}
+
+/// Waits until the agent's buffer is down to less than one batch of 400 (by its metrics).
+fn wait_for_drain(metrics_port: u16, log: &Path) {
+    wait_until("the backlog drained", Duration::from_mins(2), log, || {
+        // The restarted agent opens its metrics port once it is up.
+        if std::net::TcpStream::connect(("127.0.0.1", metrics_port)).is_err() {
+            return false;
+        }
+        let metrics = http_get(metrics_port, "/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("plantline_agent_buffer_readings "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|depth| depth < 400.0)
+    });
+}
+
+/// An uplink outage, then a slow (capped) link: the backlog drains in `seq` order in the main
+/// lane while the fresh lane puts the newest readings into the raw zone ahead of it, so a
+/// collector run in the middle of the drain already shows the present. When the drain is over
+/// the table holds every reading exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_uplink_outage_fresh_readings_reach_the_table_ahead_of_the_backlog() {
+    const CAPPED: Tuning = Tuning {
+        batch: "max_rows = 400\nmax_age = \"1s\"",
+        upload: "max_bytes_per_second = \"4 KiB\"",
+    };
+    let plc = PyModbusServer::start(&register_map());
+    let dir = tempfile::tempdir().expect("/tmp is writable");
+    // The uplink is down from the start; moto comes up later on the same port, empty.
+    let stopped = MotoServer::start().stop();
+    let endpoint = format!("http://127.0.0.1:{}", stopped.port());
+    let (raw_bucket, lake_bucket) = ("plantline-fresh-raw", "plantline-fresh-lake");
+    let metrics_port = free_port();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        agent_toml(
+            dir.path(),
+            plc.address().port(),
+            &endpoint,
+            raw_bucket,
+            metrics_port,
+            &CAPPED,
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let agent = AgentProcess::start(&agent_config, &log);
+    // About 110 readings per second pile up: some 1,300 by the time the uplink returns.
+    std::thread::sleep(Duration::from_secs(12));
+    let moto = stopped.start_again();
+    moto.create_named_bucket(raw_bucket);
+    moto.create_named_bucket(lake_bucket);
+
+    wait_until(
+        "a fresh-lane batch in S3",
+        Duration::from_mins(1),
+        &log,
+        || !lane_keys(&moto, raw_bucket, "raw/", Lane::Fresh).is_empty(),
+    );
+    // Held still, so what S3 holds stays put while the collector reads it; an upload in flight
+    // has half a second to land.
+    agent.freeze();
+    std::thread::sleep(Duration::from_millis(500));
+    // A collector run now shows the present while the backlog is still on its way.
+    let collector_config = dir.path().join("collector.toml");
+    std::fs::write(&collector_config, lake_toml(&moto, raw_bucket, lake_bucket)).unwrap();
+    let local = dir.path().join("readings");
+    collector_shows_fresh_before_backlog(
+        &moto,
+        (raw_bucket, lake_bucket),
+        &collector_config,
+        &local,
+    );
+    agent.thaw();
+
+    // The link gets its full speed back: a clean stop, and a restart without the cap. The fresh
+    // lane carries on with its run from the buffer while the rest of the backlog drains.
+    let status = agent.stop();
+    assert!(status.success(), "clean shutdown exits 0, got {status}");
+    std::fs::write(
+        &agent_config,
+        agent_toml(
+            dir.path(),
+            plc.address().port(),
+            &endpoint,
+            raw_bucket,
+            metrics_port,
+            &Tuning {
+                upload: "",
+                ..CAPPED
+            },
+        ),
+    )
+    .unwrap();
+    let agent = AgentProcess::start(&agent_config, &log);
+    wait_for_drain(metrics_port, &log);
+    let status = agent.stop();
+    assert!(
+        status.success(),
+        "clean shutdown exits 0, got {status}:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let buffer = Buffer::open(&dir.path().join("buffer.db"), Durability::Full, GATEWAY).unwrap();
+    assert_eq!(
+        buffer.stats().unwrap().rows,
+        0,
+        "a clean stop ships the rest"
+    );
+    let last_seq = rows_in_s3(&moto, raw_bucket, "raw/")
+        .last()
+        .expect("the drain left main-lane batches for the second collector run")
+        .seq;
+
+    run_collector(&collector_config);
+    let (n, distinct, lo, hi) = table_seqs(&moto, lake_bucket, &local);
+    assert_eq!(
+        (n, distinct, lo, hi),
+        (last_seq, last_seq, 1, last_seq),
+        "after the drain every reading the agent took is in the table exactly once"
+    );
+    let archived_main = rows_in_s3(&moto, raw_bucket, "archive/");
+    assert_eq!(
+        archived_main.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=last_seq).collect::<Vec<_>>(),
+        "the main lane carried every reading once, in seq order"
+    );
+    assert!(
+        lane_keys(&moto, raw_bucket, "raw/", Lane::Fresh).is_empty()
+            && batch_keys(&moto, raw_bucket, "raw/").is_empty(),
+        "applied batches of both lanes leave the raw zone"
     );
 }

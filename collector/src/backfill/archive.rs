@@ -1,6 +1,8 @@
 //! `collector backfill`: the archived batches (`<archive_prefix>gateway=<id>/`, the raw zone's
 //! key layout) applied again to the configured tables, per gateway in `seq` order. The archive
-//! is read in place: applied files are neither moved nor deleted.
+//! is read in place: applied files are neither moved nor deleted. Only the main lane is replayed:
+//! it holds every reading, so the archived fresh-lane copies (`gateway=<id>/fresh/`) are left
+//! alone.
 
 use std::sync::{Arc, Mutex};
 
@@ -45,7 +47,7 @@ pub async fn backfill(
     let (mut files_total, mut bytes_total) = (0, 0);
     for gateway in gateways {
         let watermark = tables.readings.watermark(&gateway).await?;
-        let batches = archive.list_batches(&gateway, None).await?.batches;
+        let batches = archive.list_main_batches(&gateway, None).await?.batches;
         // Resume at the last file that starts at or below the watermark: batches are contiguous
         // `seq` ranges (batch contract), so only that one can hold rows above it.
         let resume = watermark.and_then(|w| {
@@ -74,7 +76,8 @@ pub async fn backfill(
     let base = IngestOptions::new(config.run.max_files_per_commit)
         .with_rules(config.rule_set().map_err(BackfillError::Location)?)
         .with_commit_attempts(config.run.commit_attempts)
-        .with_chunk_hook(progress_hook(&progress));
+        .with_chunk_hook(progress_hook(&progress))
+        .without_fresh_lane();
     let mut report = IngestReport::default();
     for (gateway, start_after) in plan {
         let options = base.clone().with_start_after(start_after);

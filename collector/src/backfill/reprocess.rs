@@ -7,6 +7,9 @@
 //! 2. Delete its `.reason.json`, so a second failure writes a fresh one.
 //! 3. Delete the quarantined copy.
 //!
+//! Quarantined fresh-lane files (`gateway=<id>/fresh/`, contract v3) are not moved back: the main
+//! lane carries every reading they held. They are listed as left in the quarantine.
+//!
 //! A crash in between leaves the file in the raw zone (the next pass or reprocess applies it)
 //! and maybe a stale copy in the quarantine, which the next reprocess moves back again: the same
 //! bytes under the same key, so nothing is applied twice.
@@ -62,6 +65,7 @@ pub async fn reprocess(
                 .map(|o| o.object_key)
                 .filter(|k| !k.ends_with(REASON_SUFFIX)),
         );
+        left_in_quarantine.extend(files.fresh.into_iter().map(|f| f.object_key));
         let mut any = false;
         for file in &files.batches {
             if let Some(wanted) = &options.reason
@@ -79,7 +83,7 @@ pub async fn reprocess(
 
     let (mut files_total, mut bytes_total) = (0, 0);
     for gateway in &affected {
-        for file in raw.list_batches(gateway, None).await?.batches {
+        for file in raw.list_main_batches(gateway, None).await?.batches {
             files_total += 1;
             bytes_total += file.size;
         }

@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use url::Url;
 
 use super::table::DeltaError;
-use super::watermark;
+use super::watermark::{self, FreshRange, Marks};
 use crate::metrics::{AmbiguousOutcome, global as metrics};
 
 /// The first retry waits up to this long (full jitter: a random time below the bound).
@@ -115,7 +115,7 @@ pub(crate) enum Resolution {
 /// Reads the watermark seen after a failed attempt: `before` is the watermark the attempt was
 /// built on, `now` the one the reloaded table holds, `ours` the version carrying the attempt's
 /// token if the log holds one (only looked for when the watermark moved).
-pub(crate) fn resolve(before: Option<i64>, now: Option<i64>, ours: Option<Version>) -> Resolution {
+pub(crate) fn resolve<M: PartialEq + Copy>(before: M, now: M, ours: Option<Version>) -> Resolution {
     match ours {
         Some(version) => Resolution::Landed(version),
         None if now == before => Resolution::NotLanded,
@@ -163,6 +163,39 @@ pub(crate) async fn commit_with_watermark(
     batches: Vec<RecordBatch>,
     watermark: i64,
 ) -> Result<Version, CommitFailure> {
+    commit_with_marks(
+        table,
+        url,
+        gateway,
+        batches,
+        MarkUpdate::Watermark(watermark),
+        false,
+    )
+    .await
+}
+
+/// What a commit records for its gateway beside its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MarkUpdate {
+    /// Moves the gateway's watermark to this `seq`.
+    Watermark(i64),
+    /// Records the gateway's fresh range (readings table only); the watermark stays.
+    Fresh(FreshRange),
+}
+
+/// [`commit_with_watermark`] for any [`MarkUpdate`]. With `with_fresh` (the readings table) the
+/// gateway's fresh range is read beside its watermark, and a change of either since the attempt
+/// was built means another writer applied the gateway: a main-lane commit must not land on a
+/// range it did not filter by, nor a fresh-lane commit on a watermark or range it did not see.
+#[allow(clippy::too_many_lines)]
+pub(crate) async fn commit_with_marks(
+    table: &mut DeltaTable,
+    url: &Url,
+    gateway: &str,
+    batches: Vec<RecordBatch>,
+    update: MarkUpdate,
+    with_fresh: bool,
+) -> Result<Version, CommitFailure> {
     let write_err = |source| {
         CommitFailure::Other(DeltaError::Write {
             table: url.to_string(),
@@ -185,33 +218,46 @@ pub(crate) async fn commit_with_watermark(
     let token = uuid::Uuid::new_v4().to_string();
     let started = tokio::time::Instant::now();
     let mut attempt: u32 = 0;
+    let mut built_on = None;
     loop {
         attempt += 1;
         let snapshot = table.snapshot().map_err(write_err)?;
         let base_version = snapshot.version();
-        let before = watermark::read(table, url, gateway)
+        let before = watermark::read_marks(table, url, gateway, with_fresh)
             .await
             .map_err(CommitFailure::Other)?;
-        if attempt > 1 && before.is_some_and(|w| w >= watermark) {
+        let expected = *built_on.get_or_insert(before);
+        if attempt > 1 && before != expected {
             // Only reachable on a retry: another writer applied the gateway meanwhile.
             return Err(CommitFailure::Conflict(Box::new(DeltaTableError::Generic(
-                format!(
-                    "gateway `{gateway}` is at {} in {url}, at or past {watermark}, by another writer",
-                    before.unwrap_or_default()
-                ),
+                format!("gateway `{gateway}` in {url} was moved by another writer: {before:?}"),
             ))));
         }
         let mut actions = adds.clone();
-        actions.push(Action::Txn(watermark::action(gateway, watermark)));
+        let mut metadata: Vec<(String, serde_json::Value)> =
+            vec![("plantline.gateway".to_owned(), gateway.into())];
+        match update {
+            MarkUpdate::Watermark(last_seq) => {
+                actions.push(Action::Txn(watermark::action(gateway, last_seq)));
+                metadata.push(("plantline.last_seq".to_owned(), last_seq.into()));
+            }
+            MarkUpdate::Fresh(range) => {
+                actions.extend(
+                    watermark::fresh_actions(gateway, range)
+                        .into_iter()
+                        .map(Action::Txn),
+                );
+                metadata.push(("plantline.lane".to_owned(), "fresh".into()));
+                metadata.push(("plantline.fresh_first".to_owned(), range.first.into()));
+                metadata.push(("plantline.fresh_last".to_owned(), range.last.into()));
+            }
+        }
+        metadata.push((COMMIT_ID_KEY.to_owned(), token.clone().into()));
         let properties = CommitProperties::default()
             .with_max_retries(0)
             .with_create_checkpoint(false)
             .with_cleanup_expired_logs(Some(false))
-            .with_metadata([
-                ("plantline.gateway".to_owned(), gateway.into()),
-                ("plantline.last_seq".to_owned(), watermark.into()),
-                (COMMIT_ID_KEY.to_owned(), token.clone().into()),
-            ]);
+            .with_metadata(metadata);
         let partitions = snapshot.metadata().partition_columns();
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
@@ -241,8 +287,16 @@ pub(crate) async fn commit_with_watermark(
         }
         // Re-read the gateway's watermark (and, if it moved, look for our token) before
         // anything else is written.
-        let resolution = match resolve_attempt(table, url, gateway, before, base_version, &token)
-            .await
+        let resolution = match resolve_attempt(
+            table,
+            url,
+            gateway,
+            with_fresh,
+            before,
+            base_version,
+            &token,
+        )
+        .await
         {
             Ok(resolution) => resolution,
             Err(reread) => {
@@ -332,18 +386,20 @@ pub(crate) fn is_conflict(e: &DeltaTableError) -> bool {
     classify(e) == Failure::Race
 }
 
-/// Reloads `table`, re-reads `gateway`'s watermark and, if it moved away from `before`, looks
+/// Reloads `table`, re-reads `gateway`'s watermark (and fresh range, `with_fresh`) and, if they
+/// moved away from `before`, looks
 /// for the commit carrying `token` among the versions after `base_version`.
 async fn resolve_attempt(
     table: &mut DeltaTable,
     url: &Url,
     gateway: &str,
-    before: Option<i64>,
+    with_fresh: bool,
+    before: Marks,
     base_version: Version,
     token: &str,
 ) -> Result<Resolution, DeltaError> {
     reload(table, url).await?;
-    let now = watermark::read(table, url, gateway).await?;
+    let now = watermark::read_marks(table, url, gateway, with_fresh).await?;
     if now == before {
         return Ok(Resolution::NotLanded);
     }
@@ -570,13 +626,27 @@ mod tests {
     fn the_watermark_decides_whether_an_attempt_landed() {
         // Unchanged watermark: nothing landed, nobody else applied the gateway.
         assert_eq!(resolve(Some(10), Some(10), None), Resolution::NotLanded);
-        assert_eq!(resolve(None, None, None), Resolution::NotLanded);
+        assert_eq!(resolve(None::<i64>, None, None), Resolution::NotLanded);
         // Our token is in the log: it landed, even if a later commit moved the watermark on.
         assert_eq!(resolve(Some(10), Some(20), Some(7)), Resolution::Landed(7));
         assert_eq!(resolve(Some(10), Some(30), Some(7)), Resolution::Landed(7));
         // Moved without our token: another writer applied the gateway.
         assert_eq!(resolve(Some(10), Some(20), None), Resolution::Superseded);
         assert_eq!(resolve(None, Some(5), None), Resolution::Superseded);
+        // In the readings table the fresh range counts as much as the watermark: another
+        // writer's fresh-lane commit leaves the watermark where it was.
+        let marks = |fresh: Option<(i64, i64)>| Marks {
+            watermark: Some(10),
+            fresh: fresh.map(|(first, last)| FreshRange { first, last }),
+        };
+        assert_eq!(
+            resolve(marks(Some((50, 60))), marks(Some((50, 70))), None),
+            Resolution::Superseded
+        );
+        assert_eq!(
+            resolve(marks(None), marks(None), None),
+            Resolution::NotLanded
+        );
     }
 
     #[test]

@@ -16,9 +16,14 @@
 //!   without their watermark or the reverse; a row with `seq <= watermark` is never appended again.
 //!   The gaps and quarantined-rows tables carry their own watermark per gateway and are committed
 //!   before the readings commit of the same rows (see [`crate::ingest`]).
+//! - Beside the watermark W, the readings table keeps each gateway's fresh range [Fs, Fe]
+//!   (batch contract v3's fresh lane) as two more `txn` actions ([`FreshRange`]), written in the
+//!   commit of the fresh-lane rows they cover. Every row of the range above W is in the table;
+//!   main-lane rows are kept only if `seq > W` and outside the range. A range only grows
+//!   contiguously, or is replaced once the watermark reached its end (`Fe <= W`).
 //! - Two collectors applying the same gateway conflict on its app id; the loser re-reads the
-//!   watermarks and re-filters, so the Delta protocol (conditional PUT of the commit file)
-//!   decides, not a home-made lock.
+//!   watermarks (and the fresh range) and re-filters, so the Delta protocol (conditional PUT of
+//!   the commit file) decides, not a home-made lock.
 
 mod commit;
 mod gaps;
@@ -40,7 +45,9 @@ pub use table::{
     ApplyOutcome, DATE_COLUMN, DQ_FLAGS_COLUMN, DeltaError, ReadingsTable, VALUE_TEXT_COLUMN,
     date_field, readings_schema,
 };
-pub(crate) use table::{filter_above, seq_column, with_flags};
+pub(crate) use table::{filter_above, seq_column, with_flags, without_range};
 pub use tables::{GAPS_SUFFIX, QUARANTINED_ROWS_SUFFIX, TableUrls, Tables, sibling};
 pub use tags::{CatalogOutcome, TAGS_SUFFIX, TagRow, TagsTable, tags_schema};
-pub use watermark::{APP_ID_PREFIX, app_id};
+pub use watermark::{
+    APP_ID_PREFIX, FreshRange, Marks, app_id, fresh_first_app_id, fresh_last_app_id,
+};

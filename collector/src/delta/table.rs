@@ -25,9 +25,9 @@ use edge_agent::contract;
 use tracing::{debug, warn};
 use url::Url;
 
-use super::commit::{self, CommitFailure};
+use super::commit::{self, CommitFailure, MarkUpdate};
 use super::open::{self, TableSpec};
-use super::watermark;
+use super::watermark::{self, FreshRange, Marks};
 
 /// The nullable column the row-level `flag` rules write: the names of the rules a kept row
 /// broke, comma-separated in config order; null when it broke none.
@@ -287,6 +287,12 @@ impl ReadingsTable {
         watermark::read(&self.table, &self.url, gateway).await
     }
 
+    /// The watermark of `gateway` and its fresh range (batch contract v3's fresh lane) in the
+    /// loaded version.
+    pub async fn marks(&self, gateway: &str) -> Result<Marks, DeltaError> {
+        watermark::read_marks(&self.table, &self.url, gateway, true).await
+    }
+
     /// Appends the rows of `batches` (one gateway's batches in the contract's schema, each
     /// sorted by `seq`, given in `seq` order of their first row) whose `seq` is above the
     /// gateway's watermark and above every `seq` taken from an earlier batch, and moves the
@@ -303,10 +309,14 @@ impl ReadingsTable {
     ) -> Result<ApplyOutcome, DeltaError> {
         let mut conflicts = 0;
         loop {
-            let watermark_before = self.watermark(gateway).await?;
-            let (fresh, watermark_after, rows_skipped) = filter_above(batches, watermark_before);
+            let marks = self.marks(gateway).await?;
+            let watermark_before = marks.watermark;
+            let (above, watermark_after, skipped) = filter_above(batches, watermark_before);
+            // Rows the fresh lane put in already are skipped like replays.
+            let (fresh, in_range) = without_range(above, marks.fresh);
+            let rows_skipped = skipped + in_range;
             let rows_applied: usize = fresh.iter().map(|(_, b)| b.num_rows()).sum();
-            if rows_applied == 0 {
+            if watermark_after == watermark_before {
                 return Ok(ApplyOutcome {
                     version: None,
                     rows_applied,
@@ -316,7 +326,7 @@ impl ReadingsTable {
                     conflicts,
                 });
             }
-            let last_seq = watermark_after.expect("rows were kept, so a last seq exists");
+            let last_seq = watermark_after.expect("the watermark moved, so a last seq exists");
             let data = fresh.iter().map(|(_, b)| with_flags(b, None)).collect();
             match self.commit_rows(gateway, data, last_seq).await {
                 Ok(version) => {
@@ -355,26 +365,67 @@ impl ReadingsTable {
     }
 
     /// Commits `batches` (in [`readings_schema`]) with the gateway's watermark moved to
-    /// `last_seq`; with no batches, only the watermark moves.
+    /// `last_seq`; with no batches, only the watermark moves. Lands only if neither the
+    /// watermark nor the fresh range moved since the rows were filtered.
     pub(crate) async fn commit_rows(
         &mut self,
         gateway: &str,
         batches: Vec<RecordBatch>,
         last_seq: i64,
     ) -> Result<Version, CommitFailure> {
-        let batches = if self.by_date {
-            batches.iter().map(with_date).collect()
-        } else {
-            batches
-        };
-        let version =
-            commit::commit_with_watermark(&mut self.table, &self.url, gateway, batches, last_seq)
-                .await?;
+        let batches = self.dated(batches);
+        let version = commit::commit_with_marks(
+            &mut self.table,
+            &self.url,
+            gateway,
+            batches,
+            MarkUpdate::Watermark(last_seq),
+            true,
+        )
+        .await?;
         debug!(
             component = "delta",
             gateway, version, last_seq, "committed readings"
         );
         Ok(version)
+    }
+
+    /// Commits fresh-lane `batches` (in [`readings_schema`]) with the gateway's fresh range set
+    /// to `range`; the watermark stays. Lands only if neither the watermark nor the fresh range
+    /// moved since the rows were filtered.
+    pub(crate) async fn commit_fresh(
+        &mut self,
+        gateway: &str,
+        batches: Vec<RecordBatch>,
+        range: FreshRange,
+    ) -> Result<Version, CommitFailure> {
+        let batches = self.dated(batches);
+        let version = commit::commit_with_marks(
+            &mut self.table,
+            &self.url,
+            gateway,
+            batches,
+            MarkUpdate::Fresh(range),
+            true,
+        )
+        .await?;
+        debug!(
+            component = "delta",
+            gateway,
+            version,
+            fresh_first = range.first,
+            fresh_last = range.last,
+            "committed fresh-lane readings"
+        );
+        Ok(version)
+    }
+
+    fn dated(&self, batches: Vec<RecordBatch>) -> Vec<RecordBatch> {
+        if self.by_date {
+            batches.iter().map(with_date).collect()
+        } else {
+            batches
+        }
     }
 
     /// Every row of the table's latest version, read from its data files and sorted by
@@ -538,10 +589,62 @@ pub(crate) fn filter_above(
     (kept, high, skipped)
 }
 
+/// `slices` (each sorted by `seq`, tagged with the batch it came from) without the rows inside
+/// `range`, and how many rows that took out. The main lane skips these: the fresh lane put them
+/// in the table already.
+pub(crate) fn without_range(
+    slices: Vec<(usize, RecordBatch)>,
+    range: Option<FreshRange>,
+) -> (Vec<(usize, RecordBatch)>, usize) {
+    let Some(range) = range else {
+        return (slices, 0);
+    };
+    let mut kept = Vec::with_capacity(slices.len());
+    let mut dropped = 0;
+    for (index, batch) in slices {
+        let seq = seq_column(&batch).values();
+        let lo = seq.partition_point(|&s| s < range.first);
+        let hi = seq.partition_point(|&s| s <= range.last);
+        dropped += hi - lo;
+        if lo == hi {
+            kept.push((index, batch));
+            continue;
+        }
+        if lo > 0 {
+            kept.push((index, batch.slice(0, lo)));
+        }
+        if hi < batch.num_rows() {
+            kept.push((index, batch.slice(hi, batch.num_rows() - hi)));
+        }
+    }
+    (kept, dropped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use edge_agent::contract::{Quality, Row};
+
+    #[test]
+    fn rows_inside_the_fresh_range_are_taken_out_of_every_batch() {
+        let input = vec![(0, batch(1..=4)), (1, batch(5..=9)), (2, batch(12..=13))];
+        let range = FreshRange { first: 3, last: 6 };
+        let (kept, dropped) = without_range(input.clone(), Some(range));
+        assert_eq!(seqs(&kept), vec![1, 2, 7, 8, 9, 12, 13]);
+        assert_eq!(
+            kept.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(dropped, 4);
+        let (all, none) = without_range(input, None);
+        assert_eq!((seqs(&all).len(), none), (11, 0));
+        let (kept, dropped) = without_range(
+            vec![(0, batch(5..=6))],
+            Some(FreshRange { first: 1, last: 9 }),
+        );
+        assert!(kept.is_empty());
+        assert_eq!(dropped, 2);
+    }
 
     fn batch(seqs: std::ops::RangeInclusive<i64>) -> RecordBatch {
         let rows: Vec<Row> = seqs

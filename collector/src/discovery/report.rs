@@ -14,6 +14,13 @@ pub(crate) fn merge_gateway(report: &mut IngestReport, gw: GatewayReport) {
     into.rows_skipped += gw.rows_skipped;
     into.rows_quarantined += gw.rows_quarantined;
     into.rows_flagged += gw.rows_flagged;
+    into.fresh_files_applied += gw.fresh_files_applied;
+    into.fresh_rows_applied += gw.fresh_rows_applied;
+    // What waits is what the latest pass of the gateway left.
+    into.fresh_deferred = gw.fresh_deferred;
+    if gw.fresh_range.is_some() {
+        into.fresh_range = gw.fresh_range;
+    }
     into.commits += gw.commits;
     for (rule, counts) in &gw.rules {
         into.rules.entry(rule.clone()).or_default().add(counts);

@@ -13,7 +13,10 @@
 //! - A message is deleted only when every batch it names is settled: the gateway's watermark in
 //!   the readings table covers the batch's first `seq` (its commit is done, by this instance or
 //!   another one), or the file was quarantined, or it is no longer in the raw zone (archived or
-//!   quarantined by another instance).
+//!   quarantined by another instance). A fresh-lane batch (contract v3, `gateway=<id>/fresh/`)
+//!   is settled once it is no longer in the raw zone, was quarantined, or its gateway's pass left
+//!   it for later (deferred: a later pass of the gateway, which the main lane's next
+//!   notification triggers, applies it; the main lane carries its readings anyway).
 //! - A batch that is not settled after its gateway's pass (the pass stopped on a store or Delta
 //!   failure before it, or its predecessor's did) waits: its message is not deleted and comes
 //!   back after `visibility_timeout`, the work lease. While a receive's gateways are applied the
@@ -38,7 +41,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
     MessageSystemAttributeName,
 };
-use edge_agent::contract::{self, BatchKey};
+use edge_agent::contract::{self, BatchKey, Lane};
 use object_store::ObjectStoreExt as _;
 use object_store::path::Path;
 use tokio_util::sync::CancellationToken;
@@ -72,10 +75,11 @@ pub enum SqsError {
 /// What a message's object means for the collector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
-    /// A batch file of a gateway.
+    /// A batch file of a gateway, in either lane.
     Batch {
         gateway: String,
         first_seq: i64,
+        lane: Lane,
         raw_key: String,
     },
     /// Another object in a gateway's folder, which the gateway's pass quarantines (or leaves
@@ -210,6 +214,7 @@ impl SqsDiscovery {
             renewal.clone(),
         ));
         let mut quarantined: BTreeSet<String> = BTreeSet::new();
+        let mut deferred: BTreeSet<String> = BTreeSet::new();
         let mut watermarks: BTreeMap<String, Option<i64>> = BTreeMap::new();
         for gateway in &gateways {
             let gw = match ingest_gateway(raw, tables, gateway, options).await {
@@ -224,6 +229,7 @@ impl SqsDiscovery {
                 }
             };
             quarantined.extend(gw.quarantined.iter().map(|q| q.key.clone()));
+            deferred.extend(gw.fresh_deferred.iter().cloned());
             // Read again rather than taken from the report: a pass that failed half-way still
             // committed its first chunks.
             let watermark = tables.readings.watermark(gateway).await.ok().flatten();
@@ -237,7 +243,7 @@ impl SqsDiscovery {
             let mut done = true;
             for target in &targets {
                 if !self
-                    .is_settled(raw, target, &watermarks, &quarantined)
+                    .is_settled(raw, target, &watermarks, &quarantined, &deferred)
                     .await
                 {
                     done = false;
@@ -326,6 +332,7 @@ impl SqsDiscovery {
             return Target::Batch {
                 gateway: batch.gateway,
                 first_seq: batch.first_seq,
+                lane: batch.lane,
                 raw_key: key.to_owned(),
             };
         }
@@ -350,20 +357,24 @@ impl SqsDiscovery {
         target: &Target,
         watermarks: &BTreeMap<String, Option<i64>>,
         quarantined: &BTreeSet<String>,
+        deferred: &BTreeSet<String>,
     ) -> bool {
         let raw_key = match target {
             Target::Ignored(_) => return true,
             Target::Batch {
                 gateway,
                 first_seq,
+                lane,
                 raw_key,
             } => {
-                let applied = watermarks
-                    .get(gateway)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|w| w >= *first_seq);
-                if applied || quarantined.contains(raw_key) {
+                // A fresh batch at or below the watermark may still hold readings above it.
+                let applied = *lane == Lane::Main
+                    && watermarks
+                        .get(gateway)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|w| w >= *first_seq);
+                if applied || quarantined.contains(raw_key) || deferred.contains(raw_key) {
                     return true;
                 }
                 raw_key

@@ -20,8 +20,11 @@
 //!    the new width). That keeps the key (`gateway`, `first_seq`) unique, and it is what a
 //!    `damaged_buffer` record starting at `seq` 1 needs: only the readings the collector does
 //!    not have are lost.
+//! 5. Nothing inside the gateway's fresh range (batch contract v3) is a gap: the fresh lane put
+//!    those readings in the table. A row reaching into the range is cut at it, or split in two
+//!    around it ([`outside_fresh_range`]); a cut row keeps at most the new width as its count.
 
-use crate::delta::{GapRow, REASON_QUARANTINED, REASON_SEQ_JUMP};
+use crate::delta::{FreshRange, GapRow, REASON_QUARANTINED, REASON_SEQ_JUMP};
 
 use super::agent::AgentGap;
 
@@ -140,6 +143,28 @@ pub fn explain(
     rows.sort_by_key(|r| r.first_seq);
     rows.dedup_by_key(|r| r.first_seq);
     rows
+}
+
+/// `rows` (sorted by `first_seq`) with every part inside `fresh` taken out: what lies wholly
+/// inside goes, what reaches into it is cut at it, what spans it is split around it.
+pub fn outside_fresh_range(rows: Vec<GapRow>, fresh: Option<FreshRange>) -> Vec<GapRow> {
+    let Some(fresh) = fresh else {
+        return rows;
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        for (first, last) in subtract((row.first_seq, row.last_seq), &[(fresh.first, fresh.last)]) {
+            out.push(GapRow {
+                first_seq: first,
+                last_seq: last,
+                readings: row.readings.min(last - first + 1),
+                ..row.clone()
+            });
+        }
+    }
+    out.sort_by_key(|r| r.first_seq);
+    out.dedup_by_key(|r| r.first_seq);
+    out
 }
 
 /// `range` minus the union of `cut`, as ordered sub-ranges.
@@ -308,6 +333,55 @@ mod tests {
         );
         // Files outside every jump explain nothing.
         assert!(explain("gw", &[], &[], &[q(6, Some(8), "q/6")], None, NOW).is_empty());
+    }
+
+    #[test]
+    fn nothing_inside_the_fresh_range_is_a_gap() {
+        let jumps = [
+            Jump {
+                first_seq: 5,
+                last_seq: 9,
+                file_key: "raw/a".into(),
+            },
+            Jump {
+                first_seq: 12,
+                last_seq: 30,
+                file_key: "raw/b".into(),
+            },
+            Jump {
+                first_seq: 40,
+                last_seq: 44,
+                file_key: "raw/c".into(),
+            },
+        ];
+        let rows = explain("gw", &jumps, &[], &[], None, NOW);
+        let fresh = Some(FreshRange { first: 8, last: 20 });
+        let cut = outside_fresh_range(rows.clone(), fresh);
+        assert_eq!(
+            summary(&cut),
+            vec![
+                (5, 7, REASON_SEQ_JUMP, "raw/a"),
+                (21, 30, REASON_SEQ_JUMP, "raw/b"),
+                (40, 44, REASON_SEQ_JUMP, "raw/c"),
+            ]
+        );
+        assert_eq!(cut[0].readings, 3);
+        // A range inside a gap splits it in two.
+        let split = outside_fresh_range(
+            rows,
+            Some(FreshRange {
+                first: 15,
+                last: 16,
+            }),
+        );
+        assert_eq!(
+            summary(&split)[1..3],
+            [
+                (12, 14, REASON_SEQ_JUMP, "raw/b"),
+                (17, 30, REASON_SEQ_JUMP, "raw/b")
+            ]
+        );
+        assert_eq!(outside_fresh_range(Vec::new(), fresh), Vec::new());
     }
 
     #[test]

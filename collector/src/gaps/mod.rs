@@ -7,4 +7,4 @@ pub mod agent;
 pub mod detect;
 
 pub use agent::{AgentGap, METADATA_KEY};
-pub use detect::{Jump, QuarantinedRange, explain, find_jumps};
+pub use detect::{Jump, QuarantinedRange, explain, find_jumps, outside_fresh_range};

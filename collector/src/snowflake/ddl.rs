@@ -2,9 +2,9 @@
 //! `collector snowflake init`.
 //!
 //! # Invariants
-//! - The three loaded tables ([`READINGS`], [`GAPS`], [`QUARANTINED_ROWS`]) have the columns of
-//!   their Delta tables, in their order, upper-cased; the loader's staging tables have the same
-//!   columns, so `INSERT ... SELECT` between them needs no casts.
+//! - The four loaded tables ([`READINGS`], [`GAPS`], [`QUARANTINED_ROWS`], [`TAGS`]) have the
+//!   columns of their Delta tables, in their order, upper-cased; the loader's staging tables have
+//!   the same columns, so `INSERT ... SELECT` between them needs no casts.
 //! - Every statement here is idempotent (`IF NOT EXISTS`): running it against an account that
 //!   already holds the table changes nothing and never drops data. A column a newer collector
 //!   knows and an existing table lacks is added with `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`,
@@ -164,6 +164,47 @@ pub(crate) const QUARANTINED_ROWS: TableDef = TableDef {
     upgrade_columns: &[],
 };
 
+const TAGS_COLUMNS: [Column; 14] = [
+    col("GATEWAY", "gateway", Text, Required),
+    col("DEVICE", "device", Text, Required),
+    col("TAG", "tag", Text, Required),
+    col("SITE", "site", Text, Required),
+    col("AREA", "area", Text, Nullable),
+    col("LINE", "line", Text, Nullable),
+    col("MACHINE", "machine", Text, Nullable),
+    col("UNIT", "unit", Text, Nullable),
+    col("DESCRIPTION", "description", Text, Nullable),
+    col("DATA_TYPE", "data_type", Text, Required),
+    col("SOURCE", "source", Text, Required),
+    col("VALID_FROM", "valid_from", Timestamp, Required),
+    col("VALID_TO", "valid_to", Timestamp, Nullable),
+    col("CATALOG_HASH", "catalog_hash", Text, Required),
+];
+
+/// The tags dimension as type-2 history, one row per (`GATEWAY`, `DEVICE`, `TAG`,
+/// `VALID_FROM`): a row holds from `VALID_FROM` (inclusive) to `VALID_TO` (exclusive, null while
+/// in force). The loader replaces its rows with the Delta table's snapshot (see `loader`), so
+/// the key is not checked on insert; it declares no primary key for the same reason.
+pub(crate) const TAGS: TableDef = TableDef {
+    label: "tags",
+    columns: &TAGS_COLUMNS,
+    key: &["GATEWAY", "DEVICE", "TAG", "VALID_FROM"],
+    cluster_by: None,
+    // The first PLANTLINE_TAGS (created by `init` before the Delta tags table existed, never
+    // filled) had one row per tag, PRIMARY KEY (GATEWAY, DEVICE, TAG), and ADDRESS, SCALE,
+    // VALUE_OFFSET and UPDATED_AT instead of these; those stay, nullable and null. Its NOT NULL
+    // columns (SITE, GATEWAY, DEVICE, TAG) are all filled by the load. Snowflake does not
+    // enforce the old primary key, so a tag's several history rows load into it.
+    upgrade_columns: &[
+        "AREA",
+        "LINE",
+        "MACHINE",
+        "VALID_FROM",
+        "VALID_TO",
+        "CATALOG_HASH",
+    ],
+};
+
 impl TableDef {
     /// `NAME TYPE [NOT NULL], ...`, for the table itself and the loader's staging table.
     pub(crate) fn column_list(&self) -> String {
@@ -232,14 +273,6 @@ pub(crate) fn create_control_table(table: &str) -> String {
     )
 }
 
-/// The tags dimension: one row per tag of a device on a gateway, with what the sensor map says
-/// about it. Filled by a later stage of the collector from the gateways' sensor maps.
-pub(crate) fn create_tags_table(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (SITE VARCHAR NOT NULL, GATEWAY VARCHAR NOT NULL, DEVICE VARCHAR NOT NULL, TAG VARCHAR NOT NULL, UNIT VARCHAR, DESCRIPTION VARCHAR, SOURCE VARCHAR, ADDRESS VARCHAR, DATA_TYPE VARCHAR, SCALE FLOAT, VALUE_OFFSET FLOAT, UPDATED_AT TIMESTAMP_TZ, PRIMARY KEY (GATEWAY, DEVICE, TAG))"
-    )
-}
-
 /// Quarantined batch files, one row per file, mirroring the `<file>.reason.json` the collector
 /// writes beside each one.
 pub(crate) fn create_quarantine_table(table: &str) -> String {
@@ -284,7 +317,18 @@ mod tests {
         quarantined.sort();
         ours.sort();
         assert_eq!(ours, quarantined, "quarantined_rows");
-        for def in [READINGS, GAPS, QUARANTINED_ROWS] {
+        assert_eq!(
+            delta_names(&TAGS),
+            upper_names(&crate::delta::tags_schema()),
+            "tags"
+        );
+        // the history's open end and the catalog's optional attributes are the only nulls
+        let tags = crate::delta::tags_schema();
+        for c in TAGS.columns {
+            let field = tags.field_with_name(c.delta).unwrap();
+            assert_eq!(field.is_nullable(), c.presence != Required, "{}", c.name);
+        }
+        for def in [READINGS, GAPS, QUARANTINED_ROWS, TAGS] {
             assert_eq!(def.upgrade_columns().count(), def.upgrade_columns.len());
             for key in def.key {
                 assert!(

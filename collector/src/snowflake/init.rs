@@ -184,7 +184,11 @@ impl InitScript {
                         "{gaps}: seq ranges of a gateway that will never arrive, with the reason, unique on (GATEWAY, FIRST_SEQ); {quarantined_rows}: readings a row rule kept out, unique on (GATEWAY, SEQ, RULE). Both are loaded from their Delta tables like the readings, each with its own row in {control}."
                     ),
                     format!(
-                        "{tags}, {quarantine}: the tags dimension and quarantined batch files; filled by later collector stages."
+                        "{tags}: the tags dimension, each tag's site, area, line, machine, unit, data type and source as type-2 history (VALID_FROM inclusive, VALID_TO exclusive, null while in force); the loader replaces its rows with the Delta tags table's snapshot whenever that changed, in one transaction with its row in {control}."
+                    ),
+                    "Join a reading to its tag as it was: t.GATEWAY = r.GATEWAY AND t.DEVICE = r.DEVICE AND t.TAG = r.TAG AND r.TS >= t.VALID_FROM AND (t.VALID_TO IS NULL OR r.TS < t.VALID_TO).".to_owned(),
+                    format!(
+                        "{quarantine}: quarantined batch files; filled by a later collector stage."
                     ),
                     "ALTER TABLE ... ADD COLUMN IF NOT EXISTS brings tables an earlier collector created up to date; columns are only ever added, never dropped.".to_owned(),
                 ],
@@ -197,7 +201,7 @@ impl InitScript {
                         format!("table {control}"),
                         ddl::create_control_table(&control),
                     ),
-                    object(format!("table {tags}"), ddl::create_tags_table(&tags)),
+                    object(format!("table {tags}"), ddl::TAGS.create(&tags)),
                     object(format!("table {gaps}"), ddl::GAPS.create(&gaps)),
                     object(
                         format!("table {quarantined_rows}"),
@@ -214,6 +218,7 @@ impl InitScript {
                         (&ddl::READINGS, &readings),
                         (&ddl::GAPS, &gaps),
                         (&ddl::QUARANTINED_ROWS, &quarantined_rows),
+                        (&ddl::TAGS, &tags),
                     ]
                     .into_iter()
                     .flat_map(|(def, table)| {
@@ -272,7 +277,7 @@ impl InitScript {
         )];
         let mut loader_notes = vec![
             format!(
-                "{loader} is what the collector logs in as ([snowflake] role); it can read and add readings but not drop or alter any table."
+                "{loader} is what the collector logs in as ([snowflake] role); it can read and add rows, and delete the tags table's rows to replace them with a newer snapshot, but not drop or alter any table."
             ),
             "CREATE TABLE on the schema: the loader creates its session's temporary staging table, and runs CREATE TABLE IF NOT EXISTS on each load, which Snowflake checks even when the table exists. It owns no table created here.".to_owned(),
         ];
@@ -305,12 +310,18 @@ impl InitScript {
                 format!("GRANT SELECT, INSERT, UPDATE ON TABLE {control} TO ROLE {loader}"),
             ),
         ]);
-        for table in [&tags, &gaps, &quarantined_rows, &quarantine] {
+        for table in [&gaps, &quarantined_rows, &quarantine] {
             loader_grants.push(grant(
                 format!("select, insert on {table} to {loader}"),
                 format!("GRANT SELECT, INSERT ON TABLE {table} TO ROLE {loader}"),
             ));
         }
+        // The tags load replaces the table's rows with the Delta snapshot: DELETE on this table
+        // only, the others stay insert-only.
+        loader_grants.push(grant(
+            format!("select, insert, delete on {tags} to {loader}"),
+            format!("GRANT SELECT, INSERT, DELETE ON TABLE {tags} TO ROLE {loader}"),
+        ));
         if cfg.load_mode == LoadMode::InternalStage {
             // PUT needs WRITE, COPY ... PURGE needs READ and WRITE
             loader_grants.push(grant(
@@ -581,14 +592,14 @@ mod tests {
         let objects = script.statements();
         assert_eq!(
             objects.len(),
-            17,
-            "database, schema, 6 tables, 4 added columns, 5 views"
+            23,
+            "database, schema, 6 tables, 10 added columns, 5 views"
         );
         assert!(objects.iter().all(|s| s.kind == StatementKind::Object));
         assert_eq!(
             all,
-            17 + 13 + 12,
-            "17 objects, 13 loader and 12 reporting grants"
+            23 + 13 + 12,
+            "23 objects, 13 loader and 12 reporting grants"
         );
         let text = script.render();
         assert!(!text.lines().any(|l| l.starts_with("GRANT")), "{text}");

@@ -1,5 +1,6 @@
-//! Follows Delta tables' versions into Snowflake, exactly once: the readings table and the two
-//! data-quality tables (gaps, quarantined rows), each with its own watermark row.
+//! Follows Delta tables' versions into Snowflake, exactly once: the readings table, the two
+//! data-quality tables (gaps, quarantined rows) and the tags dimension, each with its own
+//! watermark row.
 //!
 //! For every Delta version after the one recorded in the control table, the files the version
 //! added with `dataChange = true` are read and, in one Snowflake transaction, staged in a
@@ -16,6 +17,17 @@
 //! in every SQL engine that speaks the protocol, including local stand-ins whose `MERGE` cannot
 //! run inside an explicit transaction. Concurrent loaders are kept apart by the control-table
 //! update that opens each transaction (see the module invariants in `snowflake`).
+//!
+//! # The tags dimension
+//! The tags table is type-2 history: a catalog that changes or drops a tag closes its row
+//! (sets `valid_to`) by rewriting the file that holds it, so a version's added files carry
+//! edited copies of rows Snowflake already has. Inserting the added rows whose key is new would
+//! miss every close. The tags table is instead loaded as a snapshot: when its latest version is
+//! above the watermark, one transaction moves the watermark (the same compare-and-set), deletes
+//! every row of the Snowflake table and inserts the whole snapshot at that version. The table is
+//! small (it grows only when sensor maps change), so reading all of it on each change is cheap,
+//! and a load with no new version reads nothing but its log. A missing tags table (no catalog
+//! was ever applied) is skipped.
 //!
 //! # Outages
 //! A transaction that fails on a timeout, a broken connection, a 5xx/429 answer or a lost
@@ -37,7 +49,9 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use deltalake::kernel::Action;
 use deltalake::logstore::object_store::ObjectStoreExt as _;
-use deltalake::{DeltaTable, DeltaTableError, ObjectStore, ObjectStoreError, Path};
+use deltalake::{
+    DeltaTable, DeltaTableBuilder, DeltaTableError, ObjectStore, ObjectStoreError, Path,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
 use tracing::{info, warn};
@@ -45,10 +59,11 @@ use tracing::{info, warn};
 use super::client::{BindValue, SnowflakeClient, SnowflakeError};
 use super::config::{CONTROL_TABLE, LoadMode, SnowflakeConfig};
 use super::ddl::{
-    Column, GAPS, Kind, Presence, QUARANTINED_ROWS, READINGS, TableDef, create_control_table,
+    Column, GAPS, Kind, Presence, QUARANTINED_ROWS, READINGS, TAGS, TableDef, create_control_table,
 };
+use super::init::TAGS_TABLE;
 use super::stage::{self, AddedFile};
-use crate::delta::Tables;
+use crate::delta::{TAGS_SUFFIX, Tables, sibling};
 
 /// Why a load stopped. Everything loaded before the failing transaction stays loaded.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +163,9 @@ pub struct LoadReport {
     pub copy_statements: u64,
     /// `internal_stage`: files uploaded with `PUT`, retried attempts included.
     pub files_uploaded: u64,
-    /// The data-quality tables loaded after the readings table by [`load_tables`] (gaps, then
-    /// quarantined rows); empty for [`load`].
+    /// The tables loaded after the readings table by [`load_tables`] (gaps, quarantined rows,
+    /// then tags); empty for [`load`]. For tags, `rows_read` and `rows_inserted` count the
+    /// snapshot that replaced the table's rows.
     pub side_tables: Vec<LoadReport>,
 }
 
@@ -195,6 +211,8 @@ struct Target<'a> {
     key_indexes: Vec<usize>,
     /// Rows, or files through a stage.
     mode: LoadMode,
+    /// Replace every row with the Delta table's snapshot instead of inserting new keys (tags).
+    snapshot: bool,
 }
 
 impl<'a> Target<'a> {
@@ -214,6 +232,7 @@ impl<'a> Target<'a> {
             name,
             key_indexes,
             mode: LoadMode::Rows,
+            snapshot: false,
         }
     }
 
@@ -221,7 +240,7 @@ impl<'a> Target<'a> {
         self.key_indexes
             .iter()
             .map(|&i| match &row[i] {
-                BindValue::Fixed(v) => KeyPart::Int(*v),
+                BindValue::Fixed(v) | BindValue::TimestampTzMicros(v) => KeyPart::Int(*v),
                 BindValue::Text(t) => KeyPart::Text(t.clone()),
                 // key columns are required, so a row never gets here with another value
                 other => KeyPart::Text(format!("{other:?}")),
@@ -248,9 +267,10 @@ pub async fn load(
     load_one(client, table, cfg, &target).await
 }
 
-/// Loads the readings table, then the gaps and the quarantined-rows tables, each from its own
-/// watermark. The returned report is the readings table's, with the other two in
-/// [`LoadReport::side_tables`]. A failure stops the load; what was committed stays.
+/// Loads the readings table, then the gaps and the quarantined-rows tables, then the tags
+/// dimension (beside the readings table, `<readings>_tags`; skipped while it does not exist),
+/// each from its own watermark. The returned report is the readings table's, with the other
+/// three in [`LoadReport::side_tables`]. A failure stops the load; what was committed stays.
 pub async fn load_tables(
     client: &mut SnowflakeClient,
     tables: &Tables,
@@ -271,7 +291,127 @@ pub async fn load_tables(
         )
         .await?,
     );
+    report
+        .side_tables
+        .push(load_tags(client, tables, cfg).await?);
     Ok(report)
+}
+
+/// Replaces the Snowflake tags table with the tags Delta table's snapshot when the Delta table
+/// has a version the watermark does not cover (see the module doc).
+async fn load_tags(
+    client: &mut SnowflakeClient,
+    tables: &Tables,
+    cfg: &SnowflakeConfig,
+) -> Result<LoadReport, LoadError> {
+    let mut target = Target::new(&TAGS, TAGS_TABLE.to_owned());
+    target.snapshot = true;
+    let columns_added = create_tables(client, &target).await?;
+    let previous = read_watermark(client, &target.name).await?;
+    let mut report = LoadReport {
+        table: target.name.clone(),
+        previous_version: u64::try_from(previous).ok(),
+        loaded_version: u64::try_from(previous).ok(),
+        columns_added,
+        ..LoadReport::default()
+    };
+    let Some(table) = open_tags(tables).await? else {
+        return Ok(report);
+    };
+    let Some(latest) = table.version() else {
+        return Ok(report);
+    };
+    let first = u64::try_from(previous + 1).expect("the watermark is -1 or a Delta version");
+    if first > latest {
+        return Ok(report);
+    }
+    let table_uri = table.log_store().root_url().to_string();
+    let snapshot = table.snapshot().map_err(|source| LoadError::Delta {
+        table: table_uri.clone(),
+        source,
+    })?;
+    // Collected before the first read: the snapshot's file iterator is not `Send`.
+    let files: Vec<_> = snapshot
+        .log_data()
+        .iter()
+        .map(|file| {
+            (
+                file.object_store_path(),
+                file.partition_values_map(),
+                file.deletion_vector_descriptor().is_some(),
+            )
+        })
+        .collect();
+    let store = table.log_store().object_store(None);
+    let mut group = Group::default();
+    for (path, partition_values, deletion_vector) in files {
+        if deletion_vector {
+            return Err(LoadError::DeletionVector {
+                version: latest,
+                file: path.to_string(),
+            });
+        }
+        let rows = read_object(
+            store.as_ref(),
+            target.def,
+            latest,
+            path.as_ref(),
+            &path,
+            &partition_values,
+        )
+        .await?;
+        group.rows_read += rows.len() as u64;
+        for row in rows {
+            group.rows.entry(target.key_of(&row)).or_insert(row);
+        }
+    }
+    group.versions = Some(first..=latest);
+    let watermark = apply_group(
+        client,
+        cfg,
+        (&target, store.as_ref()),
+        previous,
+        group,
+        &mut report,
+    )
+    .await?;
+    report.loaded_version = u64::try_from(watermark).ok();
+    Ok(report)
+}
+
+/// The tags Delta table beside the readings table, loaded at its latest version, with the
+/// readings table's storage options; `None` while nothing is there (no catalog applied yet).
+/// Opened here rather than with the pass's tables so the loader never creates it.
+async fn open_tags(tables: &Tables) -> Result<Option<DeltaTable>, LoadError> {
+    let readings = tables.readings.url();
+    let url = sibling(readings, TAGS_SUFFIX).map_err(|problem| LoadError::Delta {
+        table: readings.to_string(),
+        source: DeltaTableError::InvalidTableLocation(problem),
+    })?;
+    let delta_err = |source| LoadError::Delta {
+        table: url.to_string(),
+        source,
+    };
+    // A local store refuses a folder that does not exist.
+    if url.scheme() == "file" && url.to_file_path().is_ok_and(|p| !p.exists()) {
+        return Ok(None);
+    }
+    let options: HashMap<String, String> = tables
+        .readings
+        .delta_table()
+        .log_store()
+        .config()
+        .options()
+        .raw
+        .clone();
+    let mut table = DeltaTableBuilder::from_url(url.clone())
+        .and_then(|b| b.with_storage_options(options).build())
+        .map_err(delta_err)?;
+    match table.load().await {
+        Ok(()) => Ok(Some(table)),
+        Err(DeltaTableError::NotATable(_)) => Ok(None),
+        Err(source) => Err(delta_err(source)),
+    }
 }
 
 async fn load_one(
@@ -598,6 +738,25 @@ async fn try_group(
     client
         .renew_if_due(std::time::Duration::from_mins(1))
         .await?;
+    if target.snapshot {
+        client.begin().await?;
+        return match replace_in_transaction(client, cfg, target, watermark, last, group).await {
+            Ok(inserted) => {
+                client.commit().await?;
+                Ok(Applied {
+                    rows_read: group.rows_read,
+                    rows_inserted: inserted,
+                    copy_statements: 0,
+                })
+            }
+            Err(e) => {
+                if let Err(rollback) = client.rollback().await {
+                    warn!(component = "snowflake", error = %rollback, "rollback after a failed load failed");
+                }
+                Err(e)
+            }
+        };
+    }
     if target.mode != LoadMode::Rows {
         let (chunks, uploaded) =
             stage::prepare(client, cfg, target.def, &target.name, store, &group.files).await?;
@@ -711,6 +870,38 @@ async fn apply_in_transaction(
     Ok(inserted.rows_affected().unwrap_or(0))
 }
 
+/// The snapshot replace of the tags table: watermark, `DELETE`, then the snapshot's rows in
+/// chunks, all in the caller's transaction, so readers see the old snapshot or the new one.
+/// Returns the rows inserted.
+async fn replace_in_transaction(
+    client: &mut SnowflakeClient,
+    cfg: &SnowflakeConfig,
+    target: &Target<'_>,
+    watermark: i64,
+    last: i64,
+    group: &Group,
+) -> Result<u64, LoadError> {
+    let name = &target.name;
+    move_watermark(client, name, watermark, last).await?;
+    client.execute(&format!("DELETE FROM {name}"), &[]).await?;
+    let names = target.def.names();
+    let row_marker = format!("({})", vec!["?"; target.def.columns.len()].join(", "));
+    let rows: Vec<&Vec<BindValue>> = group.rows.values().collect();
+    let mut inserted = 0;
+    for chunk in rows.chunks(cfg.insert_chunk_rows) {
+        let placeholders = vec![row_marker.as_str(); chunk.len()].join(", ");
+        let bindings: Vec<BindValue> = chunk.iter().flat_map(|r| r.iter().cloned()).collect();
+        let result = client
+            .execute(
+                &format!("INSERT INTO {name} ({names}) VALUES {placeholders}"),
+                &bindings,
+            )
+            .await?;
+        inserted += result.rows_affected().unwrap_or(chunk.len() as u64);
+    }
+    Ok(inserted)
+}
+
 /// Moves `name`'s watermark from `watermark` to `last`, the first statement of a load
 /// transaction. Taking the control row's lock first makes a second loader wait here and then
 /// find the watermark moved, instead of inserting the same versions.
@@ -761,13 +952,25 @@ async fn read_file(
         file: file.to_owned(),
         source: e.into(),
     })?;
+    read_object(store, def, version, file, &path, partition_values).await
+}
+
+/// [`read_file`] with the object's path already decoded; `file` names it in errors.
+async fn read_object(
+    store: &dyn deltalake::ObjectStore,
+    def: &TableDef,
+    version: u64,
+    file: &str,
+    path: &Path,
+    partition_values: &HashMap<String, Option<String>>,
+) -> Result<Vec<Vec<BindValue>>, LoadError> {
     let read_err = |source| LoadError::ReadFile {
         version,
         file: file.to_owned(),
         source,
     };
     let bytes = store
-        .get(&path)
+        .get(path)
         .await
         .map_err(read_err)?
         .bytes()

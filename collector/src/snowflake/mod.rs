@@ -1,15 +1,19 @@
-//! Loading Snowflake from the Delta tables, exactly once: the readings table and the two
-//! data-quality tables beside it (gaps, quarantined rows).
+//! Loading Snowflake from the Delta tables, exactly once: the readings table, the two
+//! data-quality tables beside it (gaps, quarantined rows) and the tags dimension.
 //!
 //! # Invariants
 //! - Each loaded table holds at most one row per merge key: (`GATEWAY`, `SEQ`) for readings,
 //!   (`GATEWAY`, `FIRST_SEQ`) for gaps, (`GATEWAY`, `SEQ`, `RULE`) for quarantined rows. Rows are
 //!   inserted only when no row with the same key exists, so replaying a Delta version changes
 //!   nothing.
+//! - `PLANTLINE_TAGS` holds exactly the rows of one snapshot of the Delta tags table: the one
+//!   at its watermark. A newer snapshot replaces every row (`DELETE`, then `INSERT`) in the
+//!   transaction that moves the watermark, because closing a tag's row rewrites it in Delta.
 //! - `PLANTLINE_LOAD_CONTROL.LAST_VERSION` for a table is the last version of its Delta table
-//!   whose added files are all in it. It changes in the same Snowflake transaction as the rows
-//!   of the versions it covers, and only if it still holds the value the loader read first, so
-//!   two loaders never apply the same versions concurrently.
+//!   whose added files are all in it (for the tags table: whose snapshot it holds). It changes
+//!   in the same Snowflake transaction as the rows of the versions it covers, and only if it
+//!   still holds the value the loader read first, so two loaders never apply the same versions
+//!   concurrently.
 //! - Only files added with `dataChange = true` carry new rows; files rewritten by `OPTIMIZE`
 //!   (`dataChange = false`) are skipped.
 //! - A failed transaction is retried whole, in a new session, after the watermark showed it was

@@ -8,12 +8,10 @@
 //! re-encodes it to the same bytes under the same key.
 //!
 //! # Backlog drain
-//! After an outage the buffer holds a backlog. Batches stay contiguous `seq` ranges uploaded in
-//! `seq` order (batch contract guarantee 4: the collector applies each gateway's batches in
-//! `seq` order and drops rows at or below its watermark, so a fresh batch sent ahead of the
-//! backlog would make the collector throw the backlog away as a replay). Fresh readings
-//! therefore reach S3 behind the backlog, and the drain is made as fast and as visible as that
-//! order allows:
+//! After an outage the buffer holds a backlog. Main-lane batches stay contiguous `seq` ranges
+//! uploaded in `seq` order (batch contract guarantee 4: the collector applies each gateway's
+//! main-lane batches in `seq` order and drops rows at or below its watermark), and the drain is
+//! made as fast and as visible as that order allows:
 //! - every batch holds at most `batch.max_rows` readings, so each round finishes and frees
 //!   buffer space, and a failed upload repeats one bounded batch, not the whole backlog;
 //! - while a full batch waits, the next one is cut and sent at once, with no `max_age` wait;
@@ -21,8 +19,19 @@
 //! - the drain is logged when it starts, every minute (readings left, readings per second
 //!   uploaded, and how long until fresh readings are reached at that rate) and when it ends.
 //!
-//! Fresh readings are within `batch.max_age` of S3 again once the backlog is gone; dashboards
-//! that cannot wait for that use the Kinesis live stream, which sends fresh readings first.
+//! # Fresh lane
+//! So that fresh readings still reach S3 within about `batch.max_age` while the backlog drains
+//! (`batch.fresh_lane`, on by default), the batcher also uploads *copies* of the newest readings
+//! under `gateway=<id>/fresh/` (batch contract v3). While a backlog exists (more than
+//! `batch.max_rows` readings wait outside the pending batch, or the oldest waiting reading
+//! arrived more than `2 × batch.max_age` ago), at most once per `batch.max_age`, and before the
+//! main lane's next upload, it plans a fresh batch by the buffer's range rule
+//! ([`Buffer::plan_fresh_batch`]), uploads it through the same sink and bandwidth cap, and only
+//! then records the run's new end ([`Buffer::fresh_uploaded`]). A fresh batch deletes nothing
+//! and touches neither the pending batch, the gap records nor the high-water marks, so the main
+//! lane is exactly what it is without it. A failed fresh upload is retried with the same
+//! backoff, but the next round tries the main lane first, so a fresh lane that keeps failing
+//! never holds the main lane up. Once the backlog is gone, no fresh batches are cut.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,9 +43,9 @@ use tracing::{info, warn};
 use bytes::Bytes;
 
 use super::parquet_file::{BatchEncoder, ENCODE_CHUNK_ROWS};
-use crate::buffer::{Buffer, BufferError, PendingBatch};
+use crate::buffer::{Buffer, BufferError, FreshBatch, PendingBatch};
 use crate::config::BatchConfig;
-use crate::contract::BatchKey;
+use crate::contract::{BatchKey, Lane};
 use crate::sinks::BatchSink;
 
 /// Problems the batcher cannot retry its way out of.
@@ -64,6 +73,10 @@ pub struct Batcher {
     waiting_since: Option<Instant>,
     /// The backlog being drained, while more than one batch waits.
     backlog: Option<Backlog>,
+    /// When the last fresh-lane batch was confirmed (they go at most once per `max_age`).
+    last_fresh: Option<Instant>,
+    /// A fresh-lane upload just failed: the next round tries the main lane first.
+    main_first: bool,
 }
 
 /// Progress of a backlog drain, for its log lines.
@@ -98,6 +111,8 @@ impl Batcher {
             site,
             waiting_since: None,
             backlog: None,
+            last_fresh: None,
+            main_first: false,
         }
     }
 
@@ -168,6 +183,11 @@ impl Batcher {
         // Readings age out here too, so they go while no source commits (an idle gateway, a
         // long outage with the sources stopped).
         self.blocking(Buffer::expire).await?;
+        // A shutdown flush ships the main lane only: copies would spend its deadline.
+        // After a failed fresh upload this round skips the fresh lane, so the main lane goes.
+        if !force && self.config.fresh_lane && !std::mem::take(&mut self.main_first) {
+            self.fresh_step().await?;
+        }
         let pending = self.blocking(Buffer::pending_batch).await?;
         let batch = if let Some(batch) = pending {
             batch
@@ -205,6 +225,39 @@ impl Batcher {
         Ok(true)
     }
 
+    /// Uploads a fresh-lane batch when one is due: a backlog waits and the last fresh batch went
+    /// at least `max_age` ago. A failure makes the next round start with the main lane.
+    async fn fresh_step(&mut self) -> Result<(), StepError> {
+        let max_age = self.config.max_age.0;
+        if self.last_fresh.is_some_and(|at| at.elapsed() < max_age) {
+            return Ok(());
+        }
+        let max_rows = self.config.max_rows;
+        if !self
+            .blocking(move |b| b.has_backlog(max_rows, max_age))
+            .await?
+        {
+            return Ok(());
+        }
+        let site = self.site.clone();
+        let Some(batch) = self
+            .blocking(move |b| b.plan_fresh_batch(max_rows, max_age, &site))
+            .await?
+        else {
+            return Ok(());
+        };
+        match self.upload_fresh(&batch).await {
+            Ok(()) => {
+                self.last_fresh = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                self.main_first = true;
+                Err(e)
+            }
+        }
+    }
+
     /// Follows a backlog drain: one upload of `uploaded` readings just finished and `left`
     /// readings wait. A backlog is more than one full batch waiting.
     fn track_backlog(&mut self, uploaded: u64, left: u64) {
@@ -216,7 +269,8 @@ impl Batcher {
                     component = "batcher",
                     waiting = left,
                     batches = left.div_ceil(max_rows.max(1)),
-                    "draining a backlog in seq order; fresh readings reach the upload target after it"
+                    fresh_lane = self.config.fresh_lane,
+                    "draining a backlog in seq order; with the fresh lane on, copies of fresh readings go ahead of it"
                 );
                 self.backlog = Some(Backlog {
                     started: now,
@@ -297,6 +351,42 @@ impl Batcher {
         Ok(())
     }
 
+    async fn upload_fresh(&self, batch: &FreshBatch) -> Result<(), StepError> {
+        let buffer = Arc::clone(&self.buffer);
+        let for_encode = batch.clone();
+        let (body, rows) = tokio::task::spawn_blocking(move || encode_fresh(&buffer, &for_encode))
+            .await
+            .map_err(|e| StepError::Fatal(BatcherError::Join(e.to_string())))??;
+        if rows == 0 {
+            // The bounds dropped the range between planning and reading; nothing to copy.
+            return Ok(());
+        }
+        let key =
+            BatchKey::fresh(self.buffer.gateway(), batch.first_seq).to_key(self.sink.prefix());
+        let started = Instant::now();
+        self.sink
+            .put(&key, body.clone())
+            .await
+            .inspect_err(|_| crate::metrics::global().upload_failed())
+            .map_err(|e| StepError::Upload(format!("fresh lane: {e}")))?;
+        let done = batch.clone();
+        self.blocking(move |b| b.fresh_uploaded(&done)).await?;
+        crate::metrics::global().fresh_batch_uploaded(rows);
+        info!(
+            component = "batcher",
+            lane = "fresh",
+            key,
+            rows,
+            bytes = body.len(),
+            first_seq = batch.first_seq,
+            last_seq = batch.last_seq,
+            new_run = batch.starts_run(),
+            upload_ms = crate::millis(started.elapsed()),
+            "fresh batch uploaded (copies; the main lane still uploads these readings)"
+        );
+        Ok(())
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T, StepError>
     where
         T: Send + 'static,
@@ -340,6 +430,36 @@ fn encode_batch(buffer: &Buffer, batch: &PendingBatch) -> Result<(Bytes, usize, 
     }
     let body = encoder.finish(&gaps).map_err(encode_error)?;
     Ok((body, rows, gaps.len()))
+}
+
+/// Reads a fresh-lane batch from the buffer and encodes it a slice at a time, as
+/// [`encode_batch`] does. Returns the file and its rows.
+fn encode_fresh(buffer: &Buffer, batch: &FreshBatch) -> Result<(Bytes, usize), StepError> {
+    let encode_error = |e: parquet::errors::ParquetError| {
+        StepError::Fatal(BatcherError::Encode {
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq,
+            message: e.to_string(),
+        })
+    };
+    let expected = usize::try_from(batch.rows).unwrap_or(0);
+    let mut encoder = BatchEncoder::for_lane(expected, Lane::Fresh).map_err(encode_error)?;
+    let mut after = batch.first_seq.saturating_sub(1);
+    let mut rows = 0;
+    loop {
+        let chunk = buffer
+            .fresh_rows_after(batch, after, ENCODE_CHUNK_ROWS)
+            .map_err(|e| StepError::Fatal(e.into()))?;
+        let Some(last) = chunk.last() else { break };
+        after = last.seq;
+        rows += chunk.len();
+        encoder.write(&chunk).map_err(encode_error)?;
+        if chunk.len() < ENCODE_CHUNK_ROWS {
+            break;
+        }
+    }
+    let body = encoder.finish(&[]).map_err(encode_error)?;
+    Ok((body, rows))
 }
 
 enum StepError {
@@ -389,6 +509,7 @@ mod tests {
         let config = BatchConfig {
             max_rows,
             max_age: crate::config::ConfigDuration::from_secs(3600),
+            fresh_lane: false,
         };
         let batcher = Batcher::new(
             Arc::clone(&buffer),
@@ -462,6 +583,36 @@ mod tests {
             back.iter().map(|r| r.seq).collect::<Vec<_>>(),
             (1..=rows).collect::<Vec<_>>()
         );
+    }
+
+    #[tokio::test]
+    async fn a_fresh_lane_that_keeps_failing_never_holds_up_the_main_lane() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, mut batcher) = setup(dir.path(), 4).await;
+        batcher.config.fresh_lane = true;
+        buffer.append(&readings(1..=20)).unwrap();
+        // A plain file where the fresh lane's folder belongs: every fresh upload fails.
+        let gateway = dir.path().join("landing/raw/gateway=gw-1");
+        std::fs::create_dir_all(&gateway).unwrap();
+        std::fs::write(gateway.join("fresh"), "in the way").unwrap();
+        let mut failures = 0;
+        for _ in 0..20 {
+            match batcher.step(false).await {
+                Err(StepError::Upload(message)) => {
+                    assert!(message.starts_with("fresh lane: "), "{message}");
+                    failures += 1;
+                }
+                Err(StepError::Fatal(e)) => panic!("{e}"),
+                Ok(_) => {}
+            }
+        }
+        assert!(failures > 0, "the fresh lane was tried");
+        // Every reading went up in the main lane, between the fresh lane's failures.
+        assert_eq!(buffer.stats().unwrap().rows, 0);
+        for first in [1, 5, 9, 13, 17] {
+            assert!(key_path(dir.path(), first).exists(), "batch {first}");
+        }
+        assert_eq!(buffer.fresh_run().unwrap(), None);
     }
 
     #[tokio::test]

@@ -5,4 +5,6 @@ mod batcher;
 mod parquet_file;
 
 pub use batcher::{Batcher, BatcherError};
-pub use parquet_file::{BatchEncoder, ENCODE_CHUNK_ROWS, encode, read_gaps, read_rows};
+pub use parquet_file::{
+    BatchEncoder, ENCODE_CHUNK_ROWS, encode, encode_lane, read_gaps, read_rows,
+};

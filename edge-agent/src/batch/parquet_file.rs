@@ -12,7 +12,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::contract::{self, CONTRACT_VERSION, Gap, Row, column, metadata};
+use crate::contract::{self, Gap, Lane, Row, column, metadata};
 
 /// Rows handed to the Parquet writer at a time. A batch is read from the buffer and encoded in
 /// slices of this many rows, so the agent's memory holds one slice as rows and Arrow arrays plus
@@ -25,9 +25,21 @@ pub const ENCODE_CHUNK_ROWS: usize = 4096;
 /// Encodes rows (sorted by `seq`, one gateway) as a Parquet file, with the gap records the
 /// batch carries in its `plantline.gaps` metadata (left out when there are none). The bytes
 /// depend only on the rows, the gaps and this binary's version, so re-encoding a retried batch
-/// gives identical bytes; they equal those of [`BatchEncoder`] fed the same rows.
+/// gives identical bytes; they equal those of [`BatchEncoder`] fed the same rows. A main-lane
+/// batch; see [`encode_lane`] for the fresh lane.
 pub fn encode(rows: &[Row], gaps: &[Gap]) -> Result<Bytes, parquet::errors::ParquetError> {
-    let mut encoder = BatchEncoder::new(rows.len())?;
+    encode_lane(rows, gaps, Lane::Main)
+}
+
+/// [`encode`] for a batch of `lane`. A fresh-lane file names contract v3 and carries
+/// `plantline.lane = fresh`; it never carries gap records (they ride the main lane only), so
+/// `gaps` must be empty for it. A main-lane file is exactly what [`encode`] writes.
+pub fn encode_lane(
+    rows: &[Row],
+    gaps: &[Gap],
+    lane: Lane,
+) -> Result<Bytes, parquet::errors::ParquetError> {
+    let mut encoder = BatchEncoder::for_lane(rows.len(), lane)?;
     for chunk in rows.chunks(ENCODE_CHUNK_ROWS) {
         encoder.write(chunk)?;
     }
@@ -43,11 +55,21 @@ pub struct BatchEncoder {
     gateway: Option<String>,
     first_seq: Option<i64>,
     last_seq: i64,
+    lane: Lane,
 }
 
 impl BatchEncoder {
-    /// `expected_rows` only sizes the output buffer.
+    /// An encoder of a main-lane batch. `expected_rows` only sizes the output buffer.
     pub fn new(expected_rows: usize) -> Result<Self, parquet::errors::ParquetError> {
+        Self::for_lane(expected_rows, Lane::Main)
+    }
+
+    /// An encoder of a batch of `lane`: the same encoding, with the lane's contract version and
+    /// (fresh lane) its `plantline.lane` entry in the footer.
+    pub fn for_lane(
+        expected_rows: usize,
+        lane: Lane,
+    ) -> Result<Self, parquet::errors::ParquetError> {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
                 ZstdLevel::try_new(3).expect("3 is inside zstd's level range 1..=22"),
@@ -66,7 +88,7 @@ impl BatchEncoder {
             ))
             .set_key_value_metadata(Some(vec![KeyValue::new(
                 metadata::CONTRACT_VERSION.to_owned(),
-                CONTRACT_VERSION.to_string(),
+                lane.contract_version().to_string(),
             )]))
             .build();
         // About what zstd makes of a reading; a larger batch grows the buffer as it goes.
@@ -76,6 +98,7 @@ impl BatchEncoder {
             gateway: None,
             first_seq: None,
             last_seq: 0,
+            lane,
         })
     }
 
@@ -92,9 +115,13 @@ impl BatchEncoder {
         self.writer.write(&contract::to_record_batch(rows))
     }
 
-    /// Writes the footer, with the batch's ends and its gap records (left out when there are
-    /// none), and returns the file.
+    /// Writes the footer, with the batch's ends, its lane (fresh lane only) and its gap records
+    /// (left out when there are none), and returns the file.
     pub fn finish(mut self, gaps: &[Gap]) -> Result<Bytes, parquet::errors::ParquetError> {
+        debug_assert!(
+            gaps.is_empty() || self.lane == Lane::Main,
+            "gap records ride the main lane only"
+        );
         if let (Some(gateway), Some(first_seq)) = (self.gateway.take(), self.first_seq) {
             for (key, value) in [
                 (metadata::GATEWAY, gateway),
@@ -104,6 +131,12 @@ impl BatchEncoder {
                 self.writer
                     .append_key_value_metadata(KeyValue::new(key.to_owned(), value));
             }
+        }
+        if let Some(lane) = self.lane.metadata_value() {
+            self.writer.append_key_value_metadata(KeyValue::new(
+                metadata::LANE.to_owned(),
+                lane.to_owned(),
+            ));
         }
         if !gaps.is_empty() {
             self.writer.append_key_value_metadata(KeyValue::new(
@@ -262,7 +295,54 @@ mod tests {
             kv[metadata::GAPS],
             r#"[{"first_seq":101,"last_seq":250,"readings":150,"reason":"buffer_full","detected_at_us":1700000100000000}]"#
         );
+        assert!(
+            !kv.contains_key(metadata::LANE),
+            "a main-lane file names no lane"
+        );
         let col = builder.metadata().row_group(0).column(0);
         assert!(matches!(col.compression(), Compression::ZSTD(_)));
+    }
+
+    fn footer(bytes: Bytes) -> std::collections::BTreeMap<String, String> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+        builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_lane_file_names_v3_and_its_lane_and_carries_no_gaps() {
+        let rows = rows();
+        let fresh = encode_lane(&rows, &[], Lane::Fresh).unwrap();
+        assert_eq!(fresh, encode_lane(&rows, &[], Lane::Fresh).unwrap());
+        assert_eq!(read_rows(fresh.clone()).unwrap(), rows);
+        let kv = footer(fresh);
+        assert_eq!(
+            kv.into_iter()
+                .filter(|(k, _)| k.starts_with("plantline."))
+                .collect::<Vec<_>>(),
+            [
+                (metadata::CONTRACT_VERSION, "3"),
+                (metadata::FIRST_SEQ, "1"),
+                (metadata::GATEWAY, "gw-1"),
+                (metadata::LANE, "fresh"),
+                (metadata::LAST_SEQ, "100"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        // The main lane is what it always was: `encode` and the main-lane encoder agree.
+        assert_eq!(
+            encode(&rows, &gaps()).unwrap(),
+            encode_lane(&rows, &gaps(), Lane::Main).unwrap()
+        );
+        assert_eq!(
+            footer(encode(&rows, &[]).unwrap())[metadata::CONTRACT_VERSION],
+            "2"
+        );
     }
 }

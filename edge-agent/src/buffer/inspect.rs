@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::sqlite::{
-    BufferError, DROP_REASONS, PAGE_CACHE_KIB, PendingBatch, dropped_key, read_gaps, read_pending,
-    used_bytes,
+    BufferError, DROP_REASONS, FreshRun, PAGE_CACHE_KIB, PendingBatch, dropped_key, read_fresh_run,
+    read_gaps, read_pending, used_bytes,
 };
 use crate::contract::Gap;
 
@@ -37,6 +37,8 @@ pub struct BufferReport {
     pub time_us: Option<(i64, i64)>,
     /// The batch cut but not yet confirmed by the upload target.
     pub pending: Option<PendingBatch>,
+    /// The fresh lane's current run: the readings it last copied ahead of a backlog.
+    pub fresh_run: Option<FreshRun>,
     /// Size of the database file in bytes.
     pub file_bytes: u64,
     /// Size of its write-ahead log in bytes (commits not yet checkpointed into the file).
@@ -120,6 +122,7 @@ pub fn inspect(path: &Path) -> Result<BufferReport, BufferError> {
         )
         .map_err(err)?;
     let pending = read_pending(&tx).map_err(err)?;
+    let fresh_run = read_fresh_run(&tx).map_err(err)?;
     let limits = read_limits(&tx, pending.as_ref()).map_err(err)?;
     drop(tx);
     let mut wal = path.as_os_str().to_owned();
@@ -132,6 +135,7 @@ pub fn inspect(path: &Path) -> Result<BufferReport, BufferError> {
         seq: first.zip(last),
         time_us: oldest.zip(newest),
         pending,
+        fresh_run,
         file_bytes,
         wal_bytes,
         used_bytes: limits.used_bytes,
@@ -192,6 +196,28 @@ fn read_limits(conn: &Connection, pending: Option<&PendingBatch>) -> rusqlite::R
     })
 }
 
+impl BufferReport {
+    /// The fresh lane's run as `edge-agent buffer` shows it.
+    fn fresh_lane(&self) -> String {
+        let Some(run) = self.fresh_run else {
+            return "none".to_owned();
+        };
+        // The main lane deletes what it shipped: a waiting reading at or below the run's end
+        // means it has not got there yet.
+        let behind = self.seq.is_some_and(|(first, _)| first <= run.last_seq);
+        format!(
+            "seq {}..={} copied ahead of the backlog; the main lane {}",
+            run.first_seq,
+            run.last_seq,
+            if behind {
+                "has not reached its end"
+            } else {
+                "has passed it"
+            }
+        )
+    }
+}
+
 impl fmt::Display for BufferReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let none = || "none".to_owned();
@@ -221,6 +247,7 @@ impl fmt::Display for BufferReport {
                 p.first_seq, p.last_seq, p.site
             ))
         )?;
+        writeln!(f, "fresh lane      {}", self.fresh_lane())?;
         writeln!(
             f,
             "file size       {} bytes + {} bytes write-ahead log",

@@ -47,6 +47,17 @@
 //!   open, in one transaction); no existing row is rewritten or lost, and a buffer written by an
 //!   older agent is read as if the new columns were null. The `value_text` column (batch
 //!   contract v2, the text of a string tag) came this way.
+//! - The fresh lane (batch contract v3, `batch.fresh_lane`) only *copies*: it reads a range of
+//!   readings ([`Buffer::plan_fresh_batch`], [`Buffer::fresh_rows_after`]) and, after the upload
+//!   target confirmed the copy, records its run in `meta` (`fresh_first`, `fresh_last`;
+//!   [`Buffer::fresh_uploaded`]). It never deletes a reading and never touches the pending
+//!   batch, the gap records, the commit marks or the high-water marks, so everything above holds
+//!   for the main lane as if it did not exist.
+//! - Range rule: while the high-water `completed` mark is below `fresh_last`, the next fresh batch
+//!   starts right after `fresh_last` (the run grows contiguously); otherwise it starts a new run
+//!   at the first reading that arrived within the last `batch.max_age` (by the `arrivals` marks),
+//!   above the main lane's cut mark. The run is written only after the upload, so a crash in
+//!   between plans the same first `seq` again. Fresh batches therefore never go backwards.
 //! - `seq` never goes backwards, even when the database is lost: the high-water file
 //!   `<buffer>.seq` (written atomically and fsynced) records the highest `seq` reserved (in
 //!   blocks of 100 000, before the rows are inserted), cut into a batch (before its upload) and
@@ -89,5 +100,5 @@ mod utc;
 
 pub use inspect::{BufferReport, RecordedBounds, inspect};
 pub use recovery::{LostSeqs, RecoveryReport};
-pub use sqlite::{Bounds, Buffer, BufferError, BufferStats, PendingBatch};
+pub use sqlite::{Bounds, Buffer, BufferError, BufferStats, FreshBatch, FreshRun, PendingBatch};
 pub(crate) use utc::format_micros;

@@ -146,6 +146,37 @@ pub struct PendingBatch {
     pub site: String,
 }
 
+/// The fresh lane's current run (batch contract v3): the `seq` range its confirmed batches
+/// covered since it last jumped ahead, kept in `meta` (`fresh_first`, `fresh_last`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreshRun {
+    pub first_seq: i64,
+    pub last_seq: i64,
+}
+
+/// A fresh-lane batch: a copy of the readings `first_seq..=last_seq`. Nothing about it is
+/// recorded until its upload is confirmed ([`Buffer::fresh_uploaded`]); planning again after a
+/// crash gives the same `first_seq` (and maybe more rows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreshBatch {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// Readings in the range.
+    pub rows: u64,
+    /// The site name, as for a main-lane batch.
+    pub site: String,
+    /// Where the run this batch belongs to starts: the current run's start when the batch
+    /// continues it, `first_seq` when it starts a new one.
+    pub run_first_seq: i64,
+}
+
+impl FreshBatch {
+    /// Whether the batch starts a new run (jumps ahead) rather than continuing the last one.
+    pub fn starts_run(&self) -> bool {
+        self.run_first_seq == self.first_seq
+    }
+}
+
 /// The SQLite buffer. All methods block; call them from `spawn_blocking` in async code.
 pub struct Buffer {
     path: PathBuf,
@@ -1083,6 +1114,28 @@ impl Buffer {
         after: i64,
         limit: usize,
     ) -> Result<Vec<Row>, BufferError> {
+        self.rows_after(batch.last_seq, &batch.site, after, limit)
+    }
+
+    /// Up to `limit` rows of a fresh-lane batch with `seq` above `after`, in `seq` order (see
+    /// [`Buffer::batch_rows_after`]). The bounds drop the oldest readings first, so they reach a
+    /// fresh batch's rows only once everything before them went.
+    pub fn fresh_rows_after(
+        &self,
+        batch: &FreshBatch,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Row>, BufferError> {
+        self.rows_after(batch.last_seq, &batch.site, after, limit)
+    }
+
+    fn rows_after(
+        &self,
+        last_seq: i64,
+        site: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Row>, BufferError> {
         let inner = self.lock();
         let mut stmt = inner
             .conn
@@ -1094,7 +1147,7 @@ impl Buffer {
         // SQLite reads a negative LIMIT as none.
         let sql_limit = i64::try_from(limit).unwrap_or(-1);
         let raw = stmt
-            .query_map([after, batch.last_seq, sql_limit], |r| {
+            .query_map([after, last_seq, sql_limit], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
@@ -1120,7 +1173,7 @@ impl Buffer {
             rows.push(Row {
                 seq,
                 ts_us,
-                site: batch.site.clone(),
+                site: site.to_owned(),
                 gateway: self.gateway.clone(),
                 device,
                 tag,
@@ -1167,6 +1220,186 @@ impl Buffer {
         inner.rows = inner.rows.saturating_sub(deleted as u64);
         Ok(())
     }
+
+    /// Whether a backlog waits, by the fresh lane's definition: more than `max_rows` readings
+    /// outside the pending batch, or an oldest waiting reading that arrived more than
+    /// `2 × max_age` ago.
+    pub fn has_backlog(&self, max_rows: usize, max_age: Duration) -> Result<bool, BufferError> {
+        let inner = self.lock();
+        let max_rows = max_rows as u64;
+        if inner.rows == 0 {
+            return Ok(false);
+        }
+        let conn = &inner.conn;
+        let outside = |conn: &Connection| -> rusqlite::Result<bool> {
+            if inner.rows <= max_rows {
+                return Ok(false);
+            }
+            let Some(pending) = read_pending(conn)? else {
+                return Ok(true);
+            };
+            // The width of the pending range bounds its readings from above; count them only
+            // when that is not enough to decide.
+            let width = u64::try_from(pending.last_seq - pending.first_seq + 1).unwrap_or(0);
+            if inner.rows.saturating_sub(width) > max_rows {
+                return Ok(true);
+            }
+            let held: i64 = conn.query_row(
+                "SELECT count(*) FROM readings WHERE seq >= ?1 AND seq <= ?2",
+                [pending.first_seq, pending.last_seq],
+                |r| r.get(0),
+            )?;
+            Ok(inner.rows.saturating_sub(u64::try_from(held).unwrap_or(0)) > max_rows)
+        };
+        if outside(conn).map_err(|e| self.err(e))? {
+            return Ok(true);
+        }
+        // Marks of shipped or dropped readings are deleted with them, so the first mark is the
+        // oldest waiting reading's; its latest commit time makes the age a lower bound.
+        let oldest: Option<i64> = conn
+            .query_row(
+                "SELECT last_at_us FROM arrivals ORDER BY last_seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let twice = i64::try_from(max_age.as_micros().saturating_mul(2)).unwrap_or(i64::MAX);
+        Ok(oldest.is_some_and(|at| now_us().saturating_sub(at) > twice))
+    }
+
+    /// The fresh lane's current run, if it ever uploaded a batch.
+    pub fn fresh_run(&self) -> Result<Option<FreshRun>, BufferError> {
+        read_fresh_run(&self.lock().conn).map_err(|e| self.err(e))
+    }
+
+    /// Plans the next fresh-lane batch (at most `max_rows` readings), or `None` when there is
+    /// nothing to copy. The range rule, which lets the collector keep one fresh range per
+    /// gateway:
+    /// - while the main lane has not completed through the run's last `seq`, the batch continues
+    ///   the run: it starts right after it, however old that is now;
+    /// - otherwise (or with no run) it starts a new run at the first reading that arrived within
+    ///   the last `max_age`, above the main lane's cut mark (never a reading the main lane has
+    ///   cut or shipped).
+    ///
+    /// Reads only: nothing changes until [`Buffer::fresh_uploaded`].
+    pub fn plan_fresh_batch(
+        &self,
+        max_rows: usize,
+        max_age: Duration,
+        site: &str,
+    ) -> Result<Option<FreshBatch>, BufferError> {
+        let inner = self.lock();
+        let conn = &inner.conn;
+        let plan = || -> rusqlite::Result<Option<FreshBatch>> {
+            let run = read_fresh_run(conn)?;
+            let (after, run_first) = match run {
+                Some(run) if inner.marks.completed < run.last_seq => (run.last_seq, Some(run)),
+                _ => {
+                    let pending = read_pending(conn)?.map_or(0, |p| p.last_seq);
+                    let cut = pending.max(inner.marks.cut).max(inner.marks.completed);
+                    let max_age_us = i64::try_from(max_age.as_micros()).unwrap_or(i64::MAX);
+                    let since_us = now_us().saturating_sub(max_age_us);
+                    let Some(fresh_after) = arrived_after(conn, since_us)? else {
+                        return Ok(None);
+                    };
+                    (newest_start(conn, cut.max(fresh_after), since_us)?, None)
+                }
+            };
+            let limit = i64::try_from(max_rows.max(1)).unwrap_or(i64::MAX);
+            let range: (Option<i64>, Option<i64>, i64) = conn.query_row(
+                "SELECT min(seq), max(seq), count(*) FROM
+                 (SELECT seq FROM readings WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
+                [after, limit],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let (Some(first_seq), Some(last_seq), rows) = range else {
+                return Ok(None);
+            };
+            Ok(Some(FreshBatch {
+                first_seq,
+                last_seq,
+                rows: u64::try_from(rows).unwrap_or(0),
+                site: site.to_owned(),
+                run_first_seq: run_first.map_or(first_seq, |r| r.first_seq),
+            }))
+        };
+        plan().map_err(|e| self.err(e))
+    }
+
+    /// Records that the upload target confirmed a fresh-lane batch: the run now ends at its last
+    /// `seq` (and starts where the batch says). Only `meta` changes: no reading, pending batch,
+    /// gap record or high-water mark is touched.
+    pub fn fresh_uploaded(&self, batch: &FreshBatch) -> Result<(), BufferError> {
+        let mut guard = self.lock();
+        let tx = guard.conn.transaction().map_err(|e| self.err(e))?;
+        for (key, value) in [
+            ("fresh_first", batch.run_first_seq),
+            ("fresh_last", batch.last_seq),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, CAST(?2 AS TEXT))
+                 ON CONFLICT (key) DO UPDATE SET value = CAST(?2 AS TEXT)",
+                params![key, value],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+/// Where a new fresh run starts (the `seq` after which it begins), given `bound`, the start
+/// from the commit marks. A mark covers up to a minute of commits, so a short backlog can lie
+/// wholly inside the mark that straddles `since_us`; the readings' own times narrow it to the
+/// first reading above `bound` read at or after `since_us`. The scan walks the primary key from
+/// `bound` and stops at the first such reading, so it reads at most one mark's worth of rows.
+/// When no reading above `bound` is that young by its own time (a source that stamps readings
+/// with older times, such as a file drop of a test stand's log), the marks decide: `bound`.
+fn newest_start(conn: &Connection, bound: i64, since_us: i64) -> rusqlite::Result<i64> {
+    let young: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM readings WHERE seq > ?1 AND ts_us >= ?2 ORDER BY seq LIMIT 1",
+            [bound, since_us],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(young.map_or(bound, |first| first - 1))
+}
+
+/// The fresh lane's run as recorded in `meta`.
+pub(crate) fn read_fresh_run(conn: &Connection) -> rusqlite::Result<Option<FreshRun>> {
+    let meta = |key: &str| -> rusqlite::Result<Option<i64>> {
+        let value: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?;
+        Ok(value.and_then(|v| v.parse().ok()))
+    };
+    Ok(match (meta("fresh_first")?, meta("fresh_last")?) {
+        (Some(first_seq), Some(last_seq)) => Some(FreshRun {
+            first_seq,
+            last_seq,
+        }),
+        _ => None,
+    })
+}
+
+/// The `seq` after which every reading arrived at or after `since_us` (0 when all marks are that
+/// young), or `None` when no reading arrived since then. Walks the commit marks from the newest,
+/// so it reads only the marks of the last `max_age`; the reading of the mark that straddles
+/// `since_us` may be up to one mark's width older.
+fn arrived_after(conn: &Connection, since_us: i64) -> rusqlite::Result<Option<i64>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT last_seq, last_at_us FROM arrivals ORDER BY last_seq DESC")?;
+    let mut rows = stmt.query([])?;
+    let mut young = false;
+    while let Some(row) = rows.next()? {
+        let (last_seq, at): (i64, i64) = (row.get(0)?, row.get(1)?);
+        if at < since_us {
+            return Ok(young.then_some(last_seq));
+        }
+        young = true;
+    }
+    Ok(young.then_some(0))
 }
 
 /// Counts the readings and makes sure every one is covered by a commit mark (a buffer written
@@ -1629,5 +1862,206 @@ mod tests {
         let buf = open(dir.path());
         assert_eq!(buf.cut_batch(10, "s").unwrap(), None);
         assert_eq!(buf.append(&[]).unwrap(), None);
+    }
+
+    /// A buffer whose commit marks are 100 ms apart at most, so readings committed a few hundred
+    /// milliseconds apart land in different marks.
+    fn fine_marks(dir: &Path) -> Buffer {
+        bounded(
+            dir,
+            Bounds {
+                max_bytes: u64::MAX,
+                max_age: Duration::from_secs(10),
+                on_full: FullPolicy::DropOldest,
+            },
+        )
+    }
+
+    /// "Fresh" for these tests: arrived within the last 150 ms.
+    const WINDOW: Duration = Duration::from_millis(150);
+
+    fn ends(batch: &FreshBatch) -> (i64, i64, u64, i64) {
+        (
+            batch.first_seq,
+            batch.last_seq,
+            batch.rows,
+            batch.run_first_seq,
+        )
+    }
+
+    #[test]
+    fn fresh_lane_continues_its_run_until_the_main_lane_passed_it_then_jumps_to_fresh_readings() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = fine_marks(dir.path());
+        buf.append(&chunk(1, 10)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        buf.append(&chunk(11, 10)).unwrap();
+
+        // No run yet: a new one starts at the first reading that arrived within the window.
+        let first = buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap().unwrap();
+        assert_eq!(ends(&first), (11, 14, 4, 11));
+        assert!(first.starts_run());
+        // Planning records nothing: a crash between the PUT and the meta write plans the same
+        // first seq again (here with the same rows, as max_rows is reached).
+        assert_eq!(buf.fresh_run().unwrap(), None);
+        buf.append(&chunk(21, 2)).unwrap();
+        assert_eq!(
+            buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap(),
+            Some(first.clone())
+        );
+        buf.fresh_uploaded(&first).unwrap();
+        assert_eq!(
+            buf.fresh_run().unwrap(),
+            Some(FreshRun {
+                first_seq: 11,
+                last_seq: 14
+            })
+        );
+
+        // Continue: right after the run, however old those readings are by now.
+        std::thread::sleep(Duration::from_millis(300));
+        let next = buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap().unwrap();
+        assert_eq!(ends(&next), (15, 18, 4, 11));
+        assert!(!next.starts_run());
+        // A crash after its PUT: the same first seq again, now with more rows behind it.
+        let again = buf
+            .plan_fresh_batch(100, WINDOW, "plant-a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ends(&again), (15, 22, 8, 11));
+        buf.fresh_uploaded(&again).unwrap();
+        assert_eq!(
+            buf.fresh_run().unwrap(),
+            Some(FreshRun {
+                first_seq: 11,
+                last_seq: 22
+            })
+        );
+
+        // The main lane ships 1..=10, then cuts 11..=20: it has not completed through 22, so
+        // the fresh lane still continues (and has nothing new to copy).
+        let main = buf.cut_batch(10, "plant-a").unwrap().unwrap();
+        buf.complete_batch(&main).unwrap();
+        let main = buf.cut_batch(10, "plant-a").unwrap().unwrap();
+        assert_eq!((main.first_seq, main.last_seq), (11, 20));
+        assert_eq!(buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap(), None);
+        buf.append(&chunk(23, 3)).unwrap();
+        assert_eq!(
+            ends(&buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap().unwrap()),
+            (23, 25, 3, 11)
+        );
+        buf.complete_batch(&main).unwrap();
+        let main = buf.cut_batch(10, "plant-a").unwrap().unwrap();
+        assert_eq!((main.first_seq, main.last_seq), (21, 25));
+        buf.complete_batch(&main).unwrap();
+
+        // The main lane completed through 22: the run is behind it, and the next fresh batch
+        // jumps to what arrived within the window, above the main lane's cut mark.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap(), None);
+        buf.append(&chunk(26, 5)).unwrap();
+        let jump = buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap().unwrap();
+        assert_eq!(ends(&jump), (26, 29, 4, 26));
+        assert!(jump.starts_run());
+        // Never into the main lane's pending batch, fresh as its readings are.
+        let main = buf.cut_batch(3, "plant-a").unwrap().unwrap();
+        assert_eq!((main.first_seq, main.last_seq), (26, 28));
+        let jump = buf.plan_fresh_batch(4, WINDOW, "plant-a").unwrap().unwrap();
+        assert_eq!(ends(&jump), (29, 30, 2, 29));
+        buf.fresh_uploaded(&jump).unwrap();
+        assert_eq!(
+            buf.fresh_run().unwrap(),
+            Some(FreshRun {
+                first_seq: 29,
+                last_seq: 30
+            })
+        );
+        // The run survives a restart.
+        drop(buf);
+        assert_eq!(
+            open(dir.path()).fresh_run().unwrap(),
+            Some(FreshRun {
+                first_seq: 29,
+                last_seq: 30
+            })
+        );
+    }
+
+    #[test]
+    fn a_new_fresh_run_starts_at_the_first_reading_read_within_max_age_inside_one_commit_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = open(dir.path());
+        // A PLC polled through an outage: every reading stamped with the time it was read, all
+        // of them committed within one commit mark.
+        let stamped = |from: i64, n: i64, ts_us: i64| -> Vec<Reading> {
+            (from..from + n)
+                .map(|i| Reading {
+                    ts_us,
+                    ..reading(i)
+                })
+                .collect()
+        };
+        let now = now_us();
+        buf.append(&stamped(1, 100, now - 20_000_000)).unwrap();
+        buf.append(&stamped(101, 10, now)).unwrap();
+        let batch = buf
+            .plan_fresh_batch(50, Duration::from_secs(5), "plant-a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ends(&batch),
+            (101, 110, 10, 101),
+            "the run copies the readings of the last 5 s, not the whole mark"
+        );
+    }
+
+    #[test]
+    fn fresh_lane_copies_leave_rows_pending_batch_gaps_and_marks_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = fine_marks(dir.path());
+        buf.append(&chunk(1, 10)).unwrap();
+        let main = buf.cut_batch(4, "plant-a").unwrap().unwrap();
+        let marks = buf.lock().marks;
+        let fresh = buf
+            .plan_fresh_batch(3, Duration::from_secs(5), "plant-a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ends(&fresh), (5, 7, 3, 5));
+        let rows = buf.fresh_rows_after(&fresh, 4, usize::MAX).unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6, 7]);
+        assert_eq!(rows, buf.rows_after(7, "plant-a", 4, usize::MAX).unwrap());
+        buf.fresh_uploaded(&fresh).unwrap();
+        assert_eq!(buf.stats().unwrap().rows, 10);
+        assert_eq!(buf.pending_batch().unwrap(), Some(main));
+        assert_eq!(buf.lock().marks, marks);
+    }
+
+    #[test]
+    fn a_backlog_is_more_than_one_batch_outside_the_pending_one_or_an_old_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = fine_marks(dir.path());
+        let age = Duration::from_millis(100);
+        assert!(!buf.has_backlog(4, age).unwrap(), "empty");
+        buf.append(&chunk(1, 8)).unwrap();
+        assert!(buf.has_backlog(4, age).unwrap(), "8 waiting, batches of 4");
+        buf.cut_batch(4, "plant-a").unwrap().unwrap();
+        assert!(
+            !buf.has_backlog(4, age).unwrap(),
+            "4 outside the pending batch fit one batch"
+        );
+        buf.append(&chunk(9, 1)).unwrap();
+        assert!(
+            buf.has_backlog(4, age).unwrap(),
+            "5 outside the pending batch"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let buf = fine_marks(dir.path());
+        buf.append(&chunk(1, 2)).unwrap();
+        assert!(!buf.has_backlog(4, age).unwrap());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(
+            buf.has_backlog(4, age).unwrap(),
+            "the oldest reading waited more than twice max_age"
+        );
     }
 }

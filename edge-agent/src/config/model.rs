@@ -359,6 +359,12 @@ pub struct BatchConfig {
     /// A batch is cut when the oldest waiting reading has waited this long, however few there are.
     #[serde(default = "BatchConfig::default_max_age")]
     pub max_age: ConfigDuration,
+    /// While a backlog drains, also upload copies of the newest readings, at most once per
+    /// `max_age`, under `gateway=<id>/fresh/` (batch contract v3), so fresh readings reach the
+    /// raw zone within about `max_age` instead of behind the backlog. Every reading still goes up
+    /// once in the main lane. `false` keeps one lane (for collectors older than contract v3).
+    #[serde(default = "BatchConfig::default_fresh_lane")]
+    pub fresh_lane: bool,
 }
 
 impl BatchConfig {
@@ -368,6 +374,9 @@ impl BatchConfig {
     fn default_max_age() -> ConfigDuration {
         ConfigDuration::from_secs(60)
     }
+    fn default_fresh_lane() -> bool {
+        true
+    }
 }
 
 impl Default for BatchConfig {
@@ -375,6 +384,7 @@ impl Default for BatchConfig {
         Self {
             max_rows: Self::default_max_rows(),
             max_age: Self::default_max_age(),
+            fresh_lane: Self::default_fresh_lane(),
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct Metrics {
     modbus_errors: Mutex<BTreeMap<(String, &'static str), u64>>,
     batches_uploaded: AtomicU64,
     rows_uploaded: AtomicU64,
+    /// Fresh-lane batches (copies, batch contract v3) and their readings: not in the two above,
+    /// which count every reading once.
+    fresh_batches_uploaded: AtomicU64,
+    fresh_rows_uploaded: AtomicU64,
     upload_failures: AtomicU64,
     upload_latency: Mutex<Histogram<{ UPLOAD_BUCKETS.len() }>>,
     /// Unix time of the last confirmed upload in milliseconds; 0 before the first.
@@ -158,6 +162,14 @@ impl Metrics {
                 ms => Some(ms),
             },
         }
+    }
+
+    /// Counts a fresh-lane batch the upload target confirmed, with its rows (copies of readings
+    /// the main lane uploads too, so not part of `rows_uploaded_total`).
+    pub fn fresh_batch_uploaded(&self, rows: usize) {
+        self.fresh_batches_uploaded.fetch_add(1, Ordering::Relaxed);
+        self.fresh_rows_uploaded
+            .fetch_add(u64::try_from(rows).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Counts an upload attempt the target refused or did not answer.
@@ -332,6 +344,16 @@ impl Metrics {
                 "rows_uploaded_total",
                 "Readings in batches the upload target confirmed.",
                 &self.rows_uploaded,
+            ),
+            (
+                "fresh_batches_uploaded_total",
+                "Fresh-lane batches (copies of the newest readings sent ahead of a backlog) the upload target confirmed.",
+                &self.fresh_batches_uploaded,
+            ),
+            (
+                "fresh_rows_uploaded_total",
+                "Readings in fresh-lane batches the upload target confirmed (each also goes up once in the main lane).",
+                &self.fresh_rows_uploaded,
             ),
             (
                 "upload_failures_total",
@@ -564,6 +586,7 @@ mod tests {
         );
         m.batch_uploaded(2, Duration::from_millis(500));
         m.batch_uploaded(1, Duration::from_secs(90));
+        m.fresh_batch_uploaded(4);
         m.upload_failed();
         let now = UNIX_EPOCH + Duration::from_secs(100);
         let buffer = BufferReport {
@@ -592,6 +615,8 @@ mod tests {
                 "plantline_agent_buffer_oldest_reading_age_seconds 2.5",
                 "plantline_agent_batches_uploaded_total 2",
                 "plantline_agent_rows_uploaded_total 3",
+                "plantline_agent_fresh_batches_uploaded_total 1",
+                "plantline_agent_fresh_rows_uploaded_total 4",
                 "plantline_agent_upload_failures_total 1",
                 "plantline_agent_upload_duration_seconds_bucket{le=\"0.05\"} 0",
                 "plantline_agent_upload_duration_seconds_bucket{le=\"0.1\"} 0",

@@ -81,19 +81,32 @@ impl Poller {
     }
 }
 
-/// Every Parquet file below `dir` (the upload folder of a `[upload.dir]` agent), sorted.
+/// Every main-lane Parquet file below `dir` (the upload folder of a `[upload.dir]` agent),
+/// sorted: the batches that carry every reading once. Fresh-lane copies (`fresh/` folders, batch
+/// contract v3) are left out; see [`fresh_parquet_files`].
 pub(crate) fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    lane_files(dir, false)
+}
+
+/// Every fresh-lane Parquet file below `dir`, sorted.
+#[allow(dead_code)]
+pub(crate) fn fresh_parquet_files(dir: &Path) -> Vec<PathBuf> {
+    lane_files(dir, true)
+}
+
+fn lane_files(dir: &Path, fresh: bool) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(folder) = stack.pop() {
+    let mut stack = vec![(dir.to_owned(), false)];
+    while let Some((folder, in_fresh)) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             continue;
         };
         for entry in entries {
             let path = entry.expect("a listed entry can be read").path();
             if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
+                let is_fresh = in_fresh || path.file_name().is_some_and(|n| n == "fresh");
+                stack.push((path, is_fresh));
+            } else if in_fresh == fresh && path.extension().is_some_and(|e| e == "parquet") {
                 files.push(path);
             }
         }

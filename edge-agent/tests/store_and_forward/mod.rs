@@ -312,7 +312,8 @@ pub(crate) struct Landed {
 }
 
 /// Downloads every batch of the gateway from `moto` into `into` (a folder of its own) and reads
-/// them, checking each against the batch contract.
+/// the main-lane ones (every reading once), checking each against the batch contract. Fresh-lane
+/// copies (batch contract v3) land in `into/fresh/` and are not read here.
 pub(crate) fn download(moto: &MotoServer, bucket: &str, into: &Path) -> BTreeMap<String, Landed> {
     let prefix = BatchKey::gateway_prefix(PREFIX, GATEWAY);
     std::fs::create_dir_all(into).unwrap();
@@ -320,6 +321,9 @@ pub(crate) fn download(moto: &MotoServer, bucket: &str, into: &Path) -> BTreeMap
     let mut landed = BTreeMap::new();
     for entry in std::fs::read_dir(into).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue;
+        }
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let key = format!("{prefix}{name}");
         let bytes = std::fs::read(&path).unwrap();
