@@ -27,6 +27,10 @@
 //!    (rules never fail a fresh file: a reading a rule would take ends its apply instead), then
 //!    archived; a file that starts a new run before the main lane passed the range waits in the
 //!    raw zone (deferred) with every later fresh file. The main lane alone moves the watermark.
+//! 7. Several collectors may run passes over one gateway at once. Each commit lands only if the
+//!    watermark it was built on is still the table's, and a pass reads the watermark only after
+//!    listing the gateway's folder: a batch another collector archived before the listing was
+//!    committed first, so it lies at or below that watermark and is never mistaken for a gap.
 
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -335,14 +339,6 @@ async fn ingest_gateway_into(
         gateway: gateway.to_owned(),
         source,
     };
-    // Pick up commits of other collectors before filtering.
-    tables.reload().await.map_err(delta_err)?;
-    report.watermark = tables
-        .readings
-        .watermark(gateway)
-        .await
-        .map_err(delta_err)?;
-
     let listing = if options.fresh_lane {
         // The fresh lane first: see `RawZone::list_batches`.
         raw.list_batches(gateway, options.start_after).await
@@ -350,6 +346,16 @@ async fn ingest_gateway_into(
         raw.list_main_batches(gateway, options.start_after).await
     }
     .map_err(raw_err)?;
+    // Pick up commits of other collectors, after the listing: a collector commits a batch
+    // before it archives it, so every batch missing from the listing because another
+    // collector archived it is at or below the watermark read now. Read before the listing, a
+    // batch archived in between would look like a hole in the seqs and be recorded as a gap.
+    tables.reload().await.map_err(delta_err)?;
+    report.watermark = tables
+        .readings
+        .watermark(gateway)
+        .await
+        .map_err(delta_err)?;
     for key in &listing.in_flight {
         warn!(key = %key, "upload in flight in a gateway folder; left alone");
     }
