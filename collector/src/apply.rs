@@ -100,27 +100,43 @@ pub(crate) async fn apply_chunk(
             Err(AttemptError::Failed(e)) => return Err(e),
             Err(AttemptError::Conflict(source)) => {
                 done.conflicts += 1;
-                if done.conflicts >= attempts {
-                    return Err(DeltaError::Contended {
-                        gateway: gateway.to_owned(),
-                        attempts: done.conflicts,
-                    }
-                    .into());
-                }
-                let pause = backoff(done.conflicts);
-                warn!(
-                    component = "delta",
-                    gateway,
-                    attempt = done.conflicts,
-                    pause_ms = pause.as_millis(),
-                    error = %source,
-                    "commit lost a race with another writer of this gateway; re-reading the watermarks"
-                );
-                tokio::time::sleep(pause).await;
-                tables.reload().await?;
+                prepare_retry(tables, gateway, "main", done.conflicts, attempts, &source).await?;
             }
         }
     }
+}
+
+/// After the `conflicts`-th lost race of a chunk of `lane`: gives up once `attempts` are spent,
+/// otherwise waits the backoff and reloads the tables, so the next attempt starts over from the
+/// watermarks the winner left.
+async fn prepare_retry(
+    tables: &mut Tables,
+    gateway: &str,
+    lane: &'static str,
+    conflicts: u32,
+    attempts: u32,
+    source: &deltalake::DeltaTableError,
+) -> Result<(), ApplyError> {
+    if conflicts >= attempts {
+        return Err(DeltaError::Contended {
+            gateway: gateway.to_owned(),
+            attempts: conflicts,
+        }
+        .into());
+    }
+    let pause = backoff(conflicts);
+    warn!(
+        component = "delta",
+        gateway,
+        lane,
+        attempt = conflicts,
+        pause_ms = pause.as_millis(),
+        error = %source,
+        "commit lost a race with another writer of this gateway; re-reading the watermarks"
+    );
+    tokio::time::sleep(pause).await;
+    tables.reload().await?;
+    Ok(())
 }
 
 enum AttemptError {
@@ -489,25 +505,7 @@ pub(crate) async fn apply_fresh(
             Err(AttemptError::Failed(e)) => return Err(e),
             Err(AttemptError::Conflict(source)) => {
                 done.conflicts += 1;
-                if done.conflicts >= attempts {
-                    return Err(DeltaError::Contended {
-                        gateway: gateway.to_owned(),
-                        attempts: done.conflicts,
-                    }
-                    .into());
-                }
-                let pause = backoff(done.conflicts);
-                warn!(
-                    component = "delta",
-                    gateway,
-                    lane = "fresh",
-                    attempt = done.conflicts,
-                    pause_ms = pause.as_millis(),
-                    error = %source,
-                    "fresh-lane commit lost a race with another writer of this gateway; re-reading the watermark and fresh range"
-                );
-                tokio::time::sleep(pause).await;
-                tables.reload().await?;
+                prepare_retry(tables, gateway, "fresh", done.conflicts, attempts, &source).await?;
             }
         }
     }

@@ -26,9 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// One pass over the raw zone, then exit: 0 when every gateway was applied (and Snowflake
-    /// loaded, when configured), also when bad files were quarantined (they are listed), 1 when
-    /// anything failed, 78 when the config is invalid.
+    /// One pass over the raw zone, then exit: 0 when every gateway and tag catalog was applied
+    /// (and Snowflake loaded, when configured), also when bad files were quarantined (they are
+    /// listed), 1 when anything failed, 78 when the config is invalid.
     RunOnce {
         #[arg(short, long)]
         config: PathBuf,
@@ -339,7 +339,26 @@ async fn stream(path: &std::path::Path) -> ExitCode {
         shutdown.clone(),
         "collector",
     ));
-    match collector::run_stream(&config, shutdown).await {
+    let unhealthy_after = config
+        .stream
+        .as_ref()
+        .map(collector::stream::StreamConfig::unhealthy_after)
+        .unwrap_or_default();
+    let metrics = std::sync::Arc::new(collector::stream::StreamMetrics::new(unhealthy_after));
+    // Up before the live table opens, so /health says "starting" instead of refusing.
+    let server_stop = shutdown.child_token();
+    let server = collector::stream::serve_stream_metrics(
+        &config,
+        std::sync::Arc::clone(&metrics),
+        server_stop.clone(),
+    )
+    .await;
+    let outcome = collector::run_stream(&config, metrics, shutdown).await;
+    server_stop.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    match outcome {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(component = "stream", "{e}");

@@ -28,8 +28,9 @@ use edge_agent::exposition::{Histogram, escape, header};
 use tracing::{info, warn};
 
 use crate::PassReport;
+use crate::tags::CatalogResult;
 
-pub use server::{MetricsServerError, serve, start};
+pub use server::{Exposition, MetricsServerError, configured_token, serve, serve_with, start};
 
 /// Upper bounds (seconds) of the pass-duration histogram: an idle pass over a local raw zone
 /// takes milliseconds, a backlog of thousands of files on S3 minutes.
@@ -109,7 +110,7 @@ struct TableCounts {
 enum LastPass {
     /// Every gateway applied (or there was none).
     Clean,
-    /// Some gateways failed, others did not.
+    /// Some gateways failed, others did not; or only the tag catalogs failed.
     Partial,
     /// Every gateway failed, or the pass could not start (the error).
     Failed(String),
@@ -145,6 +146,8 @@ pub struct Metrics {
     rules: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Gap rows recorded, by (gateway, reason).
     gaps: Mutex<BTreeMap<(String, String), u64>>,
+    /// Tag catalogs by result (`applied`, `quarantined`, `failed`).
+    tag_catalogs: Mutex<BTreeMap<&'static str, u64>>,
     tables: Mutex<BTreeMap<String, TableCounts>>,
     /// Passes by result (`clean`, `partial`, `failed`).
     passes: Mutex<BTreeMap<&'static str, u64>>,
@@ -245,6 +248,21 @@ impl Metrics {
             }
         }
         drop(gaps);
+        let mut catalogs = lock(&self.tag_catalogs);
+        match &report.tags {
+            Ok(tags) => {
+                for catalog in &tags.catalogs {
+                    let result = match catalog.outcome {
+                        CatalogResult::Applied(_) => "applied",
+                        CatalogResult::Quarantined(_) => "quarantined",
+                    };
+                    *catalogs.entry(result).or_default() += 1;
+                }
+                *catalogs.entry("failed").or_default() += count(tags.failed.len());
+            }
+            Err(_) => *catalogs.entry("failed").or_default() += 1,
+        }
+        drop(catalogs);
         if let Some(sf) = &report.snowflake {
             let mut s = lock(&self.snowflake);
             s.configured = true;
@@ -252,9 +270,10 @@ impl Metrics {
             s.rows_inserted += sf.rows_inserted;
         }
         let total = report.ingest.gateways.len();
-        let outcome = if failed == 0 {
+        let outcome = if failed == 0 && !report.tags_failed() {
             LastPass::Clean
-        } else if failed < total {
+        } else if failed < total || failed == 0 {
+            // Some gateways failed, or only the tag catalogs did.
             LastPass::Partial
         } else {
             LastPass::Failed(format!("every gateway failed in the last pass ({failed})"))
@@ -573,6 +592,18 @@ impl Metrics {
                 escape(reason)
             );
         }
+        header(
+            &mut out,
+            &format!("{p}_tag_catalogs_total"),
+            "counter",
+            "Tag catalogs by result: applied to the tags table (replays included), quarantined (see the reason object beside it), failed (a gateway's catalogs stopped on an error, or the tags table or folder could not be reached; retried next pass).",
+        );
+        let catalogs = lock(&self.tag_catalogs);
+        for result in ["applied", "quarantined", "failed"] {
+            let n = catalogs.get(result).copied().unwrap_or(0);
+            let _ = writeln!(out, "{p}_tag_catalogs_total{{result=\"{result}\"}} {n}");
+        }
+        drop(catalogs);
         self.render_commits(&mut out);
         self.render_passes(&mut out);
         self.render_freshness(&mut out, now);
@@ -647,7 +678,7 @@ impl Metrics {
             out,
             &format!("{p}_passes_total"),
             "counter",
-            "Passes over the raw zone, by result: clean (every gateway applied), partial (some gateways failed), failed (every gateway failed, or the pass could not run).",
+            "Passes over the raw zone, by result: clean (every gateway and tag catalog applied), partial (some gateways failed, or only the tag catalogs), failed (every gateway failed, or the pass could not run).",
         );
         let passes = lock(&self.passes);
         for result in ["clean", "partial", "failed"] {
@@ -816,6 +847,7 @@ mod tests {
                 gateways,
                 foreign_folders: Vec::new(),
             },
+            tags: Ok(crate::tags::TagsReport::default()),
             snowflake: None,
         }
     }
@@ -875,6 +907,63 @@ mod tests {
         );
         assert!(text.contains("plantline_collector_last_successful_pass_timestamp_seconds 1160\n"));
         assert!(text.contains("plantline_collector_pass_duration_seconds_bucket{le=\"0.05\"} 3\n"));
+    }
+
+    #[test]
+    fn a_pass_whose_tag_catalogs_failed_is_partial_and_counted() {
+        use crate::delta::CatalogOutcome;
+        use crate::tags::{CatalogReport, TagsReport};
+        let m = Metrics::default();
+        m.service_started(settings(None), at(1000));
+        let gw = GatewayReport {
+            gateway: "gw-a".into(),
+            ..GatewayReport::default()
+        };
+        let catalog = |key: &str, outcome| CatalogReport {
+            gateway: "gw-a".into(),
+            key: key.into(),
+            outcome,
+        };
+        let mut one = report(vec![gw.clone()]);
+        one.tags = Ok(TagsReport {
+            catalogs: vec![
+                catalog(
+                    "tags/gateway=gw-a/1.json",
+                    CatalogResult::Applied(CatalogOutcome::default()),
+                ),
+                catalog(
+                    "tags/gateway=gw-a/2.json",
+                    CatalogResult::Quarantined("not JSON".into()),
+                ),
+            ],
+            failed: vec![("gw-b".into(), "tags table unreachable".into())],
+        });
+        assert!(!one.is_clean());
+        m.pass_finished(&one, Duration::from_millis(20), at(1010));
+        let mut two = report(vec![gw]);
+        two.tags = Err("cannot list tags/".into());
+        assert!(!two.is_clean());
+        m.pass_finished(&two, Duration::from_millis(20), at(1040));
+        // The readings flowed: healthy, but no pass counts as clean or successful.
+        assert_eq!(m.health(at(1041)), Health::Ok);
+        let text = m.render(at(1041));
+        assert_eq!(
+            samples(&text, "plantline_collector_tag_catalogs_total"),
+            [
+                "plantline_collector_tag_catalogs_total{result=\"applied\"} 1",
+                "plantline_collector_tag_catalogs_total{result=\"quarantined\"} 1",
+                "plantline_collector_tag_catalogs_total{result=\"failed\"} 2",
+            ]
+        );
+        assert_eq!(
+            samples(&text, "plantline_collector_passes_total"),
+            [
+                "plantline_collector_passes_total{result=\"clean\"} 0",
+                "plantline_collector_passes_total{result=\"partial\"} 2",
+                "plantline_collector_passes_total{result=\"failed\"} 0",
+            ]
+        );
+        assert!(text.contains("plantline_collector_last_successful_pass_timestamp_seconds 0\n"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::maintenance::{self, MaintenanceError, VacuumOptions};
 use crate::metrics::{self, HealthSettings};
 use crate::raw_zone::{RawZone, RawZoneError};
 use crate::snowflake::{LoadError, LoadReport, SnowflakeClient, SnowflakeError, load_tables};
+use crate::tags::TagsReport;
 
 /// Why a pass could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -45,16 +46,34 @@ pub enum CollectorError {
 #[derive(Debug)]
 pub struct PassReport {
     pub ingest: IngestReport,
+    /// The tag catalogs (after the readings): `Err` when they could not be looked at at all
+    /// (the tags table or the raw zone's `tags/` folder could not be reached).
+    pub tags: Result<TagsReport, String>,
     /// `None` when no Snowflake is configured.
     pub snowflake: Option<LoadReport>,
 }
 
 impl PassReport {
-    /// True when every gateway was applied completely. Quarantined files do not count against
-    /// it: the data problem was handled (the files and their reasons are in the report), while
-    /// an error needs a person or the next pass.
+    /// A report of `ingest` alone: no tag catalog seen, no Snowflake configured.
+    pub fn of_ingest(ingest: IngestReport) -> Self {
+        Self {
+            ingest,
+            tags: Ok(TagsReport::default()),
+            snowflake: None,
+        }
+    }
+
+    /// True when every gateway was applied completely and every tag catalog was dealt with.
+    /// Quarantined files and catalogs do not count against it: the data problem was handled
+    /// (the files and their reasons are in the report), while an error needs a person or the
+    /// next pass.
     pub fn is_clean(&self) -> bool {
-        self.ingest.gateways.iter().all(|g| g.error.is_none())
+        self.ingest.gateways.iter().all(|g| g.error.is_none()) && !self.tags_failed()
+    }
+
+    /// True when the tag catalogs, or those of some gateway, stopped on an error this pass.
+    pub fn tags_failed(&self) -> bool {
+        self.tags.as_ref().map_or(true, |t| !t.failed.is_empty())
     }
 }
 
@@ -128,14 +147,21 @@ async fn pass(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
         .with_commit_attempts(config.run.commit_attempts);
     let discovery = crate::discovery::Discovery::open(config).await?;
     let ingest = discovery.ingest(&raw, &mut tables, &options).await?;
-    // After the readings, so a catalog problem never holds them up; retried next pass.
-    match crate::tags::apply_pending(config, &raw).await {
-        Ok(tags) => tags.log(),
-        Err(e) => warn!(
-            component = "tags",
-            "tag catalogs not applied this pass; retried next pass: {e}"
-        ),
-    }
+    // After the readings, so a catalog problem never holds them up; retried next pass, and the
+    // pass is not clean (`run-once` exits 1, the pass counts as partial).
+    let tags = match crate::tags::apply_pending(config, &raw).await {
+        Ok(tags) => {
+            tags.log();
+            Ok(tags)
+        }
+        Err(e) => {
+            warn!(
+                component = "tags",
+                "tag catalogs not applied this pass; retried next pass: {e}"
+            );
+            Err(e.to_string())
+        }
+    };
     for gw in &ingest.gateways {
         info!(
             component = "ingest",
@@ -192,7 +218,11 @@ async fn pass(config: &CollectorConfig) -> Result<PassReport, CollectorError> {
         .as_ref()
         .map(|sf: &LoadReport| sf.loaded_version.map_or(0, |v| v + 1));
     tidy_logs_after_pass(&tables, versions_before, keep_from).await;
-    Ok(PassReport { ingest, snowflake })
+    Ok(PassReport {
+        ingest,
+        tags,
+        snowflake,
+    })
 }
 
 /// The loaded versions of the readings, gaps and quarantined-rows tables.

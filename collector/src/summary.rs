@@ -7,9 +7,11 @@ use edge_agent::contract::{Quality, Row};
 
 use crate::PassReport;
 use crate::maintenance::{OptimizeReport, VacuumReport};
+use crate::tags::CatalogResult;
 
 /// One line per gateway, one per quarantined file and per recorded gap below its gateway, one
-/// per data-quality rule that did something, and one for Snowflake, for `collector run-once`.
+/// per data-quality rule that did something, one per tag catalog and per catalog failure, and
+/// one for Snowflake, for `collector run-once`.
 pub fn pass_summary(report: &PassReport) -> String {
     let mut out = String::new();
     if report.ingest.gateways.is_empty() {
@@ -74,6 +76,7 @@ pub fn pass_summary(report: &PassReport) -> String {
             counts.flagged, counts.quarantined, counts.failed_files
         );
     }
+    tags_summary(&mut out, &report.tags);
     match &report.snowflake {
         None => out.push_str("snowflake: not configured\n"),
         Some(sf) => {
@@ -88,6 +91,39 @@ pub fn pass_summary(report: &PassReport) -> String {
         }
     }
     out
+}
+
+/// One line per tag catalog the pass dealt with and per catalog failure.
+fn tags_summary(out: &mut String, tags: &Result<crate::tags::TagsReport, String>) {
+    match tags {
+        Ok(tags) => {
+            for catalog in &tags.catalogs {
+                let _ = match &catalog.outcome {
+                    CatalogResult::Applied(o) if o.replay => writeln!(
+                        out,
+                        "tags {}: catalog {} applied before; archived",
+                        catalog.gateway, catalog.key
+                    ),
+                    CatalogResult::Applied(o) => writeln!(
+                        out,
+                        "tags {}: catalog {} applied, {} rows opened, {} closed",
+                        catalog.gateway, catalog.key, o.opened, o.closed
+                    ),
+                    CatalogResult::Quarantined(reason) => writeln!(
+                        out,
+                        "tags {}: catalog {} quarantined: {reason}",
+                        catalog.gateway, catalog.key
+                    ),
+                };
+            }
+            for (gateway, error) in &tags.failed {
+                let _ = writeln!(out, "tags {gateway}: ERROR {error}");
+            }
+        }
+        Err(error) => {
+            let _ = writeln!(out, "tags: ERROR {error}");
+        }
+    }
 }
 
 /// What `collector optimize` did, in one or two lines.

@@ -149,6 +149,41 @@ fn run_once_exits_1_when_a_bad_file_cannot_be_moved_and_applies_nothing_past_it(
 }
 
 #[test]
+fn run_once_exits_1_when_the_tag_catalogs_fail_after_applying_the_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    write_batch(dir.path(), "gw-a", 1..=3);
+    // The tags table (beside the readings table) cannot become a folder.
+    let blocker = dir.path().join("lake/readings_tags");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let out = collector(&["run-once", "--config"], &config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[0],
+        "gateway gw-a: 1 files, 3 rows applied, 0 duplicate rows skipped, watermark 3"
+    );
+    assert!(lines[1].starts_with("tags: ERROR "), "{stdout}");
+    assert!(lines[1].contains("readings_tags"), "{stdout}");
+    assert_eq!(lines[2..], ["snowflake: not configured"]);
+    // The readings are in; once the way is clear the pass is clean again.
+    std::fs::remove_file(&blocker).unwrap();
+    let again = collector(&["run-once", "--config"], &config);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "gateway gw-a: 0 files, 0 rows applied, 0 duplicate rows skipped, watermark 3\nsnowflake: not configured\n"
+    );
+}
+
+#[test]
 fn an_invalid_config_exits_78_with_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("collector.toml");

@@ -251,13 +251,10 @@ async fn a_new_fresh_run_waits_until_the_main_lane_passed_the_last_one() {
     assert_eq!(s.duckdb_seqs(GW), exactly(1..=90));
     // The pass's metrics count it (the registry is the process's; this test's gateway is
     // the only one that defers).
-    let report = collector::PassReport {
-        ingest: collector::ingest::IngestReport {
-            gateways: vec![gw.clone()],
-            foreign_folders: Vec::new(),
-        },
-        snowflake: None,
-    };
+    let report = collector::PassReport::of_ingest(collector::ingest::IngestReport {
+        gateways: vec![gw.clone()],
+        foreign_folders: Vec::new(),
+    });
     let registry = collector::metrics::global();
     let now = std::time::SystemTime::now();
     registry.pass_finished(&report, std::time::Duration::from_millis(1), now);

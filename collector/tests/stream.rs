@@ -2,6 +2,7 @@
 //! sequence numbers) and a local live Delta table, checked with `DuckDB`'s Delta reader.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
@@ -76,7 +77,11 @@ fn start(
     let config = config.clone();
     let reader = ShardReader::with_client(client.clone(), stream);
     let token = stop.clone();
-    let task = tokio::spawn(async move { run_stream_with(&config, reader, token).await.unwrap() });
+    let task = tokio::spawn(async move {
+        run_stream_with(&config, reader, Arc::default(), token)
+            .await
+            .unwrap()
+    });
     (stop, task)
 }
 

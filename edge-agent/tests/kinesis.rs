@@ -568,10 +568,25 @@ async fn a_kinesis_that_stops_answering_never_holds_up_the_s3_uploads(peer: Peer
     );
     let agent = start_agent(dir.path(), &config);
 
-    // The live stream works first, so what follows is Kinesis going away, not never being there.
+    // The live stream works first, so what follows is Kinesis going away, not never being there:
+    // records are on the stream and the agent has had the answer to at least one PutRecords
+    // (a record can be readable before its answer reached the agent).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while read_stream(&kinesis, &stream).await.is_empty() {
-        assert!(Instant::now() < deadline, "no record on {stream} in 30 s");
+    loop {
+        let on_stream = !read_stream(&kinesis, &stream).await.is_empty();
+        let confirmed = on_stream && {
+            let text = tokio::task::spawn_blocking(move || scrape(metrics_port))
+                .await
+                .unwrap();
+            sample(&text, "plantline_agent_kinesis_readings_sent_total") > 0
+        };
+        if confirmed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record on {stream} confirmed to the agent in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.freeze();

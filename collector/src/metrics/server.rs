@@ -10,6 +10,9 @@
 //!   watching it. The failure is logged once with the address and the fix.
 //! - Every connection ends when the shutdown token is cancelled; a client that sends its request
 //!   headers too slowly is dropped after [`HEADER_TIMEOUT`].
+//! - What it serves is a registry behind [`Exposition`]: `collector run` serves the process's
+//!   [`global`] registry ([`serve`]), `collector stream` its own ([`serve_with`]); the HTTP rules
+//!   above are the same for both.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::{Health, global};
+use super::{Health, Metrics, global};
 use crate::config::MetricsConfig;
 
 /// How long a client may take to send its request headers.
@@ -63,8 +66,35 @@ pub enum MetricsServerError {
     TokenFileEmpty { path: PathBuf },
 }
 
-/// The token `/metrics` requires, if one is configured.
-fn configured_token(config: &MetricsConfig) -> Result<Option<String>, MetricsServerError> {
+/// A registry an endpoint serves: its Prometheus text and its `/health` verdict at `now`.
+pub trait Exposition: Send + Sync {
+    fn render(&self, now: SystemTime) -> String;
+    fn health(&self, now: SystemTime) -> Health;
+}
+
+impl Exposition for Metrics {
+    fn render(&self, now: SystemTime) -> String {
+        Metrics::render(self, now)
+    }
+    fn health(&self, now: SystemTime) -> Health {
+        Metrics::health(self, now)
+    }
+}
+
+/// The process's registry, as [`serve`] hands it to [`serve_with`].
+struct Global;
+
+impl Exposition for Global {
+    fn render(&self, now: SystemTime) -> String {
+        global().render(now)
+    }
+    fn health(&self, now: SystemTime) -> Health {
+        global().health(now)
+    }
+}
+
+/// The token `/metrics` requires, if `[metrics]` configures one.
+pub fn configured_token(config: &MetricsConfig) -> Result<Option<String>, MetricsServerError> {
     if let Some(name) = &config.token_env {
         return match std::env::var(name) {
             Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
@@ -126,9 +156,19 @@ pub async fn start(config: &MetricsConfig, shutdown: CancellationToken) -> Optio
     }
 }
 
-/// Answers connections on `listener` until `shutdown` is cancelled; with `token`, `/metrics`
-/// requires it.
+/// Answers connections on `listener` with the process's registry until `shutdown` is
+/// cancelled; with `token`, `/metrics` requires it.
 pub async fn serve(listener: TcpListener, token: Option<String>, shutdown: CancellationToken) {
+    serve_with(listener, token, Arc::new(Global), shutdown).await;
+}
+
+/// [`serve`] for another registry than the process's.
+pub async fn serve_with(
+    listener: TcpListener,
+    token: Option<String>,
+    registry: Arc<dyn Exposition>,
+    shutdown: CancellationToken,
+) {
     let token = Arc::new(token);
     loop {
         let (stream, peer) = tokio::select! {
@@ -144,7 +184,10 @@ pub async fn serve(listener: TcpListener, token: Option<String>, shutdown: Cance
             },
         };
         let token = Arc::clone(&token);
-        let service = hyper::service::service_fn(move |req| respond(req, Arc::clone(&token)));
+        let registry = Arc::clone(&registry);
+        let service = hyper::service::service_fn(move |req| {
+            respond(req, Arc::clone(&token), Arc::clone(&registry))
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
@@ -179,6 +222,7 @@ fn token_matches(presented: &str, expected: &str) -> bool {
 async fn respond(
     req: Request<Incoming>,
     token: Arc<Option<String>>,
+    registry: Arc<dyn Exposition>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".to_owned());
@@ -209,7 +253,7 @@ async fn respond(
     }
     Ok(match path {
         "/metrics" => {
-            let mut resp = text(StatusCode::OK, global().render(SystemTime::now()));
+            let mut resp = text(StatusCode::OK, registry.render(SystemTime::now()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -217,7 +261,7 @@ async fn respond(
             resp
         }
         "/health" => {
-            let (status, body) = match global().health(SystemTime::now()) {
+            let (status, body) = match registry.health(SystemTime::now()) {
                 Health::Ok => (StatusCode::OK, serde_json::json!({ "status": "ok" })),
                 Health::Failing(reason) => (
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -10,6 +10,8 @@
 //! # flush_interval = "1s"
 //! # max_rows_per_commit = 50000
 //! # start = "TRIM_HORIZON"                # or "LATEST", for a table that has no position yet
+//! # metrics_listen = "127.0.0.1:9466"     # /metrics and /health of `collector stream`
+//! # unhealthy_after = "5m"
 //! ```
 
 use std::path::Path;
@@ -59,7 +61,20 @@ pub struct StreamConfig {
     /// allows 5 GetRecords calls per second and shard.
     #[serde(default = "StreamConfig::default_poll_interval")]
     pub poll_interval: ConfigDuration,
+    /// IP address and port of `collector stream`'s `/metrics` and `/health`. The default
+    /// `127.0.0.1:9466` is reachable from the host only and differs from `collector run`'s
+    /// `metrics.listen` (9465), so both commands can run on one host; "0.0.0.0:9466" exposes
+    /// it. `[metrics]`'s `token_env` or `token_file`, when set, guards this `/metrics` too.
+    #[serde(default = "StreamConfig::default_metrics_listen")]
+    pub metrics_listen: String,
+    /// `/health` answers 503 when records read this long ago are still not committed (the
+    /// commits keep failing), or when no shard could be read for this long. Default: 5 minutes,
+    /// or three `flush_interval`s when that is longer.
+    pub unhealthy_after: Option<ConfigDuration>,
 }
+
+/// `stream.unhealthy_after` when neither it nor a long `flush_interval` says otherwise.
+pub(super) const DEFAULT_UNHEALTHY_AFTER: std::time::Duration = std::time::Duration::from_mins(5);
 
 impl StreamConfig {
     fn default_region() -> String {
@@ -76,6 +91,23 @@ impl StreamConfig {
     }
     fn default_poll_interval() -> ConfigDuration {
         ConfigDuration::from_millis(250)
+    }
+    fn default_metrics_listen() -> String {
+        "127.0.0.1:9466".to_owned()
+    }
+
+    /// The shortest `unhealthy_after` that leaves room for healthy commits `flush_interval`
+    /// apart and a few retries, so `/health` does not flap on a working consumer.
+    fn unhealthy_floor(&self) -> std::time::Duration {
+        (self.flush_interval.0 * 3).max(std::time::Duration::from_secs(10))
+    }
+
+    /// The bound `/health` judges by: `unhealthy_after`, or its default.
+    pub fn unhealthy_after(&self) -> std::time::Duration {
+        self.unhealthy_after.map_or_else(
+            || DEFAULT_UNHEALTHY_AFTER.max(self.unhealthy_floor()),
+            |d| d.0,
+        )
     }
 
     /// Every problem of the section, keyed like `stream.table_url`. `delta_url` is the batch
@@ -155,6 +187,26 @@ impl StreamConfig {
                     .to_owned(),
             );
         }
+        if let Err(e) = self.metrics_listen.parse::<std::net::SocketAddr>() {
+            problem(
+                "metrics_listen",
+                format!(
+                    "`{}` is not an IP address with a port ({e}); write it like \"127.0.0.1:9466\"",
+                    self.metrics_listen
+                ),
+            );
+        }
+        if let Some(set) = self.unhealthy_after
+            && set.0 < self.unhealthy_floor()
+        {
+            problem(
+                "unhealthy_after",
+                format!(
+                    "is {set}, too short: /health would fail between healthy commits; use at least {} (three flush_intervals, at least 10s), or leave the key out (default \"5m\")",
+                    ConfigDuration(self.unhealthy_floor())
+                ),
+            );
+        }
         problems
     }
 
@@ -178,6 +230,10 @@ mod tests {
         assert_eq!(c.start, StartPosition::TrimHorizon);
         assert_eq!(c.flush_interval.0, std::time::Duration::from_secs(1));
         assert_eq!(c.max_rows_per_commit, 50_000);
+        assert_eq!(c.metrics_listen, "127.0.0.1:9466");
+        assert_eq!(c.unhealthy_after(), std::time::Duration::from_mins(5));
+        let slow = parse("stream = \"s\"\ntable_url = \"t\"\nflush_interval = \"1h\"\n");
+        assert_eq!(slow.unhealthy_after(), std::time::Duration::from_hours(3));
         assert!(c.problems(Path::new("/etc"), "/lake/readings").is_empty());
         assert_eq!(
             parse("stream = \"s\"\ntable_url = \"t\"\nstart = \"LATEST\"\n").start,
@@ -188,7 +244,7 @@ mod tests {
     #[test]
     fn every_problem_names_its_key_and_the_fix() {
         let c = parse(
-            "stream = \"bad name\"\ntable_url = \"/lake/readings\"\nendpoint = \"ftp://x\"\nflush_interval = \"0s\"\npoll_interval = \"50ms\"\nmax_rows_per_commit = 0\n",
+            "stream = \"bad name\"\ntable_url = \"/lake/readings\"\nendpoint = \"ftp://x\"\nflush_interval = \"0s\"\npoll_interval = \"50ms\"\nmax_rows_per_commit = 0\nmetrics_listen = \"localhost:9466\"\nunhealthy_after = \"5s\"\n",
         );
         let problems: Vec<String> = c
             .problems(Path::new("/etc"), "/lake/readings")
@@ -204,6 +260,8 @@ mod tests {
                 "`stream.flush_interval`: is zero, which would commit on every poll; use at least \"100ms\" (default \"1s\")",
                 "`stream.poll_interval`: is 50ms, more often than the 5 GetRecords calls per second a shard allows; use at least \"200ms\" (default \"250ms\")",
                 "`stream.max_rows_per_commit`: is 0, so nothing would ever be committed; use at least 1 (default 50000)",
+                "`stream.metrics_listen`: `localhost:9466` is not an IP address with a port (invalid socket address syntax); write it like \"127.0.0.1:9466\"",
+                "`stream.unhealthy_after`: is 5s, too short: /health would fail between healthy commits; use at least 10s (three flush_intervals, at least 10s), or leave the key out (default \"5m\")",
             ]
         );
     }

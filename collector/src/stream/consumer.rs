@@ -2,7 +2,8 @@
 //! shards' new positions every `flush_interval` (or sooner at `max_rows_per_commit`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use super::config::StreamConfig;
 use super::decode::decode;
 use super::dedupe::RecentKeys;
 use super::live_table::{LiveRow, LiveTable, LiveTableError};
+use super::metrics::{CommitFailure, ReadFailure, ShardState, StreamMetrics};
 use super::shard_reader::{Fetched, KinesisError, ShardInfo, ShardReader, StartAt};
 use crate::config::CollectorConfig;
 use crate::delta::backoff;
@@ -61,29 +63,36 @@ pub struct StreamReport {
     pub failed_commits: u64,
 }
 
-/// Runs `collector stream` with `config.stream` until `shutdown` is cancelled; the rows read
-/// by then are committed before it returns.
+/// Runs `collector stream` with `config.stream` until `shutdown` is cancelled, counting into
+/// `metrics` (which [`super::serve_stream_metrics`] serves); the rows read by then are
+/// committed before it returns.
 pub async fn run_stream(
     config: &CollectorConfig,
+    metrics: Arc<StreamMetrics>,
     shutdown: CancellationToken,
 ) -> Result<StreamReport, StreamError> {
     let settings = config.stream.as_ref().ok_or(StreamError::NoSection)?;
     let reader = ShardReader::connect(settings).await;
-    run_stream_with(config, reader, shutdown).await
+    run_stream_with(config, reader, metrics, shutdown).await
 }
 
 /// [`run_stream`] with a Kinesis client built elsewhere (other credentials, a test server).
 pub async fn run_stream_with(
     config: &CollectorConfig,
     reader: ShardReader,
+    metrics: Arc<StreamMetrics>,
     shutdown: CancellationToken,
 ) -> Result<StreamReport, StreamError> {
     let settings = config.stream.clone().ok_or(StreamError::NoSection)?;
     let url = settings.table_url().map_err(StreamError::Location)?;
     let table =
         LiveTable::open_or_create(&url, &config.s3.storage_options(), &settings.stream).await?;
-    let mut consumer = Consumer::new(settings, reader, table);
+    let mut consumer = Consumer::new(settings, reader, table, metrics);
     consumer.refresh_shards().await?;
+    consumer
+        .metrics
+        .started(&consumer.committed, SystemTime::now());
+    consumer.publish_states();
     info!(
         component = "stream",
         stream = consumer.reader.stream(),
@@ -125,10 +134,16 @@ struct Consumer {
     report: StreamReport,
     listed_at: Option<Instant>,
     commit_failures: u32,
+    metrics: Arc<StreamMetrics>,
 }
 
 impl Consumer {
-    fn new(settings: StreamConfig, reader: ShardReader, table: LiveTable) -> Self {
+    fn new(
+        settings: StreamConfig,
+        reader: ShardReader,
+        table: LiveTable,
+        metrics: Arc<StreamMetrics>,
+    ) -> Self {
         let committed = table.positions();
         Self {
             settings,
@@ -144,6 +159,7 @@ impl Consumer {
             report: StreamReport::default(),
             listed_at: None,
             commit_failures: 0,
+            metrics,
         }
     }
 
@@ -159,6 +175,12 @@ impl Consumer {
                 self.listed_at = Some(Instant::now());
             }
             self.poll_round().await;
+            self.publish_states();
+            self.metrics.pending(
+                self.pending_rows.len(),
+                self.pending_since.is_some(),
+                SystemTime::now(),
+            );
             if self.flush_due() {
                 self.flush().await;
             }
@@ -232,6 +254,25 @@ impl Consumer {
                 .all(|p| self.shards.get(p).is_none_or(|parent| parent.finished))
     }
 
+    /// Where each known shard stands, for the `shards` gauge.
+    fn publish_states(&self) {
+        self.metrics
+            .shard_states(self.shards.iter().map(|(id, shard)| {
+                let waiting = shard
+                    .parents
+                    .iter()
+                    .any(|p| self.shards.get(p).is_some_and(|parent| !parent.finished));
+                let state = if shard.finished {
+                    ShardState::Finished
+                } else if waiting {
+                    ShardState::Waiting
+                } else {
+                    ShardState::Reading
+                };
+                (id.as_str(), state)
+            }));
+    }
+
     /// One GetRecords call on every ready shard, concurrently.
     async fn poll_round(&mut self) {
         let now = Instant::now();
@@ -287,19 +328,21 @@ impl Consumer {
                 "shard closed and read to its end"
             );
         }
-        let Some(last) = fetched.records.last() else {
-            return;
-        };
-        shard.read_to = Some(last.sequence_number.clone());
-        self.pending_moved
-            .insert(shard_id.to_owned(), last.sequence_number.clone());
-        self.pending_since.get_or_insert_with(Instant::now);
+        let records = fetched.records.len() as u64;
+        let mut decoded = 0;
+        if let Some(last) = fetched.records.last() {
+            shard.read_to = Some(last.sequence_number.clone());
+            self.pending_moved
+                .insert(shard_id.to_owned(), last.sequence_number.clone());
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
         for record in fetched.records {
             self.report.records += 1;
             let rows = match decode(&record.data) {
                 Ok(rows) => rows,
                 Err(e) => {
                     self.report.bad_records += 1;
+                    self.metrics.bad_record(e.kind());
                     let start = String::from_utf8_lossy(&record.data[..record.data.len().min(200)])
                         .into_owned();
                     warn!(
@@ -314,11 +357,13 @@ impl Consumer {
                     continue;
                 }
             };
+            decoded += rows.len() as u64;
             for row in rows {
                 if self.recent.contains(&row.gateway, row.seq)
                     || !self.pending_keys.insert((row.gateway.clone(), row.seq))
                 {
                     self.report.duplicates += 1;
+                    self.metrics.duplicate();
                     continue;
                 }
                 self.pending_rows.push(LiveRow {
@@ -329,12 +374,27 @@ impl Consumer {
                 });
             }
         }
+        self.metrics.read(
+            shard_id,
+            records,
+            decoded,
+            fetched.millis_behind_latest,
+            SystemTime::now(),
+        );
     }
 
     fn read_failed(&mut self, shard_id: &str, e: &KinesisError) {
         let Some(shard) = self.shards.get_mut(shard_id) else {
             return;
         };
+        self.metrics.read_failed(
+            shard_id,
+            match e {
+                KinesisError::ExpiredIterator { .. } => ReadFailure::ExpiredIterator,
+                KinesisError::Throttled { .. } => ReadFailure::Throttled,
+                KinesisError::Call { .. } => ReadFailure::Error,
+            },
+        );
         match e {
             KinesisError::ExpiredIterator { .. } => {
                 debug!(component = "stream", shard = shard_id, "{e}");
@@ -376,10 +436,17 @@ impl Consumer {
         let rows = self.pending_rows.len();
         match self
             .table
-            .commit(&self.pending_rows, &self.committed, &self.pending_moved)
+            .commit(
+                &self.pending_rows,
+                &self.committed,
+                &self.pending_moved,
+                &self.metrics,
+            )
             .await
         {
             Ok(version) => {
+                self.metrics
+                    .committed(rows, &self.pending_moved, SystemTime::now());
                 self.commit_failures = 0;
                 self.report.commits += 1;
                 self.report.rows += rows as u64;
@@ -393,6 +460,10 @@ impl Consumer {
                 debug!(component = "stream", version, rows, "committed live rows");
             }
             Err(e) => {
+                self.metrics.commit_failed(match e {
+                    LiveTableError::Superseded { .. } => CommitFailure::Superseded,
+                    _ => CommitFailure::Error,
+                });
                 self.report.failed_commits += 1;
                 self.commit_failures += 1;
                 error!(component = "stream", rows, error = %e, "commit to the live table failed; reading again from the table's positions");

@@ -36,6 +36,18 @@ pub enum DecodeError {
     Invalid { line: usize, message: String },
 }
 
+impl DecodeError {
+    /// The kind of problem, as `plantline_collector_stream_bad_records_total` labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::NotText { .. } => "not_utf8",
+            Self::Json { .. } => "not_json",
+            Self::Invalid { .. } => "invalid_reading",
+        }
+    }
+}
+
 /// The readings of one record, in the record's order. The live records do not carry the
 /// gateway's site, so `site` is empty (the batches, not the live path, carry it).
 pub fn decode(data: &[u8]) -> Result<Vec<Row>, DecodeError> {

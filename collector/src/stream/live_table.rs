@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use url::Url;
 
 use super::checkpoint::{self, Positions};
+use super::metrics::StreamMetrics;
 use crate::delta::{COMMIT_ID_KEY, Failure, backoff, classify, find_commit};
 
 /// The shard a row was read from.
@@ -232,12 +233,14 @@ impl LiveTable {
     /// `expected` is what the caller believes the table's positions are; if the table holds
     /// others, another writer is at work and nothing is written ([`LiveTableError::Superseded`]).
     /// An attempt whose outcome is unknown is resolved by re-reading the positions (and looking
-    /// for the attempt's commit token), never by writing again blindly.
+    /// for the attempt's commit token), never by writing again blindly. Each attempt tried again
+    /// is counted in `metrics`.
     pub async fn commit(
         &mut self,
         rows: &[LiveRow],
         expected: &Positions,
         moved: &Positions,
+        metrics: &StreamMetrics,
     ) -> Result<Version, LiveTableError> {
         let adds = self.write_files(rows).await?;
         let token = uuid::Uuid::new_v4().to_string();
@@ -313,6 +316,7 @@ impl LiveTable {
             if attempt >= COMMIT_ATTEMPTS {
                 return Err(commit_err(base_version, source.to_string()));
             }
+            metrics.commit_retried();
             let pause = backoff(attempt);
             warn!(component = "stream", table = %self.url, attempt, error = %source, pause_ms = pause.as_millis(), "commit did not land; retrying");
             tokio::time::sleep(pause).await;

@@ -24,6 +24,9 @@
 //! - A child shard of a reshard is read only after its parents were read to their end, so one
 //!   device's records stay in order.
 //!
+//! - What the consumer does is counted in its [`StreamMetrics`] and served, with a `/health`
+//!   verdict, on `stream.metrics_listen` ([`serve_stream_metrics`]).
+//!
 //! The live table has the batch contract's columns (`site` empty: the live records do not carry
 //! it) plus `shard_id`, `sequence_number` and `arrival_ts`. It is not the readings table: the
 //! batch path stays the system of record, and the two join on (`gateway`, `seq`).
@@ -34,6 +37,7 @@ mod consumer;
 mod decode;
 mod dedupe;
 mod live_table;
+mod metrics;
 mod shard_reader;
 
 pub use checkpoint::{POSITION_PREFIX, Positions, STREAM_KEY};
@@ -43,5 +47,8 @@ pub use decode::{DecodeError, decode};
 pub use live_table::{
     ARRIVAL_COLUMN, LiveRow, LiveTable, LiveTableError, SEQUENCE_NUMBER_COLUMN, SHARD_COLUMN,
     live_schema,
+};
+pub use metrics::{
+    CommitFailure, ReadFailure, ShardState, StreamMetrics, StreamMetricsError, serve_stream_metrics,
 };
 pub use shard_reader::{KinesisError, ShardReader};

@@ -69,6 +69,9 @@ pub struct Fetched {
     pub records: Vec<FetchedRecord>,
     /// `None` once a closed shard (split or merged away) has been read to its end.
     pub next_iterator: Option<String>,
+    /// How far the call's last record is behind the tip of the stream (`MillisBehindLatest`);
+    /// 0 when the shard is read up to the tip. `None` when the server did not say.
+    pub millis_behind_latest: Option<i64>,
 }
 
 /// A Kinesis client for one stream.
@@ -234,6 +237,7 @@ impl ShardReader {
         Ok(Fetched {
             records,
             next_iterator: out.next_shard_iterator().map(str::to_owned),
+            millis_behind_latest: out.millis_behind_latest(),
         })
     }
 }
