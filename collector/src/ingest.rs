@@ -1,15 +1,19 @@
 //! Applying the raw zone to the Delta tables: per gateway, in `seq` order, exactly once.
 //!
 //! # The delivery chain, collector side
-//! 1. A gateway's batches are read in key order, which is `seq` order.
+//! 1. A gateway's batches are looked at in key order, which is `seq` order. Up to
+//!    [`IngestOptions::read_ahead`] files are fetched and decoded at once, ahead of the one
+//!    looked at (and of the commits), but their results are taken one by one in key order, so
+//!    everything below holds as if they were read one after the other.
 //! 2. Rows with `seq <= watermark` are dropped (replays, overlaps, batches applied by a pass that
 //!    crashed before archiving); the rest are judged by the row-level rules ([`crate::rules`])
 //!    and go into one readings commit together with the new watermark (`txn` action), at most
 //!    `max_files_per_commit` files per commit. Readings a rule quarantines and the gaps the
 //!    chunk reveals are committed to their own tables just before, each with its own watermark
 //!    ([`crate::apply`] has the order and why it is exactly once).
-//! 3. Only after the commit are the files archived. A crash between commit and archive is
-//!    harmless: the next pass finds the files again, drops all their rows and archives them.
+//! 3. Only after the commit are the files archived (several at once). A crash between commit
+//!    and archive, or a file that could not be archived, is harmless: the next pass finds the
+//!    files again, drops all their rows and archives them.
 //! 4. A file that fails the contract (or a key under a gateway folder that is not a batch key,
 //!    or a batch with a reading that breaks a `fail` rule) is moved to the quarantine with a
 //!    reason object ([`crate::quarantine`]) and the gateway's later batches are applied in the
@@ -32,6 +36,9 @@
 //!    listing the gateway's folder: a batch another collector archived before the listing was
 //!    committed first, so it lies at or below that watermark and is never mistaken for a gap.
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::apply::{ApplyError, apply_chunk, apply_fresh};
@@ -40,11 +47,23 @@ use crate::quarantine::{QuarantineError, QuarantinedFile, Reason, quarantine};
 use crate::raw_zone::{BatchFile, RawZone, RawZoneError, ValidBatch};
 use crate::rules::{Judge, RuleAction, RuleCounts, RuleCountsByName, RuleSet};
 
+/// How many of a gateway's batch files are read and decoded ahead of the one being looked at,
+/// unless the options say otherwise ([`IngestOptions::read_ahead`]).
+pub const DEFAULT_READ_AHEAD: usize = 16;
+
+/// How many applied batch files are archived at once after a commit.
+const ARCHIVES_IN_FLIGHT: usize = 16;
+
 /// How a pass works: commit size and the row-level rules.
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// At most this many batch files of one gateway per commit.
     pub max_files_per_commit: usize,
+    /// How many of a gateway's batch files are read and decoded at once, ahead of the one being
+    /// looked at (at least 1: one after the other). The files are still looked at, quarantined
+    /// and applied in key order; reads ahead of a file that stops the gateway's pass are
+    /// dropped.
+    pub read_ahead: usize,
     /// The row-level data-quality rules (none: every valid reading is kept, unflagged).
     pub rules: RuleSet,
     /// How many times a chunk whose commit lost a race is re-read and retried.
@@ -92,6 +111,7 @@ impl IngestOptions {
     pub fn new(max_files_per_commit: usize) -> Self {
         Self {
             max_files_per_commit,
+            read_ahead: DEFAULT_READ_AHEAD,
             rules: RuleSet::default(),
             commit_attempts: 5,
             start_after: None,
@@ -118,6 +138,13 @@ impl IngestOptions {
     #[must_use]
     pub fn with_chunk_hook(mut self, hook: ChunkHook) -> Self {
         self.on_chunk = Some(hook);
+        self
+    }
+
+    /// The same options, reading `files` batch files at once (at least 1).
+    #[must_use]
+    pub fn with_read_ahead(mut self, files: usize) -> Self {
+        self.read_ahead = files.max(1);
         self
     }
 
@@ -375,6 +402,9 @@ async fn ingest_gateway_into(
         record_quarantined(report, moved);
     }
 
+    // The reads run ahead of the loop (and of the commits), but their results are taken in key
+    // order, so everything below sees the files exactly as if it read them one by one.
+    let mut reads = read_ahead(raw, &listing.batches, options.read_ahead);
     for chunk in listing.batches.chunks(options.max_files_per_commit.max(1)) {
         // One clock reading per chunk: every reading of a commit is judged at the same instant.
         let now_us = chrono::Utc::now().timestamp_micros();
@@ -397,7 +427,11 @@ async fn ingest_gateway_into(
         let mut stop = None;
         let mut rows_applied = 0;
         for file in chunk {
-            let (object_key, last_seq, reason) = match raw.read_batch(file).await {
+            let read = reads
+                .next()
+                .await
+                .expect("one read per listed file, in listing order");
+            let (object_key, last_seq, reason) = match read {
                 Ok(batch) => {
                     let failure = batch.data.iter().find_map(|b| {
                         let (outside, _) = without_range(vec![(0, b.clone())], fresh_range);
@@ -478,9 +512,10 @@ async fn ingest_gateway_into(
                 version = ?outcome.version,
                 "applied"
             );
-            for batch in &valid {
-                raw.archive(&batch.file).await.map_err(raw_err)?;
-                report.files_applied += 1;
+            let (archived, failed) = archive_applied(raw, &valid).await;
+            report.files_applied += archived;
+            if let Some(e) = failed {
+                return Err(raw_err(e));
             }
         }
         if let Some(e) = stop {
@@ -523,6 +558,7 @@ async fn apply_fresh_lane(
         source,
     };
     let chunk_size = options.max_files_per_commit.max(1);
+    let mut reads = read_ahead(raw, files, options.read_ahead);
     let mut next = 0;
     while next < files.len() {
         let chunk = &files[next..(next + chunk_size).min(files.len())];
@@ -532,7 +568,11 @@ async fn apply_fresh_lane(
         let mut stop = None;
         let mut looked_at = 0;
         for file in chunk {
-            let (object_key, last_seq, reason) = match raw.read_batch(file).await {
+            let read = reads
+                .next()
+                .await
+                .expect("one read per listed file, in listing order");
+            let (object_key, last_seq, reason) = match read {
                 Ok(batch) => {
                     valid.push(batch);
                     looked_at += 1;
@@ -583,10 +623,11 @@ async fn apply_fresh_lane(
                 version = ?outcome.version,
                 "fresh lane applied"
             );
-            for batch in &valid[..outcome.settled] {
-                raw.archive(&batch.file).await.map_err(raw_err)?;
-                report.files_applied += 1;
-                report.fresh_files_applied += 1;
+            let (archived, failed) = archive_applied(raw, &valid[..outcome.settled]).await;
+            report.files_applied += archived;
+            report.fresh_files_applied += archived;
+            if let Some(e) = failed {
+                return Err(raw_err(e));
             }
             if outcome.settled < valid.len() {
                 deferred = true;
@@ -602,6 +643,65 @@ async fn apply_fresh_lane(
         next += looked_at;
     }
     Ok(())
+}
+
+/// The reads of `files`, in their order, up to `window` of them (at least 1) in flight at once:
+/// each read is a task of its own, so the files ahead are fetched and decoded while the caller
+/// judges, quarantines or commits. Dropping the stream aborts the reads still in flight (a
+/// read changes nothing in the raw zone, so an abandoned one leaves no trace).
+fn read_ahead<'a>(
+    raw: &RawZone,
+    files: &'a [BatchFile],
+    window: usize,
+) -> BoxStream<'a, Result<ValidBatch, RawZoneError>> {
+    let raw = raw.clone();
+    futures::stream::iter(files.iter().map(move |file| {
+        let (raw, file) = (raw.clone(), file.clone());
+        let key = file.object_key.clone();
+        let task = AbortOnDropHandle::new(tokio::spawn(
+            async move { raw.read_batch(&file).await }.in_current_span(),
+        ));
+        async move {
+            match task.await {
+                Ok(read) => read,
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                // Only when the runtime shuts down: as transient as a failed request.
+                Err(join) => Err(RawZoneError::Read {
+                    key,
+                    source: object_store::Error::Generic {
+                        store: "raw zone",
+                        source: Box::new(join),
+                    },
+                }),
+            }
+        }
+    }))
+    .buffered(window.max(1))
+    // Boxed, so the future of the pass stays provably `Send` (rust-lang/rust#102211).
+    .boxed()
+}
+
+/// Archives applied batch files (their commit has landed), [`ARCHIVES_IN_FLIGHT`] at once.
+/// Returns how many were archived and the first failure in key order; the other failures are
+/// logged. A file left behind is harmless: the next pass drops its rows by the watermark and
+/// archives it then.
+async fn archive_applied(raw: &RawZone, batches: &[ValidBatch]) -> (usize, Option<RawZoneError>) {
+    // Boxed, so the future of the pass stays provably `Send` (rust-lang/rust#102211).
+    let mut results: Vec<(usize, Result<(), RawZoneError>)> =
+        futures::stream::iter(batches.iter().enumerate())
+            .map(|(i, batch)| async move { (i, raw.archive(&batch.file).await) })
+            .buffer_unordered(ARCHIVES_IN_FLIGHT)
+            .boxed()
+            .collect()
+            .await;
+    results.sort_by_key(|(i, _)| *i);
+    let archived = results.iter().filter(|(_, r)| r.is_ok()).count();
+    let mut failures = results.into_iter().filter_map(|(_, r)| r.err());
+    let first = failures.next();
+    for e in failures {
+        warn!(error = %e, "applied batch not archived; the next pass archives it");
+    }
+    (archived, first)
 }
 
 /// Reports the fresh files that wait for a later pass: `first_waiting` and every file of

@@ -27,16 +27,17 @@
 
 use std::time::Duration;
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, Date32Array, RecordBatch};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, Version};
+use deltalake::kernel::{Action, Add, Version};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::table::config::TablePropertiesExt as _;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
-use tracing::{info, warn};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{Instrument, info, warn};
 use url::Url;
 
 use super::table::DeltaError;
@@ -203,17 +204,12 @@ pub(crate) async fn commit_with_marks(
             source: Box::new(source),
         })
     };
-    let mut adds: Vec<Action> = Vec::new();
-    if !batches.is_empty() {
-        let mut writer = RecordBatchWriter::for_table(table)
-            .map_err(write_err)?
-            .with_writer_properties(writer_properties());
-        for batch in batches {
-            writer.write(batch).await.map_err(write_err)?;
-        }
-        let written = writer.flush().await.map_err(write_err)?;
-        adds.extend(written.into_iter().map(Action::Add));
-    }
+    let adds: Vec<Action> = write_data_files(table, batches)
+        .await
+        .map_err(write_err)?
+        .into_iter()
+        .map(Action::Add)
+        .collect();
     let label = table_label(table, url);
     let token = uuid::Uuid::new_v4().to_string();
     let started = tokio::time::Instant::now();
@@ -497,6 +493,89 @@ pub(crate) fn backoff_bound(attempt: u32) -> Duration {
         .min(BACKOFF_CAP)
 }
 
+/// Writes `batches` as data files of `table`, one file per partition value (as a single
+/// writer would), the partitions' files written in parallel: Parquet encoding is most of a
+/// commit's work, and a chunk of readings spans a few dates. Nothing is committed here.
+async fn write_data_files(
+    table: &DeltaTable,
+    batches: Vec<RecordBatch>,
+) -> Result<Vec<Add>, DeltaTableError> {
+    let groups = by_partition(table, batches);
+    let mut writers = Vec::with_capacity(groups.len());
+    for group in groups {
+        let mut writer =
+            RecordBatchWriter::for_table(table)?.with_writer_properties(writer_properties());
+        writers.push(AbortOnDropHandle::new(tokio::spawn(
+            async move {
+                for batch in group {
+                    writer.write(batch).await?;
+                }
+                writer.flush().await
+            }
+            .in_current_span(),
+        )));
+    }
+    let mut adds = Vec::new();
+    for written in futures::future::join_all(writers).await {
+        match written {
+            Ok(written) => adds.extend(written?),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(join) => return Err(DeltaTableError::Generic(join.to_string())),
+        }
+    }
+    Ok(adds)
+}
+
+/// `batches` grouped by the value of the table's partition column, for a table partitioned by
+/// one date column (the readings table); one group of everything for any other table.
+fn by_partition(table: &DeltaTable, batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
+    let column = table
+        .snapshot()
+        .ok()
+        .and_then(|s| match s.metadata().partition_columns() {
+            [one] => Some(one.clone()),
+            _ => None,
+        });
+    group_by_day(column.as_deref(), batches)
+}
+
+/// `batches` grouped by the value of the date column `column` (one group per day, in the order
+/// the days first appear; within a group the rows keep their order); one group of everything
+/// without a column, or when a batch has no such column or a null in it.
+fn group_by_day(column: Option<&str>, batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
+    let days = |batch: &RecordBatch| {
+        batch
+            .column_by_name(column?)?
+            .as_any()
+            .downcast_ref::<Date32Array>()
+            .filter(|days| days.null_count() == 0)
+            .map(|days| days.values().clone())
+    };
+    if batches.is_empty() {
+        return Vec::new();
+    }
+    if !batches.iter().all(|b| days(b).is_some()) {
+        return vec![batches];
+    }
+    let mut groups: Vec<(i32, Vec<RecordBatch>)> = Vec::new();
+    for batch in batches {
+        let days = days(&batch).expect("checked above");
+        // Readings come in `seq` order, so a batch's days form a run or two.
+        let mut start = 0;
+        while start < days.len() {
+            let day = days[start];
+            let run = days[start..].iter().take_while(|&&d| d == day).count();
+            let slice = batch.slice(start, run);
+            match groups.iter_mut().find(|(d, _)| *d == day) {
+                Some((_, group)) => group.push(slice),
+                None => groups.push((day, vec![slice])),
+            }
+            start += run;
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
 /// zstd like the raw zone; statistics stay on so readers can skip files by `seq` and `ts`.
 fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
@@ -668,6 +747,56 @@ mod tests {
             decide(Resolution::Superseded, Duration::ZERO, pause),
             Decision::Refilter
         );
+    }
+
+    #[test]
+    fn rows_are_grouped_by_day_in_order_for_one_writer_per_partition() {
+        use arrow_array::Int64Array;
+        use arrow_schema::{DataType, Field, Schema};
+        let schema = std::sync::Arc::new(Schema::new(vec![
+            Field::new("seq", DataType::Int64, false),
+            Field::new("date", DataType::Date32, false),
+        ]));
+        let batch = |seqs: Vec<i64>, days: Vec<i32>| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    std::sync::Arc::new(Int64Array::from(seqs)),
+                    std::sync::Arc::new(Date32Array::from(days)),
+                ],
+            )
+            .unwrap()
+        };
+        // The second batch straddles midnight; the third falls on the first batch's day again
+        // (a clock step back).
+        let batches = vec![
+            batch(vec![1, 2], vec![10, 10]),
+            batch(vec![3, 4, 5], vec![10, 11, 11]),
+            batch(vec![6], vec![10]),
+        ];
+        let seqs = |group: &[RecordBatch]| -> Vec<i64> {
+            group
+                .iter()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect()
+        };
+        let groups = group_by_day(Some("date"), batches.clone());
+        let found: Vec<Vec<i64>> = groups.iter().map(|g| seqs(g)).collect();
+        assert_eq!(found, vec![vec![1, 2, 3, 6], vec![4, 5]]);
+        // A table not partitioned by the column: one writer for everything, as given.
+        for column in [None, Some("day")] {
+            let groups = group_by_day(column, batches.clone());
+            assert_eq!(groups.len(), 1);
+            assert_eq!(seqs(&groups[0]), vec![1, 2, 3, 4, 5, 6]);
+        }
+        assert!(group_by_day(Some("date"), Vec::new()).is_empty());
     }
 
     #[test]
