@@ -2,14 +2,15 @@
 //! raw zone, the per-gateway freshness gauges and alert, and `/health` turning 503 when every
 //! pass fails.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edge_agent::contract::{self, BatchKey, Quality, Row};
 use pipeline_e2e::free_port;
+
+#[path = "support/process.rs"]
+mod process;
+use process::{Running, get, sample};
 
 fn row(gateway: &str, seq: i64, ts_us: i64, value: f64) -> Row {
     Row {
@@ -44,92 +45,10 @@ fn write_batch(dir: &Path, rows: &[Row]) {
     write_file(dir, &rows[0].gateway, rows[0].seq, &bytes);
 }
 
-/// The running binary; stopped with SIGTERM (by its pid) when dropped.
-struct Collector {
-    child: Option<Child>,
-    stderr: PathBuf,
-}
-
-impl Collector {
-    fn start(config: &Path, dir: &Path) -> Self {
-        let stderr = dir.join("collector.stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_collector"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn,collector=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Self {
-            child: Some(child),
-            stderr,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code.
-    fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "collector did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// One HTTP/1.1 GET over a fresh connection: (status, body).
-fn get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.get(9..12)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-/// The value of the sample `name{labels}` (exactly as rendered) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Scrapes until `ready` holds for a scrape, or fails with the last scrape and the log.
 fn scrape_until(
     port: u16,
-    collector: &Collector,
+    collector: &Running,
     token: Option<&str>,
     ready: impl Fn(&str) -> bool,
 ) -> String {
@@ -219,22 +138,12 @@ action = "quarantine"
     );
 
     // The token is in the child's environment only.
-    let mut collector = {
-        let stderr = dir.path().join("collector.stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_collector"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn,collector=info")
-            .env("PLANTLINE_TEST_METRICS_TOKEN", "s3cret-token")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Collector {
-            child: Some(child),
-            stderr,
-        }
-    };
+    let mut collector = Running::start(
+        "run",
+        &config,
+        dir.path(),
+        &[("PLANTLINE_TEST_METRICS_TOKEN", "s3cret-token")],
+    );
     let token = Some("s3cret-token");
     // Three passes, so the counters have settled (later passes find nothing new).
     let scrape = scrape_until(port, &collector, token, |s| {
@@ -384,7 +293,7 @@ fn health_is_503_when_every_pass_fails() {
     // The Delta table's folder cannot be created: a file is in the way.
     std::fs::create_dir_all(dir.path().join("landing")).unwrap();
     std::fs::write(dir.path().join("lake"), b"in the way").unwrap();
-    let mut collector = Collector::start(&config, dir.path());
+    let mut collector = Running::start("run", &config, dir.path(), &[]);
     scrape_until(port, &collector, None, |s| {
         sample(s, "plantline_collector_passes_total{result=\"failed\"}").is_some_and(|n| n >= 1.0)
     });

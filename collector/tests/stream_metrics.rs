@@ -1,59 +1,23 @@
 //! `collector stream` serves `/metrics` and `/health` on `stream.metrics_listen`: counters that
 //! match what was put on a kinesalite stream, a lag gauge per shard, `[metrics]`'s token.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kinesis::primitives::Blob;
 use edge_agent::Reading;
 use edge_agent::contract::Quality;
 use edge_agent::sinks::kinesis::{LiveReading, encode};
 use pipeline_e2e::{Kinesalite, duckdb_query, free_port};
 
+#[path = "support/kinesis.rs"]
+mod kinesis;
+#[path = "support/process.rs"]
+mod process;
+use kinesis::{client, create_stream};
+use process::{Running, get, sample};
+
 const TOKEN: &str = "s3cret-stream-token";
-
-fn client(endpoint: &str) -> Client {
-    let config = aws_sdk_kinesis::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .endpoint_url(endpoint)
-        .build();
-    Client::from_conf(config)
-}
-
-/// A stream of `shards` shards, ACTIVE.
-async fn create_stream(client: &Client, shards: i32) -> String {
-    let name = format!("live-{}", uuid::Uuid::new_v4().simple());
-    client
-        .create_stream()
-        .stream_name(&name)
-        .shard_count(shards)
-        .send()
-        .await
-        .unwrap();
-    for _ in 0..200 {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(&name)
-            .send()
-            .await
-            .unwrap();
-        let status = summary
-            .stream_description_summary()
-            .map(|s| s.stream_status().as_str().to_owned());
-        if status.as_deref() == Some("ACTIVE") {
-            return name;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("stream {name} never became ACTIVE");
-}
 
 /// Readings `seqs`, spread over eight devices, so both shards get records.
 fn readings(seqs: std::ops::RangeInclusive<i64>) -> Vec<LiveReading> {
@@ -93,91 +57,6 @@ async fn put(client: &Client, stream: &str, gateway: &str, readings: &[LiveReadi
     n
 }
 
-/// The running `collector stream`; killed (by its pid) if a test fails before stopping it.
-struct Consumer {
-    child: Option<Child>,
-    stderr: std::path::PathBuf,
-}
-
-impl Consumer {
-    fn start(config: &Path, dir: &Path) -> Self {
-        let stderr = dir.join("collector.stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_collector"))
-            .args(["stream", "--config"])
-            .arg(config)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("STREAM_METRICS_TOKEN", TOKEN)
-            .env("RUST_LOG", "warn,collector=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Self {
-            child: Some(child),
-            stderr,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code.
-    fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "collector stream did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// One HTTP/1.1 GET over a fresh connection: (status, body).
-fn get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.get(9..12)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-/// The value of the sample `name{labels}` (exactly as rendered) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The sum of every sample of the counter `name` (any labels).
 fn total(scrape: &str, name: &str) -> u64 {
     scrape
@@ -215,7 +94,16 @@ async fn the_stream_command_serves_counters_that_match_what_was_put_and_a_health
     records += put(&client, &stream, "gw-a", &readings(50..=60)).await;
     records += put(&client, &stream, "gw-b", &readings(1..=5)).await;
     let started = SystemTime::now();
-    let mut consumer = Consumer::start(&config, dir.path());
+    let mut consumer = Running::start(
+        "stream",
+        &config,
+        dir.path(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("STREAM_METRICS_TOKEN", TOKEN),
+        ],
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let scrape = loop {
