@@ -72,6 +72,21 @@ fn run_outage(
 
     let moto = stopped.start_again();
     moto.create_named_bucket(&bucket);
+    // Readings keep arriving until the drain has begun (the agent's upload backoff decides when):
+    // the fresh lane sends copies of readings that arrived within `max_age`, so a producer that
+    // stopped before the drain would leave it nothing to send.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("draining a backlog in seq order")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no drain began within a minute of S3 coming back{}",
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let produced = writer.finish();
     wait_until_drained(dir, &config, &mut agent, Duration::from_mins(4));
     let tail = agent.log_tail();
