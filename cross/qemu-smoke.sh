@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The ARM smoke test: cross-builds edge-agent for one ARM target, runs `edge-agent --version` under
-# qemu-user, then builds the agent's unit tests for that target and runs them under qemu.
+# qemu-user, wraps that build in the target's Debian package (packaging/build-deb.sh) and checks
+# the package's fields and files, and that its binary runs and accepts its sensor map under qemu;
+# then builds the agent's unit tests for that target and runs them under qemu.
 #
 #   cross/qemu-smoke.sh [TARGET]    TARGET: aarch64-unknown-linux-gnu (default) or
 #                                   armv7-unknown-linux-gnueabihf
@@ -47,6 +49,42 @@ if [[ "$output" != "edge-agent $version" ]]; then
   echo "qemu-smoke.sh: expected 'edge-agent $version', got '$output'" >&2
   exit 1
 fi
+
+echo "== Debian package of that build, installed into a folder and run under qemu"
+case "$TARGET" in
+  aarch64-unknown-linux-gnu) deb_arch=arm64 ;;
+  armv7-unknown-linux-gnueabihf) deb_arch=armhf ;;
+esac
+deb_dir="$(mktemp -d -t qemu-smoke-deb.XXXXXX)"
+trap 'rm -rf "$deb_dir"' EXIT
+# The dev build above: the package's layout does not depend on the profile.
+"$REPO_ROOT/packaging/build-deb.sh" "$deb_arch" --profile dev --out "$deb_dir/out" >/dev/null
+deb="$deb_dir/out/edge-agent_${version}-1_${deb_arch}.deb"
+[[ -f "$deb" ]] || { echo "qemu-smoke.sh: build-deb.sh made no $deb" >&2; exit 1; }
+for field in Package:edge-agent "Architecture:$deb_arch" "Version:$version-1"; do
+  got="$(dpkg-deb -f "$deb" "${field%%:*}")"
+  if [[ "$got" != "${field#*:}" ]]; then
+    echo "qemu-smoke.sh: $deb has ${field%%:*} '$got', want '${field#*:}'" >&2
+    exit 1
+  fi
+done
+dpkg-deb -x "$deb" "$deb_dir/root"
+for path in usr/bin/edge-agent etc/edge-agent/agent.toml etc/default/edge-agent \
+  usr/lib/systemd/system/edge-agent.service usr/share/doc/edge-agent/copyright; do
+  [[ -f "$deb_dir/root/$path" ]] || { echo "qemu-smoke.sh: $deb does not install /$path" >&2; exit 1; }
+done
+packaged="$("${QEMU[@]}" "$deb_dir/root/usr/bin/edge-agent" --version)"
+[[ "$packaged" == "edge-agent $version" ]] || {
+  echo "qemu-smoke.sh: the packaged binary says '$packaged', want 'edge-agent $version'" >&2
+  exit 1
+}
+validated="$("${QEMU[@]}" "$deb_dir/root/usr/bin/edge-agent" validate "$deb_dir/root/etc/edge-agent/agent.toml")"
+echo "$validated"
+[[ "$validated" == *": ok ("* ]] || {
+  echo "qemu-smoke.sh: the packaged binary does not accept the packaged sensor map: $validated" >&2
+  exit 1
+}
+echo "$deb_arch package ok: $(dpkg-deb -f "$deb" Depends)"
 
 echo "== edge-agent unit tests for $TARGET under qemu"
 # build.sh sets cargo's runner for the target to qemu, so the test binary runs emulated.

@@ -203,6 +203,18 @@ check_agent_tree() {
     return 1
   fi
   echo "one version each of hyper, h2 and rustls in edge-agent's tree"
+  # The gateway binary's size goal (cross/README.md): the aws-lc crypto library and the regex
+  # engine were its largest parts; ring and plain RUST_LOG pairs replaced them.
+  local heavy
+  heavy="$(cargo tree -p edge-agent -e normal --target all --prefix none --format '{p}' |
+    grep -E '^(aws-lc-sys|aws-lc-rs|regex-automata|regex-syntax) v' | sort -u)"
+  if [[ -n "$heavy" ]]; then
+    echo "edge-agent's dependency tree holds crates kept out of the gateway binary for its size:"
+    echo "$heavy"
+    cargo tree -p edge-agent -e normal,features --target all -i "$(head -n1 <<<"$heavy" | cut -d' ' -f1)" | head -20
+    return 1
+  fi
+  echo "no aws-lc and no regex engine in edge-agent's tree"
 }
 
 # Sums every libtest "test result:" line so the run ends with one count of what ran.

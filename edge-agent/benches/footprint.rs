@@ -9,12 +9,15 @@
 //! The PLCs are an in-process Modbus TCP register bank (20 devices of 500 tags: u16, f32 in CDAB
 //! order and bits of status words); the agent runs as its own process, buffers into SQLite and
 //! uploads Parquet batches to a local folder, so its RSS and CPU are its own. It runs with the
-//! environment of the packaged systemd unit (`MALLOC_ARENA_MAX=2`).
+//! environment of the packaged systemd unit (`MALLOC_ARENA_MAX=2`, `MALLOC_MMAP_THRESHOLD_=65536`,
+//! `MALLOC_TRIM_THRESHOLD_=131072`).
 //!
 //! RSS is reported by phase: once `/metrics` answers (started), once every tag was read once
 //! (first scan), once the first batch was uploaded (first batch), then sampled every second for
 //! the window (60 s by default, because allocator fragmentation takes a minute or two to show):
-//! steady is the median of those samples, peak the kernel's high-water mark (`VmHWM`) at the end.
+//! steady is the median of those samples, peak the kernel's high-water mark (`VmHWM`) at the end,
+//! anon and file the split of the RSS at the end into anonymous memory (heap, stacks) and file
+//! pages (the binary's code and data).
 //! The baseline, in the same run, is the same binary polling 10 tags: the difference is what the
 //! tags cost. `PLANTLINE_BENCH_COMPARE` names another agent binary (a build of an earlier commit,
 //! say) to measure at 10,000 tags in the same run, for a before/after on the same noisy machine.
@@ -77,25 +80,29 @@ fn main() {
         runs.push((name, measure(&bank, &other, 20, 500, secs)));
     }
     println!(
-        "{:>28}  {:>7} {:>9} {:>9} {:>7} {:>7}  {:>6} {:>10} {:>10}",
+        "{:>28}  {:>7} {:>9} {:>9} {:>7} {:>7} {:>6} {:>6}  {:>6} {:>10} {:>10}",
         "RSS in MB:",
         "started",
         "1st scan",
         "1st batch",
         "steady",
         "peak",
+        "anon",
+        "file",
         "CPU %",
         "readings/s",
         "requests/s"
     );
     for (name, m) in &runs {
         println!(
-            "{name:>28}  {:7.1} {:9.1} {:9.1} {:7.1} {:7.1}  {:6.1} {:10.0} {:10.1}",
+            "{name:>28}  {:7.1} {:9.1} {:9.1} {:7.1} {:7.1} {:6.1} {:6.1}  {:6.1} {:10.0} {:10.1}",
             m.started_mb,
             m.first_scan_mb,
             m.first_batch_mb,
             m.steady_mb,
             m.peak_mb,
+            m.anon_mb,
+            m.file_mb,
             m.cpu_percent,
             m.readings_per_s,
             m.requests_per_s
@@ -190,6 +197,10 @@ struct Measurement {
     first_batch_mb: f64,
     steady_mb: f64,
     peak_mb: f64,
+    /// At the end of the window: anonymous memory (heap, stacks) and file pages (the binary's
+    /// code and data, shared libraries) of the RSS.
+    anon_mb: f64,
+    file_mb: f64,
     cpu_percent: f64,
     readings_per_s: f64,
     requests_per_s: f64,
@@ -227,6 +238,8 @@ fn measure(
             .env("RUST_LOG", "error")
             // As the packaged systemd unit runs it (see packaging/edge-agent.service).
             .env("MALLOC_ARENA_MAX", "2")
+            .env("MALLOC_MMAP_THRESHOLD_", "65536")
+            .env("MALLOC_TRIM_THRESHOLD_", "131072")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -267,6 +280,8 @@ fn measure(
         bank.requests(),
     );
     let peak_mb = status_kb(pid, "VmHWM:") as f64 / 1024.0;
+    let anon_mb = status_kb(pid, "RssAnon:") as f64 / 1024.0;
+    let file_mb = status_kb(pid, "RssFile:") as f64 / 1024.0;
     drop(agent);
     rss.sort_by(f64::total_cmp);
 
@@ -277,6 +292,8 @@ fn measure(
         first_batch_mb,
         steady_mb: rss.get(rss.len() / 2).copied().unwrap_or(0.0),
         peak_mb,
+        anon_mb,
+        file_mb,
         cpu_percent: (cpu1 - cpu0) as f64 / ticks_per_s / elapsed * 100.0,
         readings_per_s: (readings1 - readings0) as f64 / elapsed,
         requests_per_s: (requests1 - requests0) as f64 / elapsed,

@@ -25,7 +25,6 @@
 //! restart.
 
 use std::collections::BTreeSet;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -80,6 +79,10 @@ pub struct ReloadOptions {
     /// Whether SIGHUP asks for a reload. Listening for it also keeps SIGHUP from ending the
     /// process.
     pub sighup: bool,
+    /// The [`config::digest`] of the file's bytes that the starting config was parsed from
+    /// ([`config::load_file_with_digest`]). When the file still holds them at the first look,
+    /// it is not parsed a second time. `None`: the first look parses the file and compares.
+    pub started_digest: Option<u64>,
 }
 
 impl ReloadOptions {
@@ -93,6 +96,7 @@ impl ReloadOptions {
             path: path.into(),
             watch_interval: Some(Self::DEFAULT_WATCH_INTERVAL),
             sighup: true,
+            started_digest: None,
         }
     }
 }
@@ -189,6 +193,8 @@ async fn run_agent(
         config.batch.clone(),
         config.site.clone(),
     );
+    // Every part has what it needs now; a large sensor map is megabytes per copy.
+    drop(config);
     let batcher_stop = shutdown.child_token();
     let batcher_result = batcher.run(batcher_stop).await;
     crate::metrics::global().batcher_stopped();
@@ -423,7 +429,7 @@ async fn start_sources(
     crate::metrics::live().map_loaded(&map_path, &config.site, &config.gateway);
     let supervisor = Supervisor::start(config, context, stop);
     let reloader = match reload {
-        Some(options) => Some(Reloader::new(options, config.clone(), hangup, catalog).await),
+        Some(options) => Some(Reloader::new(options, config, hangup, catalog).await),
         None => None,
     };
     tokio::spawn(
@@ -549,6 +555,26 @@ fn restart_only_changes(running: &AgentConfig, edited: &AgentConfig) -> Vec<&'st
     changed
 }
 
+/// `config` without the sources of its sensor map (devices, buses, brokers, drop folders and
+/// assets): what a reload compares with the start once the supervisor runs the sources. A map of
+/// 10,000 tags is megabytes per copy, and the reloader keeps this one for the agent's lifetime.
+fn without_sources(config: &AgentConfig) -> AgentConfig {
+    AgentConfig {
+        site: config.site.clone(),
+        gateway: config.gateway.clone(),
+        buffer: config.buffer.clone(),
+        batch: config.batch.clone(),
+        upload: config.upload.clone(),
+        modbus: Vec::new(),
+        modbus_bus: Vec::new(),
+        mqtt: Vec::new(),
+        file_drop: Vec::new(),
+        metrics: config.metrics.clone(),
+        kinesis: config.kinesis.clone(),
+        assets: config::Assets::default(),
+    }
+}
+
 /// Whether `edited` differs from `running` in anything a reload looks at.
 fn differs(running: &AgentConfig, edited: &AgentConfig) -> bool {
     running.gateway != edited.gateway
@@ -576,17 +602,12 @@ fn into_text(path: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
     })
 }
 
-fn content_hash(bytes: &[u8]) -> u64 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
-}
-
 /// Finds config edits and applies them (see the module doc).
 struct Reloader {
     path: PathBuf,
-    /// The config the agent started with: gateway and restart-only settings are compared with
-    /// it, so an edit of them is reported at every reload until the agent restarts.
+    /// The config the agent started with, without its sources ([`without_sources`]): gateway
+    /// and restart-only settings are compared with it, so an edit of them is reported at every
+    /// reload until the agent restarts.
     started: AgentConfig,
     watch: Option<FileWatch>,
     hangup: Option<Signal>,
@@ -601,7 +622,7 @@ struct Reloader {
 impl Reloader {
     async fn new(
         options: ReloadOptions,
-        started: AgentConfig,
+        started: &AgentConfig,
         hangup: Option<Signal>,
         catalog: CatalogPublisher,
     ) -> Self {
@@ -613,15 +634,20 @@ impl Reloader {
                 // The file may have changed since it was loaded for the start: what the watch
                 // takes as its baseline must be what runs.
                 let (stamp, bytes) = read_config(&options.path).await;
+                let same_bytes = matches!(
+                    (&bytes, options.started_digest),
+                    (Ok(bytes), Some(started)) if config::digest(bytes) == started
+                );
                 let text = bytes.and_then(|bytes| {
                     watch.saw(stamp, &bytes);
                     into_text(&options.path, bytes)
                 });
-                let unchanged = text
-                    .as_ref()
-                    .ok()
-                    .and_then(|text| config::load_str(text, &options.path).ok())
-                    .is_some_and(|edited| !differs(&started, &edited));
+                let unchanged = same_bytes
+                    || text
+                        .as_ref()
+                        .ok()
+                        .and_then(|text| config::load_str(text, &options.path).ok())
+                        .is_some_and(|edited| !differs(started, &edited));
                 if !unchanged {
                     pending = Some(Edit {
                         trigger: Trigger::Startup,
@@ -650,8 +676,8 @@ impl Reloader {
         );
         Self {
             path: options.path,
-            modbus_devices: modbus_devices(&started),
-            started,
+            modbus_devices: modbus_devices(started),
+            started: without_sources(started),
             watch,
             hangup,
             pending,
@@ -840,7 +866,7 @@ impl FileWatch {
     /// reading it, so the watch does not report it again.
     fn saw(&mut self, stamp: Option<Stamp>, bytes: &[u8]) {
         self.stamp = stamp;
-        self.content = Some(content_hash(bytes));
+        self.content = Some(config::digest(bytes));
     }
 
     /// Waits until the file's content differs from the last content seen.
@@ -885,7 +911,7 @@ impl FileWatch {
         }
         // Taken before the read: a write after it shows as a new stamp at the next look.
         self.stamp = Some(stamp);
-        let hash = content_hash(&bytes);
+        let hash = config::digest(&bytes);
         if self.content == Some(hash) {
             return None;
         }
@@ -1008,17 +1034,23 @@ host = "127.0.0.1"
         };
         let reloader = Reloader::new(
             options.clone(),
-            started.clone(),
+            &started,
             None,
             CatalogPublisher::unstarted(),
         )
         .await;
         assert!(reloader.pending.is_none(), "the file is what runs");
+        assert!(
+            reloader.started.modbus.is_empty() && !started.modbus.is_empty(),
+            "the supervisor holds the sources; the reloader keeps no second copy of them"
+        );
+        assert_eq!(reloader.started.gateway, started.gateway);
+        assert_eq!(reloader.started.upload, started.upload);
 
         std::fs::write(&path, format!("# a comment only\n{MAP}")).unwrap();
         let reloader = Reloader::new(
             options.clone(),
-            started.clone(),
+            &started,
             None,
             CatalogPublisher::unstarted(),
         )
@@ -1027,10 +1059,46 @@ host = "127.0.0.1"
 
         std::fs::write(&path, MAP.replace("oil_temp", "oil_pressure")).unwrap();
         let mut reloader =
-            Reloader::new(options, started, None, CatalogPublisher::unstarted()).await;
+            Reloader::new(options, &started, None, CatalogPublisher::unstarted()).await;
         let edit = reloader.next_edit().await;
         assert_eq!(edit.trigger, Trigger::Startup);
         assert!(edit.text.unwrap().contains("oil_pressure"));
+    }
+
+    #[tokio::test]
+    async fn the_first_look_trusts_the_digest_of_the_bytes_the_agent_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, MAP).unwrap();
+        let (started, digest) = config::load_file_with_digest(&path).unwrap();
+        assert_eq!(digest, config::digest(MAP.as_bytes()));
+        // A config other than the file's: only a parse of the file could tell them apart, so a
+        // reloader that trusts the digest sees nothing to apply.
+        let other = config::load_str(
+            &MAP.replace("oil_temp", "oil_pressure"),
+            Path::new("/etc/edge-agent/agent.toml"),
+        )
+        .unwrap();
+        assert!(differs(&started, &other));
+        let options = ReloadOptions {
+            sighup: false,
+            started_digest: Some(digest),
+            ..ReloadOptions::new(&path)
+        };
+        let reloader =
+            Reloader::new(options.clone(), &other, None, CatalogPublisher::unstarted()).await;
+        assert!(
+            reloader.pending.is_none(),
+            "the bytes are those parsed at start"
+        );
+
+        // Bytes that differ are parsed and compared as without a digest.
+        std::fs::write(&path, MAP.replace("oil_temp", "oil_level")).unwrap();
+        let mut reloader =
+            Reloader::new(options, &other, None, CatalogPublisher::unstarted()).await;
+        let edit = reloader.next_edit().await;
+        assert_eq!(edit.trigger, Trigger::Startup);
+        assert!(edit.text.unwrap().contains("oil_level"));
     }
 
     /// A watch whose baseline is the file as it is now.

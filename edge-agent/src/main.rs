@@ -320,9 +320,12 @@ fn show_buffer(path: &std::path::Path, dead_letters: usize) -> ExitCode {
 }
 
 fn run(path: &std::path::Path, reload_interval: ReloadInterval) -> ExitCode {
-    let cfg = match load_config(path) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
+    let (cfg, digest) = match config::load_file_with_digest(path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -343,6 +346,8 @@ fn run(path: &std::path::Path, reload_interval: ReloadInterval) -> ExitCode {
         ));
         let reload = edge_agent::ReloadOptions {
             watch_interval: reload_interval.0,
+            // The reloader's first look then parses the file only if it was edited meanwhile.
+            started_digest: Some(digest),
             ..edge_agent::ReloadOptions::new(path)
         };
         match edge_agent::run_with_reload(cfg, reload, shutdown).await {

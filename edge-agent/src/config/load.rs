@@ -74,11 +74,28 @@ impl fmt::Display for ProblemList<'_> {
 /// (`buffer.path`, `upload.dir.path`) are resolved against the file's folder, so the agent does
 /// not depend on the folder it was started from.
 pub fn load_file(path: &Path) -> Result<AgentConfig, ConfigError> {
+    load_file_with_digest(path).map(|(config, _)| config)
+}
+
+/// Like [`load_file`], and also returns the [`digest`] of the bytes it parsed, so that the
+/// reloader can tell whether the file still holds them without parsing it again (a sensor map of
+/// 10,000 tags takes tens of megabytes while it is parsed).
+pub fn load_file_with_digest(path: &Path) -> Result<(AgentConfig, u64), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
     })?;
-    load_str(&text, path)
+    let digest = digest(text.as_bytes());
+    load_str(&text, path).map(|config| (config, digest))
+}
+
+/// A digest of a config file's bytes, to notice that they changed. Stable within one process
+/// only; never store it.
+pub fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Parses and validates configuration text as if it had been read from `path` (used in error

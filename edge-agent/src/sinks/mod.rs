@@ -15,6 +15,8 @@ mod s3;
 pub use dir::DirSink;
 pub use s3::S3Sink;
 
+use aws_sdk_s3::config::SharedHttpClient;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::Bytes;
 
 use crate::config::UploadConfig;
@@ -30,6 +32,15 @@ pub enum SinkError {
     },
     #[error("upload target is not configured: set exactly one of [upload.s3] or [upload.dir]")]
     NotConfigured,
+}
+
+/// The HTTPS client of the S3 and Kinesis clients: the SDK's own hyper and rustls stack on the
+/// ring crypto provider, with the system's root certificates (the SDK's default would link the
+/// much larger aws-lc library).
+pub(crate) fn aws_https_client() -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https()
 }
 
 /// The configured upload target.

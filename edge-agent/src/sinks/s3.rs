@@ -92,6 +92,7 @@ impl S3Sink {
             .connect_timeout(CONNECT_TIMEOUT)
             .build();
         let shared = loader
+            .http_client(super::aws_https_client())
             .region(aws_config::Region::new(config.region.clone()))
             .timeout_config(timeouts)
             .load()

@@ -209,7 +209,7 @@ impl Publisher {
             roots.add(cert.unwrap()).unwrap();
         }
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
+            rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -96,6 +96,7 @@ impl KinesisShipper {
             .connect_timeout(Duration::from_secs(5))
             .build();
         let shared = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(crate::sinks::aws_https_client())
             .region(aws_config::Region::new(config.region.clone()))
             .timeout_config(timeouts)
             // This loop owns the retries: it retries only failed records and gives up on

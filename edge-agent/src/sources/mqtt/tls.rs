@@ -2,7 +2,8 @@
 //! the words for a handshake that failed.
 //!
 //! # What always holds
-//! - The crypto is the aws-lc-rs provider the AWS SDK already uses: one rustls in the agent.
+//! - The crypto is the ring provider the agent's AWS clients use too: one rustls and one crypto
+//!   library in the agent (aws-lc, the SDK's default, is kept out for the binary's size).
 //! - `validate` builds the very configuration the source connects with ([`client_config`]), so a
 //!   map that validates has readable files, a CA that parses, and a client key that belongs to
 //!   its certificate (rustls compares their public keys).
@@ -114,9 +115,9 @@ impl TlsError {
     }
 }
 
-/// The crypto provider of every MQTT TLS connection: aws-lc-rs, as the AWS SDK's.
+/// The crypto provider of every MQTT TLS connection: ring, as the AWS clients'.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The client configuration for `tls`, reading its files now.
