@@ -43,6 +43,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -109,11 +110,11 @@ impl fmt::Display for UnitKey {
 /// can stay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UnitConfig {
-    Modbus(ModbusDevice),
+    Modbus(Arc<ModbusDevice>),
     Mqtt(MqttBroker),
     FileDrop(FileDrop),
     /// A bus and its slaves: editing one slave restarts the bus task.
-    ModbusBus(ModbusBus, Vec<ModbusDevice>),
+    ModbusBus(ModbusBus, Vec<Arc<ModbusDevice>>),
 }
 
 impl UnitConfig {
@@ -168,13 +169,17 @@ pub fn units(config: &AgentConfig) -> BTreeMap<UnitKey, UnitConfig> {
         .modbus
         .iter()
         .filter(|device| device.bus.is_none())
-        .cloned()
-        .map(UnitConfig::Modbus)
+        .map(|device| UnitConfig::Modbus(Arc::new(device.clone())))
         .chain(config.mqtt.iter().cloned().map(UnitConfig::Mqtt))
         .chain(config.file_drop.iter().cloned().map(UnitConfig::FileDrop))
         .chain(config.modbus_bus.iter().map(|bus| {
             let on_bus = |device: &&ModbusDevice| device.bus.as_ref() == Some(&bus.name);
-            let slaves = config.modbus.iter().filter(on_bus).cloned().collect();
+            let slaves = config
+                .modbus
+                .iter()
+                .filter(on_bus)
+                .map(|device| Arc::new(device.clone()))
+                .collect();
             UnitConfig::ModbusBus(bus.clone(), slaves)
         }));
     let mut units = BTreeMap::new();
@@ -449,7 +454,7 @@ mod tests {
         }
         let mut config =
             crate::config::load_str(&text, std::path::Path::new("plant.toml")).unwrap();
-        UnitConfig::Modbus(config.modbus.remove(0))
+        UnitConfig::Modbus(Arc::new(config.modbus.remove(0)))
     }
 
     fn map(units: &[UnitConfig]) -> BTreeMap<UnitKey, UnitConfig> {
@@ -505,18 +510,19 @@ mod tests {
     #[test]
     fn any_key_of_a_unit_counts_as_a_change() {
         let running = map(&[device("a", &["t1"])]);
-        let UnitConfig::Modbus(mut edited) = device("a", &["t1"]) else {
+        let UnitConfig::Modbus(edited) = device("a", &["t1"]) else {
             unreachable!()
         };
+        let mut edited = Arc::unwrap_or_clone(edited);
         edited.tags[0].scale = 0.1;
-        let desired = map(&[UnitConfig::Modbus(edited.clone())]);
+        let desired = map(&[UnitConfig::Modbus(Arc::new(edited.clone()))]);
         assert_eq!(
             plan(&running, &BTreeSet::new(), &desired).restart,
             keys(&["a"])
         );
         edited.tags[0].scale = 1.0;
         edited.poll_interval = ConfigDuration::from_millis(500);
-        let desired = map(&[UnitConfig::Modbus(edited)]);
+        let desired = map(&[UnitConfig::Modbus(Arc::new(edited))]);
         assert_eq!(
             plan(&running, &BTreeSet::new(), &desired).restart,
             keys(&["a"])
@@ -648,7 +654,7 @@ path = "out"
         else {
             unreachable!()
         };
-        config.modbus = vec![first.clone(), second];
+        config.modbus = vec![(*first).clone(), Arc::unwrap_or_clone(second)];
         assert_eq!(
             units(&config).into_values().collect::<Vec<_>>(),
             [UnitConfig::Modbus(first)]

@@ -28,6 +28,7 @@
 //!   answering again), as for TCP devices.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -50,10 +51,11 @@ use crate::config::{ModbusBus, ModbusDevice};
 /// register maps is kept in memory only.
 pub async fn run_bus(
     bus: ModbusBus,
-    devices: Vec<ModbusDevice>,
+    devices: Vec<impl Into<Arc<ModbusDevice>>>,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
+    let devices = devices.into_iter().map(Into::into).collect();
     poll_bus(bus, devices, None, tx, shutdown).await;
 }
 
@@ -61,17 +63,18 @@ pub async fn run_bus(
 /// exist) for the next start.
 pub async fn run_bus_with_memory(
     bus: ModbusBus,
-    devices: Vec<ModbusDevice>,
+    devices: Vec<impl Into<Arc<ModbusDevice>>>,
     buffer: PathBuf,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
+    let devices = devices.into_iter().map(Into::into).collect();
     poll_bus(bus, devices, Some(buffer), tx, shutdown).await;
 }
 
 async fn poll_bus(
     bus: ModbusBus,
-    devices: Vec<ModbusDevice>,
+    devices: Vec<Arc<ModbusDevice>>,
     buffer: Option<PathBuf>,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
@@ -159,7 +162,7 @@ struct BusTask {
 impl BusTask {
     fn new(
         bus: ModbusBus,
-        devices: Vec<ModbusDevice>,
+        devices: Vec<Arc<ModbusDevice>>,
         buffer: Option<PathBuf>,
         tx: mpsc::Sender<Reading>,
         shutdown: CancellationToken,

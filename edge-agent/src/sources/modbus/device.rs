@@ -19,6 +19,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -206,7 +207,9 @@ struct Sizes {
 
 /// One device's tags, read plan and per-tag state.
 pub(crate) struct DeviceState {
-    pub(crate) device: ModbusDevice,
+    /// Shared with the supervisor, which compares it with edited maps: a device of thousands of
+    /// tags is held once.
+    pub(crate) device: Arc<ModbusDevice>,
     /// Whether each tag's last reading was good, to log changes only.
     tag_good: Vec<Option<bool>>,
     /// Each tag's report-by-exception gate.
@@ -221,7 +224,8 @@ pub(crate) struct DeviceState {
 }
 
 impl DeviceState {
-    pub(crate) fn new(device: ModbusDevice) -> Self {
+    pub(crate) fn new(device: impl Into<Arc<ModbusDevice>>) -> Self {
+        let device = device.into();
         let tags = device.tags.len();
         let filters = device.tags.iter().map(ExceptionFilter::for_tag).collect();
         let wire: Vec<Option<u16>> = device

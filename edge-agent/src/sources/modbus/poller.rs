@@ -36,6 +36,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -58,26 +59,26 @@ use crate::config::ModbusDevice;
 /// Polls one device until `shutdown` is cancelled or the receiver of `tx` is gone. What the
 /// device teaches about its register map is kept in memory only.
 pub async fn run_device(
-    device: ModbusDevice,
+    device: impl Into<Arc<ModbusDevice>>,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
-    poll_device(device, None, tx, shutdown).await;
+    poll_device(device.into(), None, tx, shutdown).await;
 }
 
 /// Like [`run_device`], and keeps what the device teaches in the buffer file `buffer` (which
 /// must exist) for the next start.
 pub async fn run_device_with_memory(
-    device: ModbusDevice,
+    device: impl Into<Arc<ModbusDevice>>,
     buffer: PathBuf,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
-    poll_device(device, Some(buffer), tx, shutdown).await;
+    poll_device(device.into(), Some(buffer), tx, shutdown).await;
 }
 
 async fn poll_device(
-    device: ModbusDevice,
+    device: Arc<ModbusDevice>,
     buffer: Option<PathBuf>,
     tx: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
@@ -125,7 +126,7 @@ struct DevicePoller {
 
 impl DevicePoller {
     fn new(
-        device: ModbusDevice,
+        device: Arc<ModbusDevice>,
         buffer: Option<PathBuf>,
         tx: mpsc::Sender<Reading>,
         shutdown: CancellationToken,
