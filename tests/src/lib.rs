@@ -124,9 +124,16 @@ pub fn now_us() -> i64 {
 }
 
 /// A helper script shipped in `tests/peers/`.
+///
+/// Looked up next to the package whose tests run (cargo sets `CARGO_MANIFEST_DIR` for them), so
+/// that this library, when cargo reuses a build of it made from another checkout of the workspace
+/// in a shared target directory, still runs this checkout's scripts. The folder this library was
+/// compiled from is the fallback.
 pub fn peer_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("peers")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(|package| Path::new(&package).join("../tests/peers"))
+        .filter(|peers| peers.is_dir())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("peers"))
         .join(name)
 }
 
