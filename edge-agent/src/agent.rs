@@ -634,14 +634,13 @@ impl Reloader {
                 // The file may have changed since it was loaded for the start: what the watch
                 // takes as its baseline must be what runs.
                 let (stamp, bytes) = read_config(&options.path).await;
-                let same_bytes = matches!(
-                    (&bytes, options.started_digest),
-                    (Ok(bytes), Some(started)) if config::digest(bytes) == started
-                );
                 let text = bytes.and_then(|bytes| {
                     watch.saw(stamp, &bytes);
                     into_text(&options.path, bytes)
                 });
+                // `saw` took the digest of what was read, if anything was.
+                let same_bytes =
+                    options.started_digest.is_some() && watch.content == options.started_digest;
                 let unchanged = same_bytes
                     || text
                         .as_ref()
@@ -1058,11 +1057,21 @@ host = "127.0.0.1"
         assert!(reloader.pending.is_none(), "a comment changes nothing");
 
         std::fs::write(&path, MAP.replace("oil_temp", "oil_pressure")).unwrap();
+        assert!(
+            startup_edit(options, &started)
+                .await
+                .contains("oil_pressure")
+        );
+    }
+
+    /// The text of the edit a reloader starting from `started` finds at its first look, which
+    /// must find one.
+    async fn startup_edit(options: ReloadOptions, started: &AgentConfig) -> String {
         let mut reloader =
-            Reloader::new(options, &started, None, CatalogPublisher::unstarted()).await;
+            Reloader::new(options, started, None, CatalogPublisher::unstarted()).await;
         let edit = reloader.next_edit().await;
         assert_eq!(edit.trigger, Trigger::Startup);
-        assert!(edit.text.unwrap().contains("oil_pressure"));
+        edit.text.unwrap()
     }
 
     #[tokio::test]
@@ -1094,11 +1103,7 @@ host = "127.0.0.1"
 
         // Bytes that differ are parsed and compared as without a digest.
         std::fs::write(&path, MAP.replace("oil_temp", "oil_level")).unwrap();
-        let mut reloader =
-            Reloader::new(options, &other, None, CatalogPublisher::unstarted()).await;
-        let edit = reloader.next_edit().await;
-        assert_eq!(edit.trigger, Trigger::Startup);
-        assert!(edit.text.unwrap().contains("oil_level"));
+        assert!(startup_edit(options, &other).await.contains("oil_level"));
     }
 
     /// A watch whose baseline is the file as it is now.

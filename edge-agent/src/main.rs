@@ -292,10 +292,13 @@ fn modbus_summary(cfg: &config::AgentConfig) -> String {
 
 /// Loads a config file, or prints why not and gives the exit code for an invalid config.
 fn load_config(path: &std::path::Path) -> Result<config::AgentConfig, ExitCode> {
-    config::load_file(path).map_err(|e| {
-        eprintln!("{e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
+    config::load_file(path).map_err(|e| config_exit(&e))
+}
+
+/// Prints why a config file was refused and gives the exit code for an invalid config.
+fn config_exit(error: &config::ConfigError) -> ExitCode {
+    eprintln!("{error}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn show_buffer(path: &std::path::Path, dead_letters: usize) -> ExitCode {
@@ -320,12 +323,9 @@ fn show_buffer(path: &std::path::Path, dead_letters: usize) -> ExitCode {
 }
 
 fn run(path: &std::path::Path, reload_interval: ReloadInterval) -> ExitCode {
-    let (cfg, digest) = match config::load_file_with_digest(path) {
+    let (cfg, digest) = match config::load_file_with_digest(path).map_err(|e| config_exit(&e)) {
         Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
