@@ -30,8 +30,7 @@
 mod bank;
 
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -377,18 +376,9 @@ fn free_port() -> u16 {
 
 /// The agent's `/metrics` page; `None` while it does not answer yet.
 fn scrape(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    Some(text)
+    pipeline_e2e::http_get(port, "/metrics", "")
+        .ok()
+        .map(|(_, body)| body)
 }
 
 /// A counter summed over the series whose line starts with `prefix`; 0 when there is none.

@@ -13,8 +13,7 @@ mod common;
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
@@ -440,12 +439,7 @@ impl Drop for AgentProcess {
 
 /// `(applied, rejected)` from the agent's `/metrics`.
 fn scraped_reloads(port: u16) -> Option<(u64, u64)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
+    let (_, body) = pipeline_e2e::http_get(port, "/metrics", "").ok()?;
     let count = |result: &str| {
         let key = format!("plantline_agent_config_reloads_total{{result=\"{result}\"}} ");
         body.lines()

@@ -18,8 +18,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -381,22 +379,7 @@ fn stopped_line(log: &[Value]) -> &Value {
 
 /// A plain HTTP/1.1 GET of `/metrics`.
 fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-        .split_once("\r\n\r\n")
-        .expect("an HTTP response has a head")
-        .1
-        .to_owned()
+    pipeline_e2e::http_get(port, "/metrics", "").unwrap().1
 }
 
 fn sample(text: &str, name: &str) -> u64 {

@@ -162,21 +162,9 @@ async fn edge_node(port: u16, script: Value) -> String {
 /// A plain HTTP/1.1 GET of the agent's metrics endpoint; returns the body.
 async fn scrape(port: u16) -> String {
     tokio::task::spawn_blocking(move || {
-        use std::io::Read as _;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_owned()
+        let (status, body) = pipeline_e2e::http_get(port, "/metrics", "").unwrap();
+        assert_eq!(status, 200, "{body}");
+        body
     })
     .await
     .unwrap()

@@ -5,7 +5,6 @@
 //!
 //! The screenshot is kept as a test artifact: `<target>/tmp/status-page.png`.
 
-use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,24 +17,7 @@ const TOKEN: &str = "line-3-status";
 
 /// A plain HTTP/1.1 GET with optional extra header lines; returns the status and the body.
 fn get(port: u16, path: &str, headers: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("the agent listens");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, body.to_owned())
+    pipeline_e2e::http_get(port, path, headers).expect("the agent answers")
 }
 
 struct Agent(Child);

@@ -22,7 +22,7 @@
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -135,6 +135,33 @@ pub fn peer_script(name: &str) -> PathBuf {
         .filter(|peers| peers.is_dir())
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("peers"))
         .join(name)
+}
+
+/// One plain HTTP/1.1 GET to a server on 127.0.0.1 over a fresh connection (10 s read timeout);
+/// `headers` are extra header lines, each ending in `\r\n`, or empty. Returns the status code
+/// and the body.
+pub fn http_get(port: u16, path: &str, headers: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let malformed = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP response: {response:?}"),
+        )
+    };
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it from the ephemeral range).

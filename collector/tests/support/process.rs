@@ -1,8 +1,6 @@
 //! The `collector` binary run as a service by a test, and what the tests ask its metrics
 //! endpoint. Included with `#[path]` by the test files that need it.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -77,21 +75,10 @@ impl Drop for Running {
     }
 }
 
-/// One HTTP/1.1 GET over a fresh connection: (status, body).
+/// One HTTP/1.1 GET over a fresh connection: (status, body); `None` while nothing answers.
 pub(crate) fn get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.get(9..12)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+    pipeline_e2e::http_get(port, path, &auth).ok()
 }
 
 /// The value of the sample `name{labels}` (exactly as rendered) in a scrape.
