@@ -193,8 +193,10 @@ async fn run_agent(
         config.batch.clone(),
         config.site.clone(),
     );
-    // Every part has what it needs now; a large sensor map is megabytes per copy.
+    // Every part has what it needs now; a large sensor map is megabytes per copy. What parsing
+    // it took (tens of MB for a large map) is free, but glibc keeps it until asked.
     drop(config);
+    crate::memory::release_in_background(Duration::ZERO);
     let batcher_stop = shutdown.child_token();
     let batcher_result = batcher.run(batcher_stop).await;
     crate::metrics::global().batcher_stopped();
@@ -452,6 +454,8 @@ async fn supervise(
                 edit = reloader.next_edit() => edit,
             };
             reloader.apply(edit, &mut supervisor).await;
+            // Checking an edit parsed the whole file again; its parser state is free now.
+            crate::memory::release_in_background(Duration::ZERO);
         }
     } else {
         stop.cancelled().await;

@@ -109,44 +109,7 @@ fn run_outage(
         !fresh.is_empty() && log_text.contains("fresh batch uploaded"),
         "the fresh lane went ahead of the backlog{tail}"
     );
-    let main_rows: BTreeMap<i64, &edge_agent::contract::Row> = after
-        .values()
-        .flat_map(|b| &b.rows)
-        .map(|r| (r.seq, r))
-        .collect();
-    let dropped: Vec<(i64, i64)> = after
-        .values()
-        .flat_map(|b| &b.gaps)
-        .filter(|g| g.reason == GapReason::BufferFull)
-        .map(|g| (g.first_seq, g.last_seq))
-        .collect();
-    let mut previous_last = 0;
-    let mut copied_then_dropped = 0;
-    for rows in &fresh {
-        let (first, last) = (rows[0].seq, rows[rows.len() - 1].seq);
-        assert!(first > previous_last, "fresh batches never go backwards");
-        assert_eq!(i64::try_from(rows.len()).unwrap(), last - first + 1);
-        previous_last = last;
-        for row in rows {
-            match main_rows.get(&row.seq) {
-                Some(main) => assert_eq!(row, *main, "a copy of the main lane's row"),
-                None => {
-                    assert!(
-                        dropped
-                            .iter()
-                            .any(|&(first, last)| (first..=last).contains(&row.seq)),
-                        "fresh row {row:?} is neither in the main lane nor in a buffer_full gap record{tail}"
-                    );
-                    copied_then_dropped += 1;
-                }
-            }
-        }
-    }
-    if copied_then_dropped > 0 {
-        eprintln!(
-            "{copied_then_dropped} readings went up in the fresh lane and were dropped by the full buffer before the main lane reached them"
-        );
-    }
+    check_fresh(&fresh, &after, &tail);
     let mut all = before;
     for (key, batch) in after {
         if let Some(earlier) = all.get(&key) {
@@ -159,6 +122,53 @@ fn run_outage(
         }
     }
     (all, produced, buffer_report(&config))
+}
+
+/// Checks the fresh lane's batches against the main lane's: contiguous, never backwards, and each
+/// row a copy of the main lane's row, or, for a reading the full buffer dropped after it was
+/// copied, inside one of the main lane's `buffer_full` gap records.
+fn check_fresh(
+    fresh: &[Vec<edge_agent::contract::Row>],
+    main: &BTreeMap<String, Landed>,
+    tail: &str,
+) {
+    let main_rows: BTreeMap<i64, &edge_agent::contract::Row> = main
+        .values()
+        .flat_map(|b| &b.rows)
+        .map(|r| (r.seq, r))
+        .collect();
+    let dropped: Vec<(i64, i64)> = main
+        .values()
+        .flat_map(|b| &b.gaps)
+        .filter(|g| g.reason == GapReason::BufferFull)
+        .map(|g| (g.first_seq, g.last_seq))
+        .collect();
+    let mut previous_last = 0;
+    let mut copied_then_dropped = 0;
+    for rows in fresh {
+        let (first, last) = (rows[0].seq, rows[rows.len() - 1].seq);
+        assert!(first > previous_last, "fresh batches never go backwards");
+        assert_eq!(i64::try_from(rows.len()).unwrap(), last - first + 1);
+        previous_last = last;
+        for row in rows {
+            if let Some(main) = main_rows.get(&row.seq) {
+                assert_eq!(row, *main, "a copy of the main lane's row");
+            } else {
+                assert!(
+                    dropped
+                        .iter()
+                        .any(|&(first, last)| (first..=last).contains(&row.seq)),
+                    "fresh row {row:?} is neither in the main lane nor in a buffer_full gap record{tail}"
+                );
+                copied_then_dropped += 1;
+            }
+        }
+    }
+    if copied_then_dropped > 0 {
+        eprintln!(
+            "{copied_then_dropped} readings went up in the fresh lane and were dropped by the full buffer before the main lane reached them"
+        );
+    }
 }
 
 /// The fresh-lane batches downloaded into `folder`, in key order.

@@ -8,7 +8,7 @@
 //! change".
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -44,10 +44,12 @@ impl CatalogPublisher {
         shutdown: &CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (latest, offered) = watch::channel(Some(Arc::new(build(config, now_us()))));
+        let latest = Arc::new(latest);
         let publisher = Publisher {
             sink: Arc::clone(sink),
             state_file: state_file(buffer_path),
             offered,
+            latest: Arc::downgrade(&latest),
             stop: shutdown.child_token(),
         };
         let task = tokio::spawn(
@@ -55,12 +57,7 @@ impl CatalogPublisher {
                 .run()
                 .instrument(info_span!("tag_catalog", component = "tag_catalog")),
         );
-        (
-            Self {
-                latest: Arc::new(latest),
-            },
-            task,
-        )
+        (Self { latest }, task)
     }
 
     /// A handle whose catalogs go nowhere, for tests of the code that offers them.
@@ -98,6 +95,9 @@ struct Publisher {
     sink: Arc<BatchSink>,
     state_file: PathBuf,
     offered: watch::Receiver<Option<Arc<TagCatalog>>>,
+    /// The channel's sending side, to empty its slot once a catalog is done with. Weak, so
+    /// the channel still closes when every [`CatalogPublisher`] is gone.
+    latest: Weak<watch::Sender<Option<Arc<TagCatalog>>>>,
     stop: CancellationToken,
 }
 
@@ -128,6 +128,7 @@ impl Publisher {
                         Outcome::Stopped => return,
                     }
                 }
+                self.done_with(&catalog);
             }
             tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -138,6 +139,21 @@ impl Publisher {
                     }
                 }
             }
+        }
+    }
+
+    /// Lets go of `catalog` once it is published or found unchanged: a catalog is about 400
+    /// bytes a tag (4 MB at 10,000 tags) and nothing needs it until the next edit offers a new
+    /// one. The channel's slot is emptied only if it still holds this very catalog (a newer one
+    /// offered meanwhile stays), and without a change notice, so nothing is uploaded for it.
+    fn done_with(&self, catalog: &Arc<TagCatalog>) {
+        if let Some(latest) = self.latest.upgrade() {
+            latest.send_if_modified(|slot| {
+                if slot.as_ref().is_some_and(|held| Arc::ptr_eq(held, catalog)) {
+                    *slot = None;
+                }
+                false
+            });
         }
     }
 
@@ -225,7 +241,111 @@ async fn write_state(path: &Path, hash: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
+
+    fn map(dir: &Path, tags: &[&str]) -> AgentConfig {
+        let mut text = format!(
+            "site = \"plant-ost\"\ngateway = \"gw-1\"\n[upload.dir]\npath = \"{}\"\n\n[[modbus]]\nname = \"press-3\"\nhost = \"127.0.0.1\"\n",
+            dir.join("outbox").display()
+        );
+        for (address, tag) in tags.iter().enumerate() {
+            let _ = write!(
+                text,
+                "[[modbus.tags]]\nname = \"{tag}\"\nregister = \"holding\"\naddress = {address}\ntype = \"u16\"\n"
+            );
+        }
+        crate::config::load_str(&text, &dir.join("agent.toml"))
+            .unwrap_or_else(|e| panic!("the test map is valid: {e}"))
+    }
+
+    /// The catalogs in the outbox, as their tag names, oldest first.
+    fn published(dir: &Path) -> Vec<Vec<String>> {
+        let mut files: Vec<PathBuf> = walk(&dir.join("outbox"));
+        files.sort();
+        files
+            .iter()
+            .map(|f| {
+                let catalog: TagCatalog =
+                    serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+                catalog.tags.iter().map(|t| t.tag.clone()).collect()
+            })
+            .collect()
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flat_map(|e| {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    walk(&path)
+                } else {
+                    vec![path]
+                }
+            })
+            .collect()
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what} within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_published_catalog_is_let_go_and_the_next_edit_is_still_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = map(dir.path(), &["oil_temp", "stroke_count"]);
+        let sink = Arc::new(BatchSink::from_config(&first.upload).await.unwrap());
+        let shutdown = CancellationToken::new();
+        let buffer = dir.path().join("buffer.db");
+        let (publisher, task) = CatalogPublisher::start(&sink, &first, &buffer, &shutdown);
+        let held = Arc::downgrade(
+            publisher
+                .latest
+                .borrow()
+                .as_ref()
+                .expect("the start offers the first map's catalog"),
+        );
+        until("the first catalog is published", || {
+            published(dir.path()).len() == 1
+        })
+        .await;
+        // Once published, nothing holds the catalog any more: not the channel, not the task.
+        until("the published catalog is freed", || {
+            held.upgrade().is_none()
+        })
+        .await;
+        assert!(publisher.latest.borrow().is_none());
+
+        // The same map offered again is unchanged: not uploaded, and let go as well.
+        publisher.offer(&first);
+        let again = Arc::downgrade(publisher.latest.borrow().as_ref().unwrap());
+        until("the unchanged catalog is freed", || {
+            again.upgrade().is_none()
+        })
+        .await;
+        assert_eq!(published(dir.path()).len(), 1);
+
+        // An edit still goes up after the slot was emptied.
+        publisher.offer(&map(dir.path(), &["oil_temp", "stroke_count", "pressure"]));
+        until("the edited catalog is published", || {
+            published(dir.path()).len() == 2
+        })
+        .await;
+        assert_eq!(
+            published(dir.path())[1],
+            ["oil_temp", "pressure", "stroke_count"]
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    }
 
     #[test]
     fn the_state_file_sits_beside_the_buffer() {
