@@ -298,6 +298,9 @@ async fn wait_for_room(
     }
 }
 
+/// Readings the writer's commit buffer keeps room for between commits (about 130 KB).
+const PENDING_KEPT: usize = 1024;
+
 /// Commits readings to the buffer in batched transactions until every sender is gone.
 async fn write_readings(
     mut rx: mpsc::Receiver<Reading>,
@@ -306,7 +309,7 @@ async fn write_readings(
     interval: Duration,
     live: Option<LiveQueue>,
 ) -> Result<(), AgentError> {
-    let mut pending = Vec::with_capacity(1024);
+    let mut pending = Vec::with_capacity(PENDING_KEPT);
     // Fired after the commit that holds their readings (see the module doc).
     let mut committed: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut readings_open = true;
@@ -371,6 +374,9 @@ async fn write_readings(
                     }
                     pending = chunk;
                     pending.clear();
+                    // A large gateway's commit holds thousands of readings once a second;
+                    // between them the room goes back (it is its own mapping at that size).
+                    pending.shrink_to(PENDING_KEPT);
                     break;
                 }
                 Err(e) => {

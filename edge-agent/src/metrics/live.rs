@@ -12,8 +12,8 @@
 //!   counted, not shown.
 //! - A device counts as failing from its first error until a good reading arrives after it.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -66,19 +66,23 @@ pub struct MapState {
 }
 
 /// A tag's last reading as the table keeps it: its names are the keys it is filed under, so
-/// taking a new reading allocates nothing (unless the unit changed), at any number of tags.
+/// taking a new reading allocates nothing (unless the unit changed), at any number of tags. The
+/// unit is shared with every other tag of that unit (a gateway has a handful of units and
+/// thousands of tags): 48 bytes a tag plus its name.
 #[derive(Debug)]
 struct TagEntry {
     value: Option<f64>,
-    unit: Option<String>,
-    quality: &'static str,
     ts_us: i64,
+    unit: Option<Arc<str>>,
+    quality: Quality,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     /// Device, then tag: the page's order.
-    tags: BTreeMap<String, BTreeMap<String, TagEntry>>,
+    tags: BTreeMap<String, BTreeMap<Box<str>, TagEntry>>,
+    /// The units the table holds, each once.
+    units: BTreeSet<Arc<str>>,
     /// Entries in `tags`, held against [`MAX_TAGS`].
     tag_count: usize,
     tags_over_limit: u64,
@@ -106,6 +110,21 @@ pub struct LiveSnapshot {
 pub fn live() -> &'static Live {
     static LIVE: OnceLock<Live> = OnceLock::new();
     LIVE.get_or_init(Live::default)
+}
+
+/// `unit` as the table's shared copy, added to `units` the first time it is seen. The set is
+/// bounded like the table: past [`MAX_TAGS`] units (only a publisher that makes up units could
+/// get there) a unit gets a copy of its own.
+fn intern(units: &mut BTreeSet<Arc<str>>, unit: Option<&str>) -> Option<Arc<str>> {
+    let unit = unit?;
+    if let Some(shared) = units.get(unit) {
+        return Some(Arc::clone(shared));
+    }
+    let shared: Arc<str> = Arc::from(unit);
+    if units.len() < MAX_TAGS {
+        units.insert(Arc::clone(&shared));
+    }
+    Some(shared)
 }
 
 fn now_ms() -> u64 {
@@ -158,22 +177,23 @@ impl Live {
             match known {
                 Some(old) if old.ts_us <= r.ts_us => {
                     old.value = r.value;
-                    old.quality = r.quality.as_str();
+                    old.quality = r.quality;
                     old.ts_us = r.ts_us;
-                    if old.unit != r.unit {
-                        old.unit.clone_from(&r.unit);
+                    if old.unit.as_deref() != r.unit.as_deref() {
+                        old.unit = intern(&mut inner.units, r.unit.as_deref());
                     }
                 }
                 Some(_) => {}
                 None if inner.tag_count >= MAX_TAGS => inner.tags_over_limit += 1,
                 None => {
+                    let unit = intern(&mut inner.units, r.unit.as_deref());
                     inner.tags.entry(r.device.clone()).or_default().insert(
-                        r.tag.clone(),
+                        r.tag.as_str().into(),
                         TagEntry {
                             value: r.value,
-                            unit: r.unit.clone(),
-                            quality: r.quality.as_str(),
                             ts_us: r.ts_us,
+                            unit,
+                            quality: r.quality,
                         },
                     );
                     inner.tag_count += 1;
@@ -232,10 +252,10 @@ impl Live {
                 .flat_map(|(device, tags)| {
                     tags.iter().map(move |(tag, e)| TagState {
                         device: device.clone(),
-                        tag: tag.clone(),
+                        tag: tag.to_string(),
                         value: e.value,
-                        unit: e.unit.clone(),
-                        quality: e.quality,
+                        unit: e.unit.as_deref().map(str::to_owned),
+                        quality: e.quality.as_str(),
                         ts_us: e.ts_us,
                     })
                 })
@@ -282,6 +302,40 @@ mod tests {
         assert_eq!(snap.devices[0].last_error, None);
         assert_eq!(snap.devices[0].last_good_us, Some(400));
         assert_eq!(snap.tags[0].quality, "good");
+    }
+
+    #[test]
+    fn tags_of_one_unit_share_it_and_a_changed_unit_shows() {
+        let live = Live::default();
+        live.committed(&[
+            reading("plc", "a", 1, Some(1.0), Quality::Good),
+            reading("plc", "b", 1, Some(2.0), Quality::Good),
+        ]);
+        {
+            let inner = live.lock();
+            let tags = &inner.tags["plc"];
+            let unit = |tag: &str| Arc::clone(tags[tag].unit.as_ref().unwrap());
+            assert!(Arc::ptr_eq(&unit("a"), &unit("b")), "one copy of degC");
+            assert_eq!(inner.units.len(), 1);
+        }
+        let mut bar = reading("plc", "a", 2, Some(3.0), Quality::Good);
+        bar.unit = Some("bar".to_owned());
+        let mut plain = reading("plc", "b", 2, Some(4.0), Quality::Uncertain);
+        plain.unit = None;
+        live.committed(&[bar, plain]);
+        let snap = live.snapshot();
+        assert_eq!(
+            (snap.tags[0].tag.as_str(), snap.tags[0].unit.as_deref()),
+            ("a", Some("bar"))
+        );
+        assert_eq!(
+            (snap.tags[1].tag.as_str(), snap.tags[1].unit.as_deref()),
+            ("b", None)
+        );
+        assert_eq!(
+            (snap.tags[1].value, snap.tags[1].quality),
+            (Some(4.0), "uncertain")
+        );
     }
 
     #[test]

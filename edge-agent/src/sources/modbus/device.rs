@@ -212,8 +212,9 @@ pub(crate) struct DeviceState {
     pub(crate) device: Arc<ModbusDevice>,
     /// Whether each tag's last reading was good, to log changes only.
     tag_good: Vec<Option<bool>>,
-    /// Each tag's report-by-exception gate.
-    filters: Vec<ExceptionFilter>,
+    /// Each tag's report-by-exception gate; `None` for a tag that sends every sample (most
+    /// tags), so a device of thousands of plain tags holds a pointer per tag, not a gate.
+    filters: Vec<Option<Box<ExceptionFilter>>>,
     /// The requests of one tick, and the holes learned from the device.
     planner: Planner,
     /// Each tag's first wire address; `None` when its address does not exist under the
@@ -227,7 +228,14 @@ impl DeviceState {
     pub(crate) fn new(device: impl Into<Arc<ModbusDevice>>) -> Self {
         let device = device.into();
         let tags = device.tags.len();
-        let filters = device.tags.iter().map(ExceptionFilter::for_tag).collect();
+        let filters = device
+            .tags
+            .iter()
+            .map(|tag| {
+                let filter = ExceptionFilter::for_tag(tag);
+                (!filter.sends_everything()).then(|| Box::new(filter))
+            })
+            .collect();
         let wire: Vec<Option<u16>> = device
             .tags
             .iter()
@@ -619,7 +627,9 @@ impl DeviceState {
             Ok((value, quality)) => (Some(value), *quality),
             Err(_) => (None, Quality::Bad),
         };
-        if !self.filters[index].should_send_value(value, quality, Instant::now()) {
+        if let Some(filter) = &mut self.filters[index]
+            && !filter.should_send_value(value, quality, Instant::now())
+        {
             return None;
         }
         Some(Reading {

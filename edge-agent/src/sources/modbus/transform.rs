@@ -87,6 +87,12 @@ impl ExceptionFilter {
         }
     }
 
+    /// Whether the gate lets every sample through (no deadband and no heartbeat): such a tag
+    /// needs no gate at all.
+    pub fn sends_everything(&self) -> bool {
+        self.deadband.is_none()
+    }
+
     /// Whether a numeric reading read at `now` is sent; remembers it as the last sent one if so.
     pub fn should_send(&mut self, value: Option<f64>, quality: Quality, now: Instant) -> bool {
         self.should_send_value(value.map(TagValue::Number).as_ref(), quality, now)
