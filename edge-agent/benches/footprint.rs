@@ -226,7 +226,7 @@ fn measure(
     secs: u64,
 ) -> Measurement {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let metrics_port = free_port();
+    let metrics_port = pipeline_e2e::free_port();
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, sensor_map(bank.addr, metrics_port, devices, tags))
         .expect("writing the sensor map");
@@ -367,13 +367,6 @@ listen = "127.0.0.1:{metrics_port}"
     map
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// The agent's `/metrics` page; `None` while it does not answer yet.
 fn scrape(port: u16) -> Option<String> {
     pipeline_e2e::http_get(port, "/metrics", "")
@@ -411,19 +404,9 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// A `kB` line of `/proc/PID/status`.
+/// A `kB` line of `/proc/PID/status`; 0 once the process is gone.
 fn status_kb(pid: u32, key: &str) -> u64 {
-    status_kb_of(&format!("/proc/{pid}/status"), key)
-}
-
-/// A `kB` line of a `/proc` file in `key: value kB` form.
-fn status_kb_of(path: &str, key: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    pipeline_e2e::proc_kib(&format!("/proc/{pid}/status"), key).unwrap_or(0)
 }
 
 fn machine() -> String {
@@ -436,7 +419,8 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let memory_gb = status_kb_of("/proc/meminfo", "MemTotal:") as f64 / 1_048_576.0;
+    let memory_gb =
+        pipeline_e2e::proc_kib("/proc/meminfo", "MemTotal:").unwrap_or(0) as f64 / 1_048_576.0;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(

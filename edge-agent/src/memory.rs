@@ -79,11 +79,7 @@ mod tests {
 
     /// The anonymous memory of this process (heap and stacks), in KiB.
     fn anon_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("RssAnon:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        pipeline_e2e::proc_kib("/proc/self/status", "RssAnon:")
             .expect("RssAnon in /proc/self/status")
     }
 

@@ -164,6 +164,16 @@ pub fn http_get(port: u16, path: &str, headers: &str) -> io::Result<(u16, String
     Ok((status, body.to_owned()))
 }
 
+/// The value of a `key: value kB` line of a `/proc` file (`/proc/self/status`, `/proc/PID/status`,
+/// `/proc/meminfo`), in KiB; `None` when the file or the line is missing. `key` includes its colon.
+pub fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it from the ephemeral range).
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -244,6 +244,7 @@ mod tests {
     use std::fmt::Write as _;
 
     use super::*;
+    use crate::tag_catalog::CatalogKey;
 
     fn map(dir: &Path, tags: &[&str]) -> AgentConfig {
         let mut text = format!(
@@ -262,7 +263,12 @@ mod tests {
 
     /// The catalogs in the outbox, as their tag names, oldest first.
     fn published(dir: &Path) -> Vec<Vec<String>> {
-        let mut files: Vec<PathBuf> = walk(&dir.join("outbox"));
+        let folder = dir
+            .join("outbox")
+            .join(CatalogKey::gateway_prefix("raw/", "gw-1"));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+            .map(|entries| entries.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
         files.sort();
         files
             .iter()
@@ -270,22 +276,6 @@ mod tests {
                 let catalog: TagCatalog =
                     serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
                 catalog.tags.iter().map(|t| t.tag.clone()).collect()
-            })
-            .collect()
-    }
-
-    fn walk(dir: &Path) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        entries
-            .flat_map(|e| {
-                let path = e.unwrap().path();
-                if path.is_dir() {
-                    walk(&path)
-                } else {
-                    vec![path]
-                }
             })
             .collect()
     }
