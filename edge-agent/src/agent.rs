@@ -194,9 +194,10 @@ async fn run_agent(
         config.site.clone(),
     );
     // Every part has what it needs now; a large sensor map is megabytes per copy. What parsing
-    // it took (tens of MB for a large map) is free, but glibc keeps it until asked.
+    // it took (tens of MB for a large map) is free, but glibc keeps it until asked, and the
+    // kernel keeps the code that did it mapped.
     drop(config);
-    crate::memory::release_in_background(Duration::ZERO);
+    crate::memory::release_in_background(crate::memory::After::StartUp);
     let batcher_stop = shutdown.child_token();
     let batcher_result = batcher.run(batcher_stop).await;
     crate::metrics::global().batcher_stopped();
@@ -461,7 +462,7 @@ async fn supervise(
             };
             reloader.apply(edit, &mut supervisor).await;
             // Checking an edit parsed the whole file again; its parser state is free now.
-            crate::memory::release_in_background(Duration::ZERO);
+            crate::memory::release_in_background(crate::memory::After::Edit);
         }
     } else {
         stop.cancelled().await;

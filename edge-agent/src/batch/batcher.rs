@@ -215,7 +215,7 @@ impl Batcher {
         };
         self.upload(&batch).await?;
         // Encoding the batch freed its buffers below memory that stays.
-        crate::memory::release_in_background(crate::memory::AFTER_BATCH_INTERVAL);
+        crate::memory::release_in_background(crate::memory::After::Batch);
         // Rows cut later than this batch have waited at most as long; keep the clock running
         // for them only if some remain.
         let left = self.blocking(Buffer::stats).await?.rows;
