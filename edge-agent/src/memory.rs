@@ -198,23 +198,23 @@ mod range_tests {
     #[test]
     fn only_the_executables_mappings_that_cannot_be_written_are_picked() {
         let maps = "\
-5608a71f6000-5608a75f0000 r--p 00000000 fe:00 10010659                   /usr/bin/edge-agent
-5608a75f1000-5608a816e000 r-xp 003fa000 fe:00 10010659                   /usr/bin/edge-agent
-5608a816e000-5608a81d2000 r--p 00f76000 fe:00 10010659                   /usr/bin/edge-agent
-5608a81d2000-5608a81d6000 rw-p 00fda000 fe:00 10010659                   /usr/bin/edge-agent
-5608e7ba6000-5608e86b2000 rw-p 00000000 00:00 0                          [heap]
-7f2b78000000-7f2b7845a000 rw-p 00000000 00:00 0 
-7f2b80209000-7f2b8035f000 r-xp 00026000 fe:00 326279                     /usr/lib/x86_64-linux-gnu/libc.so.6
-7f2b8035f000-7f2b803b2000 r--p 0017c000 fe:00 10010659                   /usr/bin/edge-agent-old
-7fff21cfa000-7fff21d28000 rw-p 00000000 00:00 0                          [stack]
+a71f6000-a75f0000 r--p 00000000 fe:00 10010659                   /usr/bin/edge-agent
+a75f1000-a816e000 r-xp 003fa000 fe:00 10010659                   /usr/bin/edge-agent
+a816e000-a81d2000 r--p 00f76000 fe:00 10010659                   /usr/bin/edge-agent
+a81d2000-a81d6000 rw-p 00fda000 fe:00 10010659                   /usr/bin/edge-agent
+b7ba6000-b86b2000 rw-p 00000000 00:00 0                          [heap]
+c8000000-c845a000 rw-p 00000000 00:00 0 
+d0209000-d035f000 r-xp 00026000 fe:00 326279                     /usr/lib/arm-linux-gnueabihf/libc.so.6
+d035f000-d03b2000 r--p 0017c000 fe:00 10010659                   /usr/bin/edge-agent-old
+eefa0000-eefc1000 rw-p 00000000 00:00 0                          [stack]
 ";
         let ranges: Vec<_> = read_only_ranges(maps, Path::new("/usr/bin/edge-agent")).collect();
         assert_eq!(
             ranges,
             [
-                (0x5608_a71f_6000, 0x5608_a75f_0000),
-                (0x5608_a75f_1000, 0x5608_a816_e000),
-                (0x5608_a816_e000, 0x5608_a81d_2000),
+                (0xa71f_6000, 0xa75f_0000),
+                (0xa75f_1000, 0xa816_e000),
+                (0xa816_e000, 0xa81d_2000),
             ]
         );
         // A binary replaced by a package upgrade while it runs: the kernel names it, and the
