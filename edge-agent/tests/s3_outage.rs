@@ -173,11 +173,7 @@ fn check_fresh(
 
 /// The fresh-lane batches downloaded into `folder`, in key order.
 fn read_fresh(folder: &Path) -> Vec<Vec<edge_agent::contract::Row>> {
-    let mut files: Vec<_> = std::fs::read_dir(folder)
-        .map(|entries| entries.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
+    pipeline_e2e::sorted_files(folder)
         .iter()
         .map(|f| edge_agent::batch::read_rows(std::fs::read(f).unwrap().into()).unwrap())
         .collect()

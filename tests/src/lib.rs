@@ -174,6 +174,20 @@ pub fn proc_kib(path: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// The paths of the entries of `folder`, sorted (batch and catalog keys sort by seq and time);
+/// none when the folder does not exist (yet).
+pub fn sorted_files(folder: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(folder)
+        .map(|entries| {
+            entries
+                .map(|e| e.expect("a listed entry can be read").path())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it from the ephemeral range).
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

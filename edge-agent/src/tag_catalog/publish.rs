@@ -266,11 +266,7 @@ mod tests {
         let folder = dir
             .join("outbox")
             .join(CatalogKey::gateway_prefix("raw/", "gw-1"));
-        let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
-            .map(|entries| entries.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        files.sort();
-        files
+        pipeline_e2e::sorted_files(&folder)
             .iter()
             .map(|f| {
                 let catalog: TagCatalog =
