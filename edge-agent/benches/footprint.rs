@@ -1,10 +1,17 @@
 //! Footprint of the agent on a gateway: stripped binary size per target, and the resident memory
 //! and CPU of the real `edge-agent` binary polling 10,000 tags every second.
 //!
+//! It measures the build that ships: before measuring, it runs `cargo build --release -p
+//! edge-agent --target <host>` (what `packaging/build-deb.sh` and `cross/build.sh` build, with the
+//! release profile's fat LTO; a no-op when that build is fresh, a few minutes when it is not).
+//! `cargo bench` itself builds with the bench profile (thin LTO, not stripped), which keeps more
+//! code resident and is not what a gateway runs.
+//!
 //!     cargo bench -p edge-agent --bench footprint
 //!     PLANTLINE_BENCH_SECS=300 cargo bench -p edge-agent --bench footprint   # a longer window
 //!     PLANTLINE_BENCH_MAX_ROWS=5000 cargo bench -p edge-agent --bench footprint  # smaller batches
 //!     PLANTLINE_BENCH_COMPARE=/tmp/edge-agent.old cargo bench -p edge-agent --bench footprint
+//!     PLANTLINE_BENCH_AGENT=/tmp/edge-agent cargo bench -p edge-agent --bench footprint  # no build
 //!
 //! The PLCs are an in-process Modbus TCP register bank (20 devices of 500 tags: u16, f32 in CDAB
 //! order and bits of status words); the agent runs as its own process, buffers into SQLite and
@@ -51,8 +58,9 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let bank = runtime.block_on(bank::Bank::start());
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_edge-agent"));
+    let agent = std::env::var_os("PLANTLINE_BENCH_AGENT").map_or_else(shipped_build, PathBuf::from);
     println!("footprint benchmark on {}", machine());
+    println!("agent: {}", agent.display());
     println!(
         "window {secs} s after the first batch; PLCs: in-process register bank at {}\n",
         bank.addr
@@ -111,6 +119,59 @@ fn main() {
     print_sizes(&agent);
 }
 
+/// The target folder `cargo bench` builds into (the bench profile's binaries are in its `release`).
+fn target_dir() -> PathBuf {
+    let bench_build = Path::new(env!("CARGO_BIN_EXE_edge-agent"));
+    bench_build
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("target"), Path::to_owned)
+}
+
+/// Builds the agent as it ships, with the release profile for this machine's target, and returns
+/// the binary. The explicit `--target` keeps it apart from the bench profile's `release` folder.
+fn shipped_build() -> PathBuf {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let version = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} -vV for the host target: {e}", rustc.display()));
+    let host = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("{} -vV names no host target", rustc.display()));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let target_dir = target_dir();
+    let args = [
+        "build",
+        "--release",
+        "-p",
+        "edge-agent",
+        "--bin",
+        "edge-agent",
+        "--target",
+        &host,
+    ];
+    eprintln!(
+        "building the shipped agent: cargo {} (a no-op when it is fresh)",
+        args.join(" ")
+    );
+    let status = Command::new(&cargo)
+        .args(args)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", Path::new(&cargo).display()));
+    assert!(
+        status.success(),
+        "cargo {} failed ({status}); fix the build, or name a binary to measure with \
+         PLANTLINE_BENCH_AGENT=<path to edge-agent>",
+        args.join(" ")
+    );
+    target_dir.join(host).join("release").join("edge-agent")
+}
+
 /// The 10,000-tag figures against the goals, the baseline and the compared binary.
 fn print_ratios(runs: &[(String, Measurement)]) {
     let (baseline, full) = (&runs[0].1, &runs[1].1);
@@ -142,20 +203,12 @@ fn print_ratios(runs: &[(String, Measurement)]) {
     }
 }
 
-/// Sizes of this release binary and of the ARM ones `cross/build.sh` built next to it.
+/// Sizes of the measured binary and of the ARM release builds `cross/build.sh` made in the same
+/// target folder.
 fn print_sizes(agent: &Path) {
-    // `cargo bench` builds with the bench profile, which is the release profile; named in case
-    // it ran under another (`--profile dev` for a quick check of the benchmark itself).
-    let profile = agent
-        .parent()
-        .and_then(Path::file_name)
-        .map_or_else(String::new, |p| p.to_string_lossy().into_owned());
-    println!("\nbinary size (profile directory `{profile}`; release binaries are stripped):");
+    println!("\nbinary size (release builds are stripped):");
     print_size(std::env::consts::ARCH, agent, None);
-    let target_dir = agent
-        .parent()
-        .and_then(Path::parent)
-        .map_or_else(|| PathBuf::from("target"), Path::to_owned);
+    let target_dir = target_dir();
     for triple in ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"] {
         let binary = target_dir.join(triple).join("release").join("edge-agent");
         let goal = triple.starts_with("aarch64").then_some(SIZE_GOAL_MB);
