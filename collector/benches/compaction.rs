@@ -204,7 +204,7 @@ fn venv_python(name: &str, how: &str) -> PathBuf {
 fn main() {
     let files = env_usize("PLANTLINE_BENCH_FILES", 800);
     let rows = env_usize("PLANTLINE_BENCH_ROWS", 2_000_000);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/compaction_baselines.py");
+    let script = pipeline_e2e::checkout().join("collector/benches/compaction_baselines.py");
     let duckdb = venv_python("duckdb", "run ./tests/run.sh --install-only");
     let pyspark = venv_python(
         "pyspark",

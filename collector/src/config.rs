@@ -1258,7 +1258,7 @@ action = "fail"
 
     #[test]
     fn every_config_example_is_valid() {
-        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/collector");
+        let folder = pipeline_e2e::checkout().join("config-examples/collector");
         let mut checked = 0;
         for entry in std::fs::read_dir(&folder).unwrap() {
             let path = entry.unwrap().path();

@@ -351,8 +351,7 @@ async fn checkpoints_follow_the_interval_and_old_commits_are_cleaned_after_one()
 fn the_shipped_s3_lifecycle_policy_is_accepted_and_covers_archive_quarantine_and_uploads() {
     let moto = pipeline_e2e::MotoServer::start();
     let bucket = moto.create_bucket();
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../config-examples/collector/s3-lifecycle.json");
+    let policy = pipeline_e2e::checkout().join("config-examples/collector/s3-lifecycle.json");
     let script = format!(
         r#"
 import json, boto3

@@ -160,7 +160,7 @@ fn shipped_build() -> PathBuf {
         .args(args)
         .arg("--target-dir")
         .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(pipeline_e2e::checkout())
         .status()
         .unwrap_or_else(|e| panic!("running {}: {e}", Path::new(&cargo).display()));
     assert!(

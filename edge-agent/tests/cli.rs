@@ -1,6 +1,5 @@
 //! The `edge-agent` command line as a plant engineer uses it.
 
-use std::path::Path;
 use std::process::Command;
 
 fn edge_agent() -> Command {
@@ -9,8 +8,7 @@ fn edge_agent() -> Command {
 
 #[test]
 fn validate_accepts_every_example_and_says_what_it_found() {
-    let example =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/agent/line1-gateway.toml");
+    let example = pipeline_e2e::checkout().join("config-examples/agent/line1-gateway.toml");
     let out = edge_agent().arg("validate").arg(&example).output().unwrap();
     assert_eq!(
         out.status.code(),

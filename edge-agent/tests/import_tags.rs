@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use edge_agent::config;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    pipeline_e2e::checkout().join("edge-agent/tests/fixtures")
 }
 
 /// Runs `import-tags` from the fixtures folder, so messages name the file as the engineer typed it.

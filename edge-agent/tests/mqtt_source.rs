@@ -10,7 +10,7 @@
 mod common;
 mod mqtt_common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use edge_agent::buffer::dead_letter::{self, DeadLetterReport};
@@ -171,8 +171,7 @@ async fn malformed_payloads_are_counted_acknowledged_and_do_not_block_the_stream
 
 #[test]
 fn validate_counts_mqtt_brokers_and_subscriptions() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../config-examples/agent/line3-mqtt-sensors.toml");
+    let example = pipeline_e2e::checkout().join("config-examples/agent/line3-mqtt-sensors.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("validate")
         .arg(&example)
@@ -758,8 +757,7 @@ async fn probe_prints_what_the_mapping_makes_of_each_message_without_disturbing_
 
 #[test]
 fn probe_names_the_brokers_and_subscriptions_of_the_map_when_asked_for_another() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../config-examples/agent/line3-mqtt-sensors.toml");
+    let example = pipeline_e2e::checkout().join("config-examples/agent/line3-mqtt-sensors.toml");
     let run = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
             .arg("probe")

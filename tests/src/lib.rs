@@ -123,18 +123,30 @@ pub fn now_us() -> i64 {
     .expect("microseconds since 1970 fit in i64")
 }
 
-/// A helper script shipped in `tests/peers/`.
+/// The root of the workspace checkout whose tests run, for the files they read from it
+/// (`config-examples/`, fixtures, `tests/peers/`, the packaging scripts).
 ///
-/// Looked up next to the package whose tests run (cargo sets `CARGO_MANIFEST_DIR` for them), so
-/// that this library, when cargo reuses a build of it made from another checkout of the workspace
-/// in a shared target directory, still runs this checkout's scripts. The folder this library was
-/// compiled from is the fallback.
-pub fn peer_script(name: &str) -> PathBuf {
+/// Found from the package whose tests run: cargo sets `CARGO_MANIFEST_DIR` when it runs tests and
+/// benchmarks. The folder a test was compiled from is not good enough: cargo reuses a build made
+/// from another checkout of the workspace in a shared target directory (`./tests/run.sh` shares
+/// one per machine) when this checkout's files are older than that build, and the other checkout
+/// may have other files or be gone. The folder this library was compiled from is the fallback,
+/// for a test binary run without cargo.
+pub fn checkout() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(|package| Path::new(&package).join("../tests/peers"))
-        .filter(|peers| peers.is_dir())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("peers"))
-        .join(name)
+        .and_then(|package| Path::new(&package).parent().map(Path::to_owned))
+        .filter(|root| root.join("config-examples").is_dir() && root.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("this library sits in a folder of the workspace")
+                .to_owned()
+        })
+}
+
+/// A helper script shipped in `tests/peers/` of this [`checkout`].
+pub fn peer_script(name: &str) -> PathBuf {
+    checkout().join("tests/peers").join(name)
 }
 
 /// One plain HTTP/1.1 GET to a server on 127.0.0.1 over a fresh connection (10 s read timeout);

@@ -253,7 +253,7 @@ fn binary(name: &str) -> PathBuf {
                 "--bins",
                 "--message-format=json-render-diagnostics",
             ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(pipeline_e2e::checkout())
             .output()
             .expect("cargo runs the tests, so it can be started again");
         assert!(

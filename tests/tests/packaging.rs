@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-const REPO_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "-1");
 
 /// The built package, and a root it was unpacked into with `dpkg-deb -x`.
@@ -33,7 +32,7 @@ fn package() -> &'static Package {
         let out = work.join("debs");
         let _ = fs::remove_dir_all(&work);
         let built = run(
-            Command::new(Path::new(REPO_ROOT).join("packaging/build-deb.sh"))
+            Command::new(pipeline_e2e::checkout().join("packaging/build-deb.sh"))
                 .args(["amd64", "--profile", &profile, "--out"])
                 .arg(&out),
         );
@@ -194,9 +193,10 @@ fn installed_binary_validates_the_installed_sensor_map() {
     // The example map, with the buffer in the unit's StateDirectory (the only place the unit
     // may write) and nothing else changed.
     let installed = fs::read_to_string(&config).unwrap();
-    let example =
-        fs::read_to_string(Path::new(REPO_ROOT).join("config-examples/agent/line1-gateway.toml"))
-            .unwrap();
+    let example = fs::read_to_string(
+        pipeline_e2e::checkout().join("config-examples/agent/line1-gateway.toml"),
+    )
+    .unwrap();
     let buffer_line = "path = \"/var/lib/edge-agent/buffer.db\"";
     assert!(
         installed.lines().any(|l| l == buffer_line),

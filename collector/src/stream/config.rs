@@ -275,7 +275,7 @@ mod tests {
             stream: StreamConfig,
         }
         let example = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/collector/cloud.toml"),
+            pipeline_e2e::checkout().join("config-examples/collector/cloud.toml"),
         )
         .unwrap();
         let mut block = String::new();

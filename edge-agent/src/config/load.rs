@@ -384,7 +384,7 @@ unit = "degC"
 
     #[test]
     fn every_config_example_is_valid() {
-        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/agent");
+        let folder = pipeline_e2e::checkout().join("config-examples/agent");
         let mut checked = 0;
         for entry in std::fs::read_dir(&folder).unwrap() {
             let path = entry.unwrap().path();
